@@ -1,0 +1,282 @@
+"""Gateway configuration: read once from the environment, validated, frozen.
+
+This module owns the table of every setting (environment name, converter,
+default or required), the one pass that turns an environment mapping into a
+frozen `Config`, and the values derived from it (Daraja base URL, the OAuth
+Basic header, till vs paybill).  Every missing or invalid variable is reported
+in one `ConfigError`; secret values are never echoed, in errors or in `repr`.
+"""
+
+import base64
+import re
+from dataclasses import dataclass, fields
+from urllib.parse import urlsplit
+
+VERSION = "0.1.0"
+
+BASE_URLS = {
+    "sandbox": "https://sandbox.safaricom.co.ke",
+    "production": "https://api.safaricom.co.ke",
+}
+PAYBILL = "CustomerPayBillOnline"
+TILL = "CustomerBuyGoodsOnline"
+
+REQUIRED = object()  # table marker: the variable has no default
+MASK = "********"
+# Prefixes we own: a variable under them that the table does not name is a typo
+# (MPESA_READ_TIMOUT=30 silently ignored is worse than a failed start).
+OWN_PREFIXES = ("MPESA_", "GATEWAY_")
+FOREIGN = ("MPESA_SIM_",)  # the simulator's settings share the prefix
+
+_SHORTCODE = re.compile(r"[0-9]{5,7}")
+_TEXT = re.compile(r"[A-Za-z0-9 _-]+")
+
+
+class ConfigError(Exception):
+    """Startup configuration is unusable; the message names every variable at fault."""
+
+    def __init__(self, problems):
+        self.problems = list(problems)
+        super().__init__(
+            "invalid configuration:\n" + "\n".join(f"  - {p}" for p in self.problems)
+        )
+
+
+# --- converters: raise ValueError with a sentence that never contains the value
+#     of a secret (the caller adds the variable name) ---------------------------
+
+
+def text(raw):
+    value = raw.strip()
+    if not value:
+        raise ValueError("must not be empty")
+    return value
+
+
+def positive_int(raw):
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        raise ValueError("must be a whole number") from None
+    if value <= 0:
+        raise ValueError("must be greater than 0")
+    return value
+
+
+def port(raw):
+    value = positive_int(raw)
+    if value > 65535:
+        raise ValueError("must be a port number (1-65535)")
+    return value
+
+
+def positive_float(raw):
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise ValueError("must be a number of seconds") from None
+    if not value > 0 or value == float("inf"):
+        raise ValueError("must be greater than 0")
+    return value
+
+
+def non_negative_float(raw):
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise ValueError("must be a number of seconds") from None
+    if not value >= 0 or value == float("inf"):
+        raise ValueError("must be 0 or more")
+    return value
+
+
+def one_of(*choices):
+    def convert(raw):
+        value = raw.strip()
+        if value not in choices:
+            raise ValueError("must be one of " + ", ".join(choices))
+        return value
+
+    return convert
+
+
+def shortcode(raw):
+    value = raw.strip()
+    if not _SHORTCODE.fullmatch(value):
+        raise ValueError("must be a 5 to 7 digit shortcode")
+    return value
+
+
+def http_url(raw):
+    """An absolute http(s) URL without trailing slash, spaces or an upper-case host."""
+    value = raw.strip().rstrip("/")
+    if any(c.isspace() for c in value):
+        raise ValueError("must not contain spaces")  # Daraja: Invalid CallBackURL
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("must be an absolute http:// or https:// URL")
+    if parts.query or parts.fragment:
+        raise ValueError("must not have a query or fragment")
+    if parts.netloc != parts.netloc.lower():
+        raise ValueError("must have a lower-case host")  # Daraja rejected upper-case hosts
+    return value
+
+
+def key_list(raw):
+    keys = tuple(k.strip() for k in raw.split(",") if k.strip())
+    if not keys:
+        raise ValueError("must list at least one key (comma-separated)")
+    if any(len(k) < 16 for k in keys):
+        raise ValueError("each key must be at least 16 characters")
+    return keys
+
+
+def secret_key(raw):
+    value = raw.strip()
+    if len(value) < 16:
+        raise ValueError("must be at least 16 characters")
+    return value
+
+
+def short_text(limit):
+    def convert(raw):
+        value = raw.strip()
+        if not _TEXT.fullmatch(value) or len(value) > limit:
+            raise ValueError(f"must be 1 to {limit} characters of A-Z a-z 0-9 space _ -")
+        return value
+
+    return convert
+
+
+# --- the table ----------------------------------------------------------------
+# (environment variable, Config field, converter, default or REQUIRED, secret?)
+SETTINGS = (
+    # Daraja credentials and shortcode (Daraja portal, "My apps" / Go-Live mail).
+    ("MPESA_CONSUMER_KEY", "consumer_key", text, REQUIRED, True),
+    ("MPESA_CONSUMER_SECRET", "consumer_secret", text, REQUIRED, True),
+    ("MPESA_SHORTCODE", "shortcode", shortcode, REQUIRED, False),
+    ("MPESA_PASSKEY", "passkey", text, REQUIRED, True),
+    # Public URL Safaricom posts callbacks to; /callback/<tx>/<sig> is appended.
+    ("MPESA_CALLBACK_BASE_URL", "callback_base_url", http_url, REQUIRED, False),
+    # sandbox | production: picks the Daraja base URL.
+    ("MPESA_ENVIRONMENT", "environment", one_of("sandbox", "production"), "sandbox", False),
+    # Overrides the base URL (the simulator, tests). None: from MPESA_ENVIRONMENT.
+    ("MPESA_BASE_URL", "base_url", http_url, None, False),
+    # Paybill by default; a till sets CustomerBuyGoodsOnline and MPESA_PARTY_B.
+    ("MPESA_TRANSACTION_TYPE", "transaction_type", one_of(PAYBILL, TILL), PAYBILL, False),
+    # Paybill: the shortcode (the default). Till: the till number.
+    ("MPESA_PARTY_B", "party_b", shortcode, None, False),
+    # Seconds to open a connection to Daraja; nothing is sent before it succeeds.
+    ("MPESA_CONNECT_TIMEOUT", "connect_timeout", positive_float, 5.0, False),
+    # Seconds to wait for Daraja's answer; past it a push becomes "unknown".
+    ("MPESA_READ_TIMEOUT", "read_timeout", positive_float, 15.0, False),
+    # Refresh the OAuth token this many seconds before it expires (55 min of 3599 s).
+    ("MPESA_TOKEN_MARGIN_S", "token_margin_s", non_negative_float, 300.0, False),
+    # Largest amount accepted, whole KES (Daraja's per-transaction limit).
+    ("MPESA_MAX_AMOUNT", "max_amount", positive_int, 250_000, False),
+    # AccountReference / TransactionDesc when the merchant sends none (customer-visible).
+    ("MPESA_DEFAULT_REFERENCE", "default_reference", short_text(12), "Payment", False),
+    ("MPESA_DEFAULT_DESCRIPTION", "default_description", short_text(13), "Payment", False),
+    # Where waitress listens; behind nginx keep it on loopback.
+    ("GATEWAY_HOST", "host", text, "127.0.0.1", False),
+    ("GATEWAY_PORT", "port", port, 8000, False),
+    # Worker threads; also the size of the Daraja connection pool.
+    ("GATEWAY_THREADS", "threads", positive_int, 8, False),
+    # The SQLite ledger file, on local disk.
+    ("GATEWAY_DB", "db_path", text, "mpesa_gateway.db", False),
+    # Bearer keys of the merchant systems, comma-separated.
+    ("GATEWAY_API_KEYS", "api_keys", key_list, REQUIRED, True),
+    # Key of the HMAC that signs each transaction's callback URL.
+    ("GATEWAY_SECRET", "secret", secret_key, REQUIRED, True),
+    # Largest request body in bytes; larger bodies get 413.
+    ("GATEWAY_MAX_BODY", "max_body", positive_int, 16_384, False),
+    # DEBUG | INFO | WARNING | ERROR
+    ("LOG_LEVEL", "log_level", one_of("DEBUG", "INFO", "WARNING", "ERROR"), "INFO", False),
+)
+SECRET_FIELDS = frozenset(f for _, f, _, _, secret in SETTINGS if secret) | {"oauth_header"}
+
+
+@dataclass(frozen=True)
+class Config:
+    consumer_key: str
+    consumer_secret: str
+    shortcode: str
+    passkey: str
+    callback_base_url: str
+    environment: str
+    base_url: str
+    transaction_type: str
+    party_b: str
+    connect_timeout: float
+    read_timeout: float
+    token_margin_s: float
+    max_amount: int
+    default_reference: str
+    default_description: str
+    host: str
+    port: int
+    threads: int
+    db_path: str
+    api_keys: tuple
+    secret: str
+    max_body: int
+    log_level: str
+    oauth_header: str  # derived: "Basic base64(key:secret)"
+
+    def masked(self):
+        """The settings as a dict, secrets replaced by a mask (safe to print or log)."""
+        return {
+            f.name: MASK if f.name in SECRET_FIELDS else getattr(self, f.name)
+            for f in fields(self)
+        }
+
+    def __repr__(self):
+        inner = ", ".join(f"{k}={v!r}" for k, v in self.masked().items())
+        return f"Config({inner})"
+
+    __str__ = __repr__
+
+
+def load_config(environ):
+    """Build the Config from an environment mapping, or raise one ConfigError."""
+    problems, values = [], {}
+    known = {name for name, *_ in SETTINGS}
+    for name in sorted(environ):
+        if name.startswith(OWN_PREFIXES) and not name.startswith(FOREIGN) and name not in known:
+            problems.append(f"{name} is not a known setting")
+    for name, field, convert, default, _secret in SETTINGS:
+        raw = environ.get(name)
+        if raw is None or raw.strip() == "":
+            if default is REQUIRED:
+                problems.append(f"{name} is required")
+            values[field] = default
+            continue
+        try:
+            values[field] = convert(raw)
+        except ValueError as exc:
+            # The message names the variable and the rule, never the value.
+            problems.append(f"{name} {exc}")
+    if not problems:
+        problems.extend(_derive(values))
+    if problems:
+        raise ConfigError(problems)
+    return Config(**values)
+
+
+def _derive(values):
+    """Fill derived values in place; return cross-field problems."""
+    problems = []
+    if values["base_url"] is None:
+        values["base_url"] = BASE_URLS[values["environment"]]
+    if values["party_b"] is None:
+        if values["transaction_type"] == TILL:
+            problems.append("MPESA_PARTY_B is required for a till (CustomerBuyGoodsOnline)")
+        values["party_b"] = values["shortcode"]
+    if values["environment"] == "production":
+        if not values["callback_base_url"].startswith("https://"):
+            problems.append("MPESA_CALLBACK_BASE_URL must be https:// in production")
+        if not values["base_url"].startswith("https://"):
+            problems.append("MPESA_BASE_URL must be https:// in production")
+    credentials = f"{values['consumer_key']}:{values['consumer_secret']}".encode()
+    values["oauth_header"] = "Basic " + base64.b64encode(credentials).decode("ascii")
+    return problems

@@ -1,0 +1,359 @@
+"""The Daraja client: the only module that talks to Safaricom.
+
+Owns the one `urllib3.PoolManager` of the app, the OAuth fetch behind the
+token cache, the STK push and STK query calls, and the classification of every
+answer into an explicit outcome:
+
+- accepted     Daraja took the request (a push: the prompt is queued).
+- rejected     Daraja definitely refused it; nothing happened.
+- unavailable  nothing was sent (connect failure, OAuth down, spike arrest, quota).
+- unknown      the request may have been processed (read timeout, dropped
+               connection, another 5xx, an unparsable answer).
+
+The retry rules follow from those outcomes: connect errors may be retried, an
+STK push that may have been sent is never retried, and a push refused with
+"Invalid Access Token" (refused at Daraja's API gateway, before processing) is
+resent once with a fresh token.  It also knows Daraja's ResultCodes.
+"""
+
+import base64
+import json
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+import urllib3
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    EmptyPoolError,
+    HTTPError,
+    MaxRetryError,
+    ProtocolError,
+    ReadTimeoutError,
+    SSLError,
+)
+from urllib3.util import Retry, Timeout
+
+from token_cache import TokenCache, TokenError
+
+log = logging.getLogger(__name__)
+
+EAT = timezone(timedelta(hours=3), "EAT")  # every Daraja timestamp; no DST
+OAUTH_PATH = "/oauth/v1/generate?grant_type=client_credentials"
+PUSH_PATH = "/mpesa/stkpush/v1/processrequest"
+QUERY_PATH = "/mpesa/stkpushquery/v1/query"
+MAX_RESPONSE_BYTES = 64 * 1024  # Daraja answers are < 1 KiB; anything larger is not Daraja
+
+ACCEPTED, REJECTED, UNAVAILABLE, UNKNOWN = "accepted", "rejected", "unavailable", "unknown"
+
+INVALID_TOKEN_CODES = frozenset({"404.001.03", "401.002.01"})
+THROTTLE_CODES = frozenset({"500.003.02", "500.003.03"})  # spike arrest, quota: nothing processed
+REFUSED_CODE = "500.001.1001"  # merchant, credentials, subscriber lock; on a query: "not yet"
+PENDING_RESULT_CODE = "4999"  # query only: the prompt is still open
+
+# A GET for a token is idempotent: retry connect, read and 5xx.
+OAUTH_RETRY = Retry(
+    total=3, connect=2, read=2, status=2, other=0, status_forcelist=(500, 502, 503, 504),
+    allowed_methods=frozenset({"GET"}), backoff_factor=0.2, redirect=False, raise_on_status=False,
+)
+# A push is retried only when the connection was never made. A POST is outside
+# Retry's allowed methods, so a read error is re-raised at once (never resent).
+PUSH_RETRY = Retry(total=1, connect=1, read=0, status=0, other=0, backoff_factor=0.2, redirect=False)
+# A query has no side effect: a read error may be retried once.
+QUERY_RETRY = Retry(
+    total=2, connect=1, read=1, status=0, other=0,
+    allowed_methods=frozenset({"POST"}), backoff_factor=0.2, redirect=False,
+)
+
+# ResultCode → failure reason (SPEC §2). Map on the code, never on ResultDesc.
+FAILURE_REASONS = {
+    "1": "insufficient_funds",
+    "2": "limit_exceeded",
+    "3": "limit_exceeded",
+    "4": "limit_exceeded",
+    "8": "limit_exceeded",
+    "1001": "subscriber_busy",
+    "1019": "expired",
+    "1025": "push_failed",
+    "1032": "cancelled",
+    "1037": "unreachable",
+    "2001": "wrong_pin",
+    "9999": "push_failed",
+}
+
+
+def result_status(result_code):
+    """Map a terminal ResultCode (number or string) to (status, reason)."""
+    code = str(result_code).strip()
+    if code == "0":
+        return "succeeded", None
+    return "failed", FAILURE_REASONS.get(code, "other")
+
+
+class DarajaError(Exception):
+    """A Daraja call that did not succeed; `outcome` says what the caller may assume."""
+
+    def __init__(self, api, outcome, reason, *, http_status=None, error_code=None,
+                 error_message=None, request_id=None):
+        self.api = api
+        self.outcome = outcome
+        self.reason = reason  # slug: connect_failed, read_timeout, daraja_rejected, ...
+        self.http_status = http_status
+        self.error_code = error_code
+        self.error_message = error_message
+        self.request_id = request_id
+        super().__init__(
+            f"{api} {outcome} reason={reason} http_status={http_status} error_code={error_code}"
+        )
+
+    @property
+    def subscriber_locked(self):
+        # Shares 500.001.1001 with "Merchant does not exist"; only the text differs.
+        return (self.error_code == REFUSED_CODE
+                and "lock subscriber" in (self.error_message or "").lower())
+
+
+@dataclass(frozen=True)
+class PushAccepted:
+    merchant_request_id: str | None
+    checkout_request_id: str
+    customer_message: str | None
+
+
+@dataclass(frozen=True)
+class QueryAnswer:
+    """An STK query's answer: `pending`, or a terminal `result_code`."""
+
+    checkout_request_id: str
+    pending: bool
+    result_code: str | None = None
+    result_desc: str | None = None
+    merchant_request_id: str | None = None
+
+
+def build_pool(config):
+    """The app's one PoolManager: TLS verified, `threads` connections, blocking when full."""
+    return urllib3.PoolManager(
+        num_pools=4,
+        maxsize=config.threads,
+        block=True,
+        timeout=Timeout(connect=config.connect_timeout, read=config.read_timeout),
+        retries=False,
+        cert_reqs="CERT_REQUIRED",
+    )
+
+
+def _text(value, limit=256):
+    if isinstance(value, (str, int)) and not isinstance(value, bool):
+        return str(value)[:limit]
+    return None
+
+
+class DarajaClient:
+    def __init__(self, config, http, *, clock=time.monotonic, now=None):
+        self._cfg = config
+        self._http = http
+        self._base = config.base_url
+        self._now = now or (lambda: datetime.now(EAT))  # wall clock for Timestamp
+        self._pool_timeout = config.connect_timeout
+        # Bounds a slow-drip answer, which read timeouts alone do not.
+        self._deadline_s = 2 * config.connect_timeout + config.read_timeout
+        self.tokens = TokenCache(self.fetch_token, config.token_margin_s, clock=clock)
+
+    def close(self):
+        self._http.clear()
+
+    # --- credentials -----------------------------------------------------------
+
+    def timestamp(self):
+        """YYYYMMDDHHmmss in EAT, the value both `Timestamp` and `Password` use."""
+        return self._now().astimezone(EAT).strftime("%Y%m%d%H%M%S")
+
+    def password(self, timestamp):
+        raw = self._cfg.shortcode + self._cfg.passkey + timestamp
+        return base64.b64encode(raw.encode()).decode("ascii")
+
+    def fetch_token(self):
+        """GET a new OAuth token; return (access_token, expires_in). Used by the cache."""
+        headers = {"Authorization": self._cfg.oauth_header}
+        try:
+            status, data = self._send("oauth", "GET", OAUTH_PATH, None, headers, OAUTH_RETRY)
+        except DarajaError as exc:
+            # No push has been sent yet, whatever happened to the token request.
+            raise DarajaError("oauth", UNAVAILABLE, exc.reason, http_status=exc.http_status) from None
+        if status == 200 and isinstance(data, dict) and data.get("access_token"):
+            log.info("daraja token fetched")
+            return data["access_token"], data.get("expires_in")
+        error_code, message, request_id = _envelope(data)
+        if status in (400, 401, 403):  # wrong credentials or grant: a definite refusal
+            raise DarajaError("oauth", REJECTED, "oauth_refused", http_status=status,
+                              error_code=error_code or f"HTTP {status}", error_message=message,
+                              request_id=request_id)
+        raise DarajaError("oauth", UNAVAILABLE, "oauth_failed", http_status=status,
+                          error_code=error_code, error_message=message, request_id=request_id)
+
+    def _token(self):
+        try:
+            return self.tokens.get()
+        except TokenError:
+            raise DarajaError("oauth", UNAVAILABLE, "oauth_unparsable") from None
+
+    # --- the two STK calls -------------------------------------------------------
+
+    def stk_push(self, *, phone, amount, reference, description, callback_url):
+        """Send one STK push. Return PushAccepted or raise DarajaError with its outcome."""
+        timestamp = self.timestamp()
+        payload = {
+            "BusinessShortCode": int(self._cfg.shortcode),
+            "Password": self.password(timestamp),
+            "Timestamp": timestamp,
+            "TransactionType": self._cfg.transaction_type,
+            "Amount": amount,
+            "PartyA": phone,
+            "PartyB": self._cfg.party_b,
+            "PhoneNumber": phone,
+            "CallBackURL": callback_url,
+            "AccountReference": reference,
+            "TransactionDesc": description,
+        }
+        status, data = self._authorized_post("stk_push", PUSH_PATH, payload, PUSH_RETRY)
+        if status == 200 and isinstance(data, dict) and "errorCode" not in data:
+            checkout = data.get("CheckoutRequestID")
+            if str(data.get("ResponseCode")) == "0" and isinstance(checkout, str) and checkout:
+                return PushAccepted(_text(data.get("MerchantRequestID"), 64), checkout[:64],
+                                    _text(data.get("CustomerMessage")))
+            if data.get("ResponseCode") not in (None, "", "0", 0):
+                raise DarajaError("stk_push", REJECTED, "daraja_rejected", http_status=status,
+                                  error_code=_text(data.get("ResponseCode"), 32),
+                                  error_message=_text(data.get("ResponseDescription")))
+        raise self._classify("stk_push", status, data)
+
+    def stk_query(self, checkout_request_id):
+        """Ask for a push's result. Return QueryAnswer (pending or terminal) or raise."""
+        timestamp = self.timestamp()
+        payload = {
+            "BusinessShortCode": int(self._cfg.shortcode),
+            "Password": self.password(timestamp),
+            "Timestamp": timestamp,
+            "CheckoutRequestID": checkout_request_id,
+        }
+        status, data = self._authorized_post("stk_query", QUERY_PATH, payload, QUERY_RETRY)
+        error_code, _message, _ = _envelope(data)
+        if error_code == REFUSED_CODE:
+            # "being processed" / "does not Exist" / empty: not yet, never a failure.
+            return QueryAnswer(checkout_request_id, pending=True)
+        if status == 200 and isinstance(data, dict) and _text(data.get("ResultCode"), 32):
+            code = _text(data["ResultCode"], 32).strip()
+            if code == PENDING_RESULT_CODE:
+                return QueryAnswer(checkout_request_id, pending=True)
+            return QueryAnswer(checkout_request_id, pending=False, result_code=code,
+                               result_desc=_text(data.get("ResultDesc")),
+                               merchant_request_id=_text(data.get("MerchantRequestID"), 64))
+        raise self._classify("stk_query", status, data)
+
+    # --- transport -----------------------------------------------------------------
+
+    def _authorized_post(self, api, path, payload, retries):
+        body = json.dumps(payload, separators=(",", ":")).encode()
+        for attempt in (1, 2):
+            token = self._token()
+            headers = {"Authorization": "Bearer " + token, "Content-Type": "application/json"}
+            status, data = self._send(api, "POST", path, body, headers, retries)
+            if attempt == 1 and _envelope(data)[0] in INVALID_TOKEN_CODES:
+                # Refused by Daraja's API gateway before processing: safe to resend once.
+                self.tokens.invalidate(token)
+                log.warning("daraja api=%s invalid_access_token action=refresh_and_resend", api)
+                continue
+            return status, data
+        return status, data
+
+    def _send(self, api, method, path, body, headers, retries):
+        """One HTTP exchange; return (status, decoded JSON or None) or raise DarajaError."""
+        started = time.monotonic()
+        status, result = None, "answered"
+        try:
+            resp = self._http.request(
+                method, self._base + path, body=body, headers=headers, retries=retries,
+                redirect=False, preload_content=False, pool_timeout=self._pool_timeout,
+            )
+            status = resp.status
+            try:
+                raw = _read_bounded(resp, started + self._deadline_s)
+            finally:
+                resp.release_conn()
+            return status, _json_or_none(raw)
+        except (MaxRetryError, EmptyPoolError, ConnectTimeoutError, SSLError,
+                ReadTimeoutError, ProtocolError, HTTPError) as exc:
+            error = _transport_error(api, exc, status)
+            result = error.reason
+            raise error from None
+        finally:
+            log.info("daraja api=%s result=%s http_status=%s ms=%.1f",
+                     api, result, status, (time.monotonic() - started) * 1000)
+
+    @staticmethod
+    def _classify(api, status, data):
+        """The DarajaError for an answer that is not a success."""
+        error_code, message, request_id = _envelope(data)
+        kwargs = dict(http_status=status, error_code=error_code, error_message=message,
+                      request_id=request_id)
+        if error_code in THROTTLE_CODES or status == 429:
+            return DarajaError(api, UNAVAILABLE, "throttled", **kwargs)
+        if status is not None and 400 <= status < 500:
+            kwargs["error_code"] = error_code or f"HTTP {status}"
+            return DarajaError(api, REJECTED, "daraja_rejected", **kwargs)
+        if error_code == REFUSED_CODE:
+            return DarajaError(api, REJECTED, "daraja_rejected", **kwargs)
+        if status is not None and 300 <= status < 400:
+            return DarajaError(api, UNKNOWN, "redirect", **kwargs)  # never followed
+        if status is not None and status >= 500:
+            return DarajaError(api, UNKNOWN, "upstream_error", **kwargs)
+        return DarajaError(api, UNKNOWN, "unparsable_response", **kwargs)
+
+
+def _transport_error(api, exc, status):
+    """Classify a urllib3 failure by its cause: was anything sent?"""
+    cause = exc.reason if isinstance(exc, MaxRetryError) else exc
+    if isinstance(cause, (ConnectTimeoutError, EmptyPoolError)):
+        # No connection was made, so the request never left.
+        return DarajaError(api, UNAVAILABLE, "connect_failed")
+    if isinstance(cause, SSLError) and "certificate verify failed" in str(cause).lower():
+        # Verification happens in the handshake, before a byte of the request is sent.
+        # Other TLS errors may strike mid-request and stay "unknown".
+        return DarajaError(api, UNAVAILABLE, "tls_verify_failed")
+    if isinstance(cause, ReadTimeoutError):
+        return DarajaError(api, UNKNOWN, "read_timeout", http_status=status)
+    return DarajaError(api, UNKNOWN, "connection_dropped", http_status=status)
+
+
+def _read_bounded(resp, deadline):
+    """Read at most MAX_RESPONSE_BYTES before `deadline`; bigger or slower is an error."""
+    chunks, size = [], 0
+    for chunk in resp.stream(8192):
+        size += len(chunk)
+        if size > MAX_RESPONSE_BYTES:
+            resp.close()  # do not drain an unbounded answer; the pool reconnects
+            return None
+        if time.monotonic() > deadline:
+            resp.close()
+            raise ReadTimeoutError(None, None, "answer too slow")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _json_or_none(raw):
+    if not raw:
+        return None
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):  # includes bad UTF-8
+        return None
+
+
+def _envelope(data):
+    """(errorCode, errorMessage, requestId) of Daraja's error envelope, or Nones."""
+    if not isinstance(data, dict):
+        return None, None, None
+    return (_text(data.get("errorCode"), 32), _text(data.get("errorMessage")),
+            _text(data.get("requestId"), 64))

@@ -1,0 +1,525 @@
+"""mpesa-wsgi: the WSGI app, its handlers and the command line.
+
+Owns the HTTP surface: `create_app()` (builds config, ledger, pool, Daraja
+client and token cache once and hands them to the handlers), the literal route
+table, the small WSGI callable, the plain handler functions, the HTTP errors
+(exceptions carrying their status, rendered in one place), bearer-key auth,
+bounded body reading, the per-transaction callback signature, the access log,
+and `python mpesa_wsgi.py [--check-config | --demo]`.
+
+Importing this module needs no environment; building the app does.
+"""
+
+import argparse
+import hashlib
+import hmac
+import json
+import logging
+import os
+import secrets
+import signal
+import sqlite3
+import sys
+import threading
+import time
+from http import HTTPStatus
+
+import config as settings
+import daraja
+import ledger as store
+import validation
+
+log = logging.getLogger("mpesa_wsgi")
+access_log = logging.getLogger("mpesa_wsgi.access")
+
+CALLBACK_ACK = {"ResultCode": 0, "ResultDesc": "Accepted"}
+SIGNATURE_HEX_CHARS = 32
+RETRY_AFTER_BUSY_S = 60  # Daraja: wait at least a minute after "unable to lock subscriber"
+RETRY_AFTER_UNAVAILABLE_S = 30
+MAX_ID_LENGTH = 64
+
+
+# --- errors: raised by handlers, rendered once by the WSGI callable ------------
+
+
+class ApiError(Exception):
+    status = 500
+    code = "internal_error"
+    message = "the gateway failed to handle the request"
+
+    def __init__(self, message=None, *, code=None, field=None, headers=()):
+        super().__init__(message or self.message)
+        self.message = message or self.message
+        self.code = code or self.code
+        self.field = field
+        self.headers = list(headers)
+
+    def body(self):
+        error = {"code": self.code, "message": self.message}
+        if self.field is not None:
+            error["field"] = self.field
+        return {"error": error}
+
+
+class BadRequest(ApiError):
+    status, code, message = 400, "invalid_request", "the request is invalid"
+
+
+class Unauthorized(ApiError):
+    status, code, message = 401, "unauthorized", "a valid 'Authorization: Bearer <key>' is required"
+
+
+class NotFound(ApiError):
+    status, code, message = 404, "not_found", "no such resource"
+
+
+class MethodNotAllowed(ApiError):
+    status, code, message = 405, "method_not_allowed", "method not allowed on this path"
+
+
+class Conflict(ApiError):
+    status, code, message = 409, "conflict", "the request conflicts with the current state"
+
+
+class PayloadTooLarge(ApiError):
+    status, code, message = 413, "payload_too_large", "the request body is too large"
+
+
+class UnsupportedMediaType(ApiError):
+    status, code, message = 415, "unsupported_media_type", "send 'Content-Type: application/json'"
+
+
+class UpstreamRejected(ApiError):
+    status, code, message = 502, "daraja_rejected", "Daraja refused the request"
+
+
+class ServiceUnavailable(ApiError):
+    status, code, message = 503, "upstream_unavailable", "Daraja cannot be reached; try again later"
+
+
+# --- request helpers ------------------------------------------------------------
+
+
+class Request:
+    """The WSGI environ plus what the access log should say about this request."""
+
+    __slots__ = ("environ", "route", "tx_id", "phone")
+
+    def __init__(self, environ):
+        self.environ = environ
+        self.route = None
+        self.tx_id = None
+        self.phone = None
+
+    def header(self, name):
+        return self.environ.get("HTTP_" + name.upper().replace("-", "_"))
+
+    def body(self, limit):
+        """The raw body, at most `limit` bytes; never an unbounded read."""
+        raw_length = self.environ.get("CONTENT_LENGTH") or ""
+        if raw_length:
+            if not raw_length.isdigit():
+                raise BadRequest("Content-Length must be a number", code="invalid_request")
+            length = int(raw_length)
+            if length > limit:
+                raise PayloadTooLarge(f"the body must be at most {limit} bytes")
+            data = self.environ["wsgi.input"].read(length)
+        else:
+            # No length (e.g. chunked): read one byte past the limit to detect excess.
+            data = self.environ["wsgi.input"].read(limit + 1)
+        if len(data) > limit:
+            raise PayloadTooLarge(f"the body must be at most {limit} bytes")
+        return data
+
+    def json(self, limit):
+        """The decoded JSON body: 415 unless JSON, 413 past the limit, 400 if malformed."""
+        ctype = self.environ.get("CONTENT_TYPE", "").split(";", 1)[0].strip().lower()
+        if ctype != "application/json":
+            raise UnsupportedMediaType()
+        return decode_json(self.body(limit))
+
+
+def _reject_constant(name):
+    raise ValueError(f"{name} is not JSON")
+
+
+def decode_json(raw):
+    """Strict UTF-8 JSON (no NaN/Infinity); any failure is 400 invalid_json."""
+    try:
+        return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise BadRequest("the body is not valid UTF-8 JSON", code="invalid_json") from None
+
+
+def dumps(body):
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def authenticate(req, config):
+    """Return the index of the caller's API key; 401 unless it matches one, in constant time."""
+    scheme, _, presented = (req.header("Authorization") or "").partition(" ")
+    presented = presented.strip().encode()
+    matched = None
+    for index, key in enumerate(config.api_keys):
+        # Compare against every key, so timing does not tell which one nearly matched.
+        if hmac.compare_digest(presented, key.encode()):
+            matched = index
+    if scheme.lower() != "bearer":
+        matched = None
+    if matched is None:
+        raise Unauthorized(headers=[("WWW-Authenticate", 'Bearer realm="mpesa-wsgi"')])
+    return matched
+
+
+def callback_signature(secret, tx_id):
+    """The path secret that proves a callback URL was made by this gateway."""
+    digest = hmac.new(secret.encode(), tx_id.encode(), hashlib.sha256).hexdigest()
+    return digest[:SIGNATURE_HEX_CHARS]
+
+
+def transaction_resource(row):
+    """The public view of a ledger row (SPEC §2): phone masked, internal states hidden."""
+    status = store.PENDING if row["status"] == store.SUBMITTING else row["status"]
+    return {
+        "id": row["id"],
+        "checkout_request_id": row["checkout_request_id"],
+        "merchant_request_id": row["merchant_request_id"],
+        "status": status,
+        "reason": row["reason"],
+        "phone": validation.mask_phone(row["phone"]),
+        "amount": row["amount"],
+        "reference": row["reference"],
+        "description": row["description"],
+        "result_code": row["result_code"],
+        "result_desc": row["result_desc"],
+        "receipt": row["receipt"],
+        "created_at": row["created_at"],
+        "updated_at": row["updated_at"],
+    }
+
+
+# --- handlers: (req, app, *path params) -> (status, body); errors are raised --------
+
+
+def health(req, app):
+    return 200, {"status": "ok", "timestamp": store.iso_utc(time.time()),
+                 "version": settings.VERSION}
+
+
+def stk_push(req, app):
+    authenticate(req, app.config)
+    cfg = app.config
+    try:
+        push = validation.validate_push(req.json(cfg.max_body), cfg.max_amount,
+                                        cfg.default_reference, cfg.default_description)
+    except validation.ValidationError as exc:
+        raise BadRequest(exc.message, code=exc.code, field=exc.field) from None
+    req.phone = push.phone
+    try:
+        # Committed before Daraja is called: a crash from here on leaves a trace.
+        row = app.ledger.create(phone=push.phone, amount=push.amount,
+                                reference=push.reference, description=push.description)
+    except sqlite3.Error:
+        log.exception("ledger write failed before push")
+        raise ServiceUnavailable("the ledger cannot be written; nothing was sent",
+                                 code="ledger_unavailable",
+                                 headers=[("Retry-After", str(RETRY_AFTER_UNAVAILABLE_S))]) from None
+    req.tx_id = row["id"]
+    try:
+        accepted = app.daraja.stk_push(
+            phone=push.phone, amount=push.amount, reference=push.reference,
+            description=push.description, callback_url=app.callback_url(row["id"]))
+    except daraja.DarajaError as exc:
+        return push_not_accepted(app, row, exc)
+    try:
+        row = app.ledger.mark_accepted(row["id"], accepted.checkout_request_id,
+                                       accepted.merchant_request_id)
+    except sqlite3.Error:
+        # The prompt is out; the row stays `submitting`, so a restart makes it `unknown`
+        # and its signed callback URL still finds it. Tell the merchant what we know.
+        log.exception("ledger write failed after push tx=%s", row["id"])
+        row = dict(row, checkout_request_id=accepted.checkout_request_id,
+                   merchant_request_id=accepted.merchant_request_id)
+    return 202, transaction_resource(row)
+
+
+def push_not_accepted(app, row, exc):
+    """Record a push Daraja did not accept, then answer per SPEC §2 outcomes."""
+    if exc.outcome == daraja.UNKNOWN:
+        # It may have reached the customer: never resend; the callback or a query settles it.
+        row = app.ledger.mark_not_accepted(row["id"], store.UNKNOWN, exc.reason)
+        return 202, transaction_resource(row)
+    if exc.outcome == daraja.REJECTED and exc.subscriber_locked:
+        app.ledger.mark_not_accepted(row["id"], store.REJECTED, "subscriber_busy",
+                                     exc.error_code, exc.error_message)
+        raise Conflict(f"the customer has another M-Pesa prompt open; transaction {row['id']}"
+                       " was not sent", code="subscriber_busy",
+                       headers=[("Retry-After", str(RETRY_AFTER_BUSY_S))])
+    if exc.outcome == daraja.REJECTED:
+        app.ledger.mark_not_accepted(row["id"], store.REJECTED, "daraja_rejected",
+                                     exc.error_code, exc.error_message)
+        raise UpstreamRejected(f"Daraja refused the request ({exc.error_code}); transaction"
+                               f" {row['id']} is rejected")
+    app.ledger.mark_not_accepted(row["id"], store.REJECTED, "upstream_unavailable",
+                                 exc.error_code, exc.error_message)
+    raise ServiceUnavailable(f"Daraja is unavailable ({exc.reason}); transaction {row['id']}"
+                             " was not sent", headers=[("Retry-After",
+                                                        str(RETRY_AFTER_UNAVAILABLE_S))])
+
+
+def get_transaction(req, app, ref):
+    authenticate(req, app.config)
+    row = app.ledger.get(ref) if 0 < len(ref) <= MAX_ID_LENGTH else None
+    if row is None:
+        raise NotFound("no transaction with that id or CheckoutRequestID")
+    req.tx_id, req.phone = row["id"], row["phone"]
+    return 200, transaction_resource(row)
+
+
+def callback(req, app, tx_id, sig):
+    """Safaricom's STK result: stored and applied in one commit, then acknowledged."""
+    if not app.signature_ok(tx_id, sig):
+        raise NotFound()  # same answer as any unknown path: reveals nothing
+    req.tx_id = tx_id
+    raw = req.body(app.config.max_body)
+    try:
+        result = validation.parse_stk_callback(decode_json(raw))
+    except (BadRequest, validation.ValidationError):
+        result = None
+    settlement = None
+    if result is not None:
+        status, reason = daraja.result_status(result.result_code)
+        settlement = store.Settlement(
+            status=status, reason=reason, result_code=result.result_code,
+            result_desc=result.result_desc, checkout_request_id=result.checkout_request_id,
+            merchant_request_id=result.merchant_request_id, receipt=result.receipt,
+            amount=result.amount)
+    outcome, row = app.ledger.record_callback(tx_id, raw, req.environ.get("REMOTE_ADDR"),
+                                              settlement)
+    if row is not None:
+        req.phone = row["phone"]
+    log.info("callback tx=%s outcome=%s result_code=%s", tx_id, outcome,
+             result.result_code if result else None)
+    if result is None:
+        raise BadRequest("the callback is not a valid STK result (it was stored)",
+                         code="invalid_callback")
+    return 200, CALLBACK_ACK
+
+
+# Literal paths: auditable at a glance. Value: {method: handler}.
+ROUTES = {
+    "/health": {"GET": health},
+    "/stkpush": {"POST": stk_push},
+}
+# (prefix, route template for logs, number of path segments after it, {method: handler})
+PREFIX_ROUTES = (
+    ("/transactions/", "/transactions/{id}", 1, {"GET": get_transaction}),
+    ("/callback/", "/callback/{tx_id}/{sig}", 2, {"POST": callback}),
+)
+
+
+def match(method, path):
+    """(handler, route template, params) or raise 404/405."""
+    methods, template, params = ROUTES.get(path), path, ()
+    if methods is None:
+        for prefix, template, count, candidate in PREFIX_ROUTES:
+            if path.startswith(prefix):
+                params = tuple(path[len(prefix):].split("/"))
+                if len(params) == count and all(params):
+                    methods = candidate
+                break
+    if methods is None:
+        raise NotFound()
+    if method not in methods:
+        raise MethodNotAllowed(headers=[("Allow", ", ".join(sorted(methods)))])
+    return methods[method], template, params
+
+
+# --- the app ----------------------------------------------------------------------------
+
+
+class Gateway:
+    """The WSGI application: holds the dependencies, routes, renders. Nothing else."""
+
+    def __init__(self, config, ledger, client):
+        self.config = config
+        self.ledger = ledger
+        self.daraja = client
+        self._secret = config.secret
+
+    def __call__(self, environ, start_response):
+        started = time.monotonic()
+        req = Request(environ)
+        headers = []
+        try:
+            handler, req.route, params = match(environ["REQUEST_METHOD"],
+                                               environ.get("PATH_INFO", ""))
+            status, body = handler(req, self, *params)
+        except ApiError as exc:
+            status, body, headers = exc.status, exc.body(), exc.headers
+        except Exception:
+            log.exception("unhandled error route=%s", req.route)
+            status, body = 500, ApiError().body()
+        payload = dumps(body)
+        headers += [("Content-Type", "application/json"), ("Content-Length", str(len(payload)))]
+        start_response(f"{status} {HTTPStatus(status).phrase}", headers)
+        access_log.info(
+            "request method=%s route=%s status=%d ms=%.1f tx=%s phone=%s",
+            environ["REQUEST_METHOD"], req.route or "unmatched", status,
+            (time.monotonic() - started) * 1000, req.tx_id or "-",
+            validation.mask_phone(req.phone) if req.phone else "-")
+        return [payload]
+
+    def callback_url(self, tx_id):
+        return (f"{self.config.callback_base_url}/callback/{tx_id}/"
+                f"{callback_signature(self._secret, tx_id)}")
+
+    def signature_ok(self, tx_id, sig):
+        expected = callback_signature(self._secret, tx_id)
+        return hmac.compare_digest(sig.encode(), expected.encode())
+
+    def close(self):
+        self.ledger.close()
+        self.daraja.close()
+
+
+def create_app(config=None):
+    """Build the app once: config (from the environment unless given), ledger, Daraja client."""
+    if config is None:
+        config = settings.load_config(os.environ)
+    ledger = store.Ledger(config.db_path)
+    client = daraja.DarajaClient(config, daraja.build_pool(config))
+    # A row still `submitting` after the longest a push can take was cut off mid-push.
+    ledger.recover_interrupted(2 * config.connect_timeout + config.read_timeout + 1)
+    return Gateway(config, ledger, client)
+
+
+# --- command line ---------------------------------------------------------------------
+
+
+def configure_logging(level):
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.getLogger("urllib3").setLevel(logging.WARNING)  # its DEBUG lines carry URLs
+
+
+def install_sigterm():
+    """SIGTERM ends waitress's loop like Ctrl-C does (guarded: not every platform has it)."""
+    if hasattr(signal, "SIGTERM") and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+
+
+def serve(app, host, port, threads, banner=None):
+    import waitress  # serving only: importing the app needs no server
+
+    server = waitress.create_server(app, host=host, port=port, threads=threads)
+    install_sigterm()
+    print(banner or f"mpesa-wsgi {settings.VERSION} serving on http://{host}:{port}", flush=True)
+    try:
+        server.run()  # returns after SystemExit / KeyboardInterrupt, in-flight work drained
+    finally:
+        server.close()
+
+
+def demo_environment(environ, port, sim_port, api_key, secret):
+    """The demo's settings: sandbox-like values, the simulator as Daraja, loopback only."""
+    import simulator
+
+    env = {
+        "MPESA_CONSUMER_KEY": simulator.DEMO_CONSUMER_KEY,
+        "MPESA_CONSUMER_SECRET": simulator.DEMO_CONSUMER_SECRET,
+        "MPESA_SHORTCODE": simulator.SANDBOX_SHORTCODE,
+        "MPESA_PASSKEY": simulator.SANDBOX_PASSKEY,
+        "GATEWAY_DB": "mpesa_demo.db",
+        "GATEWAY_API_KEYS": api_key,
+        "GATEWAY_SECRET": secret,
+    }
+    env.update({k: v for k, v in environ.items() if v})
+    # The demo never talks to Safaricom and never listens beyond loopback.
+    env.update({
+        "MPESA_ENVIRONMENT": "sandbox",
+        "MPESA_BASE_URL": f"http://127.0.0.1:{sim_port}",
+        "MPESA_CALLBACK_BASE_URL": f"http://127.0.0.1:{port}",
+        "GATEWAY_HOST": "127.0.0.1",
+        "GATEWAY_PORT": str(port),
+    })
+    return env
+
+
+def run_demo(environ):
+    import waitress
+    import simulator
+
+    port = settings.port(environ.get("GATEWAY_PORT") or "8000")
+    sim_port = port + 1
+    api_key = environ.get("GATEWAY_API_KEYS") or "demo_" + secrets.token_urlsafe(18)
+    env = demo_environment(environ, port, sim_port, api_key, secrets.token_urlsafe(24))
+    config = settings.load_config(env)
+    configure_logging(config.log_level)
+    sim = simulator.Simulator(simulator.SimSettings.from_env(env))
+    sim_server = waitress.create_server(sim, host="127.0.0.1", port=sim_port, threads=4)
+    threading.Thread(target=sim_server.run, name="simulator", daemon=True).start()
+    app = create_app(config)
+    shown_key = api_key if "GATEWAY_API_KEYS" not in environ else "<a key from GATEWAY_API_KEYS>"
+    base = f"http://127.0.0.1:{port}"
+    banner = "\n".join([
+        f"mpesa-wsgi {settings.VERSION} demo: gateway {base}, Daraja simulator"
+        f" http://127.0.0.1:{sim_port}, ledger {config.db_path}",
+        f"API key: {shown_key}",
+        "",
+        "Start a payment (any Safaricom-style number succeeds; see README for scenario phones):",
+        f"  curl -s -X POST {base}/stkpush -H 'Authorization: Bearer {shown_key}'"
+        " -H 'Content-Type: application/json'"
+        " -d '{\"phone\":\"0712345678\",\"amount\":10,\"reference\":\"INV001\"}'",
+        "Then, with the id it returns (pending, then succeeded after the callback):",
+        f"  curl -s {base}/transactions/<id> -H 'Authorization: Bearer {shown_key}'",
+        f"  curl -s {base}/health",
+        "Ctrl-C stops the demo.",
+    ])
+    try:
+        serve(app, "127.0.0.1", port, config.threads, banner)
+    finally:
+        sim.stop()
+        app.close()
+
+
+def check_config(environ):
+    try:
+        config = settings.load_config(environ)
+    except settings.ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    for name, value in config.masked().items():
+        print(f"{name} = {value}")
+    return 0
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="mpesa_wsgi.py", description="M-Pesa STK Push gateway")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--check-config", action="store_true",
+                      help="print the resolved settings (secrets masked) and exit")
+    mode.add_argument("--demo", action="store_true",
+                      help="run the gateway against the built-in Daraja simulator on loopback")
+    args = parser.parse_args(argv)
+    if args.check_config:
+        return check_config(os.environ)
+    try:
+        if args.demo:
+            run_demo(os.environ)
+            return 0
+        config = settings.load_config(os.environ)
+    except settings.ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    configure_logging(config.log_level)
+    app = create_app(config)
+    try:
+        serve(app, config.host, config.port, config.threads)
+    finally:
+        app.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

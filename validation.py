@@ -1,0 +1,202 @@
+"""Input rules for merchant requests and Safaricom callbacks: pure functions, no I/O.
+
+Owns the phone, amount and text rules of SPEC §2 (patterns compiled once), the
+check of a whole `POST /stkpush` body, the parser of Daraja's STK callback
+(items read by name), and phone masking for logs and responses.  Every failure
+is a `ValidationError` carrying a machine code and the field at fault; the web
+layer turns it into a 400.
+"""
+
+import re
+from dataclasses import dataclass
+
+PHONE_FORMS = "07XXXXXXXX, 01XXXXXXXX, 7XXXXXXXX, 1XXXXXXXX, 2547XXXXXXXX, 2541XXXXXXXX or +254XXXXXXXXX"
+# After dropping spaces and dashes: optional 0 / 254 / +254, then 7 or 1 and 8 digits.
+_PHONE = re.compile(r"(?:\+254|254|0)?([17][0-9]{8})")
+_PHONE_SEPARATORS = re.compile(r"[ \-]+")
+_DIGITS = re.compile(r"[0-9]{1,9}")
+_TEXT = re.compile(r"[A-Za-z0-9 _-]+")
+_MSISDN = re.compile(r"254[17][0-9]{8}")
+
+REFERENCE_MAX = 12  # AccountReference: shown to the customer in the prompt and SMS
+DESCRIPTION_MAX = 13  # TransactionDesc
+PUSH_FIELDS = ("phone", "amount", "reference", "description")
+
+
+class ValidationError(ValueError):
+    """Input broke a rule: `code` is the machine code, `field` the culprit or None."""
+
+    def __init__(self, code, message, field=None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.field = field
+
+
+def normalize_phone(value):
+    """Return a Kenyan mobile number as 254XXXXXXXXX, or raise invalid_phone."""
+    if isinstance(value, str) and len(value) <= 32:
+        match = _PHONE.fullmatch(_PHONE_SEPARATORS.sub("", value.strip()))
+        if match:
+            return "254" + match.group(1)
+    raise ValidationError(
+        "invalid_phone", f"phone must be a Safaricom number: {PHONE_FORMS}", "phone"
+    )
+
+
+def parse_amount(value, max_amount):
+    """Return whole shillings 1..max_amount from a JSON integer or digit string."""
+    # bool is an int subclass: `true` must not pay 1 shilling.
+    if isinstance(value, int) and not isinstance(value, bool):
+        amount = value
+    elif isinstance(value, str) and _DIGITS.fullmatch(value):
+        amount = int(value)
+    else:
+        amount = None
+    if amount is None or not 1 <= amount <= max_amount:
+        raise ValidationError(
+            "invalid_amount",
+            f"amount must be whole shillings from 1 to {max_amount}, as an integer or digit string",
+            "amount",
+        )
+    return amount
+
+
+def check_text(value, field, limit):
+    """Return `value` if it is 1..limit characters of [A-Za-z0-9 _-]; never truncate."""
+    if isinstance(value, str) and len(value) <= limit and _TEXT.fullmatch(value):
+        return value
+    raise ValidationError(
+        f"invalid_{field}",
+        f"{field} must be 1 to {limit} characters of letters, digits, space, _ or -",
+        field,
+    )
+
+
+@dataclass(frozen=True)
+class PushRequest:
+    phone: str
+    amount: int
+    reference: str
+    description: str
+
+
+def validate_push(body, max_amount, default_reference, default_description):
+    """Check a decoded POST /stkpush body and return a PushRequest."""
+    if not isinstance(body, dict):
+        raise ValidationError("invalid_body", "the body must be a JSON object")
+    for name in body:
+        if name not in PUSH_FIELDS:
+            raise ValidationError(
+                "unknown_field", f"unknown field; accepted: {', '.join(PUSH_FIELDS)}", name
+            )
+    for name in ("phone", "amount"):
+        if name not in body:
+            raise ValidationError("missing_field", f"{name} is required", name)
+    reference = body.get("reference", default_reference)
+    description = body.get("description", default_description)
+    return PushRequest(
+        phone=normalize_phone(body["phone"]),
+        amount=parse_amount(body["amount"], max_amount),
+        reference=check_text(reference, "reference", REFERENCE_MAX),
+        description=check_text(description, "description", DESCRIPTION_MAX),
+    )
+
+
+def mask_phone(phone):
+    """2547******678: enough to tell numbers apart in a log, not enough to call one."""
+    if isinstance(phone, str) and _MSISDN.fullmatch(phone):
+        return phone[:4] + "******" + phone[-3:]
+    return "***"
+
+
+# --- STK callback ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StkResult:
+    """One STK outcome, from a callback or a query: what settles a transaction."""
+
+    checkout_request_id: str
+    merchant_request_id: str | None
+    result_code: str  # Daraja sends a number (callback) or string (query): kept as text
+    result_desc: str | None
+    amount: int | None = None  # None unless the callback carried it
+    receipt: str | None = None
+    amount_text: str | None = None  # as sent, for anomaly logs (e.g. "10.5")
+
+
+def _callback_error(message):
+    return ValidationError("invalid_callback", message)
+
+
+def _result_code(value):
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, str) and 0 < len(value) <= 32 and value.strip() == value:
+        return value
+    raise _callback_error("ResultCode must be a number or a string")
+
+
+def _optional_text(value, limit=256):
+    if value is None:
+        return None
+    if isinstance(value, (str, int)) and not isinstance(value, bool):
+        return str(value)[:limit]
+    return None
+
+
+def _items_by_name(metadata):
+    """CallbackMetadata.Item as {Name: Value}; order and count are not a contract."""
+    if metadata is None:
+        return {}
+    items = metadata.get("Item") if isinstance(metadata, dict) else None
+    if isinstance(items, dict):  # a single item sent as an object
+        items = [items]
+    if not isinstance(items, list):
+        raise _callback_error("CallbackMetadata.Item must be a list")
+    values = {}
+    for item in items:
+        if isinstance(item, dict) and isinstance(item.get("Name"), str):
+            values[item["Name"]] = item.get("Value")  # Balance often has no Value
+    return values
+
+
+def _callback_amount(value):
+    """Whole shillings from 1, 1.0 or "1.00"; None when absent or not whole."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return None
+    if isinstance(value, (int, float)) and value == value and abs(value) < 1e12:
+        return int(value) if float(value).is_integer() else None
+    return None
+
+
+def parse_stk_callback(body):
+    """Parse a decoded STK callback (`{"Body":{"stkCallback":{...}}}`) into StkResult."""
+    stk = body.get("Body") if isinstance(body, dict) else None
+    stk = stk.get("stkCallback") if isinstance(stk, dict) else None
+    if not isinstance(stk, dict):
+        raise _callback_error("expected Body.stkCallback")
+    checkout = stk.get("CheckoutRequestID")
+    if not isinstance(checkout, str) or not checkout or len(checkout) > 64:
+        raise _callback_error("CheckoutRequestID must be a string")
+    if "ResultCode" not in stk:
+        raise _callback_error("ResultCode is required")
+    code = _result_code(stk["ResultCode"])
+    items = _items_by_name(stk.get("CallbackMetadata"))
+    receipt = items.get("MpesaReceiptNumber")
+    raw_amount = items.get("Amount")
+    return StkResult(
+        checkout_request_id=checkout,
+        merchant_request_id=_optional_text(stk.get("MerchantRequestID"), 64),
+        result_code=code,
+        result_desc=_optional_text(stk.get("ResultDesc")),
+        amount=_callback_amount(raw_amount),
+        receipt=receipt if isinstance(receipt, str) and 0 < len(receipt) <= 32 else None,
+        amount_text=_optional_text(raw_amount, 32),
+    )

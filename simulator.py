@@ -204,6 +204,11 @@ class Simulator:
     def stop(self):
         self._sender.stop()
 
+    def revoke_tokens(self):
+        """Forget every issued token, as Daraja does when another instance takes a new one."""
+        with self._lock:
+            self._tokens.clear()
+
     def count(self, name, n=1):
         with self._lock:
             self._stats[name] = self._stats.get(name, 0) + n

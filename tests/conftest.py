@@ -1,0 +1,139 @@
+"""Shared fixtures: the Daraja simulator and the gateway, each on a real loopback socket."""
+
+import os
+import socket
+import time
+
+import pytest
+from webtest import TestApp
+from webtest.http import StopableWSGIServer
+
+import config
+import mpesa_wsgi
+import simulator
+
+ROOT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+API_KEY = "test-key-0123456789abcdef"
+OTHER_KEY = "other-key-0123456789abcdef"
+SECRET = "test-secret-0123456789abcdef"
+
+
+def serve(app, threads=8):
+    """Serve a WSGI app with waitress on 127.0.0.1 and an OS-chosen port."""
+    server = StopableWSGIServer.create(app, host="127.0.0.1", port=0, threads=threads,
+                                       expose_tracebacks=False)
+    return server, f"http://127.0.0.1:{server.effective_port}"
+
+
+def free_port(pair=False):
+    """A port free now (and, with pair, the next one too) for a subprocess to bind."""
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if not pair or port >= 65535:
+            return port
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError("no free port pair")
+
+
+def wait_for(predicate, timeout=5.0, interval=0.02):
+    """Poll until predicate() is truthy; return its value or fail the test."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition not met within {timeout}s")
+        time.sleep(interval)
+
+
+class SimHandle:
+    def __init__(self, sim, server, url):
+        self.sim, self.server, self.url = sim, server, url
+
+    def stats(self):
+        return self.sim.stats()
+
+
+@pytest.fixture
+def sim_settings(request):
+    """Fast callbacks; a test may override fields with indirect parametrization."""
+    overrides = getattr(request, "param", {})
+    return simulator.SimSettings(**dict(dict(callback_delay_s=0.3, slow_answer_s=1.0),
+                                        **overrides))
+
+
+@pytest.fixture
+def sim(sim_settings):
+    simulator_app = simulator.Simulator(sim_settings)
+    server, url = serve(simulator_app, threads=16)
+    yield SimHandle(simulator_app, server, url)
+    server.shutdown()
+    simulator_app.stop()
+
+
+def base_env(sim_url, db_path, callback_base="http://127.0.0.1:9"):
+    return {
+        "MPESA_CONSUMER_KEY": simulator.DEMO_CONSUMER_KEY,
+        "MPESA_CONSUMER_SECRET": simulator.DEMO_CONSUMER_SECRET,
+        "MPESA_SHORTCODE": simulator.SANDBOX_SHORTCODE,
+        "MPESA_PASSKEY": simulator.SANDBOX_PASSKEY,
+        "MPESA_CALLBACK_BASE_URL": callback_base,
+        "MPESA_BASE_URL": sim_url,
+        "MPESA_CONNECT_TIMEOUT": "1",
+        "MPESA_READ_TIMEOUT": "0.5",
+        "GATEWAY_DB": str(db_path),
+        "GATEWAY_API_KEYS": f"{API_KEY},{OTHER_KEY}",
+        "GATEWAY_SECRET": SECRET,
+        "GATEWAY_THREADS": "8",
+    }
+
+
+class _LateApp:
+    """Bind the server first, then plug in the app whose config needs the server's port."""
+
+    app = None
+
+    def __call__(self, environ, start_response):
+        return self.app(environ, start_response)
+
+
+class GatewayHandle:
+    def __init__(self, app, url, server):
+        self.app, self.url, self.server = app, url, server
+        self.testapp = TestApp(app, lint=True)
+        self.auth = {"Authorization": f"Bearer {API_KEY}"}
+
+    def push(self, body, status=202, **kwargs):
+        return self.testapp.post_json("/stkpush", body, headers=self.auth, status=status, **kwargs)
+
+    def get(self, ref, status=200):
+        return self.testapp.get(f"/transactions/{ref}", headers=self.auth, status=status)
+
+    def wait_status(self, tx_id, *statuses, timeout=5.0):
+        return wait_for(lambda: (r := self.get(tx_id).json)["status"] in statuses and r,
+                        timeout=timeout)
+
+
+@pytest.fixture
+def gateway_env(sim, tmp_path):
+    return base_env(sim.url, tmp_path / "ledger.db")
+
+
+@pytest.fixture
+def gateway(gateway_env):
+    """The gateway app (WebTest) and the same app on a real socket, for callbacks."""
+    late = _LateApp()
+    server, url = serve(late)
+    env = dict(gateway_env, MPESA_CALLBACK_BASE_URL=url)
+    late.app = mpesa_wsgi.create_app(config.load_config(env))
+    yield GatewayHandle(late.app, url, server)
+    server.shutdown()
+    late.app.close()

@@ -1,0 +1,150 @@
+"""Configuration: one error naming every bad variable, secrets never echoed."""
+
+import base64
+import os
+import subprocess
+import sys
+
+import pytest
+
+from config import BASE_URLS, ConfigError, load_config
+from conftest import ROOT_DIR
+
+SECRETS = {
+    "MPESA_CONSUMER_KEY": "ck-very-secret-value-1",
+    "MPESA_CONSUMER_SECRET": "cs-very-secret-value-2",
+    "MPESA_PASSKEY": "pk-very-secret-value-3",
+    "GATEWAY_API_KEYS": "api-very-secret-value-4",
+    "GATEWAY_SECRET": "hmac-very-secret-value-5",
+}
+VALID = dict(SECRETS, MPESA_SHORTCODE="174379",
+             MPESA_CALLBACK_BASE_URL="https://pay.example.com/mpesa")
+
+
+def _error(env):
+    with pytest.raises(ConfigError) as exc:
+        load_config(env)
+    return str(exc.value)
+
+
+def test_valid_environment_gets_documented_defaults():
+    cfg = load_config(VALID)
+    assert cfg.base_url == BASE_URLS["sandbox"] == "https://sandbox.safaricom.co.ke"
+    assert (cfg.connect_timeout, cfg.read_timeout) == (5.0, 15.0)
+    assert (cfg.host, cfg.port, cfg.db_path) == ("127.0.0.1", 8000, "mpesa_gateway.db")
+    assert (cfg.max_amount, cfg.max_body, cfg.token_margin_s) == (250_000, 16_384, 300.0)
+    assert cfg.api_keys == ("api-very-secret-value-4",)
+
+
+def test_one_missing_variable_is_named():
+    env = dict(VALID)
+    del env["MPESA_PASSKEY"]
+    message = _error(env)
+    assert "MPESA_PASSKEY is required" in message
+
+
+def test_several_missing_variables_are_all_named_in_one_message():
+    message = _error({"MPESA_SHORTCODE": "174379"})
+    for name in ("MPESA_CONSUMER_KEY", "MPESA_CONSUMER_SECRET", "MPESA_PASSKEY",
+                 "MPESA_CALLBACK_BASE_URL", "GATEWAY_API_KEYS", "GATEWAY_SECRET"):
+        assert f"{name} is required" in message
+
+
+@pytest.mark.parametrize("name, value, words", [
+    ("MPESA_SHORTCODE", "12ab56", "5 to 7 digit"),
+    ("MPESA_ENVIRONMENT", "staging", "sandbox, production"),
+    ("MPESA_READ_TIMEOUT", "-3", "greater than 0"),
+    ("MPESA_CONNECT_TIMEOUT", "soon", "number of seconds"),
+    ("GATEWAY_PORT", "70000", "port number"),
+    ("GATEWAY_THREADS", "0", "greater than 0"),
+    ("MPESA_CALLBACK_BASE_URL", "ftp://x.example.com", "http"),
+    ("MPESA_CALLBACK_BASE_URL", "https://Pay.Example.com", "lower-case"),
+    ("MPESA_CALLBACK_BASE_URL", "https://pay.example.com/a b", "spaces"),
+    ("MPESA_DEFAULT_REFERENCE", "THIRTEEN-CHAR", "1 to 12"),
+    ("GATEWAY_API_KEYS", "short", "16 characters"),
+    ("MPESA_READ_TIMOUT", "30", "not a known setting"),
+])
+def test_bad_values_are_reported_by_name(name, value, words):
+    message = _error(dict(VALID, **{name: value}))
+    assert name in message and words in message
+
+
+def test_five_digit_shortcode_is_valid():
+    assert load_config(dict(VALID, MPESA_SHORTCODE="17437")).shortcode == "17437"
+
+
+def test_bad_secrets_are_named_but_never_echoed():
+    env = dict(VALID, GATEWAY_API_KEYS="tiny-secret", GATEWAY_SECRET="hmac-tiny")
+    message = _error(env)
+    assert "GATEWAY_API_KEYS" in message and "GATEWAY_SECRET" in message
+    assert "tiny-secret" not in message and "hmac-tiny" not in message
+
+
+def test_several_problems_in_one_error_list_each():
+    message = _error(dict(VALID, GATEWAY_PORT="x", MPESA_ENVIRONMENT="x", GATEWAY_THREADS="-1"))
+    assert all(n in message for n in ("GATEWAY_PORT", "MPESA_ENVIRONMENT", "GATEWAY_THREADS"))
+
+
+def test_repr_and_masked_view_hide_every_secret():
+    cfg = load_config(VALID)
+    for text in (repr(cfg), str(cfg), str(cfg.masked())):
+        for value in SECRETS.values():
+            assert value not in text
+        assert base64.b64encode(b"ck-very-secret-value-1:cs-very-secret-value-2").decode() not in text
+        assert "174379" in text  # not a secret
+
+
+def test_production_picks_its_base_url_and_demands_https_callbacks():
+    message = _error(dict(VALID, MPESA_ENVIRONMENT="production",
+                          MPESA_CALLBACK_BASE_URL="http://pay.example.com"))
+    assert "MPESA_CALLBACK_BASE_URL must be https:// in production" in message
+    cfg = load_config(dict(VALID, MPESA_ENVIRONMENT="production"))
+    assert cfg.base_url == "https://api.safaricom.co.ke"
+
+
+def test_base_url_override_wins():
+    cfg = load_config(dict(VALID, MPESA_BASE_URL="http://127.0.0.1:8001/"))
+    assert cfg.base_url == "http://127.0.0.1:8001"
+
+
+def test_oauth_header_is_derived_once():
+    cfg = load_config(VALID)
+    expected = base64.b64encode(b"ck-very-secret-value-1:cs-very-secret-value-2").decode()
+    assert cfg.oauth_header == "Basic " + expected
+
+
+def test_paybill_sends_the_shortcode_as_party_b_and_a_till_needs_its_number():
+    assert load_config(VALID).party_b == "174379"
+    message = _error(dict(VALID, MPESA_TRANSACTION_TYPE="CustomerBuyGoodsOnline"))
+    assert "MPESA_PARTY_B is required for a till" in message
+    till = load_config(dict(VALID, MPESA_TRANSACTION_TYPE="CustomerBuyGoodsOnline",
+                            MPESA_PARTY_B="5123456"))
+    assert (till.transaction_type, till.party_b) == ("CustomerBuyGoodsOnline", "5123456")
+
+
+def test_config_is_frozen():
+    cfg = load_config(VALID)
+    with pytest.raises(AttributeError):
+        cfg.port = 1
+
+
+def _check_config(env):
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith(("MPESA_", "GATEWAY_", "LOG_"))}
+    return subprocess.run([sys.executable, "mpesa_wsgi.py", "--check-config"], cwd=ROOT_DIR,
+                          env=dict(clean, **env), capture_output=True, text=True, timeout=30)
+
+
+def test_check_config_prints_masked_settings_and_exits_zero():
+    proc = _check_config(VALID)
+    assert proc.returncode == 0, proc.stderr
+    assert "shortcode = 174379" in proc.stdout
+    assert "consumer_secret = ********" in proc.stdout
+    assert not any(v in proc.stdout + proc.stderr for v in SECRETS.values())
+
+
+def test_check_config_reports_the_error_and_exits_non_zero():
+    proc = _check_config({"MPESA_SHORTCODE": "174379", "MPESA_PASSKEY": "pk-very-secret-value-3"})
+    assert proc.returncode != 0
+    assert "GATEWAY_SECRET is required" in proc.stderr
+    assert "pk-very-secret-value-3" not in proc.stderr + proc.stdout

@@ -1,0 +1,171 @@
+"""The SQLite ledger: durability settings, row life cycle, the settle rules."""
+
+import sqlite3
+import threading
+
+import pytest
+
+import ledger as store
+from ledger import Ledger, Settlement
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1_790_000_000.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def ledger(tmp_path, clock):
+    lg = Ledger(str(tmp_path / "ledger.db"), clock=clock)
+    yield lg
+    lg.close()
+
+
+def new_row(ledger, phone="254712345678", amount=10):
+    return ledger.create(phone=phone, amount=amount, reference="INV001", description="Payment")
+
+
+def success(checkout="ws_CO_1", amount=10, receipt="UKQ1234567"):
+    return Settlement(status="succeeded", reason=None, result_code="0", result_desc="ok",
+                      checkout_request_id=checkout, receipt=receipt, amount=amount)
+
+
+def failure(code="1032", reason="cancelled", checkout="ws_CO_1"):
+    return Settlement(status="failed", reason=reason, result_code=code, result_desc="x",
+                      checkout_request_id=checkout)
+
+
+def test_wal_and_full_sync_on_every_connection(ledger):
+    conn = ledger._conn()
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 5000
+
+
+def test_new_row_is_submitting_and_found_by_either_id(ledger):
+    row = new_row(ledger)
+    assert row["status"] == store.SUBMITTING and row["id"].startswith("tx_")
+    ledger.mark_accepted(row["id"], "ws_CO_1", "m-1")
+    assert ledger.get(row["id"])["status"] == store.PENDING
+    assert ledger.get("ws_CO_1")["id"] == row["id"]
+    assert ledger.get("ws_CO_nope") is None
+
+
+def test_rows_survive_closing_and_reopening(tmp_path, clock):
+    path = str(tmp_path / "reopen.db")
+    first = Ledger(path, clock=clock)
+    row = new_row(first)
+    first.mark_accepted(row["id"], "ws_CO_1", "m-1")
+    first.record_callback(row["id"], b"{}", "127.0.0.1", success())
+    first.close()
+    second = Ledger(path, clock=clock)
+    assert second.get(row["id"])["status"] == "succeeded"
+    assert len(second.callbacks(row["id"])) == 1
+    second.close()
+
+
+def test_interrupted_rows_older_than_the_cutoff_become_unknown(ledger, clock):
+    old = new_row(ledger, phone="254712345001")
+    clock.now += 30
+    young = new_row(ledger, phone="254712345002")
+    assert ledger.recover_interrupted(older_than_s=20) == 1
+    assert ledger.get(old["id"])["status"] == "unknown"
+    assert ledger.get(old["id"])["reason"] == "interrupted"
+    assert ledger.get(young["id"])["status"] == store.SUBMITTING
+
+
+def test_a_result_that_beats_the_push_answer_is_kept(ledger):
+    row = new_row(ledger)
+    outcome, _ = ledger.record_callback(row["id"], b"{}", None, failure())
+    assert outcome == "applied"
+    after = ledger.mark_accepted(row["id"], "ws_CO_1", "m-1")
+    assert (after["status"], after["checkout_request_id"]) == ("failed", "ws_CO_1")
+
+
+def test_not_accepted_only_moves_submitting_rows(ledger):
+    row = new_row(ledger)
+    ledger.mark_accepted(row["id"], "ws_CO_1", "m")
+    assert ledger.mark_not_accepted(row["id"], "unknown", "read_timeout")["status"] == "pending"
+
+
+def test_duplicate_callback_changes_nothing_but_is_recorded(ledger):
+    row = new_row(ledger)
+    ledger.mark_accepted(row["id"], "ws_CO_1", "m-1")
+    assert ledger.record_callback(row["id"], b"1", None, success())[0] == "applied"
+    before = ledger.get(row["id"])
+    assert ledger.record_callback(row["id"], b"2", None, success())[0] == "duplicate"
+    assert ledger.get(row["id"]) == before
+    assert [c["outcome"] for c in ledger.callbacks(row["id"])] == ["applied", "duplicate"]
+
+
+def test_failure_after_success_never_unsettles(ledger):
+    row = new_row(ledger)
+    ledger.mark_accepted(row["id"], "ws_CO_1", "m-1")
+    ledger.record_callback(row["id"], b"1", None, success())
+    assert ledger.record_callback(row["id"], b"2", None, failure())[0] == "ignored"
+    assert ledger.get(row["id"])["status"] == "succeeded"
+
+
+def test_success_with_receipt_overrides_an_earlier_failure(ledger):
+    row = new_row(ledger)
+    ledger.mark_accepted(row["id"], "ws_CO_1", "m-1")
+    ledger.record_callback(row["id"], b"1", None, failure())
+    assert ledger.record_callback(row["id"], b"2", None, success())[0] == "override"
+    after = ledger.get(row["id"])
+    assert (after["status"], after["receipt"], after["reason"]) == ("succeeded", "UKQ1234567", None)
+
+
+@pytest.mark.parametrize("settlement", [
+    success(amount=11), success(amount=None), success(receipt=None), success(checkout="ws_CO_2"),
+])
+def test_unverifiable_success_is_stored_as_anomaly_and_not_applied(ledger, settlement):
+    row = new_row(ledger)
+    ledger.mark_accepted(row["id"], "ws_CO_1", "m-1")
+    assert ledger.record_callback(row["id"], b"x", None, settlement)[0] == "anomaly"
+    assert ledger.get(row["id"])["status"] == "pending"
+    assert ledger.callbacks(row["id"])[0]["body"] == b"x"
+
+
+def test_unknown_row_is_settled_by_a_late_result(ledger):
+    row = new_row(ledger)
+    ledger.mark_not_accepted(row["id"], "unknown", "read_timeout")
+    assert ledger.record_callback(row["id"], b"x", None, success())[0] == "applied"
+    after = ledger.get(row["id"])
+    assert (after["status"], after["checkout_request_id"]) == ("succeeded", "ws_CO_1")
+
+
+def test_malformed_and_orphan_callbacks_are_still_stored(ledger):
+    row = new_row(ledger)
+    assert ledger.record_callback(row["id"], b"garbage", None, None)[0] == "malformed"
+    assert ledger.record_callback("tx_gone", b"{}", None, success()) == ("unknown_transaction",
+                                                                        None)
+    assert ledger.callbacks(row["id"])[0]["body"] == b"garbage"
+    assert ledger.callbacks("tx_gone")[0]["outcome"] == "unknown_transaction"
+
+
+def test_concurrent_writers_from_many_threads_lose_nothing(ledger):
+    ids, errors = [], []
+
+    def worker(n):
+        try:
+            for i in range(20):
+                ids.append(new_row(ledger, phone=f"2547{n:02d}{i:06d}")["id"])
+        except sqlite3.Error as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert errors == []
+    count = ledger._conn().execute("SELECT COUNT(*) FROM transactions").fetchone()[0]
+    assert count == len(set(ids)) == 160

@@ -1,0 +1,103 @@
+"""The commands a user runs: the demo, waitress-serve, a bare import. Real processes."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from conftest import API_KEY, ROOT_DIR, base_env, free_port, wait_for
+
+OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def clean_env(**extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MPESA_", "GATEWAY_", "LOG_"))}
+    env.update(extra)
+    return env
+
+
+def http(method, url, body=None, key=None):
+    headers = {"Content-Type": "application/json"} if body is not None else {}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
+    try:
+        with OPENER.open(req, timeout=5) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"null")
+    except OSError:
+        return None, None
+
+
+def stop(proc):
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        pytest.fail("process ignored SIGTERM")
+
+
+def test_import_needs_no_environment():
+    proc = subprocess.run([sys.executable, "-c", "import mpesa_wsgi, simulator"], cwd=ROOT_DIR,
+                          env=clean_env(), capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_demo_takes_a_payment_to_succeeded_and_stops_on_sigterm(tmp_path):
+    port = free_port(pair=True)
+    env = clean_env(GATEWAY_PORT=str(port), GATEWAY_DB=str(tmp_path / "demo.db"),
+                    MPESA_SIM_CALLBACK_DELAY_S="0.5")
+    proc = subprocess.Popen([sys.executable, "mpesa_wsgi.py", "--demo"], cwd=ROOT_DIR, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_for(lambda: http("GET", f"{base}/health")[0] == 200, timeout=15, interval=0.1)
+        banner = ""
+        while "Ctrl-C" not in banner:
+            line = proc.stdout.readline()
+            assert line, "the demo ended before printing its banner"
+            banner += line
+        key = re.search(r"API key: (\S+)", banner).group(1)
+        assert f"curl -s -X POST {base}/stkpush" in banner
+        started = time.monotonic()
+        status, tx = http("POST", f"{base}/stkpush", {"phone": "0712345678", "amount": 10}, key)
+        assert (status, tx["status"]) == (202, "pending")
+        final = wait_for(lambda: (r := http("GET", f"{base}/transactions/{tx['id']}", key=key)[1])
+                         ["status"] == "succeeded" and r, timeout=10)
+        elapsed = time.monotonic() - started
+        assert final["receipt"] and elapsed < 5
+    finally:
+        code = stop(proc)
+        _, err = proc.communicate(timeout=5)
+    assert code == 0, err
+    assert "Traceback" not in err
+    assert "254712345678" not in err  # the phone is masked in every log line
+
+
+def test_waitress_serve_call_factory_serves(tmp_path, sim):
+    port = free_port()
+    env = clean_env(**base_env(sim.url, tmp_path / "ws.db"))
+    waitress_serve = os.path.join(os.path.dirname(sys.executable), "waitress-serve")
+    proc = subprocess.Popen([waitress_serve, f"--listen=127.0.0.1:{port}", "--call",
+                             "mpesa_wsgi:create_app"], cwd=ROOT_DIR, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_for(lambda: http("GET", f"{base}/health")[0] == 200, timeout=15, interval=0.1)
+        status, tx = http("POST", f"{base}/stkpush", {"phone": "0712345678", "amount": 10},
+                          API_KEY)
+        assert (status, tx["status"]) == (202, "pending")
+    finally:
+        stop(proc)
+        proc.communicate(timeout=5)

@@ -53,11 +53,15 @@ def text(raw):
     return value
 
 
-def positive_int(raw):
+def _number(raw, convert, what):
     try:
-        value = int(raw.strip())
+        return convert(raw.strip())
     except ValueError:
-        raise ValueError("must be a whole number") from None
+        raise ValueError(f"must be {what}") from None
+
+
+def positive_int(raw):
+    value = _number(raw, int, "a whole number")
     if value <= 0:
         raise ValueError("must be greater than 0")
     return value
@@ -71,21 +75,15 @@ def port(raw):
 
 
 def positive_float(raw):
-    try:
-        value = float(raw.strip())
-    except ValueError:
-        raise ValueError("must be a number of seconds") from None
-    if not value > 0 or value == float("inf"):
+    value = _number(raw, float, "a number of seconds")
+    if not 0 < value < float("inf"):
         raise ValueError("must be greater than 0")
     return value
 
 
 def non_negative_float(raw):
-    try:
-        value = float(raw.strip())
-    except ValueError:
-        raise ValueError("must be a number of seconds") from None
-    if not value >= 0 or value == float("inf"):
+    value = _number(raw, float, "a number of seconds")
+    if not 0 <= value < float("inf"):
         raise ValueError("must be 0 or more")
     return value
 

@@ -54,6 +54,16 @@ def wait_for(predicate, timeout=5.0, interval=0.02):
         time.sleep(interval)
 
 
+class FakeClock:
+    """A clock the test moves by hand."""
+
+    def __init__(self, start=1000.0):
+        self.now = start
+
+    def __call__(self):
+        return self.now
+
+
 class SimHandle:
     def __init__(self, sim, server, url):
         self.sim, self.server, self.url = sim, server, url

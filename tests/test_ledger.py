@@ -6,20 +6,13 @@ import threading
 import pytest
 
 import ledger as store
+from conftest import FakeClock
 from ledger import Ledger, Settlement
-
-
-class Clock:
-    def __init__(self):
-        self.now = 1_790_000_000.0
-
-    def __call__(self):
-        return self.now
 
 
 @pytest.fixture
 def clock():
-    return Clock()
+    return FakeClock(1_790_000_000.0)
 
 
 @pytest.fixture

@@ -9,16 +9,8 @@ import pytest
 
 import config
 import daraja
-from conftest import base_env
+from conftest import FakeClock, base_env
 from token_cache import TokenCache, TokenError, expires_in_seconds
-
-
-class FakeClock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self):
-        return self.now
 
 
 @pytest.fixture

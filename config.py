@@ -8,6 +8,7 @@ in one `ConfigError`; secret values are never echoed, in errors or in `repr`.
 """
 
 import base64
+import ipaddress
 import re
 from dataclasses import dataclass, fields
 from urllib.parse import urlsplit
@@ -20,6 +21,15 @@ BASE_URLS = {
 }
 PAYBILL = "CustomerPayBillOnline"
 TILL = "CustomerBuyGoodsOnline"
+
+# Callback source addresses circulating in SDKs; the union, since Safaricom publishes none
+# and callbacks were observed from 196.201.212.69 (daraja_api.md §9).
+SAFARICOM_CALLBACK_IPS = (
+    "196.201.214.200", "196.201.214.206", "196.201.213.114", "196.201.214.207",
+    "196.201.214.208", "196.201.213.44", "196.201.212.127", "196.201.212.138",
+    "196.201.212.129", "196.201.212.136", "196.201.212.74", "196.201.212.69",
+    "196.201.212.128", "196.201.212.132", "196.201.214.212",
+)
 
 REQUIRED = object()  # table marker: the variable has no default
 MASK = "********"
@@ -136,6 +146,25 @@ def secret_key(raw):
     return value
 
 
+def on_off(raw):
+    value = raw.strip().lower()
+    if value not in ("on", "off"):
+        raise ValueError("must be on or off")
+    return value == "on"
+
+
+def address_list(raw):
+    """Comma-separated IP addresses or CIDR networks."""
+    networks = []
+    for item in (i.strip() for i in raw.split(",")):
+        if item:
+            try:
+                networks.append(ipaddress.ip_network(item, strict=False))
+            except ValueError:
+                raise ValueError("must be comma-separated IP addresses or networks") from None
+    return tuple(networks)
+
+
 def short_text(limit):
     def convert(raw):
         value = raw.strip()
@@ -188,6 +217,26 @@ SETTINGS = (
     ("GATEWAY_SECRET", "secret", secret_key, REQUIRED, True),
     # Largest request body in bytes; larger bodies get 413.
     ("GATEWAY_MAX_BODY", "max_body", positive_int, 16_384, False),
+    # A second push to a phone with a pending payment younger than this → 409.
+    ("GATEWAY_PHONE_LOCK_S", "phone_lock_s", non_negative_float, 60.0, False),
+    # Token bucket per API key on POST /stkpush: requests per second, and burst size.
+    ("GATEWAY_RATE", "rate", positive_float, 5.0, False),
+    ("GATEWAY_BURST", "burst", positive_int, 20, False),
+    # Run the reconciler thread inside the serving process (off: use `reconcile` from cron).
+    ("GATEWAY_RECONCILE", "reconcile", on_off, True, False),
+    # Query pending payments older than this (Safaricom does not retry callbacks).
+    ("MPESA_RECONCILE_AFTER_S", "reconcile_after_s", non_negative_float, 60.0, False),
+    # Give up after this long from creation: the payment becomes unknown/no_final_result.
+    ("MPESA_RECONCILE_DEADLINE_S", "reconcile_deadline_s", positive_float, 900.0, False),
+    # First wait between queries of one payment; doubles each time, at most 300 s.
+    ("MPESA_RECONCILE_BACKOFF_S", "reconcile_backoff_s", positive_float, 10.0, False),
+    # off | log | enforce: what to do with callbacks from outside MPESA_CALLBACK_IPS.
+    ("MPESA_CALLBACK_IP_POLICY", "callback_ip_policy", one_of("off", "log", "enforce"), "log",
+     False),
+    # Safaricom's callback addresses (daraja_api.md §9); None: the built-in list.
+    ("MPESA_CALLBACK_IPS", "callback_ips", address_list, None, False),
+    # Proxies (nginx) whose X-Forwarded-For is believed; the last hop is the client.
+    ("GATEWAY_TRUSTED_PROXY", "trusted_proxies", address_list, (), False),
     # DEBUG | INFO | WARNING | ERROR
     ("LOG_LEVEL", "log_level", one_of("DEBUG", "INFO", "WARNING", "ERROR"), "INFO", False),
 )
@@ -218,15 +267,30 @@ class Config:
     api_keys: tuple
     secret: str
     max_body: int
+    phone_lock_s: float
+    rate: float
+    burst: int
+    reconcile: bool
+    reconcile_after_s: float
+    reconcile_deadline_s: float
+    reconcile_backoff_s: float
+    callback_ip_policy: str
+    callback_ips: tuple
+    trusted_proxies: tuple
     log_level: str
     oauth_header: str  # derived: "Basic base64(key:secret)"
 
     def masked(self):
         """The settings as a dict, secrets replaced by a mask (safe to print or log)."""
-        return {
-            f.name: MASK if f.name in SECRET_FIELDS else getattr(self, f.name)
-            for f in fields(self)
-        }
+        view = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in SECRET_FIELDS:
+                value = MASK
+            elif isinstance(value, tuple):  # address lists
+                value = ",".join(str(v) for v in value)
+            view[f.name] = value
+        return view
 
     def __repr__(self):
         inner = ", ".join(f"{k}={v!r}" for k, v in self.masked().items())
@@ -266,6 +330,8 @@ def _derive(values):
     problems = []
     if values["base_url"] is None:
         values["base_url"] = BASE_URLS[values["environment"]]
+    if values["callback_ips"] is None:
+        values["callback_ips"] = address_list(",".join(SAFARICOM_CALLBACK_IPS))
     if values["party_b"] is None:
         if values["transaction_type"] == TILL:
             problems.append("MPESA_PARTY_B is required for a till (CustomerBuyGoodsOnline)")

@@ -9,9 +9,15 @@ the append-only callback log.  The rules that keep money safe live here:
 - one settle step applies an STK result, whoever brings it, idempotently: a
   final state never changes, except that a success with a receipt overrides an
   earlier failure (flagged as an anomaly);
-- on startup, rows left in `submitting` become `unknown`, never re-sent.
+- on startup, rows left in `submitting` become `unknown`, never re-sent;
+- an idempotency key is claimed, the per-phone lock checked and the row written
+  in one `BEGIN IMMEDIATE` transaction, so the guarantees hold across threads
+  and across processes sharing the file;
+- reconciliation claims rows with a lease, so two processes never query the
+  same row at once.
 """
 
+import calendar
 import logging
 import secrets
 import sqlite3
@@ -27,6 +33,7 @@ PENDING, SUCCEEDED, FAILED, REJECTED, UNKNOWN = (
     "pending", "succeeded", "failed", "rejected", "unknown")
 FINAL = frozenset({SUCCEEDED, FAILED, REJECTED})  # unknown is not final: a result may still come
 BUSY_TIMEOUT_S = 5.0
+IDEMPOTENCY_TTL_S = 24 * 3600  # keys are kept at least this long (Stripe's window)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS transactions (
@@ -43,9 +50,25 @@ CREATE TABLE IF NOT EXISTS transactions (
     result_desc         TEXT,
     receipt             TEXT,
     created_at          TEXT NOT NULL,
-    updated_at          TEXT NOT NULL
+    updated_at          TEXT NOT NULL,
+    -- reconciliation: when to query next, how often we did, who holds the row until when
+    next_check_at       REAL NOT NULL DEFAULT 0,
+    check_attempts      INTEGER NOT NULL DEFAULT 0,
+    claimed_until       REAL NOT NULL DEFAULT 0
 );
-CREATE INDEX IF NOT EXISTS transactions_status ON transactions (status, created_at);
+CREATE INDEX IF NOT EXISTS transactions_status ON transactions (status, next_check_at);
+CREATE INDEX IF NOT EXISTS transactions_phone ON transactions (phone, created_at);
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+    scope        TEXT NOT NULL,  -- fingerprint of the API key: keys are per merchant
+    key          TEXT NOT NULL,
+    request_hash TEXT NOT NULL,
+    tx_id        TEXT NOT NULL,
+    status_code  INTEGER,        -- NULL while the first request is in flight
+    body         BLOB,
+    created_at   REAL NOT NULL,
+    PRIMARY KEY (scope, key)
+);
+CREATE INDEX IF NOT EXISTS idempotency_created ON idempotency_keys (created_at);
 CREATE TABLE IF NOT EXISTS callbacks (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
     tx_id       TEXT NOT NULL,
@@ -60,6 +83,10 @@ CREATE INDEX IF NOT EXISTS callbacks_tx ON callbacks (tx_id);
 
 def iso_utc(epoch):
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+
+
+def epoch(iso):
+    return calendar.timegm(time.strptime(iso, "%Y-%m-%dT%H:%M:%SZ"))
 
 
 def new_tx_id():
@@ -79,6 +106,23 @@ class Settlement:
     receipt: str | None = None
     amount: int | None = None
     source: str = "callback"
+
+
+@dataclass(frozen=True)
+class Idempotency:
+    scope: str
+    key: str
+    request_hash: str
+
+
+@dataclass(frozen=True)
+class Begun:
+    """What begin_push decided: `kind` is new, replay, in_flight, reused or phone_busy."""
+
+    kind: str
+    row: dict | None = None
+    status_code: int | None = None
+    body: bytes | None = None
 
 
 class Ledger:
@@ -132,15 +176,69 @@ class Ledger:
 
     def create(self, *, phone, amount, reference, description):
         """Commit a new row in `submitting`; return it. Call before Daraja."""
-        now = self._now()
-        row = dict(id=new_tx_id(), status=SUBMITTING, phone=phone, amount=amount,
-                   reference=reference, description=description, created_at=now, updated_at=now)
+        return self.begin_push(phone=phone, amount=amount, reference=reference,
+                               description=description).row
+
+    def begin_push(self, *, phone, amount, reference, description, idempotency=None,
+                   phone_lock_s=0.0):
+        """In one write transaction: honour the idempotency key, check the phone lock,
+        and commit a new `submitting` row. Returns a Begun."""
+        now = self._clock()
         with self._write() as conn:
+            if idempotency is not None:
+                found = conn.execute(
+                    "SELECT * FROM idempotency_keys WHERE scope = ? AND key = ?",
+                    (idempotency.scope, idempotency.key)).fetchone()
+                if found is not None and found["created_at"] > now - IDEMPOTENCY_TTL_S:
+                    return self._existing_key(conn, found, idempotency)
+                if found is not None:  # expired: the key may start a new payment
+                    conn.execute("DELETE FROM idempotency_keys WHERE scope = ? AND key = ?",
+                                 (idempotency.scope, idempotency.key))
+            if phone_lock_s > 0:
+                busy = conn.execute(
+                    "SELECT * FROM transactions WHERE phone = ? AND status IN (?, ?)"
+                    " AND created_at >= ? ORDER BY created_at DESC LIMIT 1",
+                    (phone, SUBMITTING, PENDING, iso_utc(now - phone_lock_s))).fetchone()
+                if busy is not None:
+                    return Begun("phone_busy", dict(busy))
+            stamp = iso_utc(now)
+            row = dict(id=new_tx_id(), status=SUBMITTING, phone=phone, amount=amount,
+                       reference=reference, description=description, created_at=stamp,
+                       updated_at=stamp)
             conn.execute(
                 "INSERT INTO transactions (id, status, phone, amount, reference, description,"
                 " created_at, updated_at) VALUES (:id, :status, :phone, :amount, :reference,"
                 " :description, :created_at, :updated_at)", row)
-        return self.get(row["id"])
+            if idempotency is not None:
+                conn.execute(
+                    "INSERT INTO idempotency_keys (scope, key, request_hash, tx_id, created_at)"
+                    " VALUES (?, ?, ?, ?, ?)", (idempotency.scope, idempotency.key,
+                                                idempotency.request_hash, row["id"], now))
+        return Begun("new", self.get(row["id"]))
+
+    @staticmethod
+    def _existing_key(conn, found, idempotency):
+        if found["request_hash"] != idempotency.request_hash:
+            return Begun("reused")
+        row = conn.execute("SELECT * FROM transactions WHERE id = ?",
+                           (found["tx_id"],)).fetchone()
+        if found["status_code"] is not None:
+            return Begun("replay", dict(row), found["status_code"], found["body"])
+        return Begun("in_flight", dict(row))
+
+    def store_response(self, idempotency, status_code, body):
+        """Pin the key to the answer the first request got."""
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE idempotency_keys SET status_code = ?, body = ? WHERE scope = ? AND key = ?",
+                (status_code, body, idempotency.scope, idempotency.key))
+
+    def prune_idempotency(self):
+        """Forget keys older than the retention window; the payments themselves stay."""
+        with self._write() as conn:
+            cur = conn.execute("DELETE FROM idempotency_keys WHERE created_at < ?",
+                               (self._clock() - IDEMPOTENCY_TTL_S,))
+        return cur.rowcount
 
     def mark_accepted(self, tx_id, checkout_request_id, merchant_request_id):
         """Daraja queued the prompt. A result that already arrived is kept."""
@@ -153,13 +251,21 @@ class Ledger:
                 (SUBMITTING, PENDING, checkout_request_id, merchant_request_id, self._now(), tx_id))
         return self.get(tx_id)
 
-    def mark_not_accepted(self, tx_id, status, reason, result_code=None, result_desc=None):
-        """The push was refused (`rejected`) or its fate is unknown (`unknown`)."""
+    def mark_not_accepted(self, tx_id, status, reason, result_code=None, result_desc=None,
+                          release=None):
+        """The push was refused (`rejected`) or its fate is unknown (`unknown`).
+
+        `release`: an Idempotency whose key is freed in the same commit, because
+        nothing reached the customer and the merchant may retry with that key.
+        """
         with self._write() as conn:
             conn.execute(
                 "UPDATE transactions SET status = ?, reason = ?, result_code = ?, result_desc = ?,"
                 " updated_at = ? WHERE id = ? AND status = ?",
                 (status, reason, result_code, result_desc, self._now(), tx_id, SUBMITTING))
+            if release is not None:
+                conn.execute("DELETE FROM idempotency_keys WHERE scope = ? AND key = ?",
+                             (release.scope, release.key))
         return self.get(tx_id)
 
     def get(self, ref):
@@ -181,6 +287,53 @@ class Ledger:
         if cur.rowcount:
             log.warning("ledger recovered_interrupted=%d status=unknown", cur.rowcount)
         return cur.rowcount
+
+    # --- reconciliation ---------------------------------------------------
+
+    def claim_due(self, *, older_than_s, lease_s, limit=50):
+        """Lease `pending` rows that are due for an STK query to this caller.
+
+        A leased row is invisible to other claimers until the lease ends, so two
+        processes never query the same row at once; a crashed claimer's lease lapses.
+        """
+        now = self._clock()
+        with self._write() as conn:
+            rows = [dict(r) for r in conn.execute(
+                "SELECT * FROM transactions WHERE status = ? AND checkout_request_id IS NOT NULL"
+                " AND next_check_at <= ? AND claimed_until <= ? AND created_at <= ?"
+                " ORDER BY next_check_at, created_at LIMIT ?",
+                (PENDING, now, now, iso_utc(now - older_than_s), limit))]
+            conn.executemany("UPDATE transactions SET claimed_until = ? WHERE id = ?",
+                             [(now + lease_s, r["id"]) for r in rows])
+        return rows
+
+    def reschedule(self, tx_id, next_check_at):
+        """Not settled yet: query again at `next_check_at`; the lease ends."""
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE transactions SET next_check_at = ?, check_attempts = check_attempts + 1,"
+                " claimed_until = 0 WHERE id = ?", (next_check_at, tx_id))
+
+    def give_up(self, tx_id):
+        """No final result before the deadline: `unknown`, reason no_final_result."""
+        with self._write() as conn:
+            cur = conn.execute(
+                "UPDATE transactions SET status = ?, reason = 'no_final_result', claimed_until = 0,"
+                " updated_at = ? WHERE id = ? AND status = ?",
+                (UNKNOWN, self._now(), tx_id, PENDING))
+        return cur.rowcount == 1
+
+    def apply_result(self, tx_id, settlement):
+        """Settle from an STK query: the same step a callback uses. Returns the outcome."""
+        with self._write() as conn:
+            row = conn.execute("SELECT * FROM transactions WHERE id = ?", (tx_id,)).fetchone()
+            outcome = self._settle(conn, dict(row), settlement) if row else "unknown_transaction"
+            conn.execute("UPDATE transactions SET claimed_until = 0 WHERE id = ?", (tx_id,))
+        return outcome
+
+    def count_by_status(self):
+        rows = self._conn().execute("SELECT status, COUNT(*) FROM transactions GROUP BY status")
+        return {status: n for status, n in rows}
 
     # --- callbacks ----------------------------------------------------------
 

@@ -11,6 +11,7 @@ Importing this module needs no environment; building the app does.
 """
 
 import argparse
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -27,6 +28,9 @@ from http import HTTPStatus
 import config as settings
 import daraja
 import ledger as store
+import ratelimit
+import reconciler
+import sources
 import validation
 
 log = logging.getLogger("mpesa_wsgi")
@@ -37,6 +41,7 @@ SIGNATURE_HEX_CHARS = 32
 RETRY_AFTER_BUSY_S = 60  # Daraja: wait at least a minute after "unable to lock subscriber"
 RETRY_AFTER_UNAVAILABLE_S = 30
 MAX_ID_LENGTH = 64
+MAX_IDEMPOTENCY_KEY = 255
 
 
 # --- errors: raised by handlers, rendered once by the WSGI callable ------------
@@ -69,6 +74,10 @@ class Unauthorized(ApiError):
     status, code, message = 401, "unauthorized", "a valid 'Authorization: Bearer <key>' is required"
 
 
+class Forbidden(ApiError):
+    status, code, message = 403, "forbidden", "not allowed"
+
+
 class NotFound(ApiError):
     status, code, message = 404, "not_found", "no such resource"
 
@@ -79,6 +88,14 @@ class MethodNotAllowed(ApiError):
 
 class Conflict(ApiError):
     status, code, message = 409, "conflict", "the request conflicts with the current state"
+
+
+class Unprocessable(ApiError):
+    status, code, message = 422, "unprocessable", "the request cannot be processed"
+
+
+class TooManyRequests(ApiError):
+    status, code, message = 429, "rate_limited", "too many requests for this API key"
 
 
 class PayloadTooLarge(ApiError):
@@ -155,20 +172,39 @@ def dumps(body):
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
+def key_scope(api_key):
+    """A stable, non-secret name for an API key: idempotency keys and rate limits hang on it."""
+    return hashlib.sha256(api_key.encode()).hexdigest()[:16]
+
+
 def authenticate(req, config):
-    """Return the index of the caller's API key; 401 unless it matches one, in constant time."""
+    """Return the caller's key scope; 401 unless a key matches, compared in constant time."""
     scheme, _, presented = (req.header("Authorization") or "").partition(" ")
     presented = presented.strip().encode()
     matched = None
-    for index, key in enumerate(config.api_keys):
+    for key in config.api_keys:
         # Compare against every key, so timing does not tell which one nearly matched.
         if hmac.compare_digest(presented, key.encode()):
-            matched = index
-    if scheme.lower() != "bearer":
-        matched = None
-    if matched is None:
+            matched = key
+    if matched is None or scheme.lower() != "bearer":
         raise Unauthorized(headers=[("WWW-Authenticate", 'Bearer realm="mpesa-wsgi"')])
-    return matched
+    return key_scope(matched)
+
+
+def idempotency_for(req, scope, push):
+    """The request's Idempotency-Key (None if absent), bound to its API key and content."""
+    key = req.header("Idempotency-Key")
+    if key is None:
+        return None
+    if not 0 < len(key) <= MAX_IDEMPOTENCY_KEY or not key.isascii() or not key.isprintable():
+        raise BadRequest(f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII"
+                         " characters", code="invalid_idempotency_key")
+    canonical = json.dumps([push.phone, push.amount, push.reference, push.description])
+    return store.Idempotency(scope, key, hashlib.sha256(canonical.encode()).hexdigest())
+
+
+def retry_after(seconds):
+    return [("Retry-After", str(max(1, int(-(-seconds // 1)))))]
 
 
 def callback_signature(secret, tx_id):
@@ -198,7 +234,7 @@ def transaction_resource(row):
     }
 
 
-# --- handlers: (req, app, *path params) -> (status, body); errors are raised --------
+# --- handlers: (req, app, *path params) -> (status, body[, headers]); errors are raised ---
 
 
 def health(req, app):
@@ -207,7 +243,11 @@ def health(req, app):
 
 
 def stk_push(req, app):
-    authenticate(req, app.config)
+    scope = authenticate(req, app.config)
+    wait = app.limiter.acquire(scope)  # before idempotency, as Stripe does
+    if wait:
+        raise TooManyRequests(f"at most {app.config.rate:g} payments per second per API key",
+                              headers=retry_after(wait))
     cfg = app.config
     try:
         push = validation.validate_push(req.json(cfg.max_body), cfg.max_amount,
@@ -215,22 +255,27 @@ def stk_push(req, app):
     except validation.ValidationError as exc:
         raise BadRequest(exc.message, code=exc.code, field=exc.field) from None
     req.phone = push.phone
+    idem = idempotency_for(req, scope, push)  # validation failures never reach the key
     try:
         # Committed before Daraja is called: a crash from here on leaves a trace.
-        row = app.ledger.create(phone=push.phone, amount=push.amount,
-                                reference=push.reference, description=push.description)
+        begun = app.ledger.begin_push(
+            phone=push.phone, amount=push.amount, reference=push.reference,
+            description=push.description, idempotency=idem, phone_lock_s=cfg.phone_lock_s)
     except sqlite3.Error:
         log.exception("ledger write failed before push")
         raise ServiceUnavailable("the ledger cannot be written; nothing was sent",
                                  code="ledger_unavailable",
-                                 headers=[("Retry-After", str(RETRY_AFTER_UNAVAILABLE_S))]) from None
+                                 headers=retry_after(RETRY_AFTER_UNAVAILABLE_S)) from None
+    if begun.kind != "new":
+        return answer_without_push(req, begun)
+    row = begun.row
     req.tx_id = row["id"]
     try:
         accepted = app.daraja.stk_push(
             phone=push.phone, amount=push.amount, reference=push.reference,
             description=push.description, callback_url=app.callback_url(row["id"]))
     except daraja.DarajaError as exc:
-        return push_not_accepted(app, row, exc)
+        return push_not_accepted(app, row, exc, idem)
     try:
         row = app.ledger.mark_accepted(row["id"], accepted.checkout_request_id,
                                        accepted.merchant_request_id)
@@ -240,31 +285,60 @@ def stk_push(req, app):
         log.exception("ledger write failed after push tx=%s", row["id"])
         row = dict(row, checkout_request_id=accepted.checkout_request_id,
                    merchant_request_id=accepted.merchant_request_id)
-    return 202, transaction_resource(row)
+    return pinned(app, idem, 202, transaction_resource(row))
 
 
-def push_not_accepted(app, row, exc):
+def pinned(app, idem, status, body):
+    """Store the answer against the idempotency key (a prompt may have been sent)."""
+    if idem is not None:
+        app.ledger.store_response(idem, status, dumps(body))
+    return status, body
+
+
+REPLAYED = [("Idempotent-Replayed", "true")]
+
+
+def answer_without_push(req, begun):
+    """The ledger decided no new push is needed: replay, conflict, or phone lock."""
+    if begun.kind == "reused":
+        raise Unprocessable("this Idempotency-Key was used with a different request",
+                            code="idempotency_key_reused")
+    if begun.kind == "phone_busy":
+        raise Conflict(f"transaction {begun.row['id']} for this phone is still pending;"
+                       " wait for its result", code="payment_in_progress")
+    req.tx_id = begun.row["id"]
+    if begun.kind == "replay":
+        return begun.status_code, json.loads(begun.body), REPLAYED
+    if begun.row["status"] == store.SUBMITTING:  # in flight: the first request is still at Daraja
+        raise Conflict("a request with this Idempotency-Key is still in progress; retry shortly",
+                       code="idempotency_key_in_use", headers=retry_after(1))
+    # In flight on paper, but its row moved on (its process died after the push): say so.
+    return 202, transaction_resource(begun.row), REPLAYED
+
+
+def push_not_accepted(app, row, exc, idem):
     """Record a push Daraja did not accept, then answer per SPEC §2 outcomes."""
     if exc.outcome == daraja.UNKNOWN:
         # It may have reached the customer: never resend; the callback or a query settles it.
         row = app.ledger.mark_not_accepted(row["id"], store.UNKNOWN, exc.reason)
-        return 202, transaction_resource(row)
+        return pinned(app, idem, 202, transaction_resource(row))
+    # Nothing reached the customer: the idempotency key is released with the row's update,
+    # so the merchant may retry with the same key.
     if exc.outcome == daraja.REJECTED and exc.subscriber_locked:
         app.ledger.mark_not_accepted(row["id"], store.REJECTED, "subscriber_busy",
-                                     exc.error_code, exc.error_message)
+                                     exc.error_code, exc.error_message, release=idem)
         raise Conflict(f"the customer has another M-Pesa prompt open; transaction {row['id']}"
                        " was not sent", code="subscriber_busy",
-                       headers=[("Retry-After", str(RETRY_AFTER_BUSY_S))])
+                       headers=retry_after(RETRY_AFTER_BUSY_S))
     if exc.outcome == daraja.REJECTED:
         app.ledger.mark_not_accepted(row["id"], store.REJECTED, "daraja_rejected",
-                                     exc.error_code, exc.error_message)
+                                     exc.error_code, exc.error_message, release=idem)
         raise UpstreamRejected(f"Daraja refused the request ({exc.error_code}); transaction"
                                f" {row['id']} is rejected")
     app.ledger.mark_not_accepted(row["id"], store.REJECTED, "upstream_unavailable",
-                                 exc.error_code, exc.error_message)
+                                 exc.error_code, exc.error_message, release=idem)
     raise ServiceUnavailable(f"Daraja is unavailable ({exc.reason}); transaction {row['id']}"
-                             " was not sent", headers=[("Retry-After",
-                                                        str(RETRY_AFTER_UNAVAILABLE_S))])
+                             " was not sent", headers=retry_after(RETRY_AFTER_UNAVAILABLE_S))
 
 
 def get_transaction(req, app, ref):
@@ -278,6 +352,13 @@ def get_transaction(req, app, ref):
 
 def callback(req, app, tx_id, sig):
     """Safaricom's STK result: stored and applied in one commit, then acknowledged."""
+    source = sources.client_address(req.environ, app.config.trusted_proxies)
+    policy = app.config.callback_ip_policy
+    if policy != "off" and not sources.within(source, app.config.callback_ips):
+        log.warning("callback source_not_allowed ip=%s policy=%s", source, policy)
+        if policy == "enforce":
+            raise Forbidden("callbacks are accepted from Safaricom's addresses only",
+                            code="forbidden_source")
     if not app.signature_ok(tx_id, sig):
         raise NotFound()  # same answer as any unknown path: reveals nothing
     req.tx_id = tx_id
@@ -294,8 +375,7 @@ def callback(req, app, tx_id, sig):
             result_desc=result.result_desc, checkout_request_id=result.checkout_request_id,
             merchant_request_id=result.merchant_request_id, receipt=result.receipt,
             amount=result.amount)
-    outcome, row = app.ledger.record_callback(tx_id, raw, req.environ.get("REMOTE_ADDR"),
-                                              settlement)
+    outcome, row = app.ledger.record_callback(tx_id, raw, source, settlement)
     if row is not None:
         req.phone = row["phone"]
     log.info("callback tx=%s outcome=%s result_code=%s", tx_id, outcome,
@@ -341,10 +421,12 @@ def match(method, path):
 class Gateway:
     """The WSGI application: holds the dependencies, routes, renders. Nothing else."""
 
-    def __init__(self, config, ledger, client):
+    def __init__(self, config, ledger, client, reconcile=None):
         self.config = config
         self.ledger = ledger
         self.daraja = client
+        self.limiter = ratelimit.RateLimiter(config.rate, config.burst)
+        self.reconciler = reconcile
         self._secret = config.secret
 
     def __call__(self, environ, start_response):
@@ -354,7 +436,8 @@ class Gateway:
         try:
             handler, req.route, params = match(environ["REQUEST_METHOD"],
                                                environ.get("PATH_INFO", ""))
-            status, body = handler(req, self, *params)
+            status, body, *extra = handler(req, self, *params)
+            headers = list(extra[0]) if extra else []
         except ApiError as exc:
             status, body, headers = exc.status, exc.body(), exc.headers
         except Exception:
@@ -379,6 +462,8 @@ class Gateway:
         return hmac.compare_digest(sig.encode(), expected.encode())
 
     def close(self):
+        if self.reconciler is not None:
+            self.reconciler.stop()
         self.ledger.close()
         self.daraja.close()
 
@@ -391,7 +476,11 @@ def create_app(config=None):
     client = daraja.DarajaClient(config, daraja.build_pool(config))
     # A row still `submitting` after the longest a push can take was cut off mid-push.
     ledger.recover_interrupted(2 * config.connect_timeout + config.read_timeout + 1)
-    return Gateway(config, ledger, client)
+    background = None
+    if config.reconcile:
+        background = reconciler.Reconciler(ledger, client, config)
+        background.start()
+    return Gateway(config, ledger, client, background)
 
 
 # --- command line ---------------------------------------------------------------------
@@ -494,8 +583,23 @@ def check_config(environ):
     return 0
 
 
+def reconcile_once(config):
+    """One reconciliation pass for cron / Task Scheduler; the same work the thread does."""
+    app = create_app(dataclasses.replace(config, reconcile=False))
+    try:
+        results = reconciler.Reconciler(app.ledger, app.daraja, config).run_once()
+        app.ledger.prune_idempotency()
+    finally:
+        app.close()
+    summary = " ".join(f"{k}={v}" for k, v in sorted(results.items())) or "nothing due"
+    print(f"reconcile {summary}", flush=True)
+    return 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="mpesa_wsgi.py", description="M-Pesa STK Push gateway")
+    parser.add_argument("command", nargs="?", choices=("serve", "reconcile"), default="serve",
+                        help="serve (default) or run one reconciliation pass and exit")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--check-config", action="store_true",
                       help="print the resolved settings (secrets masked) and exit")
@@ -513,6 +617,8 @@ def main(argv=None):
         print(exc, file=sys.stderr)
         return 2
     configure_logging(config.log_level)
+    if args.command == "reconcile":
+        return reconcile_once(config)
     app = create_app(config)
     try:
         serve(app, config.host, config.port, config.threads)

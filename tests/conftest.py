@@ -103,6 +103,7 @@ def base_env(sim_url, db_path, callback_base="http://127.0.0.1:9"):
         "GATEWAY_API_KEYS": f"{API_KEY},{OTHER_KEY}",
         "GATEWAY_SECRET": SECRET,
         "GATEWAY_THREADS": "8",
+        "GATEWAY_RECONCILE": "off",
     }
 
 

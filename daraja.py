@@ -330,7 +330,8 @@ def _transport_error(api, exc, status):
 def _read_bounded(resp, deadline):
     """Read at most MAX_RESPONSE_BYTES before `deadline`; bigger or slower is an error."""
     chunks, size = [], 0
-    for chunk in resp.stream(8192):
+    # read1 returns what has arrived, so the deadline is checked even while bytes drip in.
+    while chunk := resp.read1(8192):
         size += len(chunk)
         if size > MAX_RESPONSE_BYTES:
             resp.close()  # do not drain an unbounded answer; the pool reconnects

@@ -377,6 +377,11 @@ class Ledger:
                 return "anomaly"
         current = row["status"]
         if current == SUCCEEDED:
+            if s.status == SUCCEEDED and row["receipt"] is None and s.receipt is not None:
+                # Settled by a query (which carries no receipt); the callback completes it.
+                conn.execute("UPDATE transactions SET receipt = ?, updated_at = ? WHERE id = ?",
+                             (s.receipt, self._now(), row["id"]))
+                return "duplicate"
             same = s.status == SUCCEEDED and s.receipt in (None, row["receipt"])
             if not same:
                 log.error("anomaly tx=%s reason=result_after_success result_code=%s",

@@ -1,0 +1,178 @@
+"""Reconciliation: lost callbacks are recovered by STK query, never guessed."""
+
+import logging
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from webtest import TestApp
+
+import config
+import mpesa_wsgi
+from conftest import API_KEY, ROOT_DIR, base_env, wait_for
+from fake_daraja import FakeDaraja, accepted, error, reply, token
+from ledger import Ledger
+from reconciler import Reconciler
+
+FAST = {"GATEWAY_RECONCILE": "on", "MPESA_RECONCILE_AFTER_S": "0.2",
+        "MPESA_RECONCILE_BACKOFF_S": "0.1", "MPESA_RECONCILE_DEADLINE_S": "30"}
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+def make_app(env, **overrides):
+    return mpesa_wsgi.create_app(config.load_config(dict(env, **overrides)))
+
+
+def test_lost_callback_is_settled_by_the_background_query(gateway_env, sim):
+    app = make_app(gateway_env, **FAST)
+    try:
+        testapp = TestApp(app)
+        tx = testapp.post_json("/stkpush", {"phone": "254711009999", "amount": 10},
+                               headers=AUTH, status=202).json
+        row = wait_for(lambda: (r := app.ledger.get(tx["id"]))["status"] == "succeeded" and r)
+        assert (row["result_code"], row["receipt"]) == ("0", None)  # a query carries no receipt
+        assert sim.stats()["callbacks_scheduled"] == 0 and sim.stats()["queries"] >= 1
+    finally:
+        app.close()
+
+
+@pytest.mark.parametrize("sim_settings", [{"callback_delay_s": 60}], indirect=True)
+def test_still_processing_4999_keeps_the_row_pending_and_backs_off(gateway_env, sim):
+    app = make_app(gateway_env, MPESA_RECONCILE_AFTER_S="0", MPESA_RECONCILE_BACKOFF_S="0.1")
+    try:
+        tx = TestApp(app).post_json("/stkpush", {"phone": "254711009999", "amount": 10},
+                                    headers=AUTH, status=202).json
+        rec = Reconciler(app.ledger, app.daraja, app.config)
+        assert rec.run_once() == {"not_yet": 1}
+        row = app.ledger.get(tx["id"])
+        assert (row["status"], row["check_attempts"]) == ("pending", 1)
+        assert rec.run_once() == {}  # backing off: not due yet
+        time.sleep(0.15)
+        assert rec.run_once() == {"not_yet": 1}
+        assert app.ledger.get(tx["id"])["check_attempts"] == 2
+        assert sim.stats()["queries"] == 2
+    finally:
+        app.close()
+
+
+def scripted_app(tmp_path, fake, **overrides):
+    env = dict(base_env(fake.url, tmp_path / "r.db"), MPESA_RECONCILE_AFTER_S="0",
+               MPESA_RECONCILE_BACKOFF_S="0.05", MPESA_READ_TIMEOUT="0.3", **overrides)
+    app = make_app(env)
+    TestApp(app).post_json("/stkpush", {"phone": "0712345678", "amount": 10}, headers=AUTH,
+                           status=202)
+    return app
+
+
+@pytest.mark.parametrize("answer", [
+    error(500, "500.001.1001", "The transaction is being processed"),
+    error(500, "500.001.1001", "The transaction does not Exist"),
+    error(200, "500.001.1001", ""),
+    reply(200, {"ResponseCode": "0", "ResultCode": "4999", "CheckoutRequestID": "ws_CO_1",
+                "ResultDesc": "The transaction is still under processing"}),
+    reply(503, b"busy", content_type="text/plain"),
+])
+def test_not_yet_answers_never_fail_a_payment(tmp_path, answer):
+    fake = FakeDaraja(oauth=[token()], push=[accepted()], query=[answer])
+    app = scripted_app(tmp_path, fake)
+    try:
+        assert Reconciler(app.ledger, app.daraja, app.config).run_once() == {"not_yet": 1}
+        rows = app.ledger.count_by_status()
+        assert rows == {"pending": 1}
+        assert fake.count("query") == 1
+    finally:
+        app.close()
+        fake.close()
+
+
+def test_terminal_query_answer_settles_with_the_same_rules_as_a_callback(tmp_path):
+    checkout = "ws_CO_26112026120000000712345678"
+    fake = FakeDaraja(oauth=[token()], push=[accepted(checkout)], query=[reply(200, {
+        "ResponseCode": "0", "MerchantRequestID": "m", "CheckoutRequestID": checkout,
+        "ResultCode": "1032", "ResultDesc": "Request Cancelled by user."})])
+    app = scripted_app(tmp_path, fake)
+    try:
+        assert Reconciler(app.ledger, app.daraja, app.config).run_once() == {"failed": 1}
+        row = app.ledger.get(checkout)
+        assert (row["status"], row["reason"], row["result_code"]) == (
+            "failed", "cancelled", "1032")
+    finally:
+        app.close()
+        fake.close()
+
+
+def test_deadline_without_a_final_answer_makes_the_row_unknown_and_logs_error(tmp_path,
+                                                                              caplog):
+    fake = FakeDaraja(oauth=[token()], push=[accepted()],
+                      query=[error(500, "500.001.1001", "The transaction is being processed")])
+    app = scripted_app(tmp_path, fake, MPESA_RECONCILE_DEADLINE_S="0.5")
+    try:
+        time.sleep(1.1)  # past the deadline (created_at has 1 s resolution)
+        with caplog.at_level(logging.ERROR, logger="reconciler"):
+            assert Reconciler(app.ledger, app.daraja, app.config).run_once() == {"expired": 1}
+        assert app.ledger.count_by_status() == {"unknown": 1}
+        row = app.ledger.get("ws_CO_26112026120000000712345678")
+        assert row["reason"] == "no_final_result"
+        assert any("no_final_result" in r.getMessage() for r in caplog.records
+                   if r.levelno == logging.ERROR)
+    finally:
+        app.close()
+        fake.close()
+
+
+def test_two_claimers_never_hold_the_same_row(gateway_env, sim):
+    app = make_app(gateway_env)
+    try:
+        for n in range(3):
+            TestApp(app).post_json("/stkpush", {"phone": f"071234500{n}", "amount": 10},
+                                   headers=AUTH, status=202)
+        first = Ledger(app.config.db_path)
+        second = Ledger(app.config.db_path)
+        a = first.claim_due(older_than_s=0, lease_s=30, limit=2)
+        b = second.claim_due(older_than_s=0, lease_s=30, limit=10)
+        assert len(a) == 2 and len(b) == 1
+        assert not {r["id"] for r in a} & {r["id"] for r in b}
+        assert second.claim_due(older_than_s=0, lease_s=30) == []
+        first.close()
+        second.close()
+    finally:
+        app.close()
+
+
+def test_a_late_callback_after_query_settlement_adds_the_receipt(gateway_env, sim):
+    app = make_app(gateway_env, MPESA_RECONCILE_AFTER_S="0")
+    try:
+        tx = TestApp(app).post_json("/stkpush", {"phone": "254711009999", "amount": 10},
+                                    headers=AUTH, status=202).json
+        time.sleep(sim.sim.settings.callback_delay_s + 0.05)
+        assert Reconciler(app.ledger, app.daraja, app.config).run_once() == {"succeeded": 1}
+        body = (b'{"Body":{"stkCallback":{"MerchantRequestID":"m","CheckoutRequestID":"%s",'
+                b'"ResultCode":0,"ResultDesc":"ok","CallbackMetadata":{"Item":['
+                b'{"Name":"Amount","Value":10.0},{"Name":"MpesaReceiptNumber","Value":'
+                b'"UKQ7777777"}]}}}}' % tx["checkout_request_id"].encode())
+        path = app.callback_url(tx["id"]).split("127.0.0.1", 1)[1].split("/", 1)[1]
+        TestApp(app).post("/" + path, body, content_type="application/json", status=200)
+        row = app.ledger.get(tx["id"])
+        assert (row["status"], row["receipt"]) == ("succeeded", "UKQ7777777")
+    finally:
+        app.close()
+
+
+def test_reconcile_command_does_the_same_work_once(gateway_env, sim):
+    app = make_app(gateway_env)
+    tx = TestApp(app).post_json("/stkpush", {"phone": "254711009999", "amount": 10},
+                                headers=AUTH, status=202).json
+    app.close()
+    time.sleep(sim.sim.settings.callback_delay_s + 0.05)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MPESA_", "GATEWAY_"))}
+    env.update(gateway_env, MPESA_RECONCILE_AFTER_S="0")
+    proc = subprocess.run([sys.executable, "mpesa_wsgi.py", "reconcile"], cwd=ROOT_DIR, env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    assert "reconcile succeeded=1" in proc.stdout
+    reopened = Ledger(gateway_env["GATEWAY_DB"])
+    assert reopened.get(tx["id"])["status"] == "succeeded"
+    reopened.close()
+    assert sim.stats()["queries"] == 1

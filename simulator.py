@@ -194,6 +194,7 @@ class Simulator:
                            pushes_rejected=0, queries=0, callbacks_scheduled=0,
                            callbacks_sent=0, callbacks_failed=0)
         self._tokens = {}  # access_token → monotonic expiry
+        self.issued_tokens = []
         self._pushes = {}  # CheckoutRequestID → _Push
         self._open_prompts = {}  # phone → monotonic time its prompt closes
         basic = f"{self.settings.consumer_key}:{self.settings.consumer_secret}"
@@ -265,6 +266,7 @@ class Simulator:
             self._tokens = {t: exp for t, exp in self._tokens.items() if exp > now}
             self._tokens[token] = now + self.settings.token_ttl_s
             self._stats["tokens_issued"] += 1
+            self.issued_tokens.append(token)  # so tests can prove none is ever logged
         return 200, {"access_token": token, "expires_in": str(self.settings.token_ttl_s)}
 
     def _check_bearer(self, environ):

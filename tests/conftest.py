@@ -1,6 +1,9 @@
 """Shared fixtures: the Daraja simulator and the gateway, each on a real loopback socket."""
 
+import base64
+import logging
 import os
+import re
 import socket
 import time
 
@@ -72,6 +75,53 @@ class SimHandle:
         return self.sim.stats()
 
 
+# --- log hygiene: every record of every test is checked -------------------------------
+
+_SIMULATORS = []  # every simulator of the run, for the tokens it issued
+_PASSWORD_PREFIX = base64.b64encode(
+    (simulator.SANDBOX_SHORTCODE + simulator.SANDBOX_PASSKEY).encode()).decode()[:20]
+_SECRETS = (
+    API_KEY, OTHER_KEY, SECRET, simulator.DEMO_CONSUMER_KEY, simulator.DEMO_CONSUMER_SECRET,
+    simulator.SANDBOX_PASSKEY, _PASSWORD_PREFIX, "fake-token-1",
+    base64.b64encode(
+        f"{simulator.DEMO_CONSUMER_KEY}:{simulator.DEMO_CONSUMER_SECRET}".encode()).decode(),
+)
+_FULL_MSISDN = re.compile(r"(?<![0-9])(?:\+?254|0)[17][0-9]{8}(?![0-9])")
+_SIGNATURE = re.compile(r"(?<![0-9a-f])[0-9a-f]{32}(?![0-9a-f])")
+
+
+class _Capture(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.texts = []
+
+    def emit(self, record):
+        text = f"{record.name}: {record.getMessage()}"
+        if record.exc_info:
+            text += "\n" + logging.Formatter().formatException(record.exc_info)
+        self.texts.append(text)
+
+
+@pytest.fixture(autouse=True)
+def log_hygiene():
+    """Fail any test whose log lines carry a secret, a token, a signature or a full MSISDN."""
+    capture, root = _Capture(), logging.getLogger()
+    level = root.level
+    root.addHandler(capture)
+    root.setLevel(logging.DEBUG)
+    try:
+        yield capture
+    finally:
+        root.removeHandler(capture)
+        root.setLevel(level)
+    tokens = [t for s in _SIMULATORS for t in s.issued_tokens]
+    for text in capture.texts:
+        for secret in (*_SECRETS, *tokens):
+            assert secret not in text, f"a secret reached the log: {text[:200]!r}"
+        assert not _FULL_MSISDN.search(text), f"a full phone number reached the log: {text!r}"
+        assert not _SIGNATURE.search(text), f"a callback signature reached the log: {text!r}"
+
+
 @pytest.fixture
 def sim_settings(request):
     """Fast callbacks; a test may override fields with indirect parametrization."""
@@ -83,6 +133,7 @@ def sim_settings(request):
 @pytest.fixture
 def sim(sim_settings):
     simulator_app = simulator.Simulator(sim_settings)
+    _SIMULATORS.append(simulator_app)
     server, url = serve(simulator_app, threads=16)
     yield SimHandle(simulator_app, server, url)
     server.shutdown()

@@ -82,6 +82,7 @@ class SimSettings:
     max_amount: int = 250_000
     lock_subscriber: bool = True  # a second push to a phone with an open prompt is refused
     callback_workers: int = 4
+    record_deliveries: bool = False  # keep (url, body) of each callback answered 2xx (tests)
 
     @classmethod
     def from_env(cls, environ):
@@ -133,8 +134,9 @@ class _Delivery:
 class _CallbackSender:
     """Delivers callbacks when due, from a few worker threads; never retries (as Daraja)."""
 
-    def __init__(self, workers, shortcode, count):
+    def __init__(self, workers, shortcode, count, delivered=None):
         self._heap = []
+        self._delivered = delivered
         self._cv = threading.Condition()
         self._seq = itertools.count()
         self._stopped = False
@@ -178,6 +180,8 @@ class _CallbackSender:
                 with self._opener.open(request, timeout=10) as resp:
                     resp.read()
                 self._count("callbacks_sent")
+                if self._delivered is not None:
+                    self._delivered.append((delivery.url, delivery.body))
             except Exception as exc:  # noqa: BLE001 - a lost callback is part of the model
                 self._count("callbacks_failed")
                 log.info("callback delivery failed: %s", type(exc).__name__)
@@ -199,8 +203,9 @@ class Simulator:
         self._open_prompts = {}  # phone → monotonic time its prompt closes
         basic = f"{self.settings.consumer_key}:{self.settings.consumer_secret}"
         self._basic = "Basic " + base64.b64encode(basic.encode()).decode()
+        self.delivered = [] if self.settings.record_deliveries else None
         self._sender = _CallbackSender(self.settings.callback_workers, self.settings.shortcode,
-                                       self.count)
+                                       self.count, self.delivered)
 
     def stop(self):
         self._sender.stop()

@@ -75,6 +75,19 @@ class SimHandle:
         return self.sim.stats()
 
 
+def pytest_addoption(parser):
+    parser.addoption("--skip-crash", action="store_true",
+                     help="skip the SIGKILL crash-restart test (CI always runs it)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--skip-crash"):
+        skip = pytest.mark.skip(reason="--skip-crash given")
+        for item in items:
+            if "crash" in item.keywords:
+                item.add_marker(skip)
+
+
 # --- log hygiene: every record of every test is checked -------------------------------
 
 _SIMULATORS = []  # every simulator of the run, for the tokens it issued

@@ -321,6 +321,7 @@ def _transport_error(api, exc, status):
     if isinstance(cause, SSLError) and "certificate verify failed" in str(cause).lower():
         # Verification happens in the handshake, before a byte of the request is sent.
         # Other TLS errors may strike mid-request and stay "unknown".
+        log.error("daraja api=%s tls_verify_failed: wrong host, proxy or interception?", api)
         return DarajaError(api, UNAVAILABLE, "tls_verify_failed")
     if isinstance(cause, ReadTimeoutError):
         return DarajaError(api, UNKNOWN, "read_timeout", http_status=status)

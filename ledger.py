@@ -126,9 +126,10 @@ class Begun:
 
 
 class Ledger:
-    def __init__(self, path, *, clock=time.time):
+    def __init__(self, path, *, clock=time.time, busy_timeout_s=BUSY_TIMEOUT_S):
         self.path = path
         self._clock = clock
+        self._busy_timeout_s = busy_timeout_s
         self._local = threading.local()
         self._all = []  # every connection opened, so close() can reach them
         self._all_lock = threading.Lock()
@@ -140,7 +141,7 @@ class Ledger:
         conn = getattr(self._local, "conn", None)
         if conn is None:
             # One connection per thread; check_same_thread=False only so close() can end it.
-            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
+            conn = sqlite3.connect(self.path, timeout=self._busy_timeout_s, isolation_level=None,
                                    check_same_thread=False)
             conn.row_factory = sqlite3.Row
             conn.execute("PRAGMA journal_mode=WAL")

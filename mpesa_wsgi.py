@@ -375,7 +375,13 @@ def callback(req, app, tx_id, sig):
             result_desc=result.result_desc, checkout_request_id=result.checkout_request_id,
             merchant_request_id=result.merchant_request_id, receipt=result.receipt,
             amount=result.amount)
-    outcome, row = app.ledger.record_callback(tx_id, raw, source, settlement)
+    try:
+        outcome, row = app.ledger.record_callback(tx_id, raw, source, settlement)
+    except sqlite3.Error:
+        # Not stored, so not acknowledged; the reconciler's query settles it if it never returns.
+        log.exception("ledger write failed for callback tx=%s", tx_id)
+        raise ServiceUnavailable("the callback could not be stored", code="ledger_unavailable",
+                                 headers=retry_after(RETRY_AFTER_UNAVAILABLE_S)) from None
     if row is not None:
         req.phone = row["phone"]
     log.info("callback tx=%s outcome=%s result_code=%s", tx_id, outcome,

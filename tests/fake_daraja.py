@@ -116,7 +116,8 @@ def oversized(size=10 * 1024 * 1024):
 
 
 class FakeDaraja:
-    def __init__(self, **script):
+    def __init__(self, tls=None, **script):
+        self.tls = tls  # an ssl.SSLContext to serve https (e.g. with a self-signed cert)
         self.script = {kind: list(steps) for kind, steps in script.items()}
         self.requests = []  # (kind, method, path, headers, body)
         self.unexpected = []
@@ -126,7 +127,8 @@ class FakeDaraja:
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind(("127.0.0.1", 0))
         self._sock.listen(16)
-        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+        scheme = "https" if tls else "http"
+        self.url = f"{scheme}://127.0.0.1:{self._sock.getsockname()[1]}"
         self._closed = False
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -161,6 +163,12 @@ class FakeDaraja:
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn):
+        try:
+            if self.tls is not None:
+                conn = self.tls.wrap_socket(conn, server_side=True)
+        except OSError:  # the client refused our certificate: nothing was requested
+            conn.close()
+            return
         reader = conn.makefile("rb")
         try:
             while True:

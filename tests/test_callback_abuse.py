@@ -5,6 +5,7 @@ Addresses here are loopback ones standing in for Safaricom's: 127.0.0.2 is
 """
 
 import json
+import sqlite3
 import threading
 
 import pytest
@@ -15,6 +16,7 @@ import mpesa_wsgi
 import simulator
 import sources
 from conftest import API_KEY
+from ledger import Ledger
 
 
 
@@ -186,3 +188,22 @@ def test_concurrent_duplicate_callbacks_apply_once(make):
         t.join(10)
     outcomes = sorted(c["outcome"] for c in app.ledger.callbacks(tx["id"]))
     assert outcomes == ["applied"] + ["duplicate"] * 7
+
+
+def test_locked_ledger_answers_503_and_writes_nothing(make):
+    app, testapp, tx, path = make("off")
+    app.ledger.close()
+    app.ledger = Ledger(app.config.db_path, busy_timeout_s=0.2)  # test shim: short busy wait
+    holder = sqlite3.connect(app.config.db_path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+    try:
+        res = send(testapp, path, result(tx), status=503)
+        assert res.json["error"]["code"] == "ledger_unavailable"
+        assert int(res.headers["Retry-After"]) > 0
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert app.ledger.callbacks(tx["id"]) == []
+    assert app.ledger.get(tx["id"])["status"] == "pending"
+    send(testapp, path, result(tx))  # Safaricom's retry, if any, then succeeds
+    assert app.ledger.get(tx["id"])["status"] == "succeeded"

@@ -5,6 +5,9 @@ exact number of upstream calls.
 """
 
 import re
+import shutil
+import ssl
+import subprocess
 import time
 
 import pytest
@@ -42,8 +45,8 @@ class Harness:
 def harness(tmp_path):
     made = []
 
-    def make(**script):
-        fake = FakeDaraja(**script)
+    def make(tls=None, **script):
+        fake = FakeDaraja(tls=tls, **script)
         env = dict(base_env(fake.url, tmp_path / f"faults{len(made)}.db"),
                    MPESA_CONNECT_TIMEOUT="0.3", MPESA_READ_TIMEOUT="0.3")
         h = Harness(fake, mpesa_wsgi.create_app(config.load_config(env)))
@@ -216,3 +219,19 @@ def test_redirect_is_not_followed(harness):
     assert (res.json["status"], res.json["reason"]) == ("unknown", "redirect")
     assert h.calls() == (1, 1)
     assert [r[0] for r in h.fake.requests] == ["oauth", "push"]
+
+
+def test_tls_verification_failure_is_503_not_retried_and_nothing_sent(harness, tmp_path):
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is needed to make a self-signed certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    h = harness(tls=context, oauth=[token()], push=[accepted()])
+    res = h.push(503)
+    assert h.row(res)["status"] == "rejected"
+    assert h.fake.requests == []  # the handshake failed: no request was ever sent

@@ -171,3 +171,14 @@ def test_payments_survive_closing_and_reopening_the_ledger(gateway):
     assert (row["id"], row["status"], row["amount"], row["receipt"]) == (
         final["id"], "succeeded", 77, final["receipt"])
     reopened.close()
+
+
+@pytest.mark.parametrize("sim_settings", [{"callback_delay_s": 0.05, "slow_answer_s": 0.35}],
+                         indirect=True)
+def test_callback_that_beats_the_push_answer_is_kept(gateway, sim):
+    res = gateway.push({"phone": "254711000408", "amount": 10})
+    # The callback was applied while Daraja's answer was still on its way.
+    assert res.json["status"] == "succeeded"
+    row = gateway.get(res.json["id"]).json
+    assert row["checkout_request_id"].startswith("ws_CO_") and row["receipt"]
+    assert [c["outcome"] for c in gateway.app.ledger.callbacks(row["id"])] == ["applied"]

@@ -132,6 +132,14 @@ class QueryAnswer:
     merchant_request_id: str | None = None
 
 
+def longest_call_s(config):
+    """The longest one push can take: a token fetch with its retries, then the push and its
+    one resend after "Invalid Access Token". A row `submitting` for longer was abandoned."""
+    token = 3 * (config.connect_timeout + config.read_timeout) + 1
+    push = 2 * config.connect_timeout + config.read_timeout + 0.5
+    return token + 2 * push
+
+
 def build_pool(config):
     """The app's one PoolManager: TLS verified, `threads` connections, blocking when full."""
     return urllib3.PoolManager(
@@ -159,6 +167,7 @@ class DarajaClient:
         self._pool_timeout = config.connect_timeout
         # Bounds a slow-drip answer, which read timeouts alone do not.
         self._deadline_s = 2 * config.connect_timeout + config.read_timeout
+        self.longest_call_s = longest_call_s(config)
         self.tokens = TokenCache(self.fetch_token, config.token_margin_s, clock=clock)
 
     def close(self):

@@ -133,7 +133,8 @@ class Ledger:
         self._local = threading.local()
         self._all = []  # every connection opened, so close() can reach them
         self._all_lock = threading.Lock()
-        self._conn().executescript(SCHEMA)
+        conn = self._conn()
+        self._when_unlocked(lambda: conn.executescript(SCHEMA))
 
     # --- connections --------------------------------------------------------
 
@@ -144,12 +145,30 @@ class Ledger:
             conn = sqlite3.connect(self.path, timeout=self._busy_timeout_s, isolation_level=None,
                                    check_same_thread=False)
             conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA journal_mode=WAL")
+            # WAL is a property of the file: switch only if needed, since switching takes an
+            # exclusive lock that another process opening a new ledger may hold right now.
+            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                self._when_unlocked(lambda: conn.execute("PRAGMA journal_mode=WAL"))
             conn.execute("PRAGMA synchronous=FULL")  # a commit we acknowledged survives power loss
             self._local.conn = conn
             with self._all_lock:
                 self._all.append(conn)
         return conn
+
+    def _when_unlocked(self, action):
+        """Run a schema-level statement, waiting out another process's lock.
+
+        SQLite answers "locked" at once, without its busy handler, when two connections
+        would deadlock (both opening a brand-new file); so wait here instead.
+        """
+        deadline = time.monotonic() + self._busy_timeout_s
+        while True:
+            try:
+                return action()
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
 
     @contextmanager
     def _write(self):

@@ -481,7 +481,7 @@ def create_app(config=None):
     ledger = store.Ledger(config.db_path)
     client = daraja.DarajaClient(config, daraja.build_pool(config))
     # A row still `submitting` after the longest a push can take was cut off mid-push.
-    ledger.recover_interrupted(2 * config.connect_timeout + config.read_timeout + 1)
+    ledger.recover_interrupted(client.longest_call_s)
     background = None
     if config.reconcile:
         background = reconciler.Reconciler(ledger, client, config)

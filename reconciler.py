@@ -31,7 +31,7 @@ class Reconciler:
         self._deadline_s = config.reconcile_deadline_s
         self._backoff_s = config.reconcile_backoff_s
         # Long enough for one query with its retries; a crashed holder's lease lapses.
-        self._lease_s = 3 * (2 * config.connect_timeout + config.read_timeout)
+        self._lease_s = client.longest_call_s
         self._clock = clock
         self._stop = threading.Event()
         self._thread = None
@@ -39,13 +39,16 @@ class Reconciler:
     def run_once(self, limit=50):
         """Query every due row once (in batches of `limit`); return counts by result."""
         results = Counter()
+        # Rows abandoned mid-push by a process that died (this one or another sharing the
+        # ledger) become `unknown` without waiting for a restart.
+        results["interrupted"] = self._ledger.recover_interrupted(self._client.longest_call_s)
         while True:
             rows = self._ledger.claim_due(older_than_s=self._after_s, lease_s=self._lease_s,
                                           limit=limit)
             for row in rows:
                 results[self._check(row)] += 1
             if len(rows) < limit or self._stop.is_set():
-                return results
+                return +results  # drop zero counts
 
     def _check(self, row):
         try:

@@ -21,6 +21,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
+import config
+import daraja
 import simulator
 from conftest import API_KEY, ROOT_DIR, base_env, free_port, wait_for
 
@@ -123,7 +125,7 @@ def test_sigkill_at_random_moments_loses_nothing_and_pushes_nothing_twice(sim, t
             assert not lost, "a callback answered 2xx is not in the ledger"
     finally:
         load.stop()
-    time.sleep(2.0)  # past the recovery cutoff (2 × connect + read + 1 s)
+    time.sleep(daraja.longest_call_s(config.load_config(env)) + 1)  # past the recovery cutoff
     stop_proc = start()  # a clean start recovers interrupted rows
     time.sleep(0.5)
     stop_proc.kill()

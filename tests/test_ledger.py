@@ -1,7 +1,10 @@
 """The SQLite ledger: durability settings, row life cycle, the settle rules."""
 
+import multiprocessing
 import sqlite3
+import sys
 import threading
+import time
 
 import pytest
 
@@ -162,3 +165,28 @@ def test_concurrent_writers_from_many_threads_lose_nothing(ledger):
     assert errors == []
     count = ledger._conn().execute("SELECT COUNT(*) FROM transactions").fetchone()[0]
     assert count == len(set(ids)) == 160
+
+
+def _open_and_write(path, start):
+    time.sleep(max(0.0, start - time.time()))
+    opened = Ledger(path)
+    opened.create(phone="254712345678", amount=1, reference="R", description="D")
+    opened.close()
+
+
+def test_processes_opening_a_new_ledger_at_once_all_succeed(tmp_path):
+    # Switching a new file to WAL takes an exclusive lock that SQLite refuses at once,
+    # without waiting, when another process opens the same new file.
+    ctx = multiprocessing.get_context("fork" if sys.platform != "win32" else "spawn")
+    for round_ in range(10):
+        path = str(tmp_path / f"new{round_}.db")
+        start = time.time() + 0.1
+        procs = [ctx.Process(target=_open_and_write, args=(path, start)) for _ in range(3)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(30)
+        assert [p.exitcode for p in procs] == [0, 0, 0]
+        check = Ledger(path)
+        assert check._conn().execute("SELECT COUNT(*) FROM transactions").fetchone()[0] == 3
+        check.close()

@@ -176,3 +176,19 @@ def test_reconcile_command_does_the_same_work_once(gateway_env, sim):
     assert reopened.get(tx["id"])["status"] == "succeeded"
     reopened.close()
     assert sim.stats()["queries"] == 1
+
+
+def test_rows_abandoned_mid_push_become_unknown_without_a_restart(gateway_env, sim):
+    app = make_app(gateway_env)
+    try:
+        row = app.ledger.create(phone="254712345678", amount=10, reference="R", description="D")
+        rec = Reconciler(app.ledger, app.daraja, app.config)
+        assert rec.run_once() == {}  # young: its push may still be in flight elsewhere
+        real_clock = app.ledger._clock
+        app.ledger._clock = lambda: real_clock() + app.daraja.longest_call_s + 1  # test shim
+        assert rec.run_once() == {"interrupted": 1}
+        after = app.ledger.get(row["id"])
+        assert (after["status"], after["reason"]) == ("unknown", "interrupted")
+        assert sim.stats()["pushes"] == 0  # never (re-)sent
+    finally:
+        app.close()

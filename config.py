@@ -35,7 +35,7 @@ REQUIRED = object()  # table marker: the variable has no default
 MASK = "********"
 # Prefixes we own: a variable under them that the table does not name is a typo
 # (MPESA_READ_TIMOUT=30 silently ignored is worse than a failed start).
-OWN_PREFIXES = ("MPESA_", "GATEWAY_")
+OWN_PREFIXES = ("MPESA_", "GATEWAY_", "LOG_")
 FOREIGN = ("MPESA_SIM_",)  # the simulator's settings share the prefix
 
 _SHORTCODE = re.compile(r"[0-9]{5,7}")
@@ -165,6 +165,15 @@ def address_list(raw):
     return tuple(networks)
 
 
+def cpu_choice(raw):
+    value = raw.strip().lower()
+    if value == "auto":
+        return value
+    if not value.isdigit():
+        raise ValueError("must be a CPU number or auto")
+    return int(value)
+
+
 def short_text(limit):
     def convert(raw):
         value = raw.strip()
@@ -237,8 +246,14 @@ SETTINGS = (
     ("MPESA_CALLBACK_IPS", "callback_ips", address_list, None, False),
     # Proxies (nginx) whose X-Forwarded-For is believed; the last hop is the client.
     ("GATEWAY_TRUSTED_PROXY", "trusted_proxies", address_list, (), False),
+    # Pin the serving process to one CPU (Linux; ignored elsewhere): a number, or auto.
+    ("GATEWAY_CPU_AFFINITY", "cpu_affinity", cpu_choice, None, False),
+    # Bearer token GET /metrics requires; None: /metrics is open (keep it off the internet).
+    ("GATEWAY_METRICS_TOKEN", "metrics_token", secret_key, None, True),
     # DEBUG | INFO | WARNING | ERROR
     ("LOG_LEVEL", "log_level", one_of("DEBUG", "INFO", "WARNING", "ERROR"), "INFO", False),
+    # text: key=value lines; json: one JSON object per line.
+    ("LOG_FORMAT", "log_format", one_of("text", "json"), "text", False),
 )
 SECRET_FIELDS = frozenset(f for _, f, _, _, secret in SETTINGS if secret) | {"oauth_header"}
 
@@ -277,7 +292,10 @@ class Config:
     callback_ip_policy: str
     callback_ips: tuple
     trusted_proxies: tuple
+    cpu_affinity: object
+    metrics_token: str | None
     log_level: str
+    log_format: str
     oauth_header: str  # derived: "Basic base64(key:secret)"
 
     def masked(self):
@@ -286,11 +304,19 @@ class Config:
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name in SECRET_FIELDS:
-                value = MASK
+                value = MASK if value else value
             elif isinstance(value, tuple):  # address lists
                 value = ",".join(str(v) for v in value)
             view[f.name] = value
         return view
+
+    def secret_values(self):
+        """Every secret string, for the log redaction filter."""
+        values = []
+        for name in sorted(SECRET_FIELDS):
+            value = getattr(self, name)
+            values.extend(value if isinstance(value, tuple) else [value])
+        return tuple(v for v in values if v)
 
     def __repr__(self):
         inner = ", ".join(f"{k}={v!r}" for k, v in self.masked().items())

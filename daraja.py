@@ -17,6 +17,7 @@ resent once with a fresh token.  It also knows Daraja's ResultCodes.
 """
 
 import base64
+import functools
 import json
 import logging
 import time
@@ -35,7 +36,7 @@ from urllib3.exceptions import (
 )
 from urllib3.util import Retry, Timeout
 
-from token_cache import TokenCache, TokenError
+from token_cache import TokenCache, TokenError, expires_in_seconds
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +133,28 @@ class QueryAnswer:
     merchant_request_id: str | None = None
 
 
+def observed(api):
+    """Time one Daraja call, log its outcome and report it to the client's observer."""
+
+    def decorate(method):
+        @functools.wraps(method)
+        def timed(self, *args, **kwargs):
+            started, outcome = time.monotonic(), ACCEPTED
+            try:
+                return method(self, *args, **kwargs)
+            except DarajaError as exc:
+                outcome = exc.outcome
+                raise
+            finally:
+                elapsed = time.monotonic() - started
+                log.info("daraja api=%s outcome=%s ms=%.1f", api, outcome, elapsed * 1000)
+                self.observer(api, outcome, elapsed)
+
+        return timed
+
+    return decorate
+
+
 def longest_call_s(config):
     """The longest one push can take: a token fetch with its retries, then the push and its
     one resend after "Invalid Access Token". A row `submitting` for longer was abandoned."""
@@ -159,8 +182,9 @@ def _text(value, limit=256):
 
 
 class DarajaClient:
-    def __init__(self, config, http, *, clock=time.monotonic, now=None):
+    def __init__(self, config, http, *, clock=time.monotonic, now=None, observer=None):
         self._cfg = config
+        self.observer = observer or (lambda api, outcome, seconds: None)
         self._http = http
         self._base = config.base_url
         self._now = now or (lambda: datetime.now(EAT))  # wall clock for Timestamp
@@ -183,6 +207,7 @@ class DarajaClient:
         raw = self._cfg.shortcode + self._cfg.passkey + timestamp
         return base64.b64encode(raw.encode()).decode("ascii")
 
+    @observed("oauth")
     def fetch_token(self):
         """GET a new OAuth token; return (access_token, expires_in). Used by the cache."""
         headers = {"Authorization": self._cfg.oauth_header}
@@ -192,8 +217,11 @@ class DarajaClient:
             # No push has been sent yet, whatever happened to the token request.
             raise DarajaError("oauth", UNAVAILABLE, exc.reason, http_status=exc.http_status) from None
         if status == 200 and isinstance(data, dict) and data.get("access_token"):
-            log.info("daraja token fetched")
-            return data["access_token"], data.get("expires_in")
+            try:
+                return data["access_token"], expires_in_seconds(data.get("expires_in"))
+            except TokenError:
+                raise DarajaError("oauth", UNAVAILABLE, "oauth_unparsable",
+                                  http_status=status) from None
         error_code, message, request_id = _envelope(data)
         if status in (400, 401, 403):  # wrong credentials or grant: a definite refusal
             raise DarajaError("oauth", REJECTED, "oauth_refused", http_status=status,
@@ -210,6 +238,7 @@ class DarajaClient:
 
     # --- the two STK calls -------------------------------------------------------
 
+    @observed("stk_push")
     def stk_push(self, *, phone, amount, reference, description, callback_url):
         """Send one STK push. Return PushAccepted or raise DarajaError with its outcome."""
         timestamp = self.timestamp()
@@ -238,6 +267,7 @@ class DarajaClient:
                                   error_message=_text(data.get("ResponseDescription")))
         raise self._classify("stk_push", status, data)
 
+    @observed("stk_query")
     def stk_query(self, checkout_request_id):
         """Ask for a push's result. Return QueryAnswer (pending or terminal) or raise."""
         timestamp = self.timestamp()
@@ -298,8 +328,8 @@ class DarajaClient:
             result = error.reason
             raise error from None
         finally:
-            log.info("daraja api=%s result=%s http_status=%s ms=%.1f",
-                     api, result, status, (time.monotonic() - started) * 1000)
+            log.debug("daraja http api=%s result=%s http_status=%s ms=%.1f",
+                      api, result, status, (time.monotonic() - started) * 1000)
 
     @staticmethod
     def _classify(api, status, data):

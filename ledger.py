@@ -58,6 +58,11 @@ CREATE TABLE IF NOT EXISTS transactions (
 );
 CREATE INDEX IF NOT EXISTS transactions_status ON transactions (status, next_check_at);
 CREATE INDEX IF NOT EXISTS transactions_phone ON transactions (phone, created_at);
+CREATE INDEX IF NOT EXISTS transactions_created ON transactions (created_at, id);
+CREATE TABLE IF NOT EXISTS heartbeat (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS idempotency_keys (
     scope        TEXT NOT NULL,  -- fingerprint of the API key: keys are per merchant
     key          TEXT NOT NULL,
@@ -89,8 +94,9 @@ def epoch(iso):
     return calendar.timegm(time.strptime(iso, "%Y-%m-%dT%H:%M:%SZ"))
 
 
-def new_tx_id():
-    return "tx_" + secrets.token_hex(12)
+def new_tx_id(epoch_s):
+    """tx_ + 12 hex digits of creation milliseconds + 12 random: ids sort by creation."""
+    return f"tx_{int(epoch_s * 1000):012x}{secrets.token_hex(6)}"
 
 
 @dataclass(frozen=True)
@@ -222,7 +228,7 @@ class Ledger:
                 if busy is not None:
                     return Begun("phone_busy", dict(busy))
             stamp = iso_utc(now)
-            row = dict(id=new_tx_id(), status=SUBMITTING, phone=phone, amount=amount,
+            row = dict(id=new_tx_id(now), status=SUBMITTING, phone=phone, amount=amount,
                        reference=reference, description=description, created_at=stamp,
                        updated_at=stamp)
             conn.execute(
@@ -350,6 +356,45 @@ class Ledger:
             outcome = self._settle(conn, dict(row), settlement) if row else "unknown_transaction"
             conn.execute("UPDATE transactions SET claimed_until = 0 WHERE id = ?", (tx_id,))
         return outcome
+
+    def list_page(self, *, status=None, since=None, after=None, limit=50):
+        """Newest first; `after` = (created_at, id) of the previous page's last row.
+
+        Returns (rows, more): the page and whether another page follows.
+        """
+        where, args = [], []
+        if status is not None:
+            statuses = (PENDING, SUBMITTING) if status == PENDING else (status,)
+            where.append(f"status IN ({','.join('?' * len(statuses))})")
+            args.extend(statuses)
+        if since is not None:
+            where.append("created_at >= ?")
+            args.append(since)
+        if after is not None:
+            where.append("(created_at < ? OR (created_at = ? AND id < ?))")
+            args.extend([after[0], after[0], after[1]])
+        sql = "SELECT * FROM transactions"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
+        rows = [dict(r) for r in self._conn().execute(sql, (*args, limit + 1))]
+        return rows[:limit], len(rows) > limit
+
+    def writable(self):
+        """Can a new connection commit a write right now? (A fresh one: an open connection
+        keeps working on a file whose permissions changed under it.)"""
+        try:
+            conn = sqlite3.connect(self.path, timeout=1.0, isolation_level=None)
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute("INSERT OR REPLACE INTO heartbeat (id, at) VALUES (1, ?)",
+                             (self._clock(),))
+                conn.execute("COMMIT")
+            finally:
+                conn.close()
+        except sqlite3.Error:
+            return False
+        return True
 
     def count_by_status(self):
         rows = self._conn().execute("SELECT status, COUNT(*) FROM transactions GROUP BY status")

@@ -28,6 +28,8 @@ from http import HTTPStatus
 import config as settings
 import daraja
 import ledger as store
+import logs
+import metrics
 import ratelimit
 import reconciler
 import sources
@@ -42,6 +44,9 @@ RETRY_AFTER_BUSY_S = 60  # Daraja: wait at least a minute after "unable to lock 
 RETRY_AFTER_UNAVAILABLE_S = 30
 MAX_ID_LENGTH = 64
 MAX_IDEMPOTENCY_KEY = 255
+SHUTDOWN_POLL_S = 0.2  # how soon the serving loop notices SIGTERM
+HEALTH_CHECK_EVERY_S = 1.0  # /health may be hit thousands of times a second; write once a second
+OPENAPI_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "openapi.json")
 
 
 # --- errors: raised by handlers, rendered once by the WSGI callable ------------
@@ -238,8 +243,38 @@ def transaction_resource(row):
 
 
 def health(req, app):
-    return 200, {"status": "ok", "timestamp": store.iso_utc(time.time()),
-                 "version": settings.VERSION}
+    checks = app.health_checks()
+    ok = checks["ledger_writable"]
+    return (200 if ok else 503), {"status": "ok" if ok else "degraded",
+                                  "timestamp": store.iso_utc(time.time()),
+                                  "version": settings.VERSION, "checks": checks}
+
+
+def metrics_page(req, app):
+    token = app.config.metrics_token
+    if token is not None:
+        scheme, _, presented = (req.header("Authorization") or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(presented.strip().encode(),
+                                                                 token.encode()):
+            raise Unauthorized("GET /metrics needs 'Authorization: Bearer <GATEWAY_METRICS_TOKEN>'",
+                               headers=[("WWW-Authenticate", 'Bearer realm="metrics"')])
+    return 200, app.metrics.render().encode(), [("Content-Type", metrics.CONTENT_TYPE)]
+
+
+def openapi(req, app):
+    return 200, app.openapi, [("Content-Type", "application/json")]
+
+
+def list_transactions(req, app):
+    authenticate(req, app.config)
+    try:
+        query = validation.parse_list_query(req.environ.get("QUERY_STRING", ""))
+    except validation.ValidationError as exc:
+        raise BadRequest(exc.message, code=exc.code, field=exc.field) from None
+    rows, more = app.ledger.list_page(status=query.status, since=query.since,
+                                      after=query.after, limit=query.limit)
+    cursor = validation.encode_cursor(rows[-1]["created_at"], rows[-1]["id"]) if more else None
+    return 200, {"data": [transaction_resource(r) for r in rows], "next_cursor": cursor}
 
 
 def stk_push(req, app):
@@ -384,6 +419,7 @@ def callback(req, app, tx_id, sig):
                                  headers=retry_after(RETRY_AFTER_UNAVAILABLE_S)) from None
     if row is not None:
         req.phone = row["phone"]
+    app.metrics.callbacks.inc(outcome)
     log.info("callback tx=%s outcome=%s result_code=%s", tx_id, outcome,
              result.result_code if result else None)
     if result is None:
@@ -396,6 +432,9 @@ def callback(req, app, tx_id, sig):
 ROUTES = {
     "/health": {"GET": health},
     "/stkpush": {"POST": stk_push},
+    "/transactions": {"GET": list_transactions},
+    "/metrics": {"GET": metrics_page},
+    "/openapi.json": {"GET": openapi},
 }
 # (prefix, route template for logs, number of path segments after it, {method: handler})
 PREFIX_ROUTES = (
@@ -427,37 +466,75 @@ def match(method, path):
 class Gateway:
     """The WSGI application: holds the dependencies, routes, renders. Nothing else."""
 
-    def __init__(self, config, ledger, client, reconcile=None):
+    def __init__(self, config, ledger, client, metrics_registry, reconcile=None):
         self.config = config
         self.ledger = ledger
         self.daraja = client
+        self.metrics = metrics_registry
         self.limiter = ratelimit.RateLimiter(config.rate, config.burst)
         self.reconciler = reconcile
+        with open(OPENAPI_PATH, "rb") as f:
+            self.openapi = f.read()
         self._secret = config.secret
+        self._health = (float("-inf"), None)  # (checked at, checks): shared, replaced whole
 
     def __call__(self, environ, start_response):
+        request_id = logs.request_id_from(environ.get("HTTP_X_REQUEST_ID"))
+        token = logs.REQUEST_ID.set(request_id)  # every line of this request carries it
+        try:
+            return self.wsgi_app(environ, start_response, request_id)
+        finally:
+            logs.REQUEST_ID.reset(token)
+
+    def wsgi_app(self, environ, start_response, request_id):
+        """Route, call, render, account. Nothing else lives here."""
         started = time.monotonic()
         req = Request(environ)
-        headers = []
         try:
             handler, req.route, params = match(environ["REQUEST_METHOD"],
                                                environ.get("PATH_INFO", ""))
             status, body, *extra = handler(req, self, *params)
             headers = list(extra[0]) if extra else []
         except ApiError as exc:
-            status, body, headers = exc.status, exc.body(), exc.headers
+            status, body, headers = exc.status, exc.body(), list(exc.headers)
         except Exception:
             log.exception("unhandled error route=%s", req.route)
-            status, body = 500, ApiError().body()
-        payload = dumps(body)
-        headers += [("Content-Type", "application/json"), ("Content-Length", str(len(payload)))]
+            status, body, headers = 500, ApiError().body(), []
+        payload = body if isinstance(body, bytes) else dumps(body)
+        if not any(name == "Content-Type" for name, _ in headers):
+            headers.append(("Content-Type", "application/json"))
+        headers += [("Content-Length", str(len(payload))), ("X-Request-Id", request_id)]
         start_response(f"{status} {HTTPStatus(status).phrase}", headers)
+        self.account(req, status, time.monotonic() - started)
+        return [payload]
+
+    def account(self, req, status, elapsed):
+        """Metrics and the one access line: route template, never the raw callback path."""
+        method, route = req.environ["REQUEST_METHOD"], req.route or "unmatched"
+        self.metrics.requests.inc(route, method, str(status))
+        self.metrics.request_seconds.observe(elapsed, route)
+        phone = validation.mask_phone(req.phone) if req.phone else "-"
         access_log.info(
             "request method=%s route=%s status=%d ms=%.1f tx=%s phone=%s",
-            environ["REQUEST_METHOD"], req.route or "unmatched", status,
-            (time.monotonic() - started) * 1000, req.tx_id or "-",
-            validation.mask_phone(req.phone) if req.phone else "-")
-        return [payload]
+            method, route, status, elapsed * 1000, req.tx_id or "-", phone,
+            extra={"fields": {"method": method, "route": route, "status": status,
+                              "ms": round(elapsed * 1000, 1), "tx": req.tx_id, "phone": phone}})
+
+    def health_checks(self):
+        """Ledger writable, token age, pending/unknown counts; refreshed at most once a second."""
+        checked_at, checks = self._health
+        now = time.monotonic()
+        if checks is None or now - checked_at >= HEALTH_CHECK_EVERY_S:
+            counts = self.ledger.count_by_status()
+            age = self.daraja.tokens.age()
+            checks = {
+                "ledger_writable": self.ledger.writable(),
+                "token_age_s": None if age is None else round(age, 1),
+                "pending": counts.get(store.PENDING, 0) + counts.get(store.SUBMITTING, 0),
+                "unknown": counts.get(store.UNKNOWN, 0),
+            }
+            self._health = (now, checks)
+        return checks
 
     def callback_url(self, tx_id):
         return (f"{self.config.callback_base_url}/callback/{tx_id}/"
@@ -467,9 +544,12 @@ class Gateway:
         expected = callback_signature(self._secret, tx_id)
         return hmac.compare_digest(sig.encode(), expected.encode())
 
-    def close(self):
+    def close_background(self):
         if self.reconciler is not None:
             self.reconciler.stop()
+
+    def close(self):
+        self.close_background()
         self.ledger.close()
         self.daraja.close()
 
@@ -479,41 +559,84 @@ def create_app(config=None):
     if config is None:
         config = settings.load_config(os.environ)
     ledger = store.Ledger(config.db_path)
-    client = daraja.DarajaClient(config, daraja.build_pool(config))
+
+    def by_status():
+        counts = ledger.count_by_status()
+        counts[store.PENDING] = counts.get(store.PENDING, 0) + counts.pop(store.SUBMITTING, 0)
+        return {(status,): n for status, n in counts.items()}
+
+    registry = metrics.GatewayMetrics(settings.VERSION, by_status)
+    client = daraja.DarajaClient(config, daraja.build_pool(config), observer=registry.daraja_call)
     # A row still `submitting` after the longest a push can take was cut off mid-push.
     ledger.recover_interrupted(client.longest_call_s)
     background = None
     if config.reconcile:
-        background = reconciler.Reconciler(ledger, client, config)
+        background = reconciler.Reconciler(ledger, client, config, observer=registry.reconcile.inc)
         background.start()
-    return Gateway(config, ledger, client, background)
+    return Gateway(config, ledger, client, registry, background)
 
 
 # --- command line ---------------------------------------------------------------------
 
 
-def configure_logging(level):
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    logging.getLogger("urllib3").setLevel(logging.WARNING)  # its DEBUG lines carry URLs
+def configure_logging(config):
+    logs.configure(config.log_level, config.log_format, config.secret_values())
 
 
-def install_sigterm():
-    """SIGTERM ends waitress's loop like Ctrl-C does (guarded: not every platform has it)."""
-    if hasattr(signal, "SIGTERM") and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+def pin_cpu(setting):
+    """GATEWAY_CPU_AFFINITY: on a multi-core host an unpinned waitress loses 3-4x to GIL
+    hand-offs between cores (SPEC §3). Linux only; a no-op where the OS lacks it."""
+    if setting is None or not hasattr(os, "sched_setaffinity"):
+        return None
+    cpus = sorted(os.sched_getaffinity(0))
+    cpu = cpus[os.getpid() % len(cpus)] if setting == "auto" else setting
+    os.sched_setaffinity(0, {cpu})
+    return cpu
 
 
 def serve(app, host, port, threads, banner=None):
+    """Serve with waitress until SIGTERM or Ctrl-C, then shut down gracefully: stop
+    accepting, let in-flight requests finish and their answers flush (up to the longest a
+    push can take), stop the reconciler. The caller closes the app (ledger, pool)."""
     import waitress  # serving only: importing the app needs no server
 
-    server = waitress.create_server(app, host=host, port=port, threads=threads)
-    install_sigterm()
+    # The app alone decides which X-Forwarded-For hop to believe (GATEWAY_TRUSTED_PROXY);
+    # waitress's default would strip the header before the callback policy could see it.
+    server = waitress.create_server(app, host=host, port=port, threads=threads,
+                                    clear_untrusted_proxy_headers=False)
+    cpu = pin_cpu(app.config.cpu_affinity)
+    if cpu is not None:
+        log.info("pinned to cpu=%d", cpu)
+    stopping = threading.Event()
+
+    def on_sigterm(*_):
+        # Only flags: a handler runs between select() retries, so it must not close sockets.
+        server.accepting = False
+        stopping.set()
+
+    if hasattr(signal, "SIGTERM") and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_sigterm)  # guarded: not on every OS
     print(banner or f"mpesa-wsgi {settings.VERSION} serving on http://{host}:{port}", flush=True)
     try:
-        server.run()  # returns after SystemExit / KeyboardInterrupt, in-flight work drained
-    finally:
-        server.close()
+        while not stopping.is_set():  # waitress's own run(), one short poll at a time
+            server.asyncore.loop(timeout=SHUTDOWN_POLL_S, map=server._map,
+                                 use_poll=server.adj.asyncore_use_poll, count=1)
+    except KeyboardInterrupt:
+        pass
+    server.accepting = False
+    server.del_channel()  # stop listening: new connections are refused from here on
+    server.socket.close()
+    log.info("shutdown started: no new connections; finishing in-flight requests")
+    app.close_background()
+    deadline = time.monotonic() + app.daraja.longest_call_s
+    dispatcher = server.task_dispatcher
+    while time.monotonic() < deadline and (
+            dispatcher.active_count or dispatcher.queue
+            or any(ch.total_outbufs_len for ch in list(server.active_channels.values()))):
+        server.asyncore.loop(timeout=0.05, map=server._map, count=1)
+    dispatcher.shutdown(timeout=1)
+    server.close()
+    log.info("shutdown complete")
 
 
 def demo_environment(environ, port, sim_port, api_key, secret):
@@ -550,7 +673,7 @@ def run_demo(environ):
     api_key = environ.get("GATEWAY_API_KEYS") or "demo_" + secrets.token_urlsafe(18)
     env = demo_environment(environ, port, sim_port, api_key, secrets.token_urlsafe(24))
     config = settings.load_config(env)
-    configure_logging(config.log_level)
+    configure_logging(config)
     sim = simulator.Simulator(simulator.SimSettings.from_env(env))
     sim_server = waitress.create_server(sim, host="127.0.0.1", port=sim_port, threads=4)
     threading.Thread(target=sim_server.run, name="simulator", daemon=True).start()
@@ -622,7 +745,7 @@ def main(argv=None):
     except settings.ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
-    configure_logging(config.log_level)
+    configure_logging(config)
     if args.command == "reconcile":
         return reconcile_once(config)
     app = create_app(config)

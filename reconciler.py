@@ -24,8 +24,9 @@ MAX_BACKOFF_S = 300.0
 
 
 class Reconciler:
-    def __init__(self, ledger, client, config, *, clock=time.time):
+    def __init__(self, ledger, client, config, *, clock=time.time, observer=None):
         self._ledger = ledger
+        self._observer = observer or (lambda result: None)
         self._client = client
         self._after_s = config.reconcile_after_s
         self._deadline_s = config.reconcile_deadline_s
@@ -46,7 +47,9 @@ class Reconciler:
             rows = self._ledger.claim_due(older_than_s=self._after_s, lease_s=self._lease_s,
                                           limit=limit)
             for row in rows:
-                results[self._check(row)] += 1
+                result = self._check(row)
+                self._observer(result)
+                results[result] += 1
             if len(rows) < limit or self._stop.is_set():
                 return +results  # drop zero counts
 

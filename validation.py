@@ -7,8 +7,12 @@ is a `ValidationError` carrying a machine code and the field at fault; the web
 layer turns it into a 400.
 """
 
+import base64
+import binascii
 import re
+import time
 from dataclasses import dataclass
+from urllib.parse import parse_qs
 
 PHONE_FORMS = "07XXXXXXXX, 01XXXXXXXX, 7XXXXXXXX, 1XXXXXXXX, 2547XXXXXXXX, 2541XXXXXXXX or +254XXXXXXXXX"
 # After dropping spaces and dashes: optional 0 / 254 / +254, then 7 or 1 and 8 digits.
@@ -200,3 +204,74 @@ def parse_stk_callback(body):
         receipt=receipt if isinstance(receipt, str) and 0 < len(receipt) <= 32 else None,
         amount_text=_optional_text(raw_amount, 32),
     )
+
+
+# --- GET /transactions (operator listing) -------------------------------------
+
+STATUSES = ("pending", "succeeded", "failed", "rejected", "unknown")
+LIST_PARAMS = ("status", "since", "limit", "cursor")
+LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX = 50, 200
+_ISO_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z")
+_ISO_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+_TX_ID = re.compile(r"tx_[0-9a-f]{24}")  # ledger.new_tx_id
+
+
+@dataclass(frozen=True)
+class ListQuery:
+    status: str | None
+    since: str | None  # ISO-8601 UTC, seconds
+    limit: int
+    after: tuple | None  # (created_at, id) of the last row already seen
+
+
+def _bad_param(name, message):
+    return ValidationError("invalid_parameter", message, name)
+
+
+def encode_cursor(created_at, tx_id):
+    """An opaque, stable position: the (created_at, id) of the last row of a page."""
+    return base64.urlsafe_b64encode(f"{created_at}|{tx_id}".encode()).decode().rstrip("=")
+
+
+def _decode_cursor(value):
+    try:
+        raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)).decode("ascii")
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raw = ""
+    created_at, _, tx_id = raw.partition("|")
+    if not (_ISO_TIME.fullmatch(created_at) and _TX_ID.fullmatch(tx_id)):
+        raise _bad_param("cursor", "cursor must be a next_cursor value from a previous page")
+    return created_at, tx_id
+
+
+def _since(value):
+    text = value + "T00:00:00Z" if _ISO_DATE.fullmatch(value) else value
+    try:
+        if not _ISO_TIME.fullmatch(text):
+            raise ValueError
+        time.strptime(text, "%Y-%m-%dT%H:%M:%SZ")
+    except ValueError:
+        raise _bad_param("since", "since must be YYYY-MM-DD or YYYY-MM-DDTHH:MM:SSZ (UTC)") from None
+    return text
+
+
+def parse_list_query(query_string):
+    """Check the operator listing's query parameters; each may appear once."""
+    params = parse_qs(query_string or "", keep_blank_values=True)
+    for name, values in params.items():
+        if name not in LIST_PARAMS:
+            raise ValidationError("unknown_parameter",
+                                  f"unknown parameter; accepted: {', '.join(LIST_PARAMS)}", name)
+        if len(values) != 1:
+            raise _bad_param(name, f"{name} may be given once")
+    one = {name: values[0] for name, values in params.items()}
+    status = one.get("status")
+    if status is not None and status not in STATUSES:
+        raise _bad_param("status", f"status must be one of {', '.join(STATUSES)}")
+    limit = LIST_LIMIT_DEFAULT
+    if "limit" in one:
+        if not _DIGITS.fullmatch(one["limit"]) or not 1 <= int(one["limit"]) <= LIST_LIMIT_MAX:
+            raise _bad_param("limit", f"limit must be a whole number from 1 to {LIST_LIMIT_MAX}")
+        limit = int(one["limit"])
+    return ListQuery(status=status, since=_since(one["since"]) if "since" in one else None,
+                     limit=limit, after=_decode_cursor(one["cursor"]) if "cursor" in one else None)

@@ -4,8 +4,10 @@ import json
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -101,3 +103,40 @@ def test_waitress_serve_call_factory_serves(tmp_path, sim):
     finally:
         stop(proc)
         proc.communicate(timeout=5)
+
+
+def test_sigterm_lets_the_in_flight_push_finish_then_closes(tmp_path, sim):
+    entered, release = threading.Event(), threading.Event()
+
+    def hold(payload):
+        entered.set()
+        release.wait(1.0)  # Daraja is slow: the push is in flight when SIGTERM lands
+
+    sim.sim.on_push = hold
+    port = free_port()
+    db = tmp_path / "graceful.db"
+    env = clean_env(**dict(base_env(sim.url, db), GATEWAY_PORT=str(port),
+                           MPESA_READ_TIMEOUT="5", GATEWAY_RECONCILE="on"))
+    proc = subprocess.Popen([sys.executable, "mpesa_wsgi.py"], cwd=ROOT_DIR, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: http("GET", f"{base}/health")[0] == 200, timeout=15, interval=0.1)
+        answer = {}
+        client = threading.Thread(target=lambda: answer.update(r=http(
+            "POST", f"{base}/stkpush", {"phone": "0712345678", "amount": 10}, API_KEY)))
+        client.start()
+        assert entered.wait(5)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.6)
+        assert http("GET", f"{base}/health")[0] is None  # no new connections
+        client.join(10)
+    finally:
+        code = stop(proc)
+        _, err = proc.communicate(timeout=5)
+    status, body = answer["r"]
+    assert (status, body["status"]) == (202, "pending")  # the in-flight push finished
+    assert code == 0, err
+    assert "shutdown complete" in err
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT status FROM transactions").fetchall() == [("pending",)]

@@ -1,12 +1,14 @@
 # Two commands for a fresh Debian machine with python3 (venv) and make:
 #   make demo   the gateway + Daraja simulator on 127.0.0.1, a payment in seconds
 #   make test   the whole test suite
+#   make bench  the benchmark against Flask and Falcon versions (needs wrk: apt-get install wrk)
 # Each creates its own virtual environment and installs pinned requirements.
 PYTHON ?= python3
 RUN_VENV := .venv
 TEST_VENV := .venv-test
+BENCH_VENV := .venv-bench
 
-.PHONY: demo test clean
+.PHONY: demo test bench clean
 
 $(RUN_VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(RUN_VENV)
@@ -18,11 +20,20 @@ $(TEST_VENV)/.installed: requirements.txt requirements-test.txt
 	$(TEST_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-test.txt
 	touch $@
 
+$(BENCH_VENV)/.installed: requirements.txt requirements-test.txt requirements-bench.txt
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-bench.txt
+	touch $@
+
 demo: $(RUN_VENV)/.installed
 	$(RUN_VENV)/bin/python mpesa_wsgi.py --demo
 
 test: $(TEST_VENV)/.installed
 	$(TEST_VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
+bench: $(BENCH_VENV)/.installed
+	@command -v wrk >/dev/null || { echo "wrk is needed: apt-get install wrk"; exit 1; }
+	$(BENCH_VENV)/bin/python bench/run.py $(BENCH_ARGS)
+
 clean:
-	rm -rf $(RUN_VENV) $(TEST_VENV) .pytest_cache mpesa_demo.db*
+	rm -rf $(RUN_VENV) $(TEST_VENV) $(BENCH_VENV) .pytest_cache mpesa_demo.db*

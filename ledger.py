@@ -231,16 +231,16 @@ class Ledger:
             row = dict(id=new_tx_id(now), status=SUBMITTING, phone=phone, amount=amount,
                        reference=reference, description=description, created_at=stamp,
                        updated_at=stamp)
-            conn.execute(
+            row = dict(conn.execute(
                 "INSERT INTO transactions (id, status, phone, amount, reference, description,"
                 " created_at, updated_at) VALUES (:id, :status, :phone, :amount, :reference,"
-                " :description, :created_at, :updated_at)", row)
+                " :description, :created_at, :updated_at) RETURNING *", row).fetchone())
             if idempotency is not None:
                 conn.execute(
                     "INSERT INTO idempotency_keys (scope, key, request_hash, tx_id, created_at)"
                     " VALUES (?, ?, ?, ?, ?)", (idempotency.scope, idempotency.key,
                                                 idempotency.request_hash, row["id"], now))
-        return Begun("new", self.get(row["id"]))
+        return Begun("new", row)
 
     @staticmethod
     def _existing_key(conn, found, idempotency):
@@ -269,13 +269,14 @@ class Ledger:
     def mark_accepted(self, tx_id, checkout_request_id, merchant_request_id):
         """Daraja queued the prompt. A result that already arrived is kept."""
         with self._write() as conn:
-            conn.execute(
+            row = conn.execute(
                 "UPDATE transactions SET status = CASE status WHEN ? THEN ? ELSE status END,"
                 " checkout_request_id = COALESCE(checkout_request_id, ?),"
                 " merchant_request_id = COALESCE(merchant_request_id, ?), updated_at = ?"
-                " WHERE id = ?",
-                (SUBMITTING, PENDING, checkout_request_id, merchant_request_id, self._now(), tx_id))
-        return self.get(tx_id)
+                " WHERE id = ? RETURNING *",
+                (SUBMITTING, PENDING, checkout_request_id, merchant_request_id, self._now(),
+                 tx_id)).fetchone()
+        return dict(row) if row is not None else None
 
     def mark_not_accepted(self, tx_id, status, reason, result_code=None, result_desc=None,
                           release=None):

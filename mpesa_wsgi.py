@@ -119,6 +119,8 @@ class ServiceUnavailable(ApiError):
     status, code, message = 503, "upstream_unavailable", "Daraja cannot be reached; try again later"
 
 
+STATUS_LINES = {s.value: f"{s.value} {s.phrase}" for s in HTTPStatus}
+
 # --- request helpers ------------------------------------------------------------
 
 
@@ -182,9 +184,10 @@ def key_scope(api_key):
     return hashlib.sha256(api_key.encode()).hexdigest()[:16]
 
 
-def authenticate(req, config):
-    """Return the caller's key scope; 401 unless a key matches, compared in constant time."""
-    scheme, _, presented = (req.header("Authorization") or "").partition(" ")
+def authenticate(authorization, config):
+    """Return the caller's key scope from an Authorization header value; 401 unless a key
+    matches, compared in constant time."""
+    scheme, _, presented = (authorization or "").partition(" ")
     presented = presented.strip().encode()
     matched = None
     for key in config.api_keys:
@@ -196,9 +199,8 @@ def authenticate(req, config):
     return key_scope(matched)
 
 
-def idempotency_for(req, scope, push):
+def idempotency_for(key, scope, push):
     """The request's Idempotency-Key (None if absent), bound to its API key and content."""
-    key = req.header("Idempotency-Key")
     if key is None:
         return None
     if not 0 < len(key) <= MAX_IDEMPOTENCY_KEY or not key.isascii() or not key.isprintable():
@@ -239,10 +241,13 @@ def transaction_resource(row):
     }
 
 
-# --- handlers: (req, app, *path params) -> (status, body[, headers]); errors are raised ---
+# --- flows: plain values in, (status, body[, headers]) out, errors raised. Every web layer
+#     (this module's handlers, and the framework versions in bench/) calls these, so only
+#     routing, parsing and rendering differ between them. `note` is where a flow leaves
+#     what the access log should say (tx_id, phone). ----------------------------------------
 
 
-def health(req, app):
+def health_status(app):
     checks = app.health_checks()
     ok = checks["ledger_writable"]
     return (200 if ok else 503), {"status": "ok" if ok else "degraded",
@@ -250,10 +255,10 @@ def health(req, app):
                                   "version": settings.VERSION, "checks": checks}
 
 
-def metrics_page(req, app):
+def metrics_text(app, authorization):
     token = app.config.metrics_token
     if token is not None:
-        scheme, _, presented = (req.header("Authorization") or "").partition(" ")
+        scheme, _, presented = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(presented.strip().encode(),
                                                                  token.encode()):
             raise Unauthorized("GET /metrics needs 'Authorization: Bearer <GATEWAY_METRICS_TOKEN>'",
@@ -261,14 +266,10 @@ def metrics_page(req, app):
     return 200, app.metrics.render().encode(), [("Content-Type", metrics.CONTENT_TYPE)]
 
 
-def openapi(req, app):
-    return 200, app.openapi, [("Content-Type", "application/json")]
-
-
-def list_transactions(req, app):
-    authenticate(req, app.config)
+def transactions_page(app, authorization, query_string):
+    authenticate(authorization, app.config)
     try:
-        query = validation.parse_list_query(req.environ.get("QUERY_STRING", ""))
+        query = validation.parse_list_query(query_string)
     except validation.ValidationError as exc:
         raise BadRequest(exc.message, code=exc.code, field=exc.field) from None
     rows, more = app.ledger.list_page(status=query.status, since=query.since,
@@ -277,20 +278,21 @@ def list_transactions(req, app):
     return 200, {"data": [transaction_resource(r) for r in rows], "next_cursor": cursor}
 
 
-def stk_push(req, app):
-    scope = authenticate(req, app.config)
+def start_payment(app, note, authorization, load_body, idempotency_key):
+    """POST /stkpush: `load_body()` returns the decoded JSON body (or raises 413/415/400)."""
+    scope = authenticate(authorization, app.config)
     wait = app.limiter.acquire(scope)  # before idempotency, as Stripe does
     if wait:
         raise TooManyRequests(f"at most {app.config.rate:g} payments per second per API key",
                               headers=retry_after(wait))
     cfg = app.config
     try:
-        push = validation.validate_push(req.json(cfg.max_body), cfg.max_amount,
+        push = validation.validate_push(load_body(), cfg.max_amount,
                                         cfg.default_reference, cfg.default_description)
     except validation.ValidationError as exc:
         raise BadRequest(exc.message, code=exc.code, field=exc.field) from None
-    req.phone = push.phone
-    idem = idempotency_for(req, scope, push)  # validation failures never reach the key
+    note.phone = push.phone
+    idem = idempotency_for(idempotency_key, scope, push)  # validation failures never reach it
     try:
         # Committed before Daraja is called: a crash from here on leaves a trace.
         begun = app.ledger.begin_push(
@@ -302,9 +304,9 @@ def stk_push(req, app):
                                  code="ledger_unavailable",
                                  headers=retry_after(RETRY_AFTER_UNAVAILABLE_S)) from None
     if begun.kind != "new":
-        return answer_without_push(req, begun)
+        return answer_without_push(note, begun)
     row = begun.row
-    req.tx_id = row["id"]
+    note.tx_id = row["id"]
     try:
         accepted = app.daraja.stk_push(
             phone=push.phone, amount=push.amount, reference=push.reference,
@@ -333,7 +335,7 @@ def pinned(app, idem, status, body):
 REPLAYED = [("Idempotent-Replayed", "true")]
 
 
-def answer_without_push(req, begun):
+def answer_without_push(note, begun):
     """The ledger decided no new push is needed: replay, conflict, or phone lock."""
     if begun.kind == "reused":
         raise Unprocessable("this Idempotency-Key was used with a different request",
@@ -341,7 +343,7 @@ def answer_without_push(req, begun):
     if begun.kind == "phone_busy":
         raise Conflict(f"transaction {begun.row['id']} for this phone is still pending;"
                        " wait for its result", code="payment_in_progress")
-    req.tx_id = begun.row["id"]
+    note.tx_id = begun.row["id"]
     if begun.kind == "replay":
         return begun.status_code, json.loads(begun.body), REPLAYED
     if begun.row["status"] == store.SUBMITTING:  # in flight: the first request is still at Daraja
@@ -376,18 +378,19 @@ def push_not_accepted(app, row, exc, idem):
                              " was not sent", headers=retry_after(RETRY_AFTER_UNAVAILABLE_S))
 
 
-def get_transaction(req, app, ref):
-    authenticate(req, app.config)
+def read_transaction(app, note, authorization, ref):
+    authenticate(authorization, app.config)
     row = app.ledger.get(ref) if 0 < len(ref) <= MAX_ID_LENGTH else None
     if row is None:
         raise NotFound("no transaction with that id or CheckoutRequestID")
-    req.tx_id, req.phone = row["id"], row["phone"]
+    note.tx_id, note.phone = row["id"], row["phone"]
     return 200, transaction_resource(row)
 
 
-def callback(req, app, tx_id, sig):
-    """Safaricom's STK result: stored and applied in one commit, then acknowledged."""
-    source = sources.client_address(req.environ, app.config.trusted_proxies)
+def receive_callback(app, note, tx_id, sig, environ, load_raw):
+    """Safaricom's STK result: stored and applied in one commit, then acknowledged.
+    `load_raw()` returns the raw body, bounded (or raises 413)."""
+    source = sources.client_address(environ, app.config.trusted_proxies)
     policy = app.config.callback_ip_policy
     if policy != "off" and not sources.within(source, app.config.callback_ips):
         log.warning("callback source_not_allowed ip=%s policy=%s", source, policy)
@@ -396,8 +399,8 @@ def callback(req, app, tx_id, sig):
                             code="forbidden_source")
     if not app.signature_ok(tx_id, sig):
         raise NotFound()  # same answer as any unknown path: reveals nothing
-    req.tx_id = tx_id
-    raw = req.body(app.config.max_body)
+    note.tx_id = tx_id
+    raw = load_raw()
     try:
         result = validation.parse_stk_callback(decode_json(raw))
     except (BadRequest, validation.ValidationError):
@@ -418,7 +421,7 @@ def callback(req, app, tx_id, sig):
         raise ServiceUnavailable("the callback could not be stored", code="ledger_unavailable",
                                  headers=retry_after(RETRY_AFTER_UNAVAILABLE_S)) from None
     if row is not None:
-        req.phone = row["phone"]
+        note.phone = row["phone"]
     app.metrics.callbacks.inc(outcome)
     log.info("callback tx=%s outcome=%s result_code=%s", tx_id, outcome,
              result.result_code if result else None)
@@ -426,6 +429,40 @@ def callback(req, app, tx_id, sig):
         raise BadRequest("the callback is not a valid STK result (it was stored)",
                          code="invalid_callback")
     return 200, CALLBACK_ACK
+
+
+# --- handlers: (req, app, *path params) -> (status, body[, headers]); errors are raised ---
+
+
+def health(req, app):
+    return health_status(app)
+
+
+def metrics_page(req, app):
+    return metrics_text(app, req.header("Authorization"))
+
+
+def openapi(req, app):
+    return 200, app.openapi, [("Content-Type", "application/json")]
+
+
+def list_transactions(req, app):
+    return transactions_page(app, req.header("Authorization"),
+                             req.environ.get("QUERY_STRING", ""))
+
+
+def stk_push(req, app):
+    return start_payment(app, req, req.header("Authorization"),
+                         lambda: req.json(app.config.max_body), req.header("Idempotency-Key"))
+
+
+def get_transaction(req, app, ref):
+    return read_transaction(app, req, req.header("Authorization"), ref)
+
+
+def callback(req, app, tx_id, sig):
+    return receive_callback(app, req, tx_id, sig, req.environ,
+                            lambda: req.body(app.config.max_body))
 
 
 # Literal paths: auditable at a glance. Value: {method: handler}.
@@ -504,21 +541,22 @@ class Gateway:
         if not any(name == "Content-Type" for name, _ in headers):
             headers.append(("Content-Type", "application/json"))
         headers += [("Content-Length", str(len(payload))), ("X-Request-Id", request_id)]
-        start_response(f"{status} {HTTPStatus(status).phrase}", headers)
-        self.account(req, status, time.monotonic() - started)
+        start_response(STATUS_LINES[status], headers)
+        self.account(environ["REQUEST_METHOD"], req.route or "unmatched", status,
+                     time.monotonic() - started, req.tx_id, req.phone)
         return [payload]
 
-    def account(self, req, status, elapsed):
+    def account(self, method, route, status, elapsed, tx_id=None, phone=None):
         """Metrics and the one access line: route template, never the raw callback path."""
-        method, route = req.environ["REQUEST_METHOD"], req.route or "unmatched"
         self.metrics.requests.inc(route, method, str(status))
         self.metrics.request_seconds.observe(elapsed, route)
-        phone = validation.mask_phone(req.phone) if req.phone else "-"
+        masked = validation.mask_phone(phone) if phone else "-"
         access_log.info(
             "request method=%s route=%s status=%d ms=%.1f tx=%s phone=%s",
-            method, route, status, elapsed * 1000, req.tx_id or "-", phone,
-            extra={"fields": {"method": method, "route": route, "status": status,
-                              "ms": round(elapsed * 1000, 1), "tx": req.tx_id, "phone": phone}})
+            method, route, status, elapsed * 1000, tx_id or "-", masked,
+            extra={"sanitized": True, "fields": {
+                "method": method, "route": route, "status": status,
+                "ms": round(elapsed * 1000, 1), "tx": tx_id, "phone": masked}})
 
     def health_checks(self):
         """Ledger writable, token age, pending/unknown counts; refreshed at most once a second."""

@@ -1,0 +1,124 @@
+"""The gateway's HTTP API written with Flask, for comparison with the raw WSGI version.
+
+Same routes, bodies and status codes. Everything that is not the web layer is the
+gateway's own: config, validation, token cache, Daraja client, ledger, metrics and the
+payment flows of `mpesa_wsgi` (plain values in, status and body out). Flask does the
+routing, request parsing, response rendering and the per-request bookkeeping, in its
+own idiom: decorated views, `request.get_json()`, `jsonify`, error handlers and
+before/after-request hooks.
+
+Serve: `waitress-serve --call bench.flask_app:create_app`.
+"""
+
+import logging
+import time
+from types import SimpleNamespace
+
+import flask
+from werkzeug.exceptions import HTTPException
+
+import logs
+import mpesa_wsgi as gw
+
+log = logging.getLogger(__name__)
+
+WERKZEUG_ERRORS = {  # Werkzeug's own HTTP errors, in the gateway's error shape
+    400: (gw.BadRequest, "invalid_json"),
+    404: (gw.NotFound, None),
+    405: (gw.MethodNotAllowed, None),
+    413: (gw.PayloadTooLarge, None),
+    415: (gw.UnsupportedMediaType, None),
+}
+
+
+def create_app(config=None):
+    core = gw.create_app(config)  # the shared, non-web half: ledger, client, metrics, …
+    app = flask.Flask(__name__)
+    app.json.sort_keys = False
+    app.json.compact = True
+    app.json.ensure_ascii = False
+    app.config["MAX_CONTENT_LENGTH"] = core.config.max_body
+    app.extensions["mpesa_gateway"] = core
+
+    def respond(result):
+        status, body, *extra = result
+        headers = extra[0] if extra else []
+        if isinstance(body, bytes):
+            return flask.Response(body, status, headers)
+        return flask.jsonify(body), status, headers
+
+    def auth():
+        return flask.request.headers.get("Authorization")
+
+    @app.before_request
+    def begin():
+        flask.g.started = time.monotonic()
+        flask.g.note = SimpleNamespace(tx_id=None, phone=None)
+        flask.g.request_id = logs.request_id_from(flask.request.headers.get("X-Request-Id"))
+        flask.g.context = logs.REQUEST_ID.set(flask.g.request_id)
+
+    @app.after_request
+    def account(response):
+        rule = flask.request.url_rule
+        route = rule.rule.replace("<", "{").replace(">", "}") if rule else "unmatched"
+        note = flask.g.get("note") or SimpleNamespace(tx_id=None, phone=None)
+        response.headers["X-Request-Id"] = flask.g.get("request_id", "-")
+        core.account(flask.request.method, route, response.status_code,
+                     time.monotonic() - flask.g.get("started", time.monotonic()),
+                     note.tx_id, note.phone)
+        return response
+
+    @app.teardown_request
+    def end(_exc):
+        context = flask.g.pop("context", None)
+        if context is not None:
+            logs.REQUEST_ID.reset(context)
+
+    @app.errorhandler(gw.ApiError)
+    def api_error(exc):
+        return flask.jsonify(exc.body()), exc.status, exc.headers
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc):
+        kind, code = WERKZEUG_ERRORS.get(exc.code, (gw.ApiError, None))
+        error = kind(code=code) if code else kind()
+        headers = [(k, v) for k, v in exc.get_headers() if k == "Allow"]
+        return flask.jsonify(error.body()), error.status, headers
+
+    @app.errorhandler(Exception)
+    def unhandled(exc):
+        log.exception("unhandled error")
+        return flask.jsonify(gw.ApiError().body()), 500
+
+    @app.get("/health")
+    def health():
+        return respond(gw.health_status(core))
+
+    @app.post("/stkpush")
+    def stk_push():
+        return respond(gw.start_payment(core, flask.g.note, auth(), flask.request.get_json,
+                                        flask.request.headers.get("Idempotency-Key")))
+
+    @app.get("/transactions")
+    def transactions():
+        return respond(gw.transactions_page(core, auth(),
+                                            flask.request.query_string.decode("latin-1")))
+
+    @app.get("/transactions/<ref>")
+    def transaction(ref):
+        return respond(gw.read_transaction(core, flask.g.note, auth(), ref))
+
+    @app.post("/callback/<tx_id>/<sig>")
+    def callback(tx_id, sig):
+        return respond(gw.receive_callback(core, flask.g.note, tx_id, sig,
+                                           flask.request.environ, flask.request.get_data))
+
+    @app.get("/metrics")
+    def metrics():
+        return respond(gw.metrics_text(core, auth()))
+
+    @app.get("/openapi.json")
+    def openapi():
+        return flask.Response(core.openapi, 200, content_type="application/json")
+
+    return app

@@ -1,0 +1,344 @@
+"""Benchmark the raw WSGI gateway against its Flask and Falcon versions, on loopback.
+
+`python bench/run.py` (or `make bench`): starts the Daraja simulator as its own process
+and each variant under waitress with identical settings (threads, pool size, a fresh
+ledger on local disk, logging at INFO), drives it with wrk on 127.0.0.1 (warm-up first,
+variants interleaved A B C A B C, several rounds, medians reported) and prints a markdown
+table with each variant's ratio to the raw gateway. On a machine with 2+ cores and
+`taskset`, the server is pinned to CPU 0 and wrk + simulator to CPU 1.
+
+Workloads: `GET /health` (web-layer cost; the bare hello app is the reference),
+payments end to end (`POST /stkpush` with distinct phones, callbacks on), and capacity
+(simulator latency 1000 ms, 64 server threads, 128 connections).
+
+Writes bench/results/<timestamp>.json and a PNG chart (matplotlib).
+"""
+
+import argparse
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PY = sys.executable
+OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+TICKS = os.sysconf("SC_CLK_TCK")
+
+WORKLOADS = {
+    "health": dict(variants=("hello", "raw", "flask", "falcon"), path="/health", lua=None,
+                   threads=8, connections=32, sim_latency_ms=0),
+    "payments": dict(variants=("raw", "flask", "falcon"), path="/stkpush", lua="stkpush.lua",
+                     threads=8, connections=16, sim_latency_ms=0),
+    "capacity": dict(variants=("raw", "flask", "falcon"), path="/stkpush", lua="stkpush.lua",
+                     threads=64, connections=128, sim_latency_ms=1000),
+}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get_json(url):
+    with OPENER.open(url, timeout=5) as resp:
+        return json.loads(resp.read())
+
+
+def wait_up(url, timeout=20):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with OPENER.open(url, timeout=1) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{url} did not come up")
+
+
+def proc_cpu_s(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def proc_mem_mb(pid, key):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    return None
+
+
+def pinned(cmd, cpu, mode):
+    return ["taskset", "-c", str(cpu), *cmd] if mode == "pinned" else cmd
+
+
+def to_ms(value, unit):
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def parse_wrk(text):
+    out = {"requests": 0, "rps": 0.0, "p50_ms": None, "p99_ms": None, "errors": 0}
+    m = re.search(r"(\d+) requests in", text)
+    out["requests"] = int(m.group(1)) if m else 0
+    m = re.search(r"Requests/sec:\s+([\d.]+)", text)
+    out["rps"] = float(m.group(1)) if m else 0.0
+    for pct, key in (("50", "p50_ms"), ("99", "p99_ms")):
+        m = re.search(rf"^\s+{pct}(?:\.0+)?%\s+([\d.]+)(us|ms|s)\s*$", text, re.M)
+        out[key] = to_ms(*m.groups()) if m else None
+    m = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    errors = int(m.group(1)) if m else 0
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    if m:
+        errors += sum(int(x) for x in m.groups())
+    out["errors"] = errors
+    return out
+
+
+class Simulator:
+    def __init__(self, mode, latency_ms, threads, callback_delay_s=1.0):
+        self.port = free_port()
+        env = dict(os.environ, MPESA_SIM_LATENCY_MS=str(latency_ms),
+                   MPESA_SIM_CALLBACK_DELAY_S=str(callback_delay_s))
+        cmd = [PY, os.path.join(ROOT, "simulator.py"), "--port", str(self.port),
+               "--threads", str(threads)]
+        self.proc = subprocess.Popen(pinned(cmd, 1, mode), env=env, cwd=ROOT,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.url = f"http://127.0.0.1:{self.port}"
+        wait_up(self.url + "/_sim/stats")
+
+    def stats(self):
+        return get_json(self.url + "/_sim/stats")
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+class Server:
+    def __init__(self, variant, mode, sim_url, threads, workdir, api_key):
+        self.port = free_port()
+        self.db = os.path.join(workdir, f"{variant}-{self.port}.db")
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MPESA_", "GATEWAY_"))}
+        env.update({
+            "MPESA_CONSUMER_KEY": "demo-consumer-key", "MPESA_CONSUMER_SECRET": "demo-consumer-secret",
+            "MPESA_SHORTCODE": "174379",
+            "MPESA_PASSKEY": "bfb279f9aa9bdbcf158e97dd71a467cd2e0c893059b10f78e6b72ada1ed2c919",
+            "MPESA_BASE_URL": sim_url, "MPESA_CALLBACK_BASE_URL": f"http://127.0.0.1:{self.port}",
+            "GATEWAY_PORT": str(self.port), "GATEWAY_THREADS": str(threads), "GATEWAY_DB": self.db,
+            "GATEWAY_API_KEYS": api_key, "GATEWAY_SECRET": secrets.token_hex(16),
+            "GATEWAY_RATE": "1000000", "GATEWAY_BURST": "1000000", "GATEWAY_RECONCILE": "off",
+            "MPESA_CALLBACK_IP_POLICY": "off", "LOG_LEVEL": "INFO",
+        })
+        cmd = [PY, os.path.join(ROOT, "bench", "serve.py"), variant]
+        self.proc = subprocess.Popen(pinned(cmd, 0, mode), env=env, cwd=ROOT,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.url = f"http://127.0.0.1:{self.port}"
+        wait_up(self.url + "/health")
+        time.sleep(0.2)
+        self.idle_rss_mb = proc_mem_mb(self.proc.pid, "VmRSS")
+
+    def cpu_s(self):
+        return proc_cpu_s(self.proc.pid)
+
+    def peak_rss_mb(self):
+        return proc_mem_mb(self.proc.pid, "VmHWM")
+
+    def succeeded(self):
+        with sqlite3.connect(self.db) as conn:
+            return conn.execute("SELECT COUNT(*) FROM transactions WHERE status='succeeded'"
+                                ).fetchone()[0]
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def wrk(url, spec, duration, mode, api_key):
+    cmd = ["wrk", "-t", "2" if spec["connections"] > 32 else "1", "-c", str(spec["connections"]),
+           "-d", f"{max(1, round(duration))}s", "--timeout", "5s", "--latency"]
+    if spec["lua"]:
+        cmd += ["-s", os.path.join(ROOT, "bench", spec["lua"])]
+    cmd.append(url + spec["path"])
+    env = dict(os.environ, BENCH_API_KEY=api_key,
+               BENCH_PHONE_BASE=str(secrets.randbelow(100_000_000)))
+    out = subprocess.run(pinned(cmd, 1, mode), env=env, capture_output=True, text=True,
+                         timeout=duration + 60)
+    return parse_wrk(out.stdout)
+
+
+def run_one(workload, spec, variant, mode, sim, workdir, duration, warmup, api_key):
+    server = Server(variant, mode, sim.url, spec["threads"], workdir, api_key)
+    try:
+        tokens_before = sim.stats()["token_requests"]
+        if warmup:
+            wrk(server.url, spec, warmup, mode, api_key)
+        cpu0, sim_cpu0, t0 = server.cpu_s(), proc_cpu_s(sim.proc.pid), time.monotonic()
+        result = wrk(server.url, spec, duration, mode, api_key)
+        elapsed = time.monotonic() - t0
+        cpu = server.cpu_s() - cpu0
+        sim_cpu = proc_cpu_s(sim.proc.pid) - sim_cpu0
+        if spec["lua"]:
+            time.sleep(1.5)  # let the last callbacks land
+            result["succeeded"] = server.succeeded()
+        result.update(
+            cpu_s_per_1k=(cpu / result["requests"] * 1000) if result["requests"] else None,
+            server_cpu_util=cpu / elapsed, sim_cpu_util=sim_cpu / elapsed,
+            peak_rss_mb=server.peak_rss_mb(), idle_rss_mb=server.idle_rss_mb,
+            oauth_calls=sim.stats()["token_requests"] - tokens_before)
+        return result
+    finally:
+        server.stop()
+
+
+def cold_start_ms(workdir):
+    code = ("import time; t=time.perf_counter(); import mpesa_wsgi, config, os; "
+            "app=mpesa_wsgi.create_app(config.load_config(os.environ)); "
+            "print((time.perf_counter()-t)*1000); app.close()")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MPESA_", "GATEWAY_"))}
+    env.update({"MPESA_CONSUMER_KEY": "k", "MPESA_CONSUMER_SECRET": "s", "MPESA_SHORTCODE": "174379",
+                "MPESA_PASSKEY": "p", "MPESA_CALLBACK_BASE_URL": "http://127.0.0.1:9",
+                "GATEWAY_API_KEYS": "k" * 16, "GATEWAY_SECRET": "s" * 16,
+                "GATEWAY_DB": os.path.join(workdir, "cold.db"), "GATEWAY_RECONCILE": "off"})
+    times = []
+    for _ in range(5):
+        out = subprocess.run([PY, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True)
+        times.append(float(out.stdout.strip()))
+    return statistics.median(times)
+
+
+def median_of(runs, key):
+    values = [r[key] for r in runs if r.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
+def summarize(results):
+    table = {}
+    for workload, by_variant in results.items():
+        table[workload] = {}
+        for variant, runs in by_variant.items():
+            table[workload][variant] = {k: median_of(runs, k) for k in runs[0]}
+    return table
+
+
+def fmt(v, digits=1):
+    return "–" if v is None else f"{v:,.{digits}f}"
+
+
+def markdown(table, mode, machine):
+    lines = [f"Mode: {mode}. Machine: {machine}.", ""]
+    for workload, rows in table.items():
+        base = rows.get("raw", {})
+        lines += [f"**{workload}**", "",
+                  "| variant | req/s | × raw | p50 ms | p99 ms | errors | server CPU s/1k req"
+                  " | server CPU | sim CPU | peak RSS MB | OAuth calls |"
+                  + (" succeeded |" if workload != "health" else ""),
+                  "|---|---|---|---|---|---|---|---|---|---|---|"
+                  + ("---|" if workload != "health" else "")]
+        for variant, r in rows.items():
+            ratio = (r["rps"] / base["rps"]) if base.get("rps") else None
+            lines.append(
+                f"| {variant} | {fmt(r['rps'], 0)} | {fmt(ratio, 2)} | {fmt(r['p50_ms'], 2)} | "
+                f"{fmt(r['p99_ms'], 2)} | {fmt(r['errors'], 0)} | {fmt(r['cpu_s_per_1k'], 3)} | "
+                f"{fmt(r['server_cpu_util'] * 100, 0)}% | {fmt(r['sim_cpu_util'] * 100, 0)}% | "
+                f"{fmt(r['peak_rss_mb'])} | {fmt(r['oauth_calls'], 0)} |"
+                + (f" {fmt(r.get('succeeded'), 0)} |" if workload != "health" else ""))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def chart(table, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(table), figsize=(4.2 * len(table), 7))
+    for col, (workload, rows) in enumerate(table.items()):
+        names = list(rows)
+        axes[0][col].bar(names, [rows[n]["rps"] for n in names], color="#2f6f4f")
+        axes[0][col].set_title(f"{workload}: requests/s")
+        axes[1][col].bar(names, [rows[n]["p99_ms"] or 0 for n in names], color="#8a4b2a")
+        axes[1][col].set_title(f"{workload}: p99 latency (ms)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=5, help="seconds per measured run")
+    parser.add_argument("--warmup", type=float, default=2)
+    parser.add_argument("--workloads", default=",".join(WORKLOADS))
+    parser.add_argument("--variants", default="hello,raw,flask,falcon")
+    parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
+    args = parser.parse_args()
+    if not shutil.which("wrk"):
+        sys.exit("wrk is needed: apt-get install wrk")
+    mode = "pinned" if shutil.which("taskset") and (os.cpu_count() or 1) >= 2 else "unpinned"
+    machine = f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}, {os.uname().machine}"
+    print(f"mode: {mode} (server on CPU 0, wrk and simulator on CPU 1)" if mode == "pinned"
+          else "mode: unpinned (no taskset or a single CPU)", flush=True)
+    api_key = "bench_" + secrets.token_hex(12)
+    wanted = set(args.variants.split(","))
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="mpesa-bench-") as workdir:
+        cold = cold_start_ms(workdir)
+        for workload in args.workloads.split(","):
+            spec = WORKLOADS[workload]
+            variants = [v for v in spec["variants"] if v in wanted]
+            sim = Simulator(mode, spec["sim_latency_ms"], threads=max(16, spec["connections"] + 8))
+            try:
+                results[workload] = {v: [] for v in variants}
+                for rnd in range(args.rounds):
+                    for variant in variants:  # interleaved: A B C A B C …
+                        duration = args.duration * (2 if workload == "capacity" else 1)
+                        r = run_one(workload, spec, variant, mode, sim, workdir, duration,
+                                    args.warmup, api_key)
+                        results[workload][variant].append(r)
+                        print(f"{workload:9s} round {rnd + 1} {variant:7s} {r['rps']:9.0f} req/s "
+                              f"p99 {fmt(r['p99_ms'], 2)} ms errors {r['errors']} "
+                              f"cpu {fmt(r['server_cpu_util'] * 100, 0)}%", flush=True)
+            finally:
+                sim.stop()
+    table = summarize(results)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    os.makedirs(args.out, exist_ok=True)
+    report = markdown(table, mode, machine)
+    report += f"\ncreate_app cold start: {cold:.0f} ms (median of 5)\n"
+    if "capacity" in table:
+        limit = WORKLOADS["capacity"]["threads"] / 1.0
+        for v, r in table["capacity"].items():
+            report += (f"capacity {v}: {r['rps']:.1f} payments/s = "
+                       f"{r['rps'] / limit:.2f} × threads ÷ latency ({limit:.0f}/s)\n")
+    print("\n" + report)
+    with open(os.path.join(args.out, f"{stamp}.json"), "w") as f:
+        json.dump({"mode": mode, "machine": machine, "cold_start_ms": cold, "args": vars(args),
+                   "runs": results, "medians": table}, f, indent=2)
+    with open(os.path.join(args.out, f"{stamp}.md"), "w") as f:
+        f.write(report)
+    chart(table, os.path.join(args.out, f"{stamp}.png"))
+    print(f"wrote bench/results/{stamp}.json, .md and .png")
+
+
+if __name__ == "__main__":
+    main()

@@ -291,6 +291,8 @@ def main():
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
     parser.add_argument("--variants", default="hello,raw,flask,falcon")
     parser.add_argument("--out", default=os.path.join(ROOT, "bench", "results"))
+    parser.add_argument("--capacity-connections", type=int,
+                        default=WORKLOADS["capacity"]["connections"])
     args = parser.parse_args()
     if not shutil.which("wrk"):
         sys.exit("wrk is needed: apt-get install wrk")
@@ -298,6 +300,7 @@ def main():
     machine = f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}, {os.uname().machine}"
     print(f"mode: {mode} (server on CPU 0, wrk and simulator on CPU 1)" if mode == "pinned"
           else "mode: unpinned (no taskset or a single CPU)", flush=True)
+    WORKLOADS["capacity"]["connections"] = args.capacity_connections
     api_key = "bench_" + secrets.token_hex(12)
     wanted = set(args.variants.split(","))
     results = {}

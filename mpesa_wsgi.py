@@ -484,11 +484,11 @@ def match(method, path):
     """(handler, route template, params) or raise 404/405."""
     methods, template, params = ROUTES.get(path), path, ()
     if methods is None:
-        for prefix, template, count, candidate in PREFIX_ROUTES:
+        for prefix, prefix_template, count, candidate in PREFIX_ROUTES:
             if path.startswith(prefix):
-                params = tuple(path[len(prefix):].split("/"))
-                if len(params) == count and all(params):
-                    methods = candidate
+                parts = tuple(path[len(prefix):].split("/"))
+                if len(parts) == count and all(parts):
+                    methods, template, params = candidate, prefix_template, parts
                 break
     if methods is None:
         raise NotFound()

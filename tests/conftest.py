@@ -4,7 +4,9 @@ import base64
 import logging
 import os
 import re
+import shutil
 import socket
+import subprocess
 import time
 
 import pytest
@@ -43,6 +45,18 @@ def free_port(pair=False):
             except OSError:
                 continue
     raise RuntimeError("no free port pair")
+
+
+def self_signed_cert(folder, common_name):
+    """(cert, key) paths of a throwaway self-signed certificate, or skip without openssl."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is needed to make a self-signed certificate")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", f"/CN={common_name}", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    return cert, key
 
 
 def wait_for(predicate, timeout=5.0, interval=0.02):

@@ -5,9 +5,7 @@ exact number of upstream calls.
 """
 
 import re
-import shutil
 import ssl
-import subprocess
 import time
 
 import pytest
@@ -15,7 +13,7 @@ from webtest import TestApp
 
 import config
 import mpesa_wsgi
-from conftest import API_KEY, base_env
+from conftest import API_KEY, base_env, self_signed_cert
 from fake_daraja import (
     FakeDaraja, accepted, drip, error, oversized, reply, reset, sleep, token, truncated,
 )
@@ -222,13 +220,7 @@ def test_redirect_is_not_followed(harness):
 
 
 def test_tls_verification_failure_is_503_not_retried_and_nothing_sent(harness, tmp_path):
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("openssl is needed to make a self-signed certificate")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                    "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True, timeout=60)
+    cert, key = self_signed_cert(tmp_path, "127.0.0.1")
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
     h = harness(tls=context, oauth=[token()], push=[accepted()])

@@ -17,7 +17,9 @@ import time
 import pytest
 
 import simulator
-from conftest import API_KEY, ROOT_DIR, SECRET, base_env, free_port, wait_for
+from conftest import (
+    API_KEY, ROOT_DIR, SECRET, base_env, free_port, self_signed_cert, wait_for,
+)
 from mpesa_wsgi import callback_signature
 
 SITE = os.path.join(ROOT_DIR, "deploy", "nginx", "mpesa-wsgi.conf")
@@ -59,13 +61,7 @@ def nginx_test(conf_path, tmp):
 
 
 def test_nginx_accepts_the_shipped_config(tmp_path):
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("openssl is needed for a stand-in certificate")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                    "-subj", "/CN=pay.example.com", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True, timeout=60)
+    cert, key = self_signed_cert(tmp_path, "pay.example.com")
     with open(SITE) as f:
         site = render(f.read(), tmp_path, cert=cert, key=key)
     (tmp_path / "site.conf").write_text(site)

@@ -1,11 +1,13 @@
 """mpesa-wsgi: the WSGI app, its handlers and the command line.
 
 Owns the HTTP surface: `create_app()` (builds config, ledger, pool, Daraja
-client and token cache once and hands them to the handlers), the literal route
-table, the small WSGI callable, the plain handler functions, the HTTP errors
-(exceptions carrying their status, rendered in one place), bearer-key auth,
-bounded body reading, the per-transaction callback signature, the access log,
-and `python mpesa_wsgi.py [--check-config | --demo]`.
+client, token cache, metrics and reconciler once and hands them to the handlers),
+the payment flows (plain values in, status and body out; the framework versions in
+bench/ call the same ones), the literal route table, the small WSGI callable, the
+plain handler functions, the HTTP errors (exceptions carrying their status,
+rendered in one place), bearer-key auth, bounded body reading, the per-transaction
+callback signature, the access log, graceful serving, and
+`python mpesa_wsgi.py [serve | reconcile] [--check-config | --demo]`.
 
 Importing this module needs no environment; building the app does.
 """

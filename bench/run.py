@@ -272,7 +272,7 @@ def chart(table, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, len(table), figsize=(4.2 * len(table), 7))
+    fig, axes = plt.subplots(2, len(table), figsize=(4.2 * len(table), 7), squeeze=False)
     for col, (workload, rows) in enumerate(table.items()):
         names = list(rows)
         axes[0][col].bar(names, [rows[n]["rps"] for n in names], color="#2f6f4f")

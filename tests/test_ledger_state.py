@@ -1,0 +1,117 @@
+"""Ledger invariants under random sequences of operations (Hypothesis state machine).
+
+Whatever order pushes, Daraja answers, callbacks (good, duplicate, forged amounts),
+query results and crash recoveries arrive in:
+
+- a final state never changes, except a success with a receipt overriding a failure;
+- a `succeeded` row came from a verified result: a callback with a receipt and the
+  stored amount, or an STK query;
+- one idempotency key never holds two transactions;
+- a row's amount and phone never change.
+"""
+
+import tempfile
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    Bundle, RuleBasedStateMachine, invariant, multiple, precondition, rule,
+)
+
+from conftest import FakeClock
+from ledger import FINAL, Idempotency, Ledger, Settlement
+
+PHONES = ["254712000001", "254712000002", "254712000003"]
+KEYS = ["k1", "k2", "k3", None]
+
+
+class LedgerMachine(RuleBasedStateMachine):
+    txs = Bundle("txs")
+
+    def __init__(self):
+        super().__init__()
+        self.dir = tempfile.TemporaryDirectory()
+        self.clock = FakeClock(1_790_000_000.0)
+        self.ledger = Ledger(f"{self.dir.name}/state.db", clock=self.clock)
+        self.seen = {}  # tx id → last status seen
+        self.origin = {}  # tx id → (phone, amount)
+        self.verified_success = set()  # tx ids a verifiable success was offered for
+
+    def teardown(self):
+        self.ledger.close()
+        self.dir.cleanup()
+
+    @rule(target=txs, phone=st.sampled_from(PHONES), amount=st.integers(1, 3),
+          key=st.sampled_from(KEYS))
+    def begin(self, phone, amount, key):
+        idem = Idempotency("scope", key, f"{phone}:{amount}") if key else None
+        begun = self.ledger.begin_push(phone=phone, amount=amount, reference="R",
+                                       description="D", idempotency=idem, phone_lock_s=0)
+        if begun.kind == "new":
+            self.origin[begun.row["id"]] = (phone, amount)
+            return begun.row["id"]
+        if begun.kind in ("replay", "in_flight"):
+            assert begun.row["id"] in self.origin  # the key still points at its own payment
+            assert self.origin[begun.row["id"]] == (phone, amount)
+        return multiple()  # no new transaction
+
+    @rule(tx=txs)
+    def accepted(self, tx):
+        self.ledger.mark_accepted(tx, f"ws_{tx}", "m")
+
+    @rule(tx=txs, status=st.sampled_from(["unknown", "rejected"]))
+    def not_accepted(self, tx, status):
+        self.ledger.mark_not_accepted(tx, status, "test")
+
+    @rule(tx=txs, code=st.sampled_from(["0", "1032", "1037"]), amount_ok=st.booleans(),
+          receipt=st.booleans())
+    def callback(self, tx, code, amount_ok, receipt):
+        amount = self.origin[tx][1] + (0 if amount_ok else 100)
+        success = code == "0"
+        if success and amount_ok and receipt:
+            self.verified_success.add(tx)
+        self.ledger.record_callback(tx, b"{}", None, Settlement(
+            status="succeeded" if success else "failed", reason=None if success else "x",
+            result_code=code, result_desc="d", checkout_request_id=f"ws_{tx}",
+            receipt="UKQ0000001" if receipt else None, amount=amount))
+
+    @rule(tx=txs, code=st.sampled_from(["0", "1032"]))
+    def query_result(self, tx, code):
+        row = self.ledger.get(tx)
+        if row["checkout_request_id"] is None:
+            return  # nothing to query
+        if code == "0":
+            self.verified_success.add(tx)
+        self.ledger.apply_result(tx, Settlement(
+            status="succeeded" if code == "0" else "failed", reason=None, result_code=code,
+            result_desc="d", checkout_request_id=row["checkout_request_id"], source="query"))
+
+    @rule(seconds=st.sampled_from([1, 1000]))
+    def time_passes_and_recovery_runs(self, seconds):
+        self.clock.now += seconds
+        self.ledger.recover_interrupted(100)
+
+    @precondition(lambda self: self.origin)
+    @invariant()
+    def states_only_move_forward(self):
+        for tx, (phone, amount) in self.origin.items():
+            row = self.ledger.get(tx)
+            assert (row["phone"], row["amount"]) == (phone, amount)
+            before, now = self.seen.get(tx), row["status"]
+            if before == "succeeded":
+                assert now == "succeeded"
+            elif before in FINAL and now != before:
+                assert now == "succeeded" and row["receipt"] is not None
+            if now == "succeeded":
+                assert tx in self.verified_success
+            self.seen[tx] = now
+
+    @invariant()
+    def one_transaction_per_key(self):
+        rows = self.ledger._conn().execute(
+            "SELECT scope, key, COUNT(DISTINCT tx_id) FROM idempotency_keys GROUP BY scope, key")
+        assert all(n == 1 for _, _, n in rows)
+
+
+TestLedgerMachine = LedgerMachine.TestCase
+TestLedgerMachine.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)

@@ -35,7 +35,7 @@ REQUIRED = object()  # table marker: the variable has no default
 MASK = "********"
 # Prefixes we own: a variable under them that the table does not name is a typo
 # (MPESA_READ_TIMOUT=30 silently ignored is worse than a failed start).
-OWN_PREFIXES = ("MPESA_", "GATEWAY_", "LOG_")
+OWN_PREFIXES = ("MPESA_", "GATEWAY_")  # not LOG_: too generic to claim for ourselves
 FOREIGN = ("MPESA_SIM_",)  # the simulator's settings share the prefix
 
 _SHORTCODE = re.compile(r"[0-9]{5,7}")

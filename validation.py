@@ -127,7 +127,6 @@ class StkResult:
     result_desc: str | None
     amount: int | None = None  # None unless the callback carried it
     receipt: str | None = None
-    amount_text: str | None = None  # as sent, for anomaly logs (e.g. "10.5")
 
 
 def _callback_error(message):
@@ -194,15 +193,13 @@ def parse_stk_callback(body):
     code = _result_code(stk["ResultCode"])
     items = _items_by_name(stk.get("CallbackMetadata"))
     receipt = items.get("MpesaReceiptNumber")
-    raw_amount = items.get("Amount")
     return StkResult(
         checkout_request_id=checkout,
         merchant_request_id=_optional_text(stk.get("MerchantRequestID"), 64),
         result_code=code,
         result_desc=_optional_text(stk.get("ResultDesc")),
-        amount=_callback_amount(raw_amount),
+        amount=_callback_amount(items.get("Amount")),
         receipt=receipt if isinstance(receipt, str) and 0 < len(receipt) <= 32 else None,
-        amount_text=_optional_text(raw_amount, 32),
     )
 
 

@@ -398,8 +398,12 @@ class Ledger:
         return True
 
     def count_by_status(self):
+        """Counts by public status: `submitting` is shown as `pending`, as in the API."""
         rows = self._conn().execute("SELECT status, COUNT(*) FROM transactions GROUP BY status")
-        return {status: n for status, n in rows}
+        counts = {status: n for status, n in rows}
+        if SUBMITTING in counts:
+            counts[PENDING] = counts.get(PENDING, 0) + counts.pop(SUBMITTING)
+        return counts
 
     # --- callbacks ----------------------------------------------------------
 

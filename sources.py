@@ -27,7 +27,7 @@ def client_address(environ, trusted_proxies):
     """The caller's address: REMOTE_ADDR, or the last X-Forwarded-For hop from a trusted proxy."""
     peer = environ.get("REMOTE_ADDR") or ""
     if trusted_proxies and within(peer, trusted_proxies):
-        hops = [h.strip() for h in environ.get("HTTP_X_FORWARDED_FOR", "").split(",")]
-        if hops and hops[-1] and _address(hops[-1]) is not None:
-            return str(_address(hops[-1]))
+        last_hop = _address(environ.get("HTTP_X_FORWARDED_FOR", "").rsplit(",", 1)[-1])
+        if last_hop is not None:
+            return str(last_hop)
     return peer

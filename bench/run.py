@@ -82,6 +82,16 @@ def proc_mem_mb(pid, key):
     return None
 
 
+def stop_process(proc, sig, timeout):
+    """Ask a child to stop with `sig`; kill it if it is still there after `timeout` s."""
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def pinned(cmd, cpu, mode):
     return ["taskset", "-c", str(cpu), *cmd] if mode == "pinned" else cmd
 
@@ -124,11 +134,7 @@ class Simulator:
         return get_json(self.url + "/_sim/stats")
 
     def stop(self):
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        stop_process(self.proc, signal.SIGINT, 10)
 
 
 class Server:
@@ -166,12 +172,7 @@ class Server:
                                 ).fetchone()[0]
 
     def stop(self):
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc, signal.SIGTERM, 30)  # graceful: in-flight pushes finish
 
 
 def wrk(url, spec, duration, mode, api_key):
@@ -340,7 +341,7 @@ def main():
     with open(os.path.join(args.out, f"{stamp}.md"), "w") as f:
         f.write(report)
     chart(table, os.path.join(args.out, f"{stamp}.png"))
-    print(f"wrote bench/results/{stamp}.json, .md and .png")
+    print(f"wrote {os.path.join(args.out, stamp)}.json, .md and .png")
 
 
 if __name__ == "__main__":

@@ -239,6 +239,8 @@ SETTINGS = (
     ("MPESA_RECONCILE_DEADLINE_S", "reconcile_deadline_s", positive_float, 900.0, False),
     # First wait between queries of one payment; doubles each time, at most 300 s.
     ("MPESA_RECONCILE_BACKOFF_S", "reconcile_backoff_s", positive_float, 10.0, False),
+    # STK queries per second at most, per reconciling process (Daraja publishes no limit).
+    ("MPESA_RECONCILE_QPS", "reconcile_qps", positive_float, 2.0, False),
     # off | log | enforce: what to do with callbacks from outside MPESA_CALLBACK_IPS.
     ("MPESA_CALLBACK_IP_POLICY", "callback_ip_policy", one_of("off", "log", "enforce"), "log",
      False),
@@ -289,6 +291,7 @@ class Config:
     reconcile_after_s: float
     reconcile_deadline_s: float
     reconcile_backoff_s: float
+    reconcile_qps: float
     callback_ip_policy: str
     callback_ips: tuple
     trusted_proxies: tuple

@@ -6,14 +6,20 @@ answer into an explicit outcome:
 
 - accepted     Daraja took the request (a push: the prompt is queued).
 - rejected     Daraja definitely refused it; nothing happened.
-- unavailable  nothing was sent (connect failure, OAuth down, spike arrest, quota).
+- unavailable  nothing was processed (connect failure, OAuth down, spike arrest,
+               quota, maintenance: refused by Daraja's API gateway before the STK service).
 - unknown      the request may have been processed (read timeout, dropped
-               connection, another 5xx, an unparsable answer).
+               connection, 500.003.1001 or another 5xx, an unparsable answer).
 
-The retry rules follow from those outcomes: connect errors may be retried, an
-STK push that may have been sent is never retried, and a push refused with
+Each API (OAuth, push, query) has one immutable `CallPolicy`: connect and read
+timeouts, attempts, and the one deadline they imply.  The longest push, the
+longest query, how long a token waiter waits, the ledger's recovery cutoff, the
+reconciler's lease and the shutdown drain are all derived from these policies.
+The retry rules follow from the outcomes: connect errors may be retried, an
+STK push that may have been sent is never retried, a push refused with
 "Invalid Access Token" (refused at Daraja's API gateway, before processing) is
-resent once with a fresh token.  It also knows Daraja's ResultCodes.
+resent once with a fresh token, and an upstream's Retry-After is never slept
+on (a worker must not park for an hour).
 """
 
 import base64
@@ -36,7 +42,7 @@ from urllib3.exceptions import (
 )
 from urllib3.util import Retry, Timeout
 
-from token_cache import TokenCache, TokenError, expires_in_seconds
+from token_cache import TokenCache, TokenError, TokenWaitTimeout, expires_in_seconds
 
 log = logging.getLogger(__name__)
 
@@ -53,43 +59,69 @@ THROTTLE_CODES = frozenset({"500.003.02", "500.003.03"})  # spike arrest, quota:
 REFUSED_CODE = "500.001.1001"  # merchant, credentials, subscriber lock; on a query: "not yet"
 PENDING_RESULT_CODE = "4999"  # query only: the prompt is still open
 
-# A GET for a token is idempotent: retry connect, read and 5xx.
-OAUTH_RETRY = Retry(
-    total=3, connect=2, read=2, status=2, other=0, status_forcelist=(500, 502, 503, 504),
-    allowed_methods=frozenset({"GET"}), backoff_factor=0.2, redirect=False, raise_on_status=False,
-)
-# A push is retried only when the connection was never made. A POST is outside
-# Retry's allowed methods, so a read error is re-raised at once (never resent).
-PUSH_RETRY = Retry(total=1, connect=1, read=0, status=0, other=0, backoff_factor=0.2, redirect=False)
-# A query has no side effect: a read error may be retried once.
-QUERY_RETRY = Retry(
-    total=2, connect=1, read=1, status=0, other=0,
-    allowed_methods=frozenset({"POST"}), backoff_factor=0.2, redirect=False,
-)
-
-# ResultCode → failure reason (SPEC §2). Map on the code, never on ResultDesc.
-FAILURE_REASONS = {
-    "1": "insufficient_funds",
-    "2": "limit_exceeded",
-    "3": "limit_exceeded",
-    "4": "limit_exceeded",
-    "8": "limit_exceeded",
-    "1001": "subscriber_busy",
-    "1019": "expired",
-    "1025": "push_failed",
-    "1032": "cancelled",
-    "1037": "unreachable",
-    "2001": "wrong_pin",
-    "9999": "push_failed",
-}
+MAINTENANCE_CODE = "500.002.1001"  # "Service is currently under maintenance"
+# A query's 500.001.1001 with one of these texts (or none) means "no answer yet".
+_NOT_YET_TEXTS = ("being processed", "does not exist", "under processing")
 
 
-def result_status(result_code):
-    """Map a terminal ResultCode (number or string) to (status, reason)."""
-    code = str(result_code).strip()
-    if code == "0":
-        return "succeeded", None
-    return "failed", FAILURE_REASONS.get(code, "other")
+@dataclass(frozen=True)
+class CallPolicy:
+    """How one Daraja API is called, and the longest that can take.
+
+    `attempts` counts the first try. A connection that was never made may be retried
+    (nothing was sent); a read error only where `retry_read` (the call has no side
+    effect); listed statuses only for idempotent calls. Backoff between attempts is
+    urllib3's, capped at `backoff_max_s`; an upstream Retry-After is never honoured.
+    """
+
+    api: str
+    method: str
+    connect_s: float
+    read_s: float
+    attempts: int
+    retry_read: bool = False
+    retry_statuses: tuple = ()
+    backoff_s: float = 0.2
+    backoff_max_s: float = 1.0
+
+    @property
+    def longest_s(self):
+        """Every attempt's connect and first-byte wait, the backoff between attempts,
+        and one read timeout more for the body of the answer that came."""
+        return (self.attempts * (self.connect_s + self.read_s)
+                + (self.attempts - 1) * self.backoff_max_s + self.read_s)
+
+    def retry(self):
+        retries = self.attempts - 1
+        # urllib3 reads an empty collection as "every method": name one that is never used.
+        retryable = {self.method} if (self.retry_read or self.retry_statuses) else {"NONE"}
+        return Retry(
+            total=retries, connect=retries, read=retries if self.retry_read else 0,
+            status=retries if self.retry_statuses else 0, other=0,
+            status_forcelist=self.retry_statuses, allowed_methods=frozenset(retryable),
+            backoff_factor=self.backoff_s, backoff_max=self.backoff_max_s,
+            respect_retry_after_header=False,  # never park a worker on Daraja's say-so
+            redirect=False, raise_on_status=False,
+        )
+
+    def timeout(self):
+        return Timeout(connect=self.connect_s, read=self.read_s)
+
+
+def call_policies(config):
+    """The three policies, from MPESA_CONNECT_TIMEOUT and MPESA_READ_TIMEOUT."""
+    connect, read = config.connect_timeout, config.read_timeout
+    return {
+        # A GET for a token is idempotent: retry connect, read and 5xx.
+        "oauth": CallPolicy("oauth", "GET", connect, read, attempts=3, retry_read=True,
+                            retry_statuses=(500, 502, 503, 504)),
+        # A push is retried only when the connection was never made: a POST that may
+        # have been sent is never resent (a second prompt could charge twice).
+        "stk_push": CallPolicy("stk_push", "POST", connect, read, attempts=2),
+        # A query has no side effect: a connect or read error may be retried once.
+        "stk_query": CallPolicy("stk_query", "POST", connect, read, attempts=2,
+                                retry_read=True),
+    }
 
 
 class DarajaError(Exception):
@@ -155,14 +187,6 @@ def observed(api):
     return decorate
 
 
-def longest_call_s(config):
-    """The longest one push can take: a token fetch with its retries, then the push and its
-    one resend after "Invalid Access Token". A row `submitting` for longer was abandoned."""
-    token = 3 * (config.connect_timeout + config.read_timeout) + 1
-    push = 2 * config.connect_timeout + config.read_timeout + 0.5
-    return token + 2 * push
-
-
 def build_pool(config):
     """The app's one PoolManager: TLS verified, `threads` connections, blocking when full."""
     return urllib3.PoolManager(
@@ -189,10 +213,15 @@ class DarajaClient:
         self._base = config.base_url
         self._now = now or (lambda: datetime.now(EAT))  # wall clock for Timestamp
         self._pool_timeout = config.connect_timeout
-        # Bounds a slow-drip answer, which read timeouts alone do not.
-        self._deadline_s = 2 * config.connect_timeout + config.read_timeout
-        self.longest_call_s = longest_call_s(config)
-        self.tokens = TokenCache(self.fetch_token, config.token_margin_s, clock=clock)
+        self.policies = call_policies(config)
+        oauth = self.policies["oauth"]
+        # A push: a token fetch, then the push and its one resend after "Invalid Access
+        # Token". A row `submitting` for longer than this was abandoned mid-push.
+        self.longest_push_s = oauth.longest_s + 2 * self.policies["stk_push"].longest_s
+        self.longest_query_s = oauth.longest_s + 2 * self.policies["stk_query"].longest_s
+        # Token waiters wait for the one fetch in flight, never longer than it can take.
+        self.tokens = TokenCache(self.fetch_token, config.token_margin_s, clock=clock,
+                                 wait_s=oauth.longest_s)
 
     def close(self):
         self._http.clear()
@@ -212,7 +241,7 @@ class DarajaClient:
         """GET a new OAuth token; return (access_token, expires_in). Used by the cache."""
         headers = {"Authorization": self._cfg.oauth_header}
         try:
-            status, data = self._send("oauth", "GET", OAUTH_PATH, None, headers, OAUTH_RETRY)
+            status, data, _ = self._send(self.policies["oauth"], OAUTH_PATH, None, headers)
         except DarajaError as exc:
             # No push has been sent yet, whatever happened to the token request.
             raise DarajaError("oauth", UNAVAILABLE, exc.reason, http_status=exc.http_status) from None
@@ -233,6 +262,8 @@ class DarajaClient:
     def _token(self):
         try:
             return self.tokens.get()
+        except TokenWaitTimeout:
+            raise DarajaError("oauth", UNAVAILABLE, "oauth_wait_timeout") from None
         except TokenError:
             raise DarajaError("oauth", UNAVAILABLE, "oauth_unparsable") from None
 
@@ -255,7 +286,9 @@ class DarajaClient:
             "AccountReference": reference,
             "TransactionDesc": description,
         }
-        status, data = self._authorized_post("stk_push", PUSH_PATH, payload, PUSH_RETRY)
+        status, data, html = self._authorized_post("stk_push", PUSH_PATH, payload)
+        if status == 200 and html:
+            raise _wrong_base_url("stk_push", status)
         if status == 200 and isinstance(data, dict) and "errorCode" not in data:
             checkout = data.get("CheckoutRequestID")
             if str(data.get("ResponseCode")) == "0" and isinstance(checkout, str) and checkout:
@@ -277,9 +310,11 @@ class DarajaClient:
             "Timestamp": timestamp,
             "CheckoutRequestID": checkout_request_id,
         }
-        status, data = self._authorized_post("stk_query", QUERY_PATH, payload, QUERY_RETRY)
-        error_code, _message, _ = _envelope(data)
-        if error_code == REFUSED_CODE:
+        status, data, html = self._authorized_post("stk_query", QUERY_PATH, payload)
+        if status == 200 and html:
+            raise _wrong_base_url("stk_query", status)
+        error_code, message, _ = _envelope(data)
+        if error_code == REFUSED_CODE and _not_yet(message):
             # "being processed" / "does not Exist" / empty: not yet, never a failure.
             return QueryAnswer(checkout_request_id, pending=True)
         if status == 200 and isinstance(data, dict) and _text(data.get("ResultCode"), 32):
@@ -293,43 +328,48 @@ class DarajaClient:
 
     # --- transport -----------------------------------------------------------------
 
-    def _authorized_post(self, api, path, payload, retries):
+    def _authorized_post(self, api, path, payload):
         body = json.dumps(payload, separators=(",", ":")).encode()
+        policy = self.policies[api]
         for attempt in (1, 2):
             token = self._token()
             headers = {"Authorization": "Bearer " + token, "Content-Type": "application/json"}
-            status, data = self._send(api, "POST", path, body, headers, retries)
+            status, data, html = self._send(policy, path, body, headers)
             if attempt == 1 and _envelope(data)[0] in INVALID_TOKEN_CODES:
                 # Refused by Daraja's API gateway before processing: safe to resend once.
                 self.tokens.invalidate(token)
                 log.warning("daraja api=%s invalid_access_token action=refresh_and_resend", api)
                 continue
-            return status, data
-        return status, data
+            return status, data, html
+        return status, data, html
 
-    def _send(self, api, method, path, body, headers, retries):
-        """One HTTP exchange; return (status, decoded JSON or None) or raise DarajaError."""
+    def _send(self, policy, path, body, headers):
+        """One exchange under `policy`, its retries included; return (status, decoded JSON
+        or None, whether the answer is an HTML page) or raise DarajaError."""
         started = time.monotonic()
         status, result = None, "answered"
         try:
             resp = self._http.request(
-                method, self._base + path, body=body, headers=headers, retries=retries,
-                redirect=False, preload_content=False, pool_timeout=self._pool_timeout,
+                policy.method, self._base + path, body=body, headers=headers,
+                retries=policy.retry(), timeout=policy.timeout(), redirect=False,
+                preload_content=False, pool_timeout=self._pool_timeout,
             )
             status = resp.status
+            html = "html" in (resp.headers.get("Content-Type") or "").lower()
             try:
-                raw = _read_bounded(resp, started + self._deadline_s)
+                # The policy's deadline, from the start: retries and a slow drip included.
+                raw = _read_bounded(resp, started + policy.longest_s)
             finally:
                 resp.release_conn()
-            return status, _json_or_none(raw)
+            return status, _json_or_none(raw), html or (raw or b"").lstrip()[:1] == b"<"
         except (MaxRetryError, EmptyPoolError, ConnectTimeoutError, SSLError,
                 ReadTimeoutError, ProtocolError, HTTPError) as exc:
-            error = _transport_error(api, exc, status)
+            error = _transport_error(policy.api, exc, status)
             result = error.reason
             raise error from None
         finally:
             log.debug("daraja http api=%s result=%s http_status=%s ms=%.1f",
-                      api, result, status, (time.monotonic() - started) * 1000)
+                      policy.api, result, status, (time.monotonic() - started) * 1000)
 
     @staticmethod
     def _classify(api, status, data):
@@ -339,6 +379,8 @@ class DarajaClient:
                       request_id=request_id)
         if error_code in THROTTLE_CODES or status == 429:
             return DarajaError(api, UNAVAILABLE, "throttled", **kwargs)
+        if error_code == MAINTENANCE_CODE:
+            return DarajaError(api, UNAVAILABLE, "maintenance", **kwargs)
         if status is not None and 400 <= status < 500:
             kwargs["error_code"] = error_code or f"HTTP {status}"
             return DarajaError(api, REJECTED, "daraja_rejected", **kwargs)
@@ -349,6 +391,19 @@ class DarajaClient:
         if status is not None and status >= 500:
             return DarajaError(api, UNKNOWN, "upstream_error", **kwargs)
         return DarajaError(api, UNKNOWN, "unparsable_response", **kwargs)
+
+
+def _wrong_base_url(api, status):
+    """A 200 HTML page is the API proxy's answer to a wrong host or path: the request never
+    reached the STK service."""
+    log.error("daraja api=%s html_answer: MPESA_BASE_URL looks wrong (an API proxy page)", api)
+    return DarajaError(api, REJECTED, "wrong_base_url", http_status=status,
+                       error_code="HTML page", error_message="the base URL looks wrong")
+
+
+def _not_yet(message):
+    text = (message or "").strip().lower()
+    return not text or any(t in text for t in _NOT_YET_TEXTS)
 
 
 def _transport_error(api, exc, status):

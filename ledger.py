@@ -6,15 +6,17 @@ the append-only callback log.  The rules that keep money safe live here:
 
 - a row is committed in state `submitting` *before* Daraja is called;
 - a callback's raw body is stored and applied in one committed transaction;
-- one settle step applies an STK result, whoever brings it, idempotently: a
-  final state never changes, except that a success with a receipt overrides an
-  earlier failure (flagged as an anomaly);
+- `settle()` runs settlement's rules on a row inside the write transaction
+  that reads it (and, for a callback, stores its raw body), so a result is
+  applied once whoever brings it;
 - on startup, rows left in `submitting` become `unknown`, never re-sent;
 - an idempotency key is claimed, the per-phone lock checked and the row written
   in one `BEGIN IMMEDIATE` transaction, so the guarantees hold across threads
   and across processes sharing the file;
-- reconciliation claims rows with a lease, so two processes never query the
-  same row at once.
+- reconciliation claims one row at a time with a lease, so two processes never
+  query the same row at once;
+- a failed COMMIT is rolled back; a connection that cannot be rolled back is
+  discarded.
 """
 
 import calendar
@@ -100,21 +102,6 @@ def new_tx_id(epoch_s):
 
 
 @dataclass(frozen=True)
-class Settlement:
-    """An STK result to apply: from a callback (`receipt`, `amount` known) or a query."""
-
-    status: str  # succeeded | failed
-    reason: str | None
-    result_code: str
-    result_desc: str | None
-    checkout_request_id: str
-    merchant_request_id: str | None = None
-    receipt: str | None = None
-    amount: int | None = None
-    source: str = "callback"
-
-
-@dataclass(frozen=True)
 class Idempotency:
     scope: str
     key: str
@@ -132,9 +119,10 @@ class Begun:
 
 
 class Ledger:
-    def __init__(self, path, *, clock=time.time, busy_timeout_s=BUSY_TIMEOUT_S):
+    def __init__(self, path, *, clock=time.time, busy_timeout_s=BUSY_TIMEOUT_S, on_connect=None):
         self.path = path
         self._clock = clock
+        self._on_connect = on_connect  # test shim: sees each new connection (e.g. an authorizer)
         self._busy_timeout_s = busy_timeout_s
         self._local = threading.local()
         self._all = []  # every connection opened, so close() can reach them
@@ -156,6 +144,8 @@ class Ledger:
             if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
                 self._when_unlocked(lambda: conn.execute("PRAGMA journal_mode=WAL"))
             conn.execute("PRAGMA synchronous=FULL")  # a commit we acknowledged survives power loss
+            if self._on_connect is not None:
+                self._on_connect(conn)
             self._local.conn = conn
             with self._all_lock:
                 self._all.append(conn)
@@ -183,10 +173,28 @@ class Ledger:
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield conn
+            conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            self._rollback(conn)  # the original error is the one the caller sees
             raise
-        conn.execute("COMMIT")
+
+    def _rollback(self, conn):
+        """End a failed transaction (a failed COMMIT leaves it open); a connection that
+        cannot be rolled back is discarded, so the next write starts from a clean one."""
+        try:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            log.error("ledger rollback_failed action=discard_connection")
+            if getattr(self._local, "conn", None) is conn:
+                self._local.conn = None
+            with self._all_lock:
+                if conn in self._all:
+                    self._all.remove(conn)
+            try:
+                conn.close()
+            except sqlite3.Error:
+                pass
 
     def close(self):
         with self._all_lock:
@@ -221,10 +229,14 @@ class Ledger:
                     conn.execute("DELETE FROM idempotency_keys WHERE scope = ? AND key = ?",
                                  (idempotency.scope, idempotency.key))
             if phone_lock_s > 0:
+                # A prompt may be open: pending, or unknown without a CheckoutRequestID (its
+                # push was cut off or timed out after it may have been sent).
                 busy = conn.execute(
-                    "SELECT * FROM transactions WHERE phone = ? AND status IN (?, ?)"
-                    " AND created_at >= ? ORDER BY created_at DESC LIMIT 1",
-                    (phone, SUBMITTING, PENDING, iso_utc(now - phone_lock_s))).fetchone()
+                    "SELECT * FROM transactions WHERE phone = ? AND created_at >= ?"
+                    " AND (status IN (?, ?) OR (status = ? AND checkout_request_id IS NULL))"
+                    " ORDER BY created_at DESC LIMIT 1",
+                    (phone, iso_utc(now - phone_lock_s), SUBMITTING, PENDING,
+                     UNKNOWN)).fetchone()
                 if busy is not None:
                     return Begun("phone_busy", dict(busy))
             stamp = iso_utc(now)
@@ -317,22 +329,27 @@ class Ledger:
 
     # --- reconciliation ---------------------------------------------------
 
-    def claim_due(self, *, older_than_s, lease_s, limit=50):
-        """Lease `pending` rows that are due for an STK query to this caller.
+    def claim_next(self, *, older_than_s, lease_s, unknown_window_s):
+        """Lease the one row most due for an STK query to this caller, or return None.
 
-        A leased row is invisible to other claimers until the lease ends, so two
+        Due: `pending` rows older than `older_than_s`, and `unknown` rows with a
+        CheckoutRequestID younger than `unknown_window_s` (a lost callback may still be
+        found). A leased row is invisible to other claimers until the lease ends, so two
         processes never query the same row at once; a crashed claimer's lease lapses.
         """
         now = self._clock()
         with self._write() as conn:
-            rows = [dict(r) for r in conn.execute(
-                "SELECT * FROM transactions WHERE status = ? AND checkout_request_id IS NOT NULL"
-                " AND next_check_at <= ? AND claimed_until <= ? AND created_at <= ?"
-                " ORDER BY next_check_at, created_at LIMIT ?",
-                (PENDING, now, now, iso_utc(now - older_than_s), limit))]
-            conn.executemany("UPDATE transactions SET claimed_until = ? WHERE id = ?",
-                             [(now + lease_s, r["id"]) for r in rows])
-        return rows
+            row = conn.execute(
+                "SELECT * FROM transactions WHERE checkout_request_id IS NOT NULL"
+                " AND next_check_at <= ? AND claimed_until <= ?"
+                " AND ((status = ? AND created_at <= ?) OR (status = ? AND created_at >= ?))"
+                " ORDER BY next_check_at, created_at LIMIT 1",
+                (now, now, PENDING, iso_utc(now - older_than_s), UNKNOWN,
+                 iso_utc(now - unknown_window_s))).fetchone()
+            if row is not None:
+                conn.execute("UPDATE transactions SET claimed_until = ? WHERE id = ?",
+                             (now + lease_s, row["id"]))
+        return dict(row) if row is not None else None
 
     def reschedule(self, tx_id, next_check_at):
         """Not settled yet: query again at `next_check_at`; the lease ends."""
@@ -341,22 +358,16 @@ class Ledger:
                 "UPDATE transactions SET next_check_at = ?, check_attempts = check_attempts + 1,"
                 " claimed_until = 0 WHERE id = ?", (next_check_at, tx_id))
 
-    def give_up(self, tx_id):
-        """No final result before the deadline: `unknown`, reason no_final_result."""
+    def give_up(self, tx_id, next_check_at):
+        """No final result before the deadline: `unknown`, reason no_final_result; still
+        queried now and then (from `next_check_at`) in case the result turns up."""
         with self._write() as conn:
             cur = conn.execute(
                 "UPDATE transactions SET status = ?, reason = 'no_final_result', claimed_until = 0,"
-                " updated_at = ? WHERE id = ? AND status = ?",
-                (UNKNOWN, self._now(), tx_id, PENDING))
+                " next_check_at = ?, check_attempts = check_attempts + 1, updated_at = ?"
+                " WHERE id = ? AND status = ?",
+                (UNKNOWN, next_check_at, self._now(), tx_id, PENDING))
         return cur.rowcount == 1
-
-    def apply_result(self, tx_id, settlement):
-        """Settle from an STK query: the same step a callback uses. Returns the outcome."""
-        with self._write() as conn:
-            row = conn.execute("SELECT * FROM transactions WHERE id = ?", (tx_id,)).fetchone()
-            outcome = self._settle(conn, dict(row), settlement) if row else "unknown_transaction"
-            conn.execute("UPDATE transactions SET claimed_until = 0 WHERE id = ?", (tx_id,))
-        return outcome
 
     def list_page(self, *, status=None, since=None, after=None, limit=50):
         """Newest first; `after` = (created_at, id) of the previous page's last row.
@@ -405,71 +416,64 @@ class Ledger:
             counts[PENDING] = counts.get(PENDING, 0) + counts.pop(SUBMITTING)
         return counts
 
-    # --- callbacks ----------------------------------------------------------
+    # --- settling: callbacks and query answers ----------------------------
 
-    def record_callback(self, tx_id, body, remote_addr, settlement):
-        """Store the raw callback and apply `settlement` (None: unparsable) atomically.
+    SETTLE_COLUMNS = ("status", "reason", "result_code", "result_desc", "receipt",
+                      "checkout_request_id", "merchant_request_id")
 
-        Returns (outcome, row): outcome is applied, duplicate, ignored, anomaly,
-        override, malformed or unknown_transaction; row is the transaction after.
+    def settle(self, tx_id, rules, *, callback=None, release_claim=False):
+        """In one write transaction: read the row, let `rules(row)` decide (a Decision
+        from settlement; None: the callback is malformed), apply its changes, store the
+        raw `callback` (a settlement.CallbackRecord) if given, and end the row's lease.
+
+        Returns (outcome, row after): outcome is the decision's, or malformed or
+        unknown_transaction; row is None for an unknown transaction.
         """
         with self._write() as conn:
             row = conn.execute("SELECT * FROM transactions WHERE id = ?", (tx_id,)).fetchone()
-            row = dict(row) if row is not None else None
             if row is None:
                 outcome = "unknown_transaction"
-            elif settlement is None:
+            elif rules is None:
                 outcome = "malformed"
             else:
-                outcome = self._settle(conn, row, settlement)
-            conn.execute(
-                "INSERT INTO callbacks (tx_id, received_at, remote_addr, outcome, body)"
-                " VALUES (?, ?, ?, ?, ?)", (tx_id, self._now(), remote_addr, outcome, body))
-        return outcome, (self.get(tx_id) if row is not None else None)
+                row = dict(row)
+                decision = rules(row)
+                outcome = decision.outcome
+                if decision.changes:
+                    row = self._update(conn, tx_id, decision.changes)
+            if callback is not None:
+                conn.execute(
+                    "INSERT INTO callbacks (tx_id, received_at, remote_addr, outcome, body)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (tx_id, self._now(), callback.remote_addr, outcome, callback.body))
+            if release_claim and row is not None:
+                conn.execute("UPDATE transactions SET claimed_until = 0 WHERE id = ?", (tx_id,))
+        return outcome, (dict(row) if row is not None else None)
+
+    def _update(self, conn, tx_id, changes):
+        sets, args = [], {"id": tx_id, "updated_at": self._now()}
+        for column, value in changes.items():
+            if column not in self.SETTLE_COLUMNS:
+                raise ValueError(f"settle cannot change {column}")
+            args[column] = value
+            if column == "receipt":
+                sets.append("receipt = COALESCE(:receipt, receipt)")
+            elif column == "checkout_request_id":
+                # Learn it only if unset and no other row holds it (it is UNIQUE).
+                sets.append("checkout_request_id = COALESCE(checkout_request_id, (SELECT"
+                            " :checkout_request_id WHERE NOT EXISTS (SELECT 1 FROM transactions"
+                            " WHERE checkout_request_id = :checkout_request_id)))")
+            elif column == "merchant_request_id":
+                sets.append("merchant_request_id = COALESCE(merchant_request_id,"
+                            " :merchant_request_id)")
+            else:
+                sets.append(f"{column} = :{column}")
+        sets.append("updated_at = :updated_at")
+        return conn.execute(f"UPDATE transactions SET {', '.join(sets)} WHERE id = :id"
+                            " RETURNING *", args).fetchone()
 
     def callbacks(self, tx_id):
         """The stored callbacks of one transaction, oldest first."""
         rows = self._conn().execute(
             "SELECT * FROM callbacks WHERE tx_id = ? ORDER BY id", (tx_id,)).fetchall()
         return [dict(r) for r in rows]
-
-    def _settle(self, conn, row, s):
-        """Apply one STK result to `row` inside the caller's write transaction."""
-        stored_id = row["checkout_request_id"]
-        if stored_id is not None and stored_id != s.checkout_request_id:
-            log.error("anomaly tx=%s reason=checkout_request_id_mismatch", row["id"])
-            return "anomaly"
-        if s.status == SUCCEEDED and s.source == "callback":
-            if s.receipt is None or s.amount != row["amount"]:
-                # Not proof of payment: keep the row as it is; a query decides.
-                log.error("anomaly tx=%s reason=%s", row["id"],
-                          "no_receipt" if s.receipt is None else "amount_mismatch")
-                return "anomaly"
-        current = row["status"]
-        if current == SUCCEEDED:
-            if s.status == SUCCEEDED and row["receipt"] is None and s.receipt is not None:
-                # Settled by a query (which carries no receipt); the callback completes it.
-                conn.execute("UPDATE transactions SET receipt = ?, updated_at = ? WHERE id = ?",
-                             (s.receipt, self._now(), row["id"]))
-                return "duplicate"
-            same = s.status == SUCCEEDED and s.receipt in (None, row["receipt"])
-            if not same:
-                log.error("anomaly tx=%s reason=result_after_success result_code=%s",
-                          row["id"], s.result_code)
-            return "duplicate" if same else "ignored"
-        if current in FINAL:
-            if s.status != SUCCEEDED or s.receipt is None:
-                return "duplicate" if s.result_code == row["result_code"] else "ignored"
-            # Paid after all: money moved, so the success wins over the earlier failure.
-            log.error("anomaly tx=%s reason=success_after_%s", row["id"], current)
-            outcome = "override"
-        else:
-            outcome = "applied"
-        conn.execute(
-            "UPDATE transactions SET status = ?, reason = ?, result_code = ?, result_desc = ?,"
-            " receipt = COALESCE(?, receipt), checkout_request_id = COALESCE(checkout_request_id,"
-            " (SELECT ? WHERE NOT EXISTS (SELECT 1 FROM transactions WHERE checkout_request_id = ?))),"
-            " merchant_request_id = COALESCE(merchant_request_id, ?), updated_at = ? WHERE id = ?",
-            (s.status, s.reason, s.result_code, s.result_desc, s.receipt, s.checkout_request_id,
-             s.checkout_request_id, s.merchant_request_id, self._now(), row["id"]))
-        return outcome

@@ -117,13 +117,17 @@ class GatewayMetrics:
                                  ("outcome",))
         self.reconcile = Counter(p + "reconcile_queries_total",
                                  "Reconciliation STK queries by result.", ("result",))
+        self.reconcile_refusals = Counter(
+            p + "reconcile_query_refusals_total",
+            "STK queries Daraja refused for good (credentials, merchant): needs an operator.")
         self.transactions = Gauge(p + "transactions", "Transactions in the ledger by status.",
                                   ("status",), transactions_by_status)
         self.build = Gauge(p + "build_info", "The running version.", ("version",),
                            lambda: {(version,): 1})
         self._families = (self.requests, self.request_seconds, self.daraja_calls,
                           self.daraja_seconds, self.token_fetches, self.callbacks,
-                          self.reconcile, self.transactions, self.build)
+                          self.reconcile, self.reconcile_refusals, self.transactions,
+                          self.build)
 
     def daraja_call(self, api, outcome, seconds):
         """The Daraja client's observer: one call finished with `outcome`."""

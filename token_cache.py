@@ -4,7 +4,9 @@ Owns when a token is fetched, reused and dropped.  It knows nothing of HTTP: it
 calls a `fetch()` function that returns `(access_token, expires_in)`.  Guarded
 by a `threading.Lock` with single flight: however many threads find the cache
 cold or stale, exactly one calls `fetch()` and the others wait for that same
-result (or that same failure).  The clock is injectable for tests.
+result (or that same failure), for at most `wait_s` (the longest the fetch can
+take under its call policy): a waiter never parks without a bound.  The clock
+is injectable for tests.
 """
 
 import threading
@@ -28,6 +30,10 @@ def expires_in_seconds(value):
     return seconds
 
 
+class TokenWaitTimeout(TokenError):
+    """The fetch this caller waited for did not finish within `wait_s`."""
+
+
 class _Flight:
     """One fetch in progress; waiters block on `done` and share its result."""
 
@@ -40,8 +46,9 @@ class _Flight:
 
 
 class TokenCache:
-    def __init__(self, fetch, margin_s, clock=time.monotonic):
+    def __init__(self, fetch, margin_s, clock=time.monotonic, wait_s=None):
         self._fetch = fetch
+        self._wait_s = wait_s  # None: as long as the fetch takes
         self._margin = margin_s
         self._clock = clock
         self._lock = threading.Lock()
@@ -60,8 +67,9 @@ class TokenCache:
             if leader:
                 flight = self._flight = _Flight()
         if not leader:
-            # The leader's fetch is bounded by its HTTP timeouts, so this wait is too.
-            flight.done.wait()
+            # The leader's fetch is bounded by its call policy; so is this wait.
+            if not flight.done.wait(self._wait_s):
+                raise TokenWaitTimeout("the token fetch in flight took too long")
             if flight.error is not None:
                 raise flight.error
             return flight.token

@@ -21,6 +21,7 @@ _PHONE_SEPARATORS = re.compile(r"[ \-]+")
 _DIGITS = re.compile(r"[0-9]{1,9}")
 _TEXT = re.compile(r"[A-Za-z0-9 _-]+")
 _MSISDN = re.compile(r"254[17][0-9]{8}")
+_DECIMAL = re.compile(r"[0-9]{1,12}(?:\.[0-9]{1,4})?")  # "10", "10.00"; never "1e1"
 
 REFERENCE_MAX = 12  # AccountReference: shown to the customer in the prompt and SMS
 DESCRIPTION_MAX = 13  # TransactionDesc
@@ -151,7 +152,7 @@ def _optional_text(value, limit=256):
 
 def _items_by_name(metadata):
     """CallbackMetadata.Item as {Name: Value}; order and count are not a contract."""
-    if metadata is None:
+    if metadata is None or metadata == {}:  # failure callbacks carry none, or an empty one
         return {}
     items = metadata.get("Item") if isinstance(metadata, dict) else None
     if isinstance(items, dict):  # a single item sent as an object
@@ -166,14 +167,14 @@ def _items_by_name(metadata):
 
 
 def _callback_amount(value):
-    """Whole shillings from 1, 1.0 or "1.00"; None when absent or not whole."""
+    """Whole shillings from a JSON number (1, 1.00) or a plain decimal string ("10",
+    "10.00"); None when absent, not whole, or another spelling ("1e1"): not proof."""
     if isinstance(value, bool) or value is None:
         return None
     if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
+        if not _DECIMAL.fullmatch(value):
             return None
+        value = float(value)
     if isinstance(value, (int, float)) and value == value and abs(value) < 1e12:
         return int(value) if float(value).is_integer() else None
     return None

@@ -2,7 +2,8 @@
 
 Same routes, bodies and status codes. Everything that is not the web layer is the
 gateway's own: config, validation, token cache, Daraja client, ledger, metrics and the
-payment flows of `mpesa_wsgi` (plain values in, status and body out). Falcon does the
+payment flows of `payments` over its `Services` (plain values in, status and
+body out). Falcon does the
 routing, request parsing, response rendering and the per-request bookkeeping, in its
 own idiom: resource classes with responders, `req.get_media()`, `resp.media`,
 middleware and error handlers.
@@ -19,7 +20,8 @@ from types import SimpleNamespace
 import falcon
 
 import logs
-import mpesa_wsgi as gw
+import errors
+import payments as gw
 
 log = logging.getLogger(__name__)
 
@@ -62,15 +64,15 @@ class Resource:
 
     def load_json(self, req):
         if req.content_length and req.content_length > self.core.config.max_body:
-            raise gw.PayloadTooLarge()
+            raise errors.PayloadTooLarge()
         if req.content_type is None or req.content_type.split(";")[0].strip() != falcon.MEDIA_JSON:
-            raise gw.UnsupportedMediaType()
+            raise errors.UnsupportedMediaType()
         return req.get_media()
 
     def load_raw(self, req):
         data = req.bounded_stream.read(self.core.config.max_body + 1)
         if len(data) > self.core.config.max_body:
-            raise gw.PayloadTooLarge()
+            raise errors.PayloadTooLarge()
         return data
 
 
@@ -121,23 +123,23 @@ def api_error(req, resp, exc, params):
 
 
 FALCON_ERRORS = {  # Falcon's own HTTP errors, in the gateway's error shape
-    400: lambda: gw.BadRequest("the body is not valid UTF-8 JSON", code="invalid_json"),
-    404: gw.NotFound,
-    405: gw.MethodNotAllowed,
-    413: gw.PayloadTooLarge,
-    415: gw.UnsupportedMediaType,
+    400: lambda: errors.BadRequest("the body is not valid UTF-8 JSON", code="invalid_json"),
+    404: errors.NotFound,
+    405: errors.MethodNotAllowed,
+    413: errors.PayloadTooLarge,
+    415: errors.UnsupportedMediaType,
 }
 
 
 def http_error(req, resp, exc, params):
-    error = FALCON_ERRORS.get(exc.status_code, gw.ApiError)()
+    error = FALCON_ERRORS.get(exc.status_code, errors.ApiError)()
     error.headers = [(k, v) for k, v in (exc.headers or {}).items() if k.lower() == "allow"]
     api_error(req, resp, error, params)
 
 
 def unhandled(req, resp, exc, params):
     log.exception("unhandled error")
-    api_error(req, resp, gw.ApiError(), params)
+    api_error(req, resp, errors.ApiError(), params)
 
 
 class GatewayApp(falcon.App):
@@ -147,7 +149,7 @@ class GatewayApp(falcon.App):
 
 
 def create_app(config=None):
-    core = gw.create_app(config)  # the shared, non-web half: ledger, client, metrics, …
+    core = gw.build_services(config)  # the shared, non-web half: ledger, client, …
     app = GatewayApp(middleware=[Accounting(core)])
     app.req_options.strip_url_path_trailing_slash = False
     compact = falcon.media.JSONHandler(
@@ -163,6 +165,6 @@ def create_app(config=None):
     # Falcon consults handlers most-specific first.
     app.add_error_handler(Exception, unhandled)
     app.add_error_handler(falcon.HTTPError, http_error)
-    app.add_error_handler(gw.ApiError, api_error)
+    app.add_error_handler(errors.ApiError, api_error)
     app.mpesa_gateway = core
     return app

@@ -2,7 +2,8 @@
 
 Same routes, bodies and status codes. Everything that is not the web layer is the
 gateway's own: config, validation, token cache, Daraja client, ledger, metrics and the
-payment flows of `mpesa_wsgi` (plain values in, status and body out). Flask does the
+payment flows of `payments` over its `Services` (plain values in, status and
+body out). Flask does the
 routing, request parsing, response rendering and the per-request bookkeeping, in its
 own idiom: decorated views, `request.get_json()`, `jsonify`, error handlers and
 before/after-request hooks.
@@ -18,21 +19,22 @@ import flask
 from werkzeug.exceptions import HTTPException
 
 import logs
-import mpesa_wsgi as gw
+import errors
+import payments as gw
 
 log = logging.getLogger(__name__)
 
 WERKZEUG_ERRORS = {  # Werkzeug's own HTTP errors, in the gateway's error shape
-    400: (gw.BadRequest, "invalid_json"),
-    404: (gw.NotFound, None),
-    405: (gw.MethodNotAllowed, None),
-    413: (gw.PayloadTooLarge, None),
-    415: (gw.UnsupportedMediaType, None),
+    400: (errors.BadRequest, "invalid_json"),
+    404: (errors.NotFound, None),
+    405: (errors.MethodNotAllowed, None),
+    413: (errors.PayloadTooLarge, None),
+    415: (errors.UnsupportedMediaType, None),
 }
 
 
 def create_app(config=None):
-    core = gw.create_app(config)  # the shared, non-web half: ledger, client, metrics, …
+    core = gw.build_services(config)  # the shared, non-web half: ledger, client, …
     app = flask.Flask(__name__)
     app.json.sort_keys = False
     app.json.compact = True
@@ -74,13 +76,13 @@ def create_app(config=None):
         if context is not None:
             logs.REQUEST_ID.reset(context)
 
-    @app.errorhandler(gw.ApiError)
+    @app.errorhandler(errors.ApiError)
     def api_error(exc):
         return flask.jsonify(exc.body()), exc.status, exc.headers
 
     @app.errorhandler(HTTPException)
     def http_error(exc):
-        kind, code = WERKZEUG_ERRORS.get(exc.code, (gw.ApiError, None))
+        kind, code = WERKZEUG_ERRORS.get(exc.code, (errors.ApiError, None))
         error = kind(code=code) if code else kind()
         headers = [(k, v) for k, v in exc.get_headers() if k == "Allow"]
         return flask.jsonify(error.body()), error.status, headers
@@ -88,7 +90,7 @@ def create_app(config=None):
     @app.errorhandler(Exception)
     def unhandled(exc):
         log.exception("unhandled error")
-        return flask.jsonify(gw.ApiError().body()), 500
+        return flask.jsonify(errors.ApiError().body()), 500
 
     @app.get("/health")
     def health():

@@ -12,6 +12,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import config  # noqa: E402
+import cli  # noqa: E402
 import mpesa_wsgi  # noqa: E402
 
 
@@ -34,7 +35,7 @@ def main():
     import waitress
 
     cfg = config.load_config(os.environ)
-    mpesa_wsgi.configure_logging(cfg)
+    cli.configure_logging(cfg)
     app = factory(sys.argv[1])(cfg)
     waitress.serve(app, host=cfg.host, port=cfg.port, threads=cfg.threads, _quiet=True,
                    clear_untrusted_proxy_headers=False)

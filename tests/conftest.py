@@ -72,13 +72,40 @@ def wait_for(predicate, timeout=5.0, interval=0.02):
 
 
 class FakeClock:
-    """A clock the test moves by hand."""
+    """A clock the test moves by hand: callable (one reading), or as the app's clock
+    (`wall()` and `monotonic()` move together)."""
 
     def __init__(self, start=1000.0):
         self.now = start
 
     def __call__(self):
         return self.now
+
+    def wall(self):
+        return self.now
+
+    def monotonic(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+
+
+class OffsetClock:
+    """The real clocks, plus an offset the test adds to (time passes at once for every
+    part of the app that was given this clock)."""
+
+    def __init__(self):
+        self.offset = 0.0
+
+    def wall(self):
+        return time.time() + self.offset
+
+    def monotonic(self):
+        return time.monotonic() + self.offset
+
+    def advance(self, seconds):
+        self.offset += seconds
 
 
 class SimHandle:
@@ -195,8 +222,8 @@ class _LateApp:
 
 
 class GatewayHandle:
-    def __init__(self, app, url, server):
-        self.app, self.url, self.server = app, url, server
+    def __init__(self, app, url, server, clock):
+        self.app, self.url, self.server, self.clock = app, url, server, clock
         self.testapp = TestApp(app, lint=True)
         self.auth = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -222,7 +249,8 @@ def gateway(gateway_env):
     late = _LateApp()
     server, url = serve(late)
     env = dict(gateway_env, MPESA_CALLBACK_BASE_URL=url)
-    late.app = mpesa_wsgi.create_app(config.load_config(env))
-    yield GatewayHandle(late.app, url, server)
+    clock = OffsetClock()
+    late.app = mpesa_wsgi.create_app(config.load_config(env), clock=clock)
+    yield GatewayHandle(late.app, url, server, clock)
     server.shutdown()
     late.app.close()

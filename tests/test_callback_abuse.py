@@ -193,7 +193,7 @@ def test_concurrent_duplicate_callbacks_apply_once(make):
 def test_locked_ledger_answers_503_and_writes_nothing(make):
     app, testapp, tx, path = make("off")
     app.ledger.close()
-    app.ledger = Ledger(app.config.db_path, busy_timeout_s=0.2)  # test shim: short busy wait
+    app.services.ledger = Ledger(app.config.db_path, busy_timeout_s=0.2)  # short busy wait
     holder = sqlite3.connect(app.config.db_path, isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")  # another process holds the write lock
     try:

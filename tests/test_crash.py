@@ -125,7 +125,7 @@ def test_sigkill_at_random_moments_loses_nothing_and_pushes_nothing_twice(sim, t
             assert not lost, "a callback answered 2xx is not in the ledger"
     finally:
         load.stop()
-    time.sleep(daraja.longest_call_s(config.load_config(env)) + 1)  # past the recovery cutoff
+    time.sleep(daraja.DarajaClient(config.load_config(env), None).longest_push_s + 1)  # past the recovery cutoff
     stop_proc = start()  # a clean start recovers interrupted rows
     time.sleep(0.5)
     stop_proc.kill()

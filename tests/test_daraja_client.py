@@ -9,6 +9,7 @@ import pytest
 
 import config
 import daraja
+import settlement
 import simulator
 from conftest import base_env
 
@@ -126,7 +127,7 @@ def test_query_is_pending_then_terminal(client, sim):
     time.sleep(sim.sim.settings.callback_delay_s + 0.05)
     answer = client.stk_query(accepted.checkout_request_id)
     assert (answer.pending, answer.result_code) == (False, "1032")
-    assert daraja.result_status(answer.result_code) == ("failed", "cancelled")
+    assert settlement.result_status(answer.result_code) == ("failed", "cancelled")
 
 
 def test_query_for_an_unknown_id_means_not_yet(client):
@@ -140,11 +141,12 @@ def test_query_for_an_unknown_id_means_not_yet(client):
     (1019, ("failed", "expired")), (2001, ("failed", "wrong_pin")),
     (1001, ("failed", "subscriber_busy")), (2, ("failed", "limit_exceeded")),
     (8, ("failed", "limit_exceeded")), (1025, ("failed", "push_failed")),
-    (9999, ("failed", "push_failed")), ("SFC_IC0003", ("failed", "other")),
-    (17, ("failed", "other")),
+    (9999, ("failed", "push_failed")), ("SFC_IC0003", ("failed", "misconfigured")),
+    (2028, ("failed", "misconfigured")), (17, ("failed", "duplicate_request")),
+    (26, ("failed", "system_busy")), (1031, ("failed", "cancelled")), (8006, ("failed", "other")),
 ])
 def test_result_codes_map_to_status_and_reason(code, expected):
-    assert daraja.result_status(code) == expected
+    assert settlement.result_status(code) == expected
 
 
 def test_simulator_receipts_look_like_mpesa_receipts():

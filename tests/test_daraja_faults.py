@@ -140,11 +140,26 @@ def test_push_5xx_is_unknown_and_never_resent(harness, status):
 
 
 def test_unparsable_200_is_unknown(harness):
-    h = harness(oauth=[token()], push=[reply(200, b"<html>Apigee SPA Proxy</html>",
-                                             content_type="text/html")])
+    h = harness(oauth=[token()], push=[reply(200, b'{"MerchantRequestID": "m", "Resp',
+                                             content_type="application/json")])
     res = h.push(202)
     assert (res.json["status"], res.json["reason"]) == ("unknown", "unparsable_response")
     assert h.calls() == (1, 1)
+
+
+@pytest.mark.parametrize("content_type", ["text/html", "application/json"])
+def test_a_200_html_page_is_502_the_base_url_looks_wrong_and_the_key_is_freed(harness,
+                                                                              content_type):
+    # The API proxy's answer to a wrong host or path: the STK service never saw the push.
+    h = harness(oauth=[token()], push=[reply(200, b"\n<!DOCTYPE html><html><title>Apigee SPA"
+                                             b" Proxy</title></html>", content_type=content_type),
+                                       accepted()])
+    res = h.push(502, **{"Idempotency-Key": "html-1"})
+    assert res.json["error"]["code"] == "daraja_rejected"
+    assert "base URL" in res.json["error"]["message"]
+    assert (h.row(res)["status"], h.row(res)["reason"]) == ("rejected", "daraja_rejected")
+    assert h.push(202, **{"Idempotency-Key": "html-1"}).json["status"] == "pending"
+    assert h.calls() == (1, 2)
 
 
 def test_200_without_checkout_id_is_unknown_and_nonzero_response_code_is_rejected(harness):
@@ -196,10 +211,11 @@ def test_spike_arrest_and_quota_are_503_with_retry_after(harness, code, message)
 
 
 def test_slow_drip_answer_is_cut_by_the_deadline_and_unknown(harness):
-    h = harness(oauth=[token()], push=[drip(0.2, chunks=30)])
+    h = harness(oauth=[token()], push=[drip(0.2, chunks=60)])  # 12 s if read to the end
     started = time.monotonic()
     res = h.push(202)
-    assert time.monotonic() - started < 2.5  # deadline: 2 × connect + read = 0.9 s
+    # The push policy's deadline (2 × (connect + read) + backoff + read = 3.7 s), not 12 s.
+    assert time.monotonic() - started < h.app.daraja.policies["stk_push"].longest_s + 2
     assert res.json["status"] == "unknown"
     assert h.calls() == (1, 1)
 

@@ -13,7 +13,7 @@ import config
 import mpesa_wsgi
 from conftest import API_KEY, SECRET, wait_for
 from ledger import Ledger
-from mpesa_wsgi import callback_signature
+from payments import callback_signature
 
 FINAL = ("succeeded", "failed", "rejected", "unknown")
 

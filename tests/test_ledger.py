@@ -1,4 +1,4 @@
-"""The SQLite ledger: durability settings, row life cycle, the settle rules."""
+"""The SQLite ledger with settlement's rules: durability, row life cycle, settling."""
 
 import multiprocessing
 import sqlite3
@@ -10,7 +10,9 @@ import pytest
 
 import ledger as store
 from conftest import FakeClock
-from ledger import Ledger, Settlement
+import settlement
+from ledger import Ledger
+from settlement import CallbackRecord, Outcome
 
 
 @pytest.fixture
@@ -29,13 +31,18 @@ def new_row(ledger, phone="254712345678", amount=10):
     return ledger.create(phone=phone, amount=amount, reference="INV001", description="Payment")
 
 
+def record(ledger, tx_id, body, source, outcome):
+    """A callback: stored and applied in one commit, as the callback path does it."""
+    return settlement.apply(ledger, tx_id, outcome, callback=CallbackRecord(body, source))
+
+
 def success(checkout="ws_CO_1", amount=10, receipt="UKQ1234567"):
-    return Settlement(status="succeeded", reason=None, result_code="0", result_desc="ok",
+    return Outcome(status="succeeded", reason=None, result_code="0", result_desc="ok",
                       checkout_request_id=checkout, receipt=receipt, amount=amount)
 
 
 def failure(code="1032", reason="cancelled", checkout="ws_CO_1"):
-    return Settlement(status="failed", reason=reason, result_code=code, result_desc="x",
+    return Outcome(status="failed", reason=reason, result_code=code, result_desc="x",
                       checkout_request_id=checkout)
 
 
@@ -60,7 +67,7 @@ def test_rows_survive_closing_and_reopening(tmp_path, clock):
     first = Ledger(path, clock=clock)
     row = new_row(first)
     first.mark_accepted(row["id"], "ws_CO_1", "m-1")
-    first.record_callback(row["id"], b"{}", "127.0.0.1", success())
+    record(first, row["id"], b"{}", "127.0.0.1", success())
     first.close()
     second = Ledger(path, clock=clock)
     assert second.get(row["id"])["status"] == "succeeded"
@@ -80,7 +87,7 @@ def test_interrupted_rows_older_than_the_cutoff_become_unknown(ledger, clock):
 
 def test_a_result_that_beats_the_push_answer_is_kept(ledger):
     row = new_row(ledger)
-    outcome, _ = ledger.record_callback(row["id"], b"{}", None, failure())
+    outcome, _ = record(ledger, row["id"], b"{}", None, failure())
     assert outcome == "applied"
     after = ledger.mark_accepted(row["id"], "ws_CO_1", "m-1")
     assert (after["status"], after["checkout_request_id"]) == ("failed", "ws_CO_1")
@@ -95,9 +102,9 @@ def test_not_accepted_only_moves_submitting_rows(ledger):
 def test_duplicate_callback_changes_nothing_but_is_recorded(ledger):
     row = new_row(ledger)
     ledger.mark_accepted(row["id"], "ws_CO_1", "m-1")
-    assert ledger.record_callback(row["id"], b"1", None, success())[0] == "applied"
+    assert record(ledger, row["id"], b"1", None, success())[0] == "applied"
     before = ledger.get(row["id"])
-    assert ledger.record_callback(row["id"], b"2", None, success())[0] == "duplicate"
+    assert record(ledger, row["id"], b"2", None, success())[0] == "duplicate"
     assert ledger.get(row["id"]) == before
     assert [c["outcome"] for c in ledger.callbacks(row["id"])] == ["applied", "duplicate"]
 
@@ -105,27 +112,27 @@ def test_duplicate_callback_changes_nothing_but_is_recorded(ledger):
 def test_failure_after_success_never_unsettles(ledger):
     row = new_row(ledger)
     ledger.mark_accepted(row["id"], "ws_CO_1", "m-1")
-    ledger.record_callback(row["id"], b"1", None, success())
-    assert ledger.record_callback(row["id"], b"2", None, failure())[0] == "ignored"
+    record(ledger, row["id"], b"1", None, success())
+    assert record(ledger, row["id"], b"2", None, failure())[0] == "ignored"
     assert ledger.get(row["id"])["status"] == "succeeded"
 
 
 def test_success_with_receipt_overrides_an_earlier_failure(ledger):
     row = new_row(ledger)
     ledger.mark_accepted(row["id"], "ws_CO_1", "m-1")
-    ledger.record_callback(row["id"], b"1", None, failure())
-    assert ledger.record_callback(row["id"], b"2", None, success())[0] == "override"
+    record(ledger, row["id"], b"1", None, failure())
+    assert record(ledger, row["id"], b"2", None, success())[0] == "override"
     after = ledger.get(row["id"])
     assert (after["status"], after["receipt"], after["reason"]) == ("succeeded", "UKQ1234567", None)
 
 
-@pytest.mark.parametrize("settlement", [
+@pytest.mark.parametrize("outcome", [
     success(amount=11), success(amount=None), success(receipt=None), success(checkout="ws_CO_2"),
 ])
-def test_unverifiable_success_is_stored_as_anomaly_and_not_applied(ledger, settlement):
+def test_unverifiable_success_is_stored_as_anomaly_and_not_applied(ledger, outcome):
     row = new_row(ledger)
     ledger.mark_accepted(row["id"], "ws_CO_1", "m-1")
-    assert ledger.record_callback(row["id"], b"x", None, settlement)[0] == "anomaly"
+    assert record(ledger, row["id"], b"x", None, outcome)[0] == "anomaly"
     assert ledger.get(row["id"])["status"] == "pending"
     assert ledger.callbacks(row["id"])[0]["body"] == b"x"
 
@@ -133,15 +140,15 @@ def test_unverifiable_success_is_stored_as_anomaly_and_not_applied(ledger, settl
 def test_unknown_row_is_settled_by_a_late_result(ledger):
     row = new_row(ledger)
     ledger.mark_not_accepted(row["id"], "unknown", "read_timeout")
-    assert ledger.record_callback(row["id"], b"x", None, success())[0] == "applied"
+    assert record(ledger, row["id"], b"x", None, success())[0] == "applied"
     after = ledger.get(row["id"])
     assert (after["status"], after["checkout_request_id"]) == ("succeeded", "ws_CO_1")
 
 
 def test_malformed_and_orphan_callbacks_are_still_stored(ledger):
     row = new_row(ledger)
-    assert ledger.record_callback(row["id"], b"garbage", None, None)[0] == "malformed"
-    assert ledger.record_callback("tx_gone", b"{}", None, success()) == ("unknown_transaction",
+    assert record(ledger, row["id"], b"garbage", None, None)[0] == "malformed"
+    assert record(ledger, "tx_gone", b"{}", None, success()) == ("unknown_transaction",
                                                                         None)
     assert ledger.callbacks(row["id"])[0]["body"] == b"garbage"
     assert ledger.callbacks("tx_gone")[0]["outcome"] == "unknown_transaction"

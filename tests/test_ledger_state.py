@@ -19,7 +19,9 @@ from hypothesis.stateful import (
 )
 
 from conftest import FakeClock
-from ledger import FINAL, Idempotency, Ledger, Settlement
+import settlement
+from ledger import FINAL, REJECTED, Idempotency, Ledger
+from settlement import CallbackRecord, Outcome
 
 PHONES = ["254712000001", "254712000002", "254712000003"]
 KEYS = ["k1", "k2", "k3", None]
@@ -70,10 +72,11 @@ class LedgerMachine(RuleBasedStateMachine):
         success = code == "0"
         if success and amount_ok and receipt:
             self.verified_success.add(tx)
-        self.ledger.record_callback(tx, b"{}", None, Settlement(
+        settlement.apply(self.ledger, tx, Outcome(
             status="succeeded" if success else "failed", reason=None if success else "x",
             result_code=code, result_desc="d", checkout_request_id=f"ws_{tx}",
-            receipt="UKQ0000001" if receipt else None, amount=amount))
+            receipt="UKQ0000001" if receipt else None, amount=amount),
+            callback=CallbackRecord(b"{}", None))
 
     @rule(tx=txs, code=st.sampled_from(["0", "1032"]))
     def query_result(self, tx, code):
@@ -82,7 +85,7 @@ class LedgerMachine(RuleBasedStateMachine):
             return  # nothing to query
         if code == "0":
             self.verified_success.add(tx)
-        self.ledger.apply_result(tx, Settlement(
+        settlement.apply(self.ledger, tx, Outcome(
             status="succeeded" if code == "0" else "failed", reason=None, result_code=code,
             result_desc="d", checkout_request_id=row["checkout_request_id"], source="query"))
 
@@ -100,6 +103,8 @@ class LedgerMachine(RuleBasedStateMachine):
             before, now = self.seen.get(tx), row["status"]
             if before == "succeeded":
                 assert now == "succeeded"
+            elif before == REJECTED:
+                assert now == REJECTED  # nothing was sent: no result moves it
             elif before in FINAL and now != before:
                 assert now == "succeeded" and row["receipt"] is not None
             if now == "succeeded":

@@ -20,7 +20,7 @@ import simulator
 from conftest import (
     API_KEY, ROOT_DIR, SECRET, base_env, free_port, self_signed_cert, wait_for,
 )
-from mpesa_wsgi import callback_signature
+from payments import callback_signature
 
 SITE = os.path.join(ROOT_DIR, "deploy", "nginx", "mpesa-wsgi.conf")
 NGINX = shutil.which("nginx") or next(

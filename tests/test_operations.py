@@ -13,6 +13,7 @@ from webtest import TestApp
 import config
 import logs
 import mpesa_wsgi
+import payments
 import simulator
 from conftest import API_KEY, base_env, wait_for
 
@@ -166,7 +167,7 @@ def test_redaction_filter_scrubs_what_slips_through():
 
 def test_health_reports_checks(gateway):
     gateway.push({"phone": "0712300004", "amount": 10})
-    gateway.app._health = (float("-inf"), None)  # test shim: skip the 1 s cache
+    gateway.clock.advance(payments.HEALTH_CHECK_EVERY_S)  # past the 1 s cache
     body = gateway.testapp.get("/health", status=200).json
     assert body["status"] == "ok"
     checks = body["checks"]
@@ -193,12 +194,12 @@ def test_health_is_503_degraded_when_the_ledger_cannot_be_written(gateway):
     gateway.testapp.get("/health", status=200)
     undo = _make_read_only([db, db + "-wal"])  # not -shm: it is memory-mapped
     try:
-        gateway.app._health = (float("-inf"), None)  # test shim: skip the 1 s cache
+        gateway.clock.advance(payments.HEALTH_CHECK_EVERY_S)  # past the 1 s cache
         body = gateway.testapp.get("/health", status=503).json
         assert body["status"] == "degraded" and body["checks"]["ledger_writable"] is False
     finally:
         undo()
-    gateway.app._health = (float("-inf"), None)
+    gateway.clock.advance(payments.HEALTH_CHECK_EVERY_S)
     assert gateway.testapp.get("/health", status=200).json["status"] == "ok"
 
 

@@ -11,7 +11,7 @@ from webtest import TestApp
 
 import config
 import mpesa_wsgi
-from conftest import API_KEY, ROOT_DIR, base_env, wait_for
+from conftest import API_KEY, ROOT_DIR, FakeClock, base_env, wait_for
 from fake_daraja import FakeDaraja, accepted, error, reply, token
 from ledger import Ledger
 from reconciler import Reconciler
@@ -72,7 +72,6 @@ def scripted_app(tmp_path, fake, **overrides):
     error(200, "500.001.1001", ""),
     reply(200, {"ResponseCode": "0", "ResultCode": "4999", "CheckoutRequestID": "ws_CO_1",
                 "ResultDesc": "The transaction is still under processing"}),
-    reply(503, b"busy", content_type="text/plain"),
 ])
 def test_not_yet_answers_never_fail_a_payment(tmp_path, answer):
     fake = FakeDaraja(oauth=[token()], push=[accepted()], query=[answer])
@@ -130,11 +129,12 @@ def test_two_claimers_never_hold_the_same_row(gateway_env, sim):
                                    headers=AUTH, status=202)
         first = Ledger(app.config.db_path)
         second = Ledger(app.config.db_path)
-        a = first.claim_due(older_than_s=0, lease_s=30, limit=2)
-        b = second.claim_due(older_than_s=0, lease_s=30, limit=10)
-        assert len(a) == 2 and len(b) == 1
-        assert not {r["id"] for r in a} & {r["id"] for r in b}
-        assert second.claim_due(older_than_s=0, lease_s=30) == []
+        claim = dict(older_than_s=0, lease_s=30, unknown_window_s=3600)
+        a = [first.claim_next(**claim), first.claim_next(**claim)]
+        b = second.claim_next(**claim)
+        assert None not in a and b is not None
+        assert len({a[0]["id"], a[1]["id"], b["id"]}) == 3
+        assert second.claim_next(**claim) is None and first.claim_next(**claim) is None
         first.close()
         second.close()
     finally:
@@ -179,13 +179,13 @@ def test_reconcile_command_does_the_same_work_once(gateway_env, sim):
 
 
 def test_rows_abandoned_mid_push_become_unknown_without_a_restart(gateway_env, sim):
-    app = make_app(gateway_env)
+    clock = FakeClock(time.time())
+    app = mpesa_wsgi.create_app(config.load_config(gateway_env), clock=clock)
     try:
         row = app.ledger.create(phone="254712345678", amount=10, reference="R", description="D")
-        rec = Reconciler(app.ledger, app.daraja, app.config)
+        rec = Reconciler(app.ledger, app.daraja, app.config, clock=clock.wall)
         assert rec.run_once() == {}  # young: its push may still be in flight elsewhere
-        real_clock = app.ledger._clock
-        app.ledger._clock = lambda: real_clock() + app.daraja.longest_call_s + 1  # test shim
+        clock.advance(app.daraja.longest_push_s + 1)
         assert rec.run_once() == {"interrupted": 1}
         after = app.ledger.get(row["id"])
         assert (after["status"], after["reason"]) == ("unknown", "interrupted")

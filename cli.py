@@ -1,0 +1,263 @@
+"""The command line: serve, demo, check-config, reconcile.
+
+Owns `python mpesa_wsgi.py [serve | reconcile [--tx ID]] [--check-config | --demo]`:
+logging set up once, CPU pinning, the graceful waitress serving loop, the demo
+(simulator and gateway on loopback), and start-up errors as one clear message
+and exit status 2, never a traceback.  Only this module imports `mpesa_wsgi`.
+"""
+
+import argparse
+import dataclasses
+import logging
+import os
+import secrets
+import signal
+import sqlite3
+import sys
+import threading
+import time
+
+import config as settings
+import logs
+import mpesa_wsgi
+import reconciler
+
+log = logging.getLogger("mpesa_wsgi")
+
+SHUTDOWN_POLL_S = 0.2  # how soon the serving loop notices SIGTERM
+
+
+class StartupError(Exception):
+    """Start-up cannot go on; the message says what to fix (exit status 2)."""
+
+
+def configure_logging(config):
+    logs.configure(config.log_level, config.log_format, config.secret_values())
+
+
+def build_app(config):
+    """create_app, with a ledger that cannot be opened reported as one message."""
+    try:
+        return mpesa_wsgi.create_app(config)
+    except sqlite3.Error as exc:
+        raise StartupError(f"GATEWAY_DB cannot be opened as a SQLite ledger"
+                           f" ({config.db_path}): {exc}") from None
+
+
+def pin_cpu(setting):
+    """GATEWAY_CPU_AFFINITY: on a multi-core host an unpinned waitress loses 3-4x to GIL
+    hand-offs between cores (SPEC §3). Linux only; a no-op where the OS lacks it."""
+    if setting is None or not hasattr(os, "sched_setaffinity"):
+        return None
+    cpus = sorted(os.sched_getaffinity(0))
+    cpu = cpus[os.getpid() % len(cpus)] if setting == "auto" else setting
+    os.sched_setaffinity(0, {cpu})
+    return cpu
+
+
+def create_server(app, host, port, threads):
+    import waitress  # serving only: importing the app needs no server
+
+    try:
+        # The app alone decides which X-Forwarded-For hop to believe (GATEWAY_TRUSTED_PROXY);
+        # waitress's default would strip the header before the callback policy could see it.
+        return waitress.create_server(app, host=host, port=port, threads=threads,
+                                      clear_untrusted_proxy_headers=False)
+    except OSError as exc:
+        raise StartupError(f"cannot listen on {host}:{port} (GATEWAY_HOST, GATEWAY_PORT):"
+                           f" {exc.strerror or exc}") from None
+
+
+def serve(app, server, banner=None):
+    """Serve until SIGTERM or Ctrl-C, then shut down in order: stop accepting; let in-flight
+    requests finish and their answers flush, and the reconciler's current query end (each
+    bounded by the call policies); the caller then closes the app (ledger, pool)."""
+    cpu = pin_cpu(app.config.cpu_affinity)
+    if cpu is not None:
+        log.info("pinned to cpu=%d", cpu)
+    stopping = threading.Event()
+
+    def on_sigterm(*_):
+        # Only flags: a handler runs between select() retries, so it must not close sockets.
+        server.accepting = False
+        stopping.set()
+
+    if hasattr(signal, "SIGTERM") and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_sigterm)  # guarded: not on every OS
+    print(banner or f"mpesa-wsgi {settings.VERSION} serving on"
+          f" http://{server.effective_host}:{server.effective_port}", flush=True)
+    try:
+        while not stopping.is_set():  # waitress's own run(), one short poll at a time
+            server.asyncore.loop(timeout=SHUTDOWN_POLL_S, map=server._map,
+                                 use_poll=server.adj.asyncore_use_poll, count=1)
+    except KeyboardInterrupt:
+        pass
+    server.accepting = False
+    server.del_channel()  # stop listening: new connections are refused from here on
+    server.socket.close()
+    log.info("shutdown started: no new connections; finishing in-flight requests")
+    if app.reconciler is not None:
+        app.reconciler.request_stop()  # it finishes its current query meanwhile
+    deadline = time.monotonic() + app.daraja.longest_push_s
+    dispatcher = server.task_dispatcher
+    while time.monotonic() < deadline and (
+            dispatcher.active_count or dispatcher.queue
+            or any(ch.total_outbufs_len for ch in list(server.active_channels.values()))):
+        server.asyncore.loop(timeout=0.05, map=server._map, count=1)
+    app.close_background()  # joins the reconciler, bounded by its longest query
+    dispatcher.shutdown(timeout=1)
+    server.close()
+    log.info("shutdown complete")
+
+
+def demo_environment(environ, port, sim_port, api_key, secret):
+    """The demo's settings: sandbox-like values, the simulator as Daraja, loopback only."""
+    import simulator
+
+    env = {
+        "MPESA_CONSUMER_KEY": simulator.DEMO_CONSUMER_KEY,
+        "MPESA_CONSUMER_SECRET": simulator.DEMO_CONSUMER_SECRET,
+        "MPESA_SHORTCODE": simulator.SANDBOX_SHORTCODE,
+        "MPESA_PASSKEY": simulator.SANDBOX_PASSKEY,
+        "GATEWAY_DB": "mpesa_demo.db",
+        "GATEWAY_API_KEYS": api_key,
+        "GATEWAY_SECRET": secret,
+    }
+    env.update({k: v for k, v in environ.items() if v})
+    # The demo never talks to Safaricom and never listens beyond loopback.
+    env.update({
+        "MPESA_ENVIRONMENT": "sandbox",
+        "MPESA_BASE_URL": f"http://127.0.0.1:{sim_port}",
+        "MPESA_CALLBACK_BASE_URL": f"http://127.0.0.1:{port}",
+        "GATEWAY_HOST": "127.0.0.1",
+        "GATEWAY_PORT": str(port),
+    })
+    return env
+
+
+def demo_port(environ):
+    try:
+        port = settings.port(environ.get("GATEWAY_PORT") or "8000")
+    except ValueError as exc:
+        raise settings.ConfigError([f"GATEWAY_PORT {exc}"]) from None
+    if port >= 65535:
+        raise settings.ConfigError(["GATEWAY_PORT must leave the next port for the simulator"])
+    return port
+
+
+def run_demo(environ):
+    import waitress
+
+    import simulator
+
+    port = demo_port(environ)
+    sim_port = port + 1
+    api_key = environ.get("GATEWAY_API_KEYS") or "demo_" + secrets.token_urlsafe(18)
+    env = demo_environment(environ, port, sim_port, api_key, secrets.token_urlsafe(24))
+    config = settings.load_config(env)
+    configure_logging(config)
+    try:
+        sim = simulator.Simulator(simulator.SimSettings.from_env(env))
+    except ValueError as exc:  # a malformed MPESA_SIM_* value
+        raise StartupError(f"simulator settings: {exc}") from None
+    try:
+        sim_server = waitress.create_server(sim, host="127.0.0.1", port=sim_port, threads=4)
+    except OSError as exc:
+        sim.stop()
+        raise StartupError(f"cannot listen on 127.0.0.1:{sim_port} for the simulator"
+                           f" (GATEWAY_PORT + 1): {exc.strerror or exc}") from None
+    threading.Thread(target=sim_server.run, name="simulator", daemon=True).start()
+    app = build_app(config)
+    try:
+        server = create_server(app, "127.0.0.1", port, config.threads)
+        shown_key = (api_key if "GATEWAY_API_KEYS" not in environ
+                     else "<a key from GATEWAY_API_KEYS>")
+        base = f"http://127.0.0.1:{port}"
+        banner = "\n".join([
+            f"mpesa-wsgi {settings.VERSION} demo: gateway {base}, Daraja simulator"
+            f" http://127.0.0.1:{sim_port}, ledger {config.db_path}",
+            f"API key: {shown_key}",
+            "",
+            "Start a payment (any Safaricom-style number succeeds; see README for scenario"
+            " phones):",
+            f"  curl -s -X POST {base}/stkpush -H 'Authorization: Bearer {shown_key}'"
+            " -H 'Content-Type: application/json'"
+            " -d '{\"phone\":\"0712345678\",\"amount\":10,\"reference\":\"INV001\"}'",
+            "Then, with the id it returns (pending, then succeeded after the callback):",
+            f"  curl -s {base}/transactions/<id> -H 'Authorization: Bearer {shown_key}'",
+            f"  curl -s {base}/health",
+            "Ctrl-C stops the demo.",
+        ])
+        serve(app, server, banner)
+    finally:
+        sim.stop()
+        app.close()
+
+
+def check_config(environ):
+    try:
+        config = settings.load_config(environ)
+    except settings.ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    for name, value in config.masked().items():
+        print(f"{name} = {value}")
+    return 0
+
+
+def reconcile_once(config, tx_id=None):
+    """One reconciliation pass for cron / Task Scheduler (the same work the thread does),
+    or, with `tx_id`, one query of that transaction now (an operator's tool)."""
+    app = build_app(dataclasses.replace(config, reconcile=False))
+    try:
+        worker = reconciler.Reconciler(app.ledger, app.daraja, config,
+                                       observer=app.metrics.reconcile.inc)
+        if tx_id is not None:
+            result, row = worker.check_now(tx_id)
+            if row is None:
+                print(f"reconcile tx={tx_id} not found", file=sys.stderr)
+                return 1
+            print(f"reconcile tx={tx_id} result={result} status={row['status']}", flush=True)
+            return 0
+        results = worker.run_once()
+        app.ledger.prune_idempotency()
+    finally:
+        app.close()
+    summary = " ".join(f"{k}={v}" for k, v in sorted(results.items())) or "nothing due"
+    print(f"reconcile {summary}", flush=True)
+    return 0
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="mpesa_wsgi.py", description="M-Pesa STK Push gateway")
+    parser.add_argument("command", nargs="?", choices=("serve", "reconcile"), default="serve",
+                        help="serve (default) or run one reconciliation pass and exit")
+    parser.add_argument("--tx", metavar="ID",
+                        help="with reconcile: query this one transaction now")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--check-config", action="store_true",
+                      help="print the resolved settings (secrets masked) and exit")
+    mode.add_argument("--demo", action="store_true",
+                      help="run the gateway against the built-in Daraja simulator on loopback")
+    args = parser.parse_args(argv)
+    if args.tx is not None and args.command != "reconcile":
+        parser.error("--tx goes with the reconcile command")
+    if args.check_config:
+        return check_config(os.environ)
+    try:
+        if args.demo:
+            run_demo(os.environ)
+            return 0
+        config = settings.load_config(os.environ)
+        configure_logging(config)
+        if args.command == "reconcile":
+            return reconcile_once(config, args.tx)
+        app = build_app(config)
+        try:
+            serve(app, create_server(app, config.host, config.port, config.threads))
+        finally:
+            app.close()
+    except (settings.ConfigError, StartupError) as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    return 0

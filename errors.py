@@ -1,0 +1,83 @@
+"""HTTP errors: exceptions that carry their status, code and headers; status lines.
+
+Owns the error classes the flows raise and the one shape they render to
+(`{"error":{"code","message","field"?}}`, SPEC §2).  Handlers return only
+success; anything else is raised and turned into a response in one place by
+each web layer.
+"""
+
+from http import HTTPStatus
+
+STATUS_LINES = {s.value: f"{s.value} {s.phrase}" for s in HTTPStatus}
+
+
+class ApiError(Exception):
+    status = 500
+    code = "internal_error"
+    message = "the gateway failed to handle the request"
+
+    def __init__(self, message=None, *, code=None, field=None, headers=()):
+        super().__init__(message or self.message)
+        self.message = message or self.message
+        self.code = code or self.code
+        self.field = field
+        self.headers = list(headers)
+
+    def body(self):
+        error = {"code": self.code, "message": self.message}
+        if self.field is not None:
+            error["field"] = self.field
+        return {"error": error}
+
+
+class BadRequest(ApiError):
+    status, code, message = 400, "invalid_request", "the request is invalid"
+
+
+class Unauthorized(ApiError):
+    status, code, message = 401, "unauthorized", "a valid 'Authorization: Bearer <key>' is required"
+
+
+class Forbidden(ApiError):
+    status, code, message = 403, "forbidden", "not allowed"
+
+
+class NotFound(ApiError):
+    status, code, message = 404, "not_found", "no such resource"
+
+
+class MethodNotAllowed(ApiError):
+    status, code, message = 405, "method_not_allowed", "method not allowed on this path"
+
+
+class Conflict(ApiError):
+    status, code, message = 409, "conflict", "the request conflicts with the current state"
+
+
+class PayloadTooLarge(ApiError):
+    status, code, message = 413, "payload_too_large", "the request body is too large"
+
+
+class UnsupportedMediaType(ApiError):
+    status, code, message = 415, "unsupported_media_type", "send 'Content-Type: application/json'"
+
+
+class Unprocessable(ApiError):
+    status, code, message = 422, "unprocessable", "the request cannot be processed"
+
+
+class TooManyRequests(ApiError):
+    status, code, message = 429, "rate_limited", "too many requests for this API key"
+
+
+class UpstreamRejected(ApiError):
+    status, code, message = 502, "daraja_rejected", "Daraja refused the request"
+
+
+class ServiceUnavailable(ApiError):
+    status, code, message = 503, "upstream_unavailable", "Daraja cannot be reached; try again later"
+
+
+def retry_after(seconds):
+    """A Retry-After header for `seconds`, rounded up to a whole second (at least 1)."""
+    return [("Retry-After", str(max(1, int(-(-seconds // 1)))))]

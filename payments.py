@@ -1,0 +1,439 @@
+"""The payment flows, and the services they run over.
+
+Owns `Services` (config, ledger, Daraja client, metrics, rate limiter,
+reconciler and clock, built once by `build_services`) and the flows every web
+layer calls: start a payment, read one, list them, receive a callback, health,
+metrics, and the per-request accounting (metrics and the one access line).
+Flows take plain values and return `(status, body[, headers])`; anything else is
+raised as an `errors.ApiError`.  The raw WSGI app and the Flask and Falcon
+versions in bench/ call the same flows over the same `Services`, so only
+routing, parsing and rendering differ between them.
+
+The order of a payment is the promise: the row is committed before Daraja is
+called, and once a prompt may have been sent no path answers 500: the merchant
+gets `202` with the transaction id and the status as far as it is known.
+"""
+
+import atexit
+import hashlib
+import hmac
+import json
+import logging
+import os
+import sqlite3
+import time
+
+import config as settings
+import daraja
+import ledger as store
+import metrics
+import ratelimit
+import reconciler
+import settlement
+import sources
+import validation
+from clock import SystemClock
+from errors import (
+    BadRequest, Conflict, Forbidden, NotFound, ServiceUnavailable, TooManyRequests, Unauthorized,
+    Unprocessable, UpstreamRejected, retry_after,
+)
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("mpesa_wsgi.access")
+
+CALLBACK_ACK = {"ResultCode": 0, "ResultDesc": "Accepted"}
+SIGNATURE_HEX_CHARS = 32
+RETRY_AFTER_BUSY_S = 60  # Daraja: wait at least a minute after "unable to lock subscriber"
+RETRY_AFTER_UNAVAILABLE_S = 30
+MAX_ID_LENGTH = 64
+MAX_IDEMPOTENCY_KEY = 255
+HEALTH_CHECK_EVERY_S = 1.0  # /health may be hit thousands of times a second; write once a second
+OPENAPI_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "openapi.json")
+REPLAYED = [("Idempotent-Replayed", "true")]
+
+
+# --- pure helpers ---------------------------------------------------------------
+
+
+def _reject_constant(name):
+    raise ValueError(f"{name} is not JSON")
+
+
+def decode_json(raw):
+    """Strict UTF-8 JSON (no NaN/Infinity); any failure is 400 invalid_json."""
+    try:
+        return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise BadRequest("the body is not valid UTF-8 JSON", code="invalid_json") from None
+
+
+def dumps(body):
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def key_scope(api_key):
+    """A stable, non-secret name for an API key: idempotency keys and rate limits hang on it."""
+    return hashlib.sha256(api_key.encode()).hexdigest()[:16]
+
+
+def bearer_token(authorization):
+    """The token of an `Authorization: Bearer <token>` header value, else None."""
+    scheme, _, presented = (authorization or "").partition(" ")
+    return presented.strip() if scheme.lower() == "bearer" else None
+
+
+def authenticate(authorization, config):
+    """Return the caller's key scope from an Authorization header value; 401 unless a key
+    matches, compared in constant time."""
+    token = bearer_token(authorization)
+    presented = (token or "").encode()
+    matched = None
+    for key in config.api_keys:
+        # Compare against every key, so timing does not tell which one nearly matched.
+        if hmac.compare_digest(presented, key.encode()):
+            matched = key
+    if matched is None or token is None:
+        raise Unauthorized(headers=[("WWW-Authenticate", 'Bearer realm="mpesa-wsgi"')])
+    return key_scope(matched)
+
+
+def idempotency_for(key, scope, push):
+    """The request's Idempotency-Key (None if absent), bound to its API key and content."""
+    if key is None:
+        return None
+    if not 0 < len(key) <= MAX_IDEMPOTENCY_KEY or not key.isascii() or not key.isprintable():
+        raise BadRequest(f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII"
+                         " characters", code="invalid_idempotency_key")
+    canonical = json.dumps([push.phone, push.amount, push.reference, push.description])
+    return store.Idempotency(scope, key, hashlib.sha256(canonical.encode()).hexdigest())
+
+
+def callback_signature(secret, tx_id):
+    """The path secret that proves a callback URL was made by this gateway."""
+    digest = hmac.new(secret.encode(), tx_id.encode(), hashlib.sha256).hexdigest()
+    return digest[:SIGNATURE_HEX_CHARS]
+
+
+def transaction_resource(row):
+    """The public view of a ledger row (SPEC §2): phone masked, internal states hidden."""
+    status = store.PENDING if row["status"] == store.SUBMITTING else row["status"]
+    return {
+        "id": row["id"],
+        "checkout_request_id": row["checkout_request_id"],
+        "merchant_request_id": row["merchant_request_id"],
+        "status": status,
+        "reason": row["reason"],
+        "phone": validation.mask_phone(row["phone"]),
+        "amount": row["amount"],
+        "reference": row["reference"],
+        "description": row["description"],
+        "result_code": row["result_code"],
+        "result_desc": row["result_desc"],
+        "receipt": row["receipt"],
+        "created_at": row["created_at"],
+        "updated_at": row["updated_at"],
+    }
+
+
+# --- the services -------------------------------------------------------------------
+
+
+class Services:
+    """Everything the flows need, built once by `build_services` and passed in."""
+
+    def __init__(self, config, ledger, client, metrics_registry, *, reconcile=None,
+                 clock=None):
+        self.config = config
+        self.ledger = ledger
+        self.daraja = client
+        self.metrics = metrics_registry
+        self.clock = clock or SystemClock()
+        self.limiter = ratelimit.RateLimiter(config.rate, config.burst,
+                                             clock=self.clock.monotonic)
+        self.reconciler = reconcile
+        with open(OPENAPI_PATH, "rb") as f:
+            self.openapi = f.read()
+        self._secret = config.secret
+        self._health = (float("-inf"), None)  # (checked at, checks): shared, replaced whole
+
+    def callback_url(self, tx_id):
+        return (f"{self.config.callback_base_url}/callback/{tx_id}/"
+                f"{callback_signature(self._secret, tx_id)}")
+
+    def signature_ok(self, tx_id, sig):
+        expected = callback_signature(self._secret, tx_id)
+        return hmac.compare_digest(sig.encode(), expected.encode())
+
+    def account(self, method, route, status, elapsed, tx_id=None, phone=None):
+        """Metrics and the one access line: route template, never the raw callback path."""
+        self.metrics.requests.inc(route, method, str(status))
+        self.metrics.request_seconds.observe(elapsed, route)
+        masked = validation.mask_phone(phone) if phone else "-"
+        access_log.info(
+            "request method=%s route=%s status=%d ms=%.1f tx=%s phone=%s",
+            method, route, status, elapsed * 1000, tx_id or "-", masked,
+            extra={"sanitized": True, "fields": {
+                "method": method, "route": route, "status": status,
+                "ms": round(elapsed * 1000, 1), "tx": tx_id, "phone": masked}})
+
+    def health_checks(self, fresh=False):
+        """Ledger writable, token age, pending/unknown counts, reconciler errors; refreshed
+        at most once a second (`fresh`: now)."""
+        checked_at, checks = self._health
+        now = self.clock.monotonic()
+        if fresh or checks is None or now - checked_at >= HEALTH_CHECK_EVERY_S:
+            counts = self.ledger.count_by_status()
+            age = self.daraja.tokens.age()
+            checks = {
+                "ledger_writable": self.ledger.writable(),
+                "token_age_s": None if age is None else round(age, 1),
+                "pending": counts.get(store.PENDING, 0),
+                "unknown": counts.get(store.UNKNOWN, 0),
+            }
+            if self.reconciler is not None:
+                checks["reconcile_query_refusals"] = self.reconciler.last_refusals
+            self._health = (now, checks)
+        return checks
+
+    def close_background(self):
+        """Stop the reconciler, letting its current query finish (bounded by its policy)."""
+        if self.reconciler is not None:
+            self.reconciler.stop()
+
+    def close(self):
+        self.close_background()
+        atexit.unregister(self.close_background)
+        self.ledger.close()
+        self.daraja.close()
+
+
+def build_services(config=None, *, clock=None):
+    """Build the services once: config (from the environment unless given), ledger, Daraja
+    client, metrics, limiter and, if configured, the reconciler thread."""
+    if config is None:
+        config = settings.load_config(os.environ)
+    clock = clock or SystemClock()
+    ledger = store.Ledger(config.db_path, clock=clock.wall)
+
+    def by_status():
+        counts = ledger.count_by_status()
+        counts.setdefault(store.PENDING, 0)  # the series a dashboard watches, even at 0
+        return {(status,): n for status, n in counts.items()}
+
+    registry = metrics.GatewayMetrics(settings.VERSION, by_status)
+    client = daraja.DarajaClient(config, daraja.build_pool(config), clock=clock.monotonic,
+                                 observer=registry.daraja_call)
+    # A row still `submitting` after the longest a push can take was cut off mid-push.
+    ledger.recover_interrupted(client.longest_push_s)
+    background = None
+    if config.reconcile:
+        background = reconciler.Reconciler(ledger, client, config, clock=clock.wall,
+                                           observer=registry.reconcile.inc,
+                                           on_refusal=registry.reconcile_refusals.inc)
+        background.start()
+    services = Services(config, ledger, client, registry, reconcile=background, clock=clock)
+    # Under waitress-serve --call or gunicorn nobody calls close(): stop the reconciler
+    # (its current query finishes) when the process exits.
+    atexit.register(services.close_background)
+    return services
+
+
+# --- flows: plain values in, (status, body[, headers]) out, errors raised. `note` is where
+#     a flow leaves what the access log should say (tx_id, phone). ------------------------
+
+
+def health_status(services):
+    checks = services.health_checks()
+    ok = checks["ledger_writable"]
+    return (200 if ok else 503), {"status": "ok" if ok else "degraded",
+                                  "timestamp": store.iso_utc(services.clock.wall()),
+                                  "version": settings.VERSION, "checks": checks}
+
+
+def metrics_text(services, authorization):
+    token = services.config.metrics_token
+    if token is not None:
+        presented = bearer_token(authorization)
+        if presented is None or not hmac.compare_digest(presented.encode(), token.encode()):
+            raise Unauthorized("GET /metrics needs 'Authorization: Bearer <GATEWAY_METRICS_TOKEN>'",
+                               headers=[("WWW-Authenticate", 'Bearer realm="metrics"')])
+    return 200, services.metrics.render().encode(), [("Content-Type", metrics.CONTENT_TYPE)]
+
+
+def transactions_page(services, authorization, query_string):
+    authenticate(authorization, services.config)
+    try:
+        query = validation.parse_list_query(query_string)
+    except validation.ValidationError as exc:
+        raise BadRequest(exc.message, code=exc.code, field=exc.field) from None
+    rows, more = services.ledger.list_page(status=query.status, since=query.since,
+                                           after=query.after, limit=query.limit)
+    cursor = validation.encode_cursor(rows[-1]["created_at"], rows[-1]["id"]) if more else None
+    return 200, {"data": [transaction_resource(r) for r in rows], "next_cursor": cursor}
+
+
+def start_payment(services, note, authorization, load_body, idempotency_key):
+    """POST /stkpush: `load_body()` returns the decoded JSON body (or raises 413/415/400)."""
+    cfg = services.config
+    scope = authenticate(authorization, cfg)
+    wait = services.limiter.acquire(scope)  # before idempotency, as Stripe does
+    if wait:
+        raise TooManyRequests(f"at most {cfg.rate:g} payments per second per API key",
+                              headers=retry_after(wait))
+    try:
+        push = validation.validate_push(load_body(), cfg.max_amount,
+                                        cfg.default_reference, cfg.default_description)
+    except validation.ValidationError as exc:
+        raise BadRequest(exc.message, code=exc.code, field=exc.field) from None
+    note.phone = push.phone
+    idem = idempotency_for(idempotency_key, scope, push)  # validation failures never reach it
+    try:
+        # Committed before Daraja is called: a crash from here on leaves a trace.
+        begun = services.ledger.begin_push(
+            phone=push.phone, amount=push.amount, reference=push.reference,
+            description=push.description, idempotency=idem, phone_lock_s=cfg.phone_lock_s)
+    except sqlite3.Error:
+        log.exception("ledger write failed before push")
+        raise ServiceUnavailable("the ledger cannot be written; nothing was sent",
+                                 code="ledger_unavailable",
+                                 headers=retry_after(RETRY_AFTER_UNAVAILABLE_S)) from None
+    if begun.kind != "new":
+        return answer_without_push(note, begun)
+    row = begun.row
+    note.tx_id = row["id"]
+    try:
+        accepted = services.daraja.stk_push(
+            phone=push.phone, amount=push.amount, reference=push.reference,
+            description=push.description, callback_url=services.callback_url(row["id"]))
+    except daraja.DarajaError as exc:
+        return push_not_accepted(services, row, exc, idem)
+    try:
+        row = services.ledger.mark_accepted(row["id"], accepted.checkout_request_id,
+                                            accepted.merchant_request_id)
+    except sqlite3.Error:
+        # The prompt is out; the row stays `submitting`, so recovery makes it `unknown`
+        # and its signed callback URL still finds it. Tell the merchant what we know.
+        log.exception("ledger write failed after push tx=%s", row["id"])
+        row = dict(row, status=store.PENDING, checkout_request_id=accepted.checkout_request_id,
+                   merchant_request_id=accepted.merchant_request_id)
+    return pinned(services, idem, 202, transaction_resource(row))
+
+
+def pinned(services, idem, status, body):
+    """Store the answer against the idempotency key (a prompt may have been sent). If that
+    write fails the answer still stands: a retry with the key then finds the row itself."""
+    if idem is not None:
+        try:
+            services.ledger.store_response(idem, status, dumps(body))
+        except sqlite3.Error:
+            log.exception("ledger write failed storing the idempotent answer tx=%s", body["id"])
+    return status, body
+
+
+def answer_without_push(note, begun):
+    """The ledger decided no new push is needed: replay, conflict, or phone lock."""
+    if begun.kind == "reused":
+        raise Unprocessable("this Idempotency-Key was used with a different request",
+                            code="idempotency_key_reused")
+    if begun.kind == "phone_busy":
+        raise Conflict(f"transaction {begun.row['id']} for this phone may still have a prompt"
+                       " open; wait for its result", code="payment_in_progress")
+    note.tx_id = begun.row["id"]
+    if begun.kind == "replay":
+        return begun.status_code, json.loads(begun.body), REPLAYED
+    if begun.row["status"] == store.SUBMITTING:  # in flight: the first request is still at Daraja
+        raise Conflict("a request with this Idempotency-Key is still in progress; retry shortly",
+                       code="idempotency_key_in_use", headers=retry_after(1))
+    # In flight on paper, but its row moved on (its answer was never pinned): say so.
+    return 202, transaction_resource(begun.row), REPLAYED
+
+
+def push_not_accepted(services, row, exc, idem):
+    """Record a push Daraja did not accept, then answer per SPEC §2 outcomes."""
+    ledger = services.ledger
+    if exc.outcome == daraja.UNKNOWN:
+        # It may have reached the customer: never resend; the callback or a query settles it.
+        try:
+            row = ledger.mark_not_accepted(row["id"], store.UNKNOWN, exc.reason)
+        except sqlite3.Error:
+            # Still `submitting` in the ledger, so recovery makes it `unknown` too.
+            log.exception("ledger write failed after an unanswered push tx=%s", row["id"])
+            row = dict(row, status=store.UNKNOWN, reason=exc.reason)
+        return pinned(services, idem, 202, transaction_resource(row))
+    # Nothing reached the customer: the idempotency key is released with the row's update,
+    # so the merchant may retry with the same key.
+    if exc.outcome == daraja.REJECTED and exc.subscriber_locked:
+        _refused(ledger, row, "subscriber_busy", exc, idem)
+        raise Conflict(f"the customer has another M-Pesa prompt open; transaction {row['id']}"
+                       " was not sent", code="subscriber_busy",
+                       headers=retry_after(RETRY_AFTER_BUSY_S))
+    if exc.outcome == daraja.REJECTED and exc.reason == "wrong_base_url":
+        _refused(ledger, row, "daraja_rejected", exc, idem)
+        raise UpstreamRejected("Daraja's address answered with an HTML page, not the STK"
+                               " service: the base URL (MPESA_BASE_URL or MPESA_ENVIRONMENT)"
+                               f" looks wrong; transaction {row['id']} is rejected")
+    if exc.outcome == daraja.REJECTED:
+        _refused(ledger, row, "daraja_rejected", exc, idem)
+        raise UpstreamRejected(f"Daraja refused the request ({exc.error_code}); transaction"
+                               f" {row['id']} is rejected")
+    _refused(ledger, row, "upstream_unavailable", exc, idem)
+    raise ServiceUnavailable(f"Daraja is unavailable ({exc.reason}); transaction {row['id']}"
+                             " was not sent", headers=retry_after(RETRY_AFTER_UNAVAILABLE_S))
+
+
+def _refused(ledger, row, reason, exc, idem):
+    """Mark a push that reached no customer `rejected` and free its key. If the ledger
+    fails, the refusal is still the answer (nothing was sent); the row is recovered later."""
+    try:
+        ledger.mark_not_accepted(row["id"], store.REJECTED, reason, exc.error_code,
+                                 exc.error_message, release=idem)
+    except sqlite3.Error:
+        log.exception("ledger write failed after a refused push tx=%s", row["id"])
+
+
+def read_transaction(services, note, authorization, ref):
+    authenticate(authorization, services.config)
+    row = services.ledger.get(ref) if 0 < len(ref) <= MAX_ID_LENGTH else None
+    if row is None:
+        raise NotFound("no transaction with that id or CheckoutRequestID")
+    note.tx_id, note.phone = row["id"], row["phone"]
+    return 200, transaction_resource(row)
+
+
+def receive_callback(services, note, tx_id, sig, environ, load_raw):
+    """Safaricom's STK result: stored and applied in one commit, then acknowledged.
+    `load_raw()` returns the raw body, bounded (or raises 413)."""
+    cfg = services.config
+    source = sources.client_address(environ, cfg.trusted_proxies)
+    policy = cfg.callback_ip_policy
+    if policy != "off" and not sources.within(source, cfg.callback_ips):
+        log.warning("callback source_not_allowed ip=%s policy=%s", source, policy)
+        if policy == "enforce":
+            raise Forbidden("callbacks are accepted from Safaricom's addresses only",
+                            code="forbidden_source")
+    if not services.signature_ok(tx_id, sig):
+        raise NotFound()  # same answer as any unknown path: reveals nothing
+    note.tx_id = tx_id
+    raw = load_raw()
+    try:
+        result = validation.parse_stk_callback(decode_json(raw))
+    except (BadRequest, validation.ValidationError):
+        result = None
+    outcome = settlement.from_callback(result) if result is not None else None
+    try:
+        name, row = settlement.apply(services.ledger, tx_id, outcome,
+                                     callback=settlement.CallbackRecord(raw, source))
+    except sqlite3.Error:
+        # Not stored, so not acknowledged; the reconciler's query settles it if it never returns.
+        log.exception("ledger write failed for callback tx=%s", tx_id)
+        raise ServiceUnavailable("the callback could not be stored", code="ledger_unavailable",
+                                 headers=retry_after(RETRY_AFTER_UNAVAILABLE_S)) from None
+    if row is not None:
+        note.phone = row["phone"]
+    services.metrics.callbacks.inc(name)
+    log.info("callback tx=%s outcome=%s result_code=%s", tx_id, name,
+             result.result_code if result else None)
+    if result is None:
+        raise BadRequest("the callback is not a valid STK result (it was stored)",
+                         code="invalid_callback")
+    return 200, CALLBACK_ACK

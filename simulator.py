@@ -2,11 +2,34 @@
 
 Owns everything a test, the demo or a benchmark needs from "Safaricom": the
 OAuth endpoint (Basic auth and grant_type checked, `expires_in` as a string),
-STK push with Daraja's field validation and error envelope, STK query (`4999`
-while the prompt is open, string `ResultCode`), and callbacks POSTed by
-background threads after a configurable delay in Daraja's real shapes (items by
-name, `Balance` without a value, EAT `TransactionDate`).  Outcomes are chosen
-by the phone number (SCENARIOS).  Counters are served at `GET /_sim/stats`.
+STK push with Daraja's field validation and error envelope, STK query (string
+`ResultCode`), and callbacks POSTed by background threads after a configurable
+delay in Daraja's real shapes (items by name, `Balance` without a value, EAT
+`TransactionDate`).  Outcomes are chosen by the phone number (SCENARIOS),
+including alphanumeric codes (`SFC_IC0003`, a string even in the callback) and
+successes whose `PhoneNumber` item is masked or missing.
+
+While a prompt is open the query answers as Daraja does in the wild, chosen by
+`query_pending`: `4999` (HTTP 200, the default), or HTTP 500 `500.001.1001`
+with "The transaction is being processed" or an empty message.  With
+`query_not_found_s`, a push that young is unknown to the query ("The
+transaction does not Exist"), as observed for the first ~30 s.
+
+Control endpoints, for tests and for a person with curl (each has a Python
+twin on Simulator):
+  GET  /_sim/stats                            counters (`stats()`)
+  GET  /_sim/weather, POST /_sim/weather      per-API weather (`weather()`,
+                                              `set_weather(...)`), see WEATHERS
+  POST /_sim/callbacks/<CheckoutRequestID>/resend
+                                              send a push's callback again
+                                              (`resend_callback(id)`)
+Weather is what the API gateway in front of M-Pesa does on a bad day:
+maintenance, spike arrest, quota, a 500 after the push was processed
+(`internal`), Apigee's HTML page, a slow answer, a 503 with Retry-After.
+
+Simulator policy, not Daraja's: AccountReference > 12 and TransactionDesc > 13
+characters are refused at submit time (`strict_lengths`, on by default).  Real
+Daraja is not known to do this; SDKs enforce the limits client-side.
 
 It imports nothing from the gateway: it is Safaricom's side of the wire.
 Run alone: `python simulator.py --port 8001`.
@@ -18,13 +41,14 @@ import heapq
 import itertools
 import json
 import logging
+import math
 import os
 import re
 import secrets
 import threading
 import time
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from urllib.parse import parse_qs, urlsplit
 
@@ -44,29 +68,116 @@ SCENARIOS = {
     "254711001032": ("result", 1032),
     "254711002001": ("result", 2001),
     "254711001019": ("result", 1019),
+    "254711001025": ("result", 1025),
+    "254711019999": ("result", 9999),
+    "254711000017": ("result", 17),
+    "254711000026": ("result", 26),
+    "254711001031": ("result", 1031),
+    "254711002028": ("result", 2028),
+    "254711000003": ("result", "SFC_IC0003"),  # alphanumeric: a JSON string even in the callback
     "254711009999": ("no_callback", 0),  # paid, but only a query finds out
     "254711000002": ("callback_twice", 0),
+    "254711000111": ("masked_phone", 0),  # PhoneNumber item "2547******111" (masking is unknown)
+    "254711000112": ("no_phone", 0),  # no PhoneNumber item at all: items are not a contract
     "254711005001": ("refuse_lock", None),
     "254711005002": ("refuse_spike", None),
     "254711000408": ("slow_answer", 0),  # answered after the client gave up; still paid
 }
+# Daraja's prose (daraja_api.md §4.1, first variant); clients must map on the code, never this.
 RESULT_DESCS = {
     0: "The service request is processed successfully.",
     1: "The balance is insufficient for the transaction.",
+    17: "Rule limited.",
+    26: "System busy.",
     1019: "Transaction has expired.",
+    1025: "An error occurred while sending a push request.",
+    # 1031 is not in daraja_api.md §4.1: this prose is the simulator's own, not Daraja's.
+    1031: "The request could not be processed.",
     1032: "Request cancelled by user.",
     1037: "DS timeout user cannot be reached.",
     2001: "The initiator information is invalid.",
+    2028: "The request is not permitted according to product assignment.",
+    9999: "Error while sending push.",
+    "SFC_IC0003": "The operator does not exist.",
 }
 LOCK_MESSAGE = ("Unable to lock subscriber, a transaction is already in process for the"
                 " current subscriber")
+
+# While the prompt is open the query answers one of these ways (daraja_api.md §5).
+QUERY_PENDING_MODES = ("4999", "processing", "empty")
+
+# Weather: how the API gateway in front of M-Pesa answers one API today.
+WEATHER_APIS = ("push", "query", "oauth")
+WEATHERS = ("ok", "maintenance", "spike", "quota", "internal", "html", "slow", "retry_after")
+DEFAULT_SLOW_S = 5.0
+MAX_SLOW_S = 600.0  # a request thread is held that long; more is a typo
+RETRY_AFTER_S = 3600
+_WEATHER_ERRORS = {  # weather → Daraja's envelope (daraja_api.md §3, synchronous errors)
+    "maintenance": ("500.002.1001",
+                    "Service is currently under maintenance. Please try again later"),
+    "spike": ("500.003.02", "Error Occurred: Spike Arrest Violation"),
+    "quota": ("500.003.03", "Quota Violation"),
+    "internal": ("500.003.1001", "Internal Server Error"),
+}
+# What Apigee answers for a wrong host or path: a 200 that is not JSON (daraja_api.md §1).
+# The real page's text is not recorded; what matters is the status and the Content-Type.
+SPA_PROXY_PAGE = (b"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>SPA Proxy</title>"
+                  b"</head>\n<body><h1>SPA Proxy</h1><p>Apigee API proxy.</p></body></html>\n")
 
 _MSISDN = re.compile(r"254[17][0-9]{8}")
 _SHORTCODE = re.compile(r"[0-9]{5,7}")
 _TIMESTAMP = re.compile(r"[0-9]{14}")
 _DIGITS = re.compile(r"[0-9]{1,9}")
+_RESEND_PATH = re.compile(r"/_sim/callbacks/([^/]{1,64})/resend")
 _ALNUM = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 _DAY_CHARS = "123456789ABCDEFGHIJKLMNOPQRSTUV"
+
+
+# --- settings -----------------------------------------------------------------
+
+def _non_negative(raw):
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise ValueError("must be a number, 0 or more")
+    return value
+
+
+def _count(raw):
+    try:
+        value = int(raw)
+    except (TypeError, ValueError):
+        value = 0
+    if value < 1:
+        raise ValueError("must be a whole number, 1 or more")
+    return value
+
+
+def _on_off(raw):
+    value = raw.lower()
+    if value not in ("on", "off"):
+        raise ValueError("must be on or off")
+    return value == "on"
+
+
+def _query_pending(raw):
+    if raw not in QUERY_PENDING_MODES:
+        raise ValueError("must be " + ", ".join(QUERY_PENDING_MODES[:-1])
+                         + " or " + QUERY_PENDING_MODES[-1])
+    return raw
+
+
+def _from_env(environ, name, convert, default):
+    """One MPESA_SIM_* value: unset or blank → default; bad → ValueError naming the variable."""
+    raw = (environ.get(name) or "").strip()
+    if not raw:
+        return default
+    try:
+        return convert(raw)
+    except ValueError as exc:
+        raise ValueError(f"{name} {exc} (got {raw[:40]!r})") from None
 
 
 @dataclass
@@ -83,6 +194,18 @@ class SimSettings:
     lock_subscriber: bool = True  # a second push to a phone with an open prompt is refused
     callback_workers: int = 4
     record_deliveries: bool = False  # keep (url, body) of each callback answered 2xx (tests)
+    query_pending: str = "4999"  # prompt open: "4999" (HTTP 200), or HTTP 500 "processing"/"empty"
+    query_not_found_s: float = 0.0  # a push this young is unknown to the query (~30 s observed)
+    strict_lengths: bool = True  # simulator policy: AccountReference ≤ 12, TransactionDesc ≤ 13
+
+    def __post_init__(self):
+        # Checked here too, so a typo fails when the simulator is built, not at the first query.
+        checks = (("query_pending", _query_pending), ("query_not_found_s", _non_negative))
+        for name, check in checks:
+            try:
+                check(getattr(self, name))
+            except ValueError as exc:
+                raise ValueError(f"{name} {exc}") from None
 
     @classmethod
     def from_env(cls, environ):
@@ -93,18 +216,68 @@ class SimSettings:
             consumer_secret=get("MPESA_CONSUMER_SECRET") or DEMO_CONSUMER_SECRET,
             shortcode=get("MPESA_SHORTCODE") or SANDBOX_SHORTCODE,
             passkey=get("MPESA_PASSKEY") or SANDBOX_PASSKEY,
-            callback_delay_s=float(get("MPESA_SIM_CALLBACK_DELAY_S") or 2.0),
-            latency_ms=float(get("MPESA_SIM_LATENCY_MS") or 0.0),
-            token_ttl_s=int(get("MPESA_SIM_TOKEN_TTL_S") or 3599),
-            slow_answer_s=float(get("MPESA_SIM_SLOW_ANSWER_S") or 20.0),
+            callback_delay_s=_from_env(environ, "MPESA_SIM_CALLBACK_DELAY_S", _non_negative, 2.0),
+            latency_ms=_from_env(environ, "MPESA_SIM_LATENCY_MS", _non_negative, 0.0),
+            token_ttl_s=_from_env(environ, "MPESA_SIM_TOKEN_TTL_S", _count, 3599),
+            slow_answer_s=_from_env(environ, "MPESA_SIM_SLOW_ANSWER_S", _non_negative, 20.0),
+            query_pending=_from_env(environ, "MPESA_SIM_QUERY_PENDING", _query_pending, "4999"),
+            query_not_found_s=_from_env(environ, "MPESA_SIM_QUERY_NOT_FOUND_S", _non_negative, 0.0),
+            strict_lengths=_from_env(environ, "MPESA_SIM_STRICT_LENGTHS", _on_off, True),
         )
 
+
+@dataclass(frozen=True)
+class Weather:
+    """Per-API behaviour of the gateway in front of M-Pesa; replaced whole, never mutated."""
+
+    push: str = "ok"
+    query: str = "ok"
+    oauth: str = "ok"
+    slow_s: float = DEFAULT_SLOW_S  # how long `slow` holds an answer
+
+
+def _weather_changes(changes):
+    """Check a partial weather update (api → value, slow_s); ValueError says what is wrong."""
+    checked = {}
+    for name, value in changes.items():
+        if name == "slow_s":
+            if (isinstance(value, bool) or not isinstance(value, (int, float))
+                    or not 0 <= value <= MAX_SLOW_S):  # NaN fails this too
+                raise ValueError(f"slow_s must be a number of seconds from 0 to {MAX_SLOW_S:g}")
+            checked[name] = float(value)
+        elif name in WEATHER_APIS:
+            if not isinstance(value, str) or value not in WEATHERS:
+                raise ValueError(f"unknown weather {str(value)[:40]!r} for {name}; expected one"
+                                 f" of {', '.join(WEATHERS)}")
+            checked[name] = value
+        else:
+            raise ValueError(f"unknown api {str(name)[:40]!r}; expected"
+                             f" {', '.join(WEATHER_APIS)} or slow_s")
+    return checked
+
+
+# --- errors -------------------------------------------------------------------
 
 class _Reject(Exception):
     """An answer in Daraja's error envelope."""
 
     def __init__(self, http_status, error_code, message):
         self.http_status, self.error_code, self.message = http_status, error_code, message
+
+
+class _Raw(Exception):
+    """An answer that is not Daraja's JSON: Apigee's HTML page, a bare 503."""
+
+    def __init__(self, http_status, content_type, data=b"", headers=()):
+        self.http_status, self.content_type = http_status, content_type
+        self.data, self.headers = data, list(headers)
+
+
+class _ControlError(Exception):
+    """A /_sim/ control endpoint refusing a request: {"error": {"code", "message"}}."""
+
+    def __init__(self, http_status, code, message):
+        self.http_status, self.code, self.message = http_status, code, message
 
 
 def _invalid(name):
@@ -118,9 +291,12 @@ class _Push:
     phone: str
     amount: int
     callback_url: str
-    result_code: int
-    decided_at: float  # monotonic: before it, queries answer 4999
+    result_code: int | str  # a number, or an alphanumeric code such as "SFC_IC0003"
+    decided_at: float  # monotonic: before it, queries answer "pending"
+    kind: str = "result"  # its SCENARIOS kind
+    accepted_at: float = 0.0  # monotonic
     receipt: str | None = None
+    callback_body: bytes = b""  # built once, so a resend is the same bytes
 
 
 @dataclass(order=True)
@@ -196,16 +372,26 @@ class Simulator:
         self._lock = threading.Lock()
         self._stats = dict(token_requests=0, tokens_issued=0, pushes=0, pushes_accepted=0,
                            pushes_rejected=0, queries=0, callbacks_scheduled=0,
-                           callbacks_sent=0, callbacks_failed=0)
+                           callbacks_sent=0, callbacks_failed=0, weather_answers=0)
         self._tokens = {}  # access_token → monotonic expiry
         self.issued_tokens = []
         self._pushes = {}  # CheckoutRequestID → _Push
         self._open_prompts = {}  # phone → monotonic time its prompt closes
+        self._weather = Weather()  # replaced whole under _lock; request threads read a snapshot
         basic = f"{self.settings.consumer_key}:{self.settings.consumer_secret}"
         self._basic = "Basic " + base64.b64encode(basic.encode()).decode()
         self.delivered = [] if self.settings.record_deliveries else None
         self._sender = _CallbackSender(self.settings.callback_workers, self.settings.shortcode,
                                        self.count, self.delivered)
+        # path → {method: handler}; plus the one prefix route, /_sim/callbacks/<id>/resend.
+        self._routes = {
+            "/oauth/v1/generate": {"GET": self._oauth},
+            "/mpesa/stkpush/v1/processrequest": {"POST": self._push},
+            "/mpesa/stkpushquery/v1/query": {"POST": self._query},
+            "/_sim/stats": {"GET": lambda environ: (200, self.stats())},
+            "/_sim/weather": {"GET": lambda environ: (200, self.weather()),
+                              "POST": self._post_weather},
+        }
 
     def stop(self):
         self._sender.stop()
@@ -223,41 +409,124 @@ class Simulator:
         with self._lock:
             return dict(self._stats)
 
+    def weather(self):
+        """The current weather: {"push", "query", "oauth": one of WEATHERS, "slow_s"}."""
+        with self._lock:
+            return asdict(self._weather)
+
+    def set_weather(self, push=None, query=None, oauth=None, slow_s=None):
+        """Change some APIs' weather (None: unchanged); ValueError for an unknown value."""
+        given = dict(push=push, query=query, oauth=oauth, slow_s=slow_s)
+        return self._change_weather({k: v for k, v in given.items() if v is not None})
+
+    def _change_weather(self, changes):
+        checked = _weather_changes(changes)  # all checked before any applies
+        with self._lock:
+            self._weather = replace(self._weather, **checked)
+            now = asdict(self._weather)
+        log.info("weather push=%s query=%s oauth=%s slow_s=%g",
+                 now["push"], now["query"], now["oauth"], now["slow_s"])
+        return now
+
+    def resend_callback(self, checkout_id):
+        """Send a push's callback again, same body: now, or when its result is decided.
+
+        KeyError if no push has this CheckoutRequestID.  Works for every accepted push,
+        including one answered 500 by `internal` weather and one whose callback is never sent.
+        """
+        with self._lock:
+            push = self._pushes.get(checkout_id) if isinstance(checkout_id, str) else None
+        if push is None:
+            raise KeyError(checkout_id)
+        self.count("callbacks_scheduled")
+        self._sender.schedule(max(time.monotonic(), push.decided_at), push.callback_url,
+                              push.callback_body)
+
     # --- WSGI -----------------------------------------------------------------
 
     def __call__(self, environ, start_response):
         method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO", "")
-        routes = {
-            "/oauth/v1/generate": ("GET", self._oauth),
-            "/mpesa/stkpush/v1/processrequest": ("POST", self._push),
-            "/mpesa/stkpushquery/v1/query": ("POST", self._query),
-            "/_sim/stats": ("GET", lambda env: (200, self.stats())),
-        }
         try:
-            if path not in routes:
+            handlers = self._route(path)
+            if handlers is None:
                 raise _Reject(404, "404.001.01", "Resource not found")
-            allowed, handler = routes[path]
-            if method != allowed:
+            if method not in handlers:
                 raise _Reject(405, "405.001", f"{method} Method Not Allowed")
-            if path != "/_sim/stats" and self.settings.latency_ms:
+            if not path.startswith("/_sim/") and self.settings.latency_ms:
                 time.sleep(self.settings.latency_ms / 1000)
-            status, body = handler(environ)
+            status, body = handlers[method](environ)
         except _Reject as exc:
             status = exc.http_status
             body = {"requestId": _request_id(), "errorCode": exc.error_code,
                     "errorMessage": exc.message}
-        if body is None:
+        except _ControlError as exc:
+            status, body = exc.http_status, {"error": {"code": exc.code, "message": exc.message}}
+        except _Raw as exc:  # sent as is: not every answer from "Daraja" is JSON
+            status, body = exc.http_status, exc
+        headers = []
+        if isinstance(body, _Raw):
+            data, ctype, headers = body.data, body.content_type, body.headers
+        elif body is None:
             data, ctype = b"", "text/plain"
         else:
             data, ctype = json.dumps(body).encode(), "application/json;charset=UTF-8"
         start_response(f"{status} {_REASONS.get(status, 'Error')}",
-                       [("Content-Type", ctype), ("Content-Length", str(len(data)))])
+                       [("Content-Type", ctype), ("Content-Length", str(len(data))), *headers])
         return [data]
+
+    def _route(self, path):
+        """{method: handler} for a path, or None."""
+        if path in self._routes:
+            return self._routes[path]
+        match = _RESEND_PATH.fullmatch(path)
+        if match:
+            return {"POST": lambda environ: self._post_resend(match.group(1))}
+        return None
+
+    def _weather_gate(self, api):
+        """Answer for `api`'s weather before anything is processed; return the weather.
+
+        Runs before the token and body checks: the API gateway in front of M-Pesa answers
+        maintenance, spike arrest and the rest without looking at the request.
+        """
+        with self._lock:
+            weather = self._weather
+        value = getattr(weather, api)
+        if value == "ok" or (api == "push" and value == "internal"):
+            return value  # a push under `internal` is processed first, then answered 500
+        self.count("weather_answers")
+        if value == "slow":
+            time.sleep(weather.slow_s)
+        elif value == "html":
+            raise _Raw(200, "text/html; charset=utf-8", SPA_PROXY_PAGE)
+        elif value == "retry_after":
+            raise _Raw(503, "text/plain", b"", [("Retry-After", str(RETRY_AFTER_S))])
+        else:
+            raise _Reject(500, *_WEATHER_ERRORS[value])
+        return value
+
+    # --- control endpoints (/_sim/) ---------------------------------------------
+
+    def _post_weather(self, environ):
+        changes = _read_control_json(environ)
+        try:
+            return 200, self._change_weather(changes)
+        except ValueError as exc:
+            raise _ControlError(400, "invalid_weather", str(exc)) from None
+
+    def _post_resend(self, checkout_id):
+        try:
+            self.resend_callback(checkout_id)
+        except KeyError:
+            raise _ControlError(404, "unknown_checkout_request_id",
+                                "no push has this CheckoutRequestID") from None
+        return 200, {"scheduled": True}
 
     # --- OAuth ------------------------------------------------------------------
 
     def _oauth(self, environ):
         self.count("token_requests")
+        self._weather_gate("oauth")
         auth = environ.get("HTTP_AUTHORIZATION", "")
         if not auth.startswith("Basic "):
             raise _Reject(400, "400.008.01", "Invalid Authentication passed")
@@ -286,15 +555,7 @@ class Simulator:
         if not environ.get("CONTENT_TYPE", "").lower().startswith("application/json"):
             # Daraja's documented quirk for a missing/wrong Content-Type.
             raise _invalid("BusinessShortCode")
-        try:
-            length = int(environ.get("CONTENT_LENGTH") or 0)
-        except ValueError:
-            length = 0
-        raw = environ["wsgi.input"].read(min(length, MAX_BODY))
-        try:
-            body = json.loads(raw)
-        except (ValueError, RecursionError):
-            raise _Reject(400, "400.002.05", "Invalid Request Payload") from None
+        body = _read_body_json(environ)
         if not isinstance(body, dict):
             raise _Reject(400, "400.002.05", "Invalid Request Payload")
         return body
@@ -324,6 +585,7 @@ class Simulator:
     def _push(self, environ):
         self.count("pushes")
         try:
+            weather = self._weather_gate("push")
             self._check_bearer(environ)
             body = self._read_json(environ)
             shortcode, password, timestamp = self._check_credentials(body)
@@ -332,12 +594,17 @@ class Simulator:
             if self.on_push is not None:
                 self.on_push(body)
             answer = self._accept(push)
-        except _Reject:
+        except (_Reject, _Raw):
             self.count("pushes_rejected")
             raise
         self.count("pushes_accepted")
-        if SCENARIOS.get(push.phone, ("",))[0] == "slow_answer":
+        if push.kind == "slow_answer":
             time.sleep(self.settings.slow_answer_s)
+        if weather == "internal":
+            # The prompt is open and its callback scheduled; only the answer is lost.  A client
+            # must treat this push as possibly sent, never as refused.
+            self.count("weather_answers")
+            raise _Reject(500, *_WEATHER_ERRORS["internal"])
         return 200, answer
 
     def _validate_push(self, body):
@@ -359,11 +626,14 @@ class Simulator:
         url = body.get("CallBackURL")
         if not isinstance(url, str) or not _valid_callback_url(url):
             raise _invalid("CallBackURL")
+        # The length limits are simulator policy (strict_lengths): SDKs enforce them, but no
+        # captured Daraja traffic shows the gateway refusing longer values at submit time.
         reference = body.get("AccountReference")
-        if not isinstance(reference, str) or not 0 < len(reference) <= 12:
-            raise _invalid("AccountReference")  # simulator policy (SDKs enforce it)
+        if not isinstance(reference, str) or not reference or (
+                s.strict_lengths and len(reference) > 12):
+            raise _invalid("AccountReference")
         desc = body.get("TransactionDesc", "")
-        if not isinstance(desc, str) or len(desc) > 13:
+        if not isinstance(desc, str) or (s.strict_lengths and len(desc) > 13):
             raise _invalid("TransactionDesc")
         return _Push(checkout_id="", merchant_id="", phone=phone, amount=amount,
                      callback_url=url, result_code=0, decided_at=0.0)
@@ -376,6 +646,7 @@ class Simulator:
         if kind == "refuse_spike":
             raise _Reject(500, "500.003.02", "Error Occurred: Spike Arrest Violation")
         now, wall = time.monotonic(), datetime.now(EAT)
+        decided = wall + timedelta(seconds=s.callback_delay_s)
         with self._lock:
             if s.lock_subscriber and self._open_prompts.get(push.phone, 0) > now:
                 raise _Reject(500, "500.001.1001", LOCK_MESSAGE)
@@ -383,16 +654,17 @@ class Simulator:
             checkout_id = _checkout_id(wall, push.phone)
             while checkout_id in self._pushes:
                 checkout_id = _checkout_id(wall, push.phone, bump=len(self._pushes))
-            push.checkout_id, push.merchant_id = checkout_id, _request_id()
-            push.result_code, push.decided_at = code, now + s.callback_delay_s
+            push.checkout_id, push.merchant_id, push.kind = checkout_id, _request_id(), kind
+            push.result_code, push.accepted_at = code, now
+            push.decided_at = now + s.callback_delay_s
             push.receipt = _receipt(wall) if code == 0 else None
+            # Built before the push is visible, so a resend can never see it half made.
+            push.callback_body = json.dumps(_callback_body(push, decided)).encode()
             self._pushes[checkout_id] = push
         deliveries = {"no_callback": 0, "callback_twice": 2}.get(kind, 1)
         for i in range(deliveries):
             self.count("callbacks_scheduled")
-            decided = wall + timedelta(seconds=s.callback_delay_s)
-            self._sender.schedule(push.decided_at + 0.1 * i, push.callback_url,
-                                  json.dumps(_callback_body(push, decided)).encode())
+            self._sender.schedule(push.decided_at + 0.1 * i, push.callback_url, push.callback_body)
         return {
             "MerchantRequestID": push.merchant_id,
             "CheckoutRequestID": checkout_id,
@@ -404,21 +676,30 @@ class Simulator:
     # --- STK query --------------------------------------------------------------
 
     def _query(self, environ):
+        s = self.settings
         self.count("queries")
+        self._weather_gate("query")
         self._check_bearer(environ)
         body = self._read_json(environ)
         self._check_merchant(*self._check_credentials(body))
+        checkout_id = body.get("CheckoutRequestID")
         with self._lock:
-            push = self._pushes.get(body.get("CheckoutRequestID"))
-        if push is None:
+            push = self._pushes.get(checkout_id) if isinstance(checkout_id, str) else None
+        now = time.monotonic()
+        if push is None or now < push.accepted_at + s.query_not_found_s:
+            # A push this young is as unknown as one never made (observed for ~30 s).
             raise _Reject(500, "500.001.1001", "The transaction does not Exist")
+        if now < push.decided_at and s.query_pending == "processing":
+            raise _Reject(500, "500.001.1001", "The transaction is being processed")
+        if now < push.decided_at and s.query_pending == "empty":
+            raise _Reject(500, "500.001.1001", "")
         answer = {
             "ResponseCode": "0",
             "ResponseDescription": "The service request has been accepted successfully",
             "MerchantRequestID": push.merchant_id,
             "CheckoutRequestID": push.checkout_id,
         }
-        if time.monotonic() < push.decided_at:
+        if now < push.decided_at:
             answer.update(ResultCode="4999", ResultDesc="The transaction is still under processing")
         else:
             answer.update(ResultCode=str(push.result_code),
@@ -429,7 +710,31 @@ class Simulator:
 # --- Daraja's formats ---------------------------------------------------------
 
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-            500: "Internal Server Error"}
+            500: "Internal Server Error", 503: "Service Unavailable"}
+
+
+def _read_body_json(environ):
+    """The request body parsed as JSON (at most MAX_BODY bytes); Daraja's 400 if it is not."""
+    try:
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        length = 0
+    raw = environ["wsgi.input"].read(min(max(length, 0), MAX_BODY))
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):
+        raise _Reject(400, "400.002.05", "Invalid Request Payload") from None
+
+
+def _read_control_json(environ):
+    """A /_sim/ request's JSON object; any Content-Type, so a bare `curl -d` works."""
+    try:
+        body = _read_body_json(environ)
+    except _Reject:
+        body = None
+    if not isinstance(body, dict):
+        raise _ControlError(400, "invalid_json", "the body must be a JSON object")
+    return body
 
 
 def _numeric(value, pattern):
@@ -476,6 +781,11 @@ def _receipt(wall):
     return prefix + "".join(secrets.choice(_ALNUM) for _ in range(7))
 
 
+def _masked(phone):
+    """2547******111: whether Daraja now masks the callback's PhoneNumber is unknown (§4)."""
+    return phone[:4] + "*" * 6 + phone[-3:]
+
+
 def _callback_body(push, decided):
     stk = {
         "MerchantRequestID": push.merchant_id,
@@ -484,13 +794,17 @@ def _callback_body(push, decided):
         "ResultDesc": RESULT_DESCS.get(push.result_code, "Failed"),
     }
     if push.result_code == 0:
-        stk["CallbackMetadata"] = {"Item": [
+        items = [
             {"Name": "Amount", "Value": float(push.amount)},
             {"Name": "MpesaReceiptNumber", "Value": push.receipt},
             {"Name": "Balance"},
             {"Name": "TransactionDate", "Value": int(f"{decided:%Y%m%d%H%M%S}")},
-            {"Name": "PhoneNumber", "Value": int(push.phone)},
-        ]}
+        ]
+        if push.kind == "masked_phone":
+            items.append({"Name": "PhoneNumber", "Value": _masked(push.phone)})
+        elif push.kind != "no_phone":
+            items.append({"Name": "PhoneNumber", "Value": int(push.phone)})
+        stk["CallbackMetadata"] = {"Item": items}
     return {"Body": {"stkCallback": stk}}
 
 

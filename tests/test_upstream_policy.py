@@ -1,0 +1,203 @@
+"""Daraja weather at the gateway (issue: nothing stuck, nothing hangs), against a scripted
+fake Daraja on loopback: definite refusals are `rejected` and free the key, every wait is
+bounded by one call policy, and a push that may have been sent never answers 500."""
+
+import sqlite3
+import threading
+import time
+
+import pytest
+from webtest import TestApp
+
+import config
+import daraja
+import ledger as store
+import metrics
+import mpesa_wsgi
+import payments
+from conftest import API_KEY, base_env
+from fake_daraja import FakeDaraja, accepted, error, reply, reset, sleep, token
+from ledger import Ledger
+from test_daraja_faults import Harness, harness  # noqa: F401 - the fixture
+
+PUSH = {"phone": "0712345678", "amount": 10}
+KEY = {"Idempotency-Key": "order-1"}
+
+
+# --- 1a: refusals before the STK service are `rejected`, never `unknown` ---------------
+
+
+@pytest.mark.parametrize("code, message", [
+    ("500.002.1001", "Service is currently under maintenance. Please try again later"),
+    ("500.003.03", "Quota Violation"),
+    ("500.003.02", "Error Occurred: Spike Arrest Violation"),
+])
+def test_maintenance_and_quota_are_503_rejected_and_the_key_is_freed(harness, code, message):
+    h = harness(oauth=[token()], push=[error(500, code, message), accepted()])
+    res = h.push(503, **KEY)
+    assert res.json["error"]["code"] == "upstream_unavailable"
+    assert int(res.headers["Retry-After"]) >= 1
+    row = h.row(res)
+    assert (row["status"], row["reason"], row["result_code"]) == (
+        "rejected", "upstream_unavailable", code)
+    # Nothing reached a customer: the same key may try again, and this time it goes through.
+    assert h.push(202, **KEY).json["status"] == "pending"
+    assert h.calls() == (1, 2)
+
+
+@pytest.mark.parametrize("step", [
+    error(500, "500.003.1001", "Internal Server Error"),
+    reply(502, b"<html>Bad Gateway</html>", content_type="text/html"),
+    reply(500, b"", content_type="text/plain"),
+], ids=["internal-server-error", "5xx-html", "5xx-empty"])
+def test_a_5xx_that_may_have_been_processed_stays_unknown_and_pinned(harness, step):
+    h = harness(oauth=[token()], push=[step])
+    res = h.push(202, **KEY)
+    assert (res.json["status"], res.json["reason"]) == ("unknown", "upstream_error")
+    replay = h.push(202, **KEY)
+    assert replay.headers["Idempotent-Replayed"] == "true"
+    assert h.calls() == (1, 1)  # never resent
+
+
+# --- 2a/2b: one policy per API, every wait bounded ---------------------------------------
+
+
+def test_oauth_makes_exactly_the_policys_attempts(harness):
+    # Three answers that may each be retried: the policy allows three attempts in all, not
+    # urllib3's per-kind counters plus one.
+    h = harness(oauth=[reset(), reset(), reply(500, b"x", content_type="text/plain"), token()])
+    res = h.push(503)
+    assert h.app.daraja.policies["oauth"].attempts == 3
+    assert h.calls() == (3, 0)
+    assert h.row(res)["status"] == "rejected"
+    h.fake.script["oauth"].clear()  # the fourth step was never asked for
+
+
+def test_a_good_answer_after_retries_is_not_thrown_away(harness):
+    # Two read timeouts, then a token: the body's deadline counts from the call's start
+    # with the policy's retries in it, so the third answer is used.
+    h = harness(oauth=[sleep(0.6), sleep(0.6), token()], push=[accepted()])
+    assert h.push(202).json["status"] == "pending"
+    assert h.calls() == (3, 1)
+
+
+def test_an_upstream_retry_after_is_never_slept_on(harness):
+    h = harness(oauth=[reply(503, {"error": "busy"}, extra=("Retry-After: 3600",)), token()],
+                push=[accepted()])
+    started = time.monotonic()
+    assert h.push(202).json["status"] == "pending"
+    assert time.monotonic() - started < h.app.daraja.policies["oauth"].longest_s
+    assert h.calls() == (2, 1)
+
+
+def test_every_bound_is_derived_from_the_call_policies(harness):
+    h = harness()
+    client = h.app.daraja
+    oauth, push, query = (client.policies[k] for k in ("oauth", "stk_push", "stk_query"))
+    assert (push.attempts, push.retry_read, push.retry_statuses) == (2, False, ())
+    assert client.longest_push_s == oauth.longest_s + 2 * push.longest_s
+    assert client.longest_query_s == oauth.longest_s + 2 * query.longest_s
+    assert client.tokens._wait_s == oauth.longest_s  # noqa: SLF001 - the bound itself
+    with pytest.raises(AttributeError):
+        push.attempts = 5  # immutable
+    retry = push.retry()
+    assert (retry.total, retry.read, retry.status, retry.respect_retry_after_header) == (
+        1, 0, 0, False)
+    assert not retry._is_method_retryable("POST")  # noqa: SLF001 - urllib3's own rule
+
+
+def test_token_waiters_give_up_after_the_oauth_deadline_with_503(tmp_path):
+    fake = FakeDaraja(oauth=[sleep(30)])
+    env = dict(base_env(fake.url, tmp_path / "w.db"), MPESA_CONNECT_TIMEOUT="0.2",
+               MPESA_READ_TIMEOUT="0.2")
+    app = mpesa_wsgi.create_app(config.load_config(env))
+    # The leader holds the one fetch; as a stand-in for a fetch that hangs past its policy
+    # (e.g. a DNS stall), make the fetch itself block.
+    release = threading.Event()
+    app.daraja.tokens._fetch = lambda: (release.wait(30), ("t", "3599"))[1]  # test shim
+    leader = threading.Thread(target=lambda: _swallow(app.daraja.tokens.get))
+    leader.start()
+    try:
+        time.sleep(0.2)  # the leader is inside the fetch (a waiter either way)
+        started = time.monotonic()
+        res = TestApp(app).post_json("/stkpush", PUSH, headers={
+            "Authorization": f"Bearer {API_KEY}"}, status=503)
+        assert res.json["error"]["code"] == "upstream_unavailable"
+        assert time.monotonic() - started < app.daraja.policies["oauth"].longest_s + 5
+    finally:
+        release.set()
+        leader.join(10)
+        app.close()
+        fake.close()
+
+
+def _swallow(fn):
+    try:
+        fn()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+# --- 2c: once a prompt may have been sent, no 500 ------------------------------------------
+
+
+def _app_with_ledger(tmp_path, fake, on_connect):
+    env = dict(base_env(fake.url, tmp_path / "c.db"), MPESA_READ_TIMEOUT="0.3")
+    cfg = config.load_config(env)
+    ledger = Ledger(cfg.db_path, on_connect=on_connect)
+    client = daraja.DarajaClient(cfg, daraja.build_pool(cfg))
+    services = payments.Services(cfg, ledger, client, metrics.GatewayMetrics("t", lambda: {}))
+    return mpesa_wsgi.Gateway(services)
+
+
+def deny(action_wanted, table_wanted, switch):
+    """An sqlite3 authorizer: refuse one kind of statement on one table while switched on."""
+
+    def authorizer(action, arg1, arg2, dbname, source):
+        if switch.is_set() and action == action_wanted and arg1 == table_wanted:
+            return sqlite3.SQLITE_DENY
+        return sqlite3.SQLITE_OK
+
+    return lambda conn: conn.set_authorizer(authorizer)
+
+
+def test_failing_to_store_the_idempotent_answer_still_answers_202(tmp_path, caplog):
+    switch = threading.Event()
+    fake = FakeDaraja(oauth=[token()], push=[accepted()])
+    app = _app_with_ledger(tmp_path, fake, deny(sqlite3.SQLITE_UPDATE, "idempotency_keys",
+                                                switch))
+    try:
+        switch.set()
+        res = TestApp(app).post_json("/stkpush", PUSH, status=202, headers={
+            "Authorization": f"Bearer {API_KEY}", **KEY})
+        assert res.json["status"] == "pending" and res.json["id"].startswith("tx_")
+        assert any(r.levelname == "ERROR" and "idempotent answer" in r.getMessage()
+                   for r in caplog.records)
+        switch.clear()
+        # The key was never pinned, yet a retry finds the row: no second prompt.
+        again = TestApp(app).post_json("/stkpush", PUSH, status=202, headers={
+            "Authorization": f"Bearer {API_KEY}", **KEY})
+        assert again.json["id"] == res.json["id"]
+        assert fake.count("push") == 1
+    finally:
+        app.close()
+        fake.close()
+
+
+def test_failing_to_record_unknown_still_answers_202_unknown(tmp_path, caplog):
+    switch = threading.Event()
+    fake = FakeDaraja(oauth=[token()], push=[sleep(1.0, then=accepted())])
+    app = _app_with_ledger(tmp_path, fake, deny(sqlite3.SQLITE_UPDATE, "transactions", switch))
+    try:
+        switch.set()
+        res = TestApp(app).post_json("/stkpush", PUSH, status=202, headers={
+            "Authorization": f"Bearer {API_KEY}"})
+        assert (res.json["status"], res.json["reason"]) == ("unknown", "read_timeout")
+        assert any(r.levelname == "ERROR" and res.json["id"] in r.getMessage()
+                   for r in caplog.records)
+        switch.clear()
+        # The ledger still says `submitting`: recovery makes it unknown, never re-sent.
+        assert app.ledger.get(res.json["id"])["status"] == store.SUBMITTING
+    finally:
+        app.close()
+        fake.close()

@@ -61,7 +61,7 @@ PENDING_RESULT_CODE = "4999"  # query only: the prompt is still open
 
 MAINTENANCE_CODE = "500.002.1001"  # "Service is currently under maintenance"
 # A query's 500.001.1001 with one of these texts (or none) means "no answer yet".
-_NOT_YET_TEXTS = ("being processed", "does not exist", "under processing")
+_NOT_YET_TEXTS = ("being processed", "transaction does not exist", "under processing")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,187 @@
+"""Start-up and shut-down: bad input is one clear message; a failed commit is rolled back;
+the reconciler's current query finishes before the ledger closes, however the app is run."""
+
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import threading
+
+import pytest
+
+from conftest import ROOT_DIR, base_env
+from fake_daraja import FakeDaraja, accepted, reply, sleep, token
+from ledger import Ledger
+
+
+def child_env(**env):
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MPESA_", "GATEWAY_"))}
+    clean.update(env)
+    return clean
+
+
+def run(args, env, timeout=60):
+    return subprocess.run([sys.executable, "mpesa_wsgi.py", *args], cwd=ROOT_DIR, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+# --- bad start-up input: one message, exit 2, never a traceback --------------------------
+
+
+def test_an_unopenable_ledger_is_one_message_and_exit_2(tmp_path):
+    env = child_env(**base_env("http://127.0.0.1:9", tmp_path / "missing" / "dir" / "x.db"))
+    proc = run([], env)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "GATEWAY_DB" in proc.stderr and "missing" in proc.stderr
+
+
+@pytest.mark.parametrize("port", ["abc", "70000", "65535"])
+def test_a_bad_demo_port_is_one_message_and_exit_2(tmp_path, port):
+    proc = run(["--demo"], child_env(GATEWAY_PORT=port, GATEWAY_DB=str(tmp_path / "d.db")))
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "GATEWAY_PORT" in proc.stderr
+
+
+def test_a_port_in_use_is_one_message_and_exit_2(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        env = child_env(**base_env("http://127.0.0.1:9", tmp_path / "p.db"),
+                        GATEWAY_PORT=str(taken.getsockname()[1]))
+        proc = run([], env)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "GATEWAY_PORT" in proc.stderr
+
+
+# --- a failed COMMIT ----------------------------------------------------------------------
+
+
+class Refuse:
+    """An sqlite3 authorizer on every ledger connection: refuse COMMIT and/or ROLLBACK."""
+
+    def __init__(self):
+        self.statements = set()
+        self.connections = 0
+
+    def __call__(self, conn):
+        self.connections += 1
+        conn.set_authorizer(self.authorize)
+
+    def authorize(self, action, arg1, *_):
+        if action == sqlite3.SQLITE_TRANSACTION and arg1 in self.statements:
+            return sqlite3.SQLITE_DENY
+        return sqlite3.SQLITE_OK
+
+
+def new_row(ledger, phone="254712345678"):
+    return ledger.create(phone=phone, amount=10, reference="R", description="D")
+
+
+def count_rows(path):
+    with sqlite3.connect(path) as conn:
+        return conn.execute("SELECT COUNT(*) FROM transactions").fetchone()[0]
+
+
+def test_a_failed_commit_is_rolled_back_and_the_error_kept(tmp_path):
+    refuse, path = Refuse(), str(tmp_path / "c.db")
+    ledger = Ledger(path, on_connect=refuse)
+    try:
+        refuse.statements = {"COMMIT"}
+        with pytest.raises(sqlite3.DatabaseError, match="not authorized"):
+            new_row(ledger)
+        refuse.statements = set()
+        new_row(ledger, phone="254712345679")  # the connection is usable: nothing left open
+        assert count_rows(path) == 1  # the failed write is gone
+        assert refuse.connections == 1
+    finally:
+        ledger.close()
+
+
+def test_a_connection_that_cannot_roll_back_is_discarded(tmp_path, caplog):
+    refuse, path = Refuse(), str(tmp_path / "d.db")
+    ledger = Ledger(path, on_connect=refuse)
+    try:
+        refuse.statements = {"COMMIT", "ROLLBACK"}
+        with pytest.raises(sqlite3.DatabaseError, match="not authorized"):
+            new_row(ledger)  # the COMMIT's error, not the ROLLBACK's
+        assert any("rollback_failed" in r.getMessage() for r in caplog.records)
+        refuse.statements = set()
+        new_row(ledger, phone="254712345679")
+        assert refuse.connections == 2  # a fresh connection took over
+        assert count_rows(path) == 1
+    finally:
+        ledger.close()
+
+
+# --- shutdown in order -------------------------------------------------------------------
+
+
+def final_answer(checkout):
+    return reply(200, {"ResponseCode": "0", "MerchantRequestID": "m",
+                       "CheckoutRequestID": checkout, "ResultCode": "0", "ResultDesc": "ok"})
+
+
+CHILD = textwrap.dedent("""
+    import sys, time
+    from webtest import TestApp
+    import config, mpesa_wsgi, os
+    app = mpesa_wsgi.create_app(config.load_config(os.environ))  # as waitress-serve --call does
+    tx = TestApp(app).post_json("/stkpush", {"phone": "0712345678", "amount": 10},
+                                headers={"Authorization": "Bearer " + sys.argv[1]}).json
+    deadline = time.monotonic() + 30
+    while app.ledger.get(tx["id"])["claimed_until"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)  # until the reconciler has claimed the row and is querying
+    print(tx["id"], flush=True)
+    sys.exit(0)  # no close(): the process just ends, mid-query
+""")
+
+
+def test_the_reconcilers_query_finishes_when_the_process_exits(tmp_path):
+    checkout = "ws_CO_26112026120000000712345678"
+    fake = FakeDaraja(oauth=[token()], push=[accepted(checkout)],
+                      query=[sleep(1.5, then=final_answer(checkout))])
+    env = child_env(**dict(base_env(fake.url, tmp_path / "x.db"), GATEWAY_RECONCILE="on",
+                           MPESA_RECONCILE_AFTER_S="0", MPESA_RECONCILE_BACKOFF_S="0.1",
+                           MPESA_READ_TIMEOUT="3"))
+    from conftest import API_KEY
+    try:
+        proc = subprocess.run([sys.executable, "-c", CHILD, API_KEY], cwd=ROOT_DIR, env=env,
+                              capture_output=True, text=True, timeout=90)
+        assert proc.returncode == 0, proc.stderr
+        tx_id = proc.stdout.strip()
+        ledger = Ledger(str(tmp_path / "x.db"))
+        assert ledger.get(tx_id)["status"] == "succeeded"  # settled before the exit
+        ledger.close()
+        assert fake.count("query") == 1
+    finally:
+        fake.close()
+
+
+def test_closing_the_app_lets_the_current_query_settle_first(tmp_path):
+    import config
+    import mpesa_wsgi
+    from conftest import API_KEY, wait_for
+    from webtest import TestApp
+
+    checkout = "ws_CO_26112026120000000712345670"
+    fake = FakeDaraja(oauth=[token()], push=[accepted(checkout)],
+                      query=[sleep(1.0, then=final_answer(checkout))])
+    env = dict(base_env(fake.url, tmp_path / "y.db"), GATEWAY_RECONCILE="on",
+               MPESA_RECONCILE_AFTER_S="0", MPESA_RECONCILE_BACKOFF_S="0.1",
+               MPESA_READ_TIMEOUT="3")
+    app = mpesa_wsgi.create_app(config.load_config(env))
+    try:
+        tx = TestApp(app).post_json("/stkpush", {"phone": "0712345670", "amount": 10},
+                                    headers={"Authorization": f"Bearer {API_KEY}"}).json
+        wait_for(lambda: fake.count("query") == 1, timeout=30)  # the query is in flight
+        closer = threading.Thread(target=app.close)
+        closer.start()
+        closer.join(60)
+        ledger = Ledger(str(tmp_path / "y.db"))
+        assert ledger.get(tx["id"])["status"] == "succeeded"
+        ledger.close()
+    finally:
+        fake.close()

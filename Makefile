@@ -2,13 +2,21 @@
 #   make demo   the gateway + Daraja simulator on 127.0.0.1, a payment in seconds
 #   make test   the whole test suite
 #   make bench  the benchmark against Flask and Falcon versions (needs wrk: apt-get install wrk)
+#   make soak   the long runs, not part of `make test` (under an hour on 2 cores): the SIGKILL
+#               crash-restart test for SOAK_CRASH_CYCLES cycles (100) under load, and the
+#               Hypothesis properties, ledger state machine and OpenAPI contract with
+#               SOAK_EXAMPLES examples each (10000); prints their figures at the end
 # Each creates its own virtual environment and installs pinned requirements.
 PYTHON ?= python3
 RUN_VENV := .venv
 TEST_VENV := .venv-test
 BENCH_VENV := .venv-bench
+SOAK_CRASH_CYCLES ?= 100
+SOAK_EXAMPLES ?= 10000
+SOAK_TESTS := tests/test_crash.py tests/test_properties.py tests/test_ledger_state.py \
+	tests/test_openapi_contract.py
 
-.PHONY: demo test bench clean
+.PHONY: demo test soak bench clean
 
 $(RUN_VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(RUN_VENV)
@@ -30,6 +38,10 @@ demo: $(RUN_VENV)/.installed
 
 test: $(TEST_VENV)/.installed
 	$(TEST_VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+soak: $(TEST_VENV)/.installed
+	SOAK_CRASH_CYCLES=$(SOAK_CRASH_CYCLES) SOAK_EXAMPLES=$(SOAK_EXAMPLES) \
+		$(TEST_VENV)/bin/python -m pytest --hypothesis-show-statistics $(SOAK_TESTS) $(PYTEST_ARGS)
 
 bench: $(BENCH_VENV)/.installed
 	@command -v wrk >/dev/null || { echo "wrk is needed: apt-get install wrk"; exit 1; }

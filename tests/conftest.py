@@ -1,11 +1,14 @@
 """Shared fixtures: the Daraja simulator and the gateway, each on a real loopback socket."""
 
 import base64
+import contextlib
 import logging
 import os
+import pathlib
 import re
 import shutil
 import socket
+import sqlite3
 import subprocess
 import time
 
@@ -140,7 +143,8 @@ _SECRETS = (
     base64.b64encode(
         f"{simulator.DEMO_CONSUMER_KEY}:{simulator.DEMO_CONSUMER_SECRET}".encode()).decode(),
 )
-_FULL_MSISDN = re.compile(r"(?<![0-9])(?:\+?254|0)[17][0-9]{8}(?![0-9])")
+# Not inside a longer token: a transaction id's random hex can hold such a run of digits.
+_FULL_MSISDN = re.compile(r"(?<![0-9A-Za-z])(?:\+?254|0)[17][0-9]{8}(?![0-9A-Za-z])")
 _SIGNATURE = re.compile(r"(?<![0-9a-f])[0-9a-f]{32}(?![0-9a-f])")
 
 
@@ -254,3 +258,40 @@ def gateway(gateway_env):
     yield GatewayHandle(late.app, url, server, clock)
     server.shutdown()
     late.app.close()
+
+
+# --- soak figures and sizes (make soak) -----------------------------------------------
+
+_FIGURES = []  # summary lines tests report, printed at the end of the run
+
+
+def soak_examples(default):
+    """Examples per Hypothesis test: SOAK_EXAMPLES when set (make soak), else `default`."""
+    raw = os.environ.get("SOAK_EXAMPLES", "").strip()
+    return int(raw) if raw else default
+
+
+@pytest.fixture
+def report_figures():
+    """report_figures(line): a line for the "figures" section at the end of the run."""
+    return _FIGURES.append
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _FIGURES:
+        terminalreporter.section("figures")
+        for line in _FIGURES:
+            terminalreporter.write_line(line)
+
+
+@contextlib.contextmanager
+def read_only(path):
+    """A separate read-only connection to a ledger file (what is really on disk), closed
+    on leaving the block."""
+    conn = sqlite3.connect(pathlib.Path(path).resolve().as_uri() + "?mode=ro", uri=True)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+

@@ -2,7 +2,6 @@
 
 import base64
 import socket
-import time
 from datetime import datetime, timezone
 
 import pytest
@@ -11,7 +10,7 @@ import config
 import daraja
 import settlement
 import simulator
-from conftest import base_env
+from conftest import base_env, wait_for
 
 CALLBACK = "http://127.0.0.1:9/callback/tx_1/abc"
 
@@ -120,12 +119,13 @@ def test_connection_refused_is_unavailable(env):
     assert exc.value.outcome == daraja.UNAVAILABLE
 
 
+@pytest.mark.parametrize("sim_settings", [{"callback_delay_s": 3}], indirect=True)
 def test_query_is_pending_then_terminal(client, sim):
     accepted = push(client, phone="254711001032")
-    answer = client.stk_query(accepted.checkout_request_id)
+    answer = client.stk_query(accepted.checkout_request_id)  # the customer has 3 s to answer
     assert answer.pending and answer.result_code is None
-    time.sleep(sim.sim.settings.callback_delay_s + 0.05)
-    answer = client.stk_query(accepted.checkout_request_id)
+    answer = wait_for(lambda: (a := client.stk_query(accepted.checkout_request_id)).pending
+                      is False and a, timeout=30, interval=0.1)
     assert (answer.pending, answer.result_code) == (False, "1032")
     assert settlement.result_status(answer.result_code) == ("failed", "cancelled")
 

@@ -3,10 +3,18 @@
 import json
 
 import pytest
+from webtest import TestApp
 
+import config
+import daraja
+import metrics
+import mpesa_wsgi
+import payments
 from conftest import API_KEY, OTHER_KEY
+from ledger import Ledger
 
 VALID = {"phone": "0712345678", "amount": 10}
+
 
 
 def assert_error_shape(res, code, field=None):
@@ -123,8 +131,31 @@ def test_validation_errors_name_code_and_field_and_send_nothing(gateway, sim, bo
     assert sim.stats()["pushes"] == 0
 
 
-def test_unhandled_errors_are_a_plain_500(gateway):
-    gateway.app.ledger.close()
-    gateway.app.ledger.get = None  # test shim: the store is broken in an unexpected way
-    res = gateway.get("tx_1", status=500)
-    assert_error_shape(res, "internal_error")
+class StoreBroke(Exception):
+    """Not an sqlite3.Error, not an ApiError: nothing in the app expects it."""
+
+
+def _broken_rows(cursor, row):
+    raise StoreBroke("/srv/ledger.db: row 7 is garbage")  # internals that must not leak
+
+
+def test_unhandled_errors_are_a_plain_500(gateway_env):
+    cfg = config.load_config(gateway_env)
+    connections = []  # every connection the ledger opens (its constructor's is this thread's)
+    ledger = Ledger(cfg.db_path, on_connect=connections.append)
+    services = payments.Services(cfg, ledger, daraja.DarajaClient(cfg, daraja.build_pool(cfg)),
+                                 metrics.GatewayMetrics(config.VERSION, lambda: {}))
+    app = TestApp(mpesa_wsgi.Gateway(services), lint=True)
+    try:
+        auth = {"Authorization": f"Bearer {API_KEY}"}
+        tx_id = ledger.create(phone="254712345678", amount=10, reference="R",
+                              description="D")["id"]
+        app.get(f"/transactions/{tx_id}", headers=auth, status=200)  # the store works...
+        for conn in connections:
+            conn.row_factory = _broken_rows  # ...then breaks in a way nobody planned for
+        res = app.get(f"/transactions/{tx_id}", headers=auth, status=500)
+        assert_error_shape(res, "internal_error")
+        assert "garbage" not in res.text and "ledger.db" not in res.text
+        assert res.headers["X-Request-Id"]
+    finally:
+        services.close()

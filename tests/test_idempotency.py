@@ -12,11 +12,12 @@ from webtest import TestApp
 import config
 import ledger as store
 import mpesa_wsgi
-from conftest import API_KEY, OTHER_KEY, ROOT_DIR, base_env
+from conftest import API_KEY, FakeClock, OTHER_KEY, ROOT_DIR, base_env
 from fake_daraja import FakeDaraja, accepted, sleep, token
 from ratelimit import RateLimiter
 
 BODY = {"phone": "0712345678", "amount": 10, "reference": "INV001"}
+
 
 
 def keyed(gateway, key, body=BODY, status=202, api_key=API_KEY):
@@ -80,18 +81,18 @@ def test_concurrent_requests_with_one_key_make_one_push(gateway, sim):
 
     def hold(payload):
         entered.set()
-        release.wait(5)
+        release.wait(60)
 
     sim.sim.on_push = hold
     results = {}
     first = threading.Thread(target=lambda: results.update(first=keyed(gateway, "race")))
     first.start()
-    assert entered.wait(5)
+    assert entered.wait(60)
     second = keyed(gateway, "race", status=409)
     assert second.json["error"]["code"] == "idempotency_key_in_use"
     assert second.headers["Retry-After"]
     release.set()
-    first.join(5)
+    first.join(60)
     assert results["first"].status_int == 202
     assert sim.stats()["pushes"] == 1
     assert keyed(gateway, "race").json == results["first"].json
@@ -115,36 +116,50 @@ def test_replay_after_unknown_returns_unknown_and_does_not_resend(tmp_path):
 
 
 PROCESS_SCRIPT = """
-import json, sys, time
+import json, os, sys, time
 from webtest import TestApp
 import config, mpesa_wsgi
-env, start = json.loads(sys.argv[1]), float(sys.argv[2])
+env, out = json.loads(sys.argv[1]), sys.argv[2]
 app = mpesa_wsgi.create_app(config.load_config(env))
-time.sleep(max(0.0, start - time.time()))
+started = time.monotonic()
 res = TestApp(app).post_json("/stkpush", {"phone": "0712345678", "amount": 10},
     headers={"Authorization": "Bearer " + env["GATEWAY_API_KEYS"].split(",")[0],
              "Idempotency-Key": "cross-process"}, expect_errors=True)
-print(json.dumps({"status": res.status_int, "body": res.json}))
+ended = time.monotonic()
+with open(out + ".tmp", "w") as f:
+    json.dump({"status": res.status_int, "body": res.json, "started": started,
+               "ended": ended}, f)
+os.replace(out + ".tmp", out)  # the answer appears whole
 app.close()
 """
 
 
-def test_two_processes_sharing_one_ledger_make_one_push(gateway_env, sim):
-    sim.sim.on_push = lambda payload: time.sleep(0.3)  # hold the first push in flight
-    start = time.time() + 1.5
+def test_two_processes_sharing_one_ledger_make_one_push(gateway_env, sim, tmp_path):
+    outs = [tmp_path / f"answer{n}.json" for n in range(2)]
+
+    def hold_until_the_other_answered(payload):
+        # The push that got through is held until the other process has its answer, so the
+        # two requests provably overlap: the other one ran while this one was at Daraja.
+        deadline = time.monotonic() + 60
+        while not any(out.exists() for out in outs) and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    sim.sim.on_push = hold_until_the_other_answered
     procs = [subprocess.Popen([sys.executable, "-c", PROCESS_SCRIPT, json.dumps(gateway_env),
-                               str(start)], cwd=ROOT_DIR, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    answers = []
+                               str(out)], cwd=ROOT_DIR, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for out in outs]
     for proc in procs:
-        out, err = proc.communicate(timeout=30)
+        _, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err
-        answers.append(json.loads(out.strip().splitlines()[-1]))
-    statuses = sorted(a["status"] for a in answers)
-    assert statuses in ([202, 202], [202, 409]), answers
+    answers = [json.loads(out.read_text()) for out in outs]
+    first, second = sorted(answers, key=lambda a: a["ended"])
+    # CLOCK_MONOTONIC is one clock for every process on the machine.
+    assert first["started"] < second["ended"] and second["started"] < first["ended"], (
+        "the two requests did not overlap")
+    assert (first["status"], second["status"]) == (409, 202), answers
+    assert first["body"]["error"]["code"] == "idempotency_key_in_use"
+    assert second["body"]["status"] == "pending"
     assert sim.stats()["pushes"] == 1
-    if statuses == [202, 202]:  # the second came after the first finished: a replay
-        assert answers[0]["body"] == answers[1]["body"]
 
 
 def test_second_payment_to_a_phone_with_a_pending_one_is_409(gateway, sim):
@@ -158,30 +173,40 @@ def test_second_payment_to_a_phone_with_a_pending_one_is_409(gateway, sim):
     assert sim.stats()["pushes"] == 2
 
 
+BURST = 3
+
+
 @pytest.fixture
 def limited_gateway(gateway_env):
-    app = mpesa_wsgi.create_app(config.load_config(dict(gateway_env, GATEWAY_RATE="1",
-                                                        GATEWAY_BURST="2")))
-    yield app
+    """Rate 1/s, burst BURST, on a clock the test moves: no request refills a bucket by
+    merely being slow."""
+    clock = FakeClock(time.time())
+    app = mpesa_wsgi.create_app(config.load_config(dict(
+        gateway_env, GATEWAY_RATE="1", GATEWAY_BURST=str(BURST))), clock=clock)
+    yield app, clock
     app.close()
 
 
 def test_rate_limit_per_api_key_is_429_with_retry_after(limited_gateway, sim):
-    testapp = TestApp(limited_gateway)
+    app, clock = limited_gateway
+    testapp = TestApp(app)
+    numbers = iter(range(100))
 
-    def post(n, key=API_KEY, status=202):
-        return testapp.post_json("/stkpush", {"phone": f"07120000{n:02d}", "amount": 10},
-                                 headers={"Authorization": f"Bearer {key}"}, status=status)
+    def post(key=API_KEY):
+        return testapp.post_json("/stkpush", {"phone": f"07120000{next(numbers):02d}",
+                                              "amount": 10},
+                                 headers={"Authorization": f"Bearer {key}"}, status="*")
 
-    post(1)
-    post(2)
-    res = post(3, status=429)
-    assert res.json["error"]["code"] == "rate_limited"
-    assert res.headers["Retry-After"] == "1"
-    post(4, key=OTHER_KEY)  # another merchant has its own bucket
-    assert sim.stats()["pushes"] == 3
-    time.sleep(1.05)
-    post(5)
+    burst = [post() for _ in range(2 * BURST)]
+    assert [r.status_int for r in burst] == [202] * BURST + [429] * BURST
+    for res in burst[BURST:]:
+        assert res.json["error"]["code"] == "rate_limited"
+        assert res.headers["Retry-After"] == "1"
+    assert post(key=OTHER_KEY).status_int == 202  # another merchant has its own bucket
+    assert sim.stats()["pushes"] == BURST + 1  # a 429 never reaches Daraja
+    clock.advance(1)  # one token back at 1/s
+    assert [post().status_int for _ in range(2)] == [202, 429]
+    assert sim.stats()["pushes"] == BURST + 2
 
 
 def test_token_bucket_refills_at_the_rate():
@@ -198,9 +223,8 @@ def test_token_bucket_refills_at_the_rate():
 def test_stored_keys_expire_after_the_retention_window(gateway, sim):
     first = keyed(gateway, "old-key")
     gateway.wait_status(first.json["id"], "succeeded")
-    clock = gateway.app.ledger._clock
-    gateway.app.ledger._clock = lambda: clock() + store.IDEMPOTENCY_TTL_S + 1  # test shim
+    assert keyed(gateway, "old-key").headers["Idempotent-Replayed"] == "true"
+    gateway.clock.advance(store.IDEMPOTENCY_TTL_S + 1)  # a day later, for the whole app
     assert gateway.app.ledger.prune_idempotency() == 1
-    gateway.app.ledger._clock = clock
     assert "Idempotent-Replayed" not in keyed(gateway, "old-key").headers
     assert sim.stats()["pushes"] == 2

@@ -4,15 +4,15 @@ import multiprocessing
 import sqlite3
 import sys
 import threading
-import time
 
 import pytest
 
 import ledger as store
-from conftest import FakeClock
+from conftest import FakeClock, read_only
 import settlement
 from ledger import Ledger
 from settlement import CallbackRecord, Outcome
+
 
 
 @pytest.fixture
@@ -46,11 +46,27 @@ def failure(code="1032", reason="cancelled", checkout="ws_CO_1"):
                       checkout_request_id=checkout)
 
 
-def test_wal_and_full_sync_on_every_connection(ledger):
-    conn = ledger._conn()
-    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
-    assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 5000
+def test_wal_and_full_sync_on_every_connection(tmp_path, clock):
+    path = str(tmp_path / "pragmas.db")
+    opened = []  # every connection the ledger opens, as it opens it
+    lg = Ledger(path, clock=clock, busy_timeout_s=7.5, on_connect=opened.append)
+    try:
+        writers = [threading.Thread(target=new_row, args=(lg, f"25471234500{n}"))
+                   for n in range(2)]
+        for t in writers:
+            t.start()
+        for t in writers:
+            t.join(30)
+        new_row(lg, phone="254712345009")
+        assert len(opened) == 3  # one per thread: the constructor's (this thread's) and two
+        for conn in opened:
+            assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+            assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 7500
+    finally:
+        lg.close()
+    with read_only(path) as conn:  # WAL is a property of the file itself
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("SELECT COUNT(*) FROM transactions").fetchone()[0] == 3
 
 
 def test_new_row_is_submitting_and_found_by_either_id(ledger):
@@ -170,12 +186,13 @@ def test_concurrent_writers_from_many_threads_lose_nothing(ledger):
     for t in threads:
         t.join(30)
     assert errors == []
-    count = ledger._conn().execute("SELECT COUNT(*) FROM transactions").fetchone()[0]
+    with read_only(ledger.path) as conn:  # what reached the file, seen by another connection
+        count = conn.execute("SELECT COUNT(*) FROM transactions").fetchone()[0]
     assert count == len(set(ids)) == 160
 
 
-def _open_and_write(path, start):
-    time.sleep(max(0.0, start - time.time()))
+def _open_and_write(path, barrier):
+    barrier.wait(60)  # all processes open the brand-new file at the same moment
     opened = Ledger(path)
     opened.create(phone="254712345678", amount=1, reference="R", description="D")
     opened.close()
@@ -187,13 +204,12 @@ def test_processes_opening_a_new_ledger_at_once_all_succeed(tmp_path):
     ctx = multiprocessing.get_context("fork" if sys.platform != "win32" else "spawn")
     for round_ in range(10):
         path = str(tmp_path / f"new{round_}.db")
-        start = time.time() + 0.1
-        procs = [ctx.Process(target=_open_and_write, args=(path, start)) for _ in range(3)]
+        barrier = ctx.Barrier(3)
+        procs = [ctx.Process(target=_open_and_write, args=(path, barrier)) for _ in range(3)]
         for p in procs:
             p.start()
         for p in procs:
-            p.join(30)
+            p.join(90)
         assert [p.exitcode for p in procs] == [0, 0, 0]
-        check = Ledger(path)
-        assert check._conn().execute("SELECT COUNT(*) FROM transactions").fetchone()[0] == 3
-        check.close()
+        with read_only(path) as conn:
+            assert conn.execute("SELECT COUNT(*) FROM transactions").fetchone()[0] == 3

@@ -2,6 +2,9 @@
 
 Every generated request must get no 5xx, and every response must match the
 document (status code, content type, headers, body schema).
+
+SOAK_EXAMPLES sets the examples per operation (`make soak`: 10,000); the figures
+(examples run, 5xx answers) are printed at the end of the run.
 """
 
 import pytest
@@ -16,10 +19,11 @@ from schemathesis.specs.openapi.checks import (
 import config
 import mpesa_wsgi
 import simulator
-from conftest import API_KEY, base_env
+from conftest import API_KEY, base_env, soak_examples
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
           response_headers_conformance, response_schema_conformance]
+
 
 
 @pytest.fixture
@@ -36,18 +40,29 @@ def app(sim, tmp_path):
     gateway.close()
 
 
-def test_every_response_conforms_and_none_is_a_5xx(app):
+def test_every_response_conforms_and_none_is_a_5xx(app, report_figures):
     schema = schemathesis.openapi.from_wsgi("/openapi.json", app)
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 6  # schemathesis skips the document's own path
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    tally = {"examples": 0, "5xx": 0}
+    examples = soak_examples(40)
 
-    for operation in operations:
+    try:
+        for operation in operations:
 
-        @given(case=operation.as_strategy())
-        @settings(max_examples=40, deadline=None, database=None,
-                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
-        def conforms(case):
-            case.call_and_validate(headers={"Authorization": f"Bearer {API_KEY}"},
-                                   checks=CHECKS)
+            @given(case=operation.as_strategy())
+            @settings(max_examples=examples, deadline=None, database=None,
+                      suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+            def conforms(case):
+                response = case.call(headers=auth)
+                tally["examples"] += 1
+                tally["5xx"] += response.status_code >= 500
+                case.validate_response(response, checks=CHECKS, headers=auth)
 
-        conforms()
+            conforms()
+    finally:
+        report_figures(f"openapi contract: operations={len(operations)} "
+                       f"max_examples_per_operation={examples} examples_run={tally['examples']} "
+                       f"5xx={tally['5xx']}")
+    assert tally["5xx"] == 0

@@ -21,6 +21,7 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 METRICS_TOKEN = "metrics-token-0123456789"
 
 
+
 @pytest.fixture
 def sim_settings():
     return simulator.SimSettings(callback_delay_s=0.2, lock_subscriber=False)
@@ -56,20 +57,25 @@ def test_metrics_move_by_exactly_what_happened(gateway):
     t.get("/health", status=200)
     t.get("/health", status=200)
     t.get("/nope", status=404)
-    gateway.wait_status(ok.json["id"], "succeeded")
-    after = samples(t)
+    gateway.wait_status(ok.json["id"], "succeeded", timeout=30)
+    p = "mpesa_gateway_"
+    callback_route = dict(route="/callback/{tx_id}/{sig}", method="POST", status="200")
+    # The callback came on a real socket, and a request is accounted after its answer is
+    # sent: poll until its accounting shows. (Scrapes count only /metrics, never asserted.)
+    after = wait_for(lambda: value(s := samples(t), p + "http_requests_total",
+                                   **callback_route) > value(before, p + "http_requests_total",
+                                                             **callback_route) and s,
+                     timeout=30)
 
     def delta(name, **labels):
         return value(after, name, **labels) - value(before, name, **labels)
 
-    p = "mpesa_gateway_"
     assert delta(p + "http_requests_total", route="/stkpush", method="POST", status="202") == 1
     assert delta(p + "http_requests_total", route="/stkpush", method="POST", status="503") == 1
     assert delta(p + "http_requests_total", route="/stkpush", method="POST", status="400") == 1
     assert delta(p + "http_requests_total", route="/health", method="GET", status="200") == 2
     assert delta(p + "http_requests_total", route="unmatched", method="GET", status="404") == 1
-    assert delta(p + "http_requests_total", route="/callback/{tx_id}/{sig}", method="POST",
-                 status="200") == 1
+    assert delta(p + "http_requests_total", **callback_route) == 1
     assert delta(p + "http_request_duration_seconds_count", route="/stkpush") == 3
     assert delta(p + "daraja_calls_total", api="stk_push", outcome="accepted") == 1
     assert delta(p + "daraja_calls_total", api="stk_push", outcome="unavailable") == 1
@@ -93,8 +99,12 @@ def test_reconcile_queries_are_counted(gateway_env, sim):
         import reconciler
         rec = reconciler.Reconciler(app.ledger, app.daraja, app.config,
                                     observer=app.metrics.reconcile.inc)
-        rec.run_once()
-        assert app.metrics.reconcile.value("not_yet") == 1
+        # "not_yet" or, on a slow machine past the simulator's 0.2 s, "succeeded": either
+        # way the one query is counted under the result the pass reports.
+        results = rec.run_once()
+        assert sum(results.values()) == 1, results
+        for result, n in results.items():
+            assert app.metrics.reconcile.value(result) == n
     finally:
         app.close()
 
@@ -151,11 +161,11 @@ def test_a_missing_or_insane_request_id_is_replaced(gateway, json_log, sent):
 
 def test_callback_log_lines_have_the_route_template_not_the_signature(gateway, json_log):
     res = gateway.push({"phone": "0712300003", "amount": 10})
-    gateway.wait_status(res.json["id"], "succeeded")
+    gateway.wait_status(res.json["id"], "succeeded", timeout=30)
     sig = gateway.app.callback_url(res.json["id"]).rsplit("/", 1)[1]
-    text = json_log.getvalue()
-    assert "/callback/{tx_id}/{sig}" in text
-    assert sig not in text
+    # The access line is written after the answer went out on the real socket: wait for it.
+    wait_for(lambda: "/callback/{tx_id}/{sig}" in json_log.getvalue(), timeout=30)
+    assert sig not in json_log.getvalue()
 
 
 def test_redaction_filter_scrubs_what_slips_through():
@@ -173,7 +183,8 @@ def test_health_reports_checks(gateway):
     checks = body["checks"]
     assert checks["ledger_writable"] is True
     assert checks["pending"] == 1 and checks["unknown"] == 0
-    assert checks["token_age_s"] is not None and checks["token_age_s"] < 5
+    # In seconds, on the app's clock (moved 1 s above), and the token itself never shown.
+    assert checks["token_age_s"] is not None and 1 <= checks["token_age_s"] < 60
     assert "token" not in json.dumps(body).replace("token_age_s", "")
 
 
@@ -213,7 +224,7 @@ def listing(gateway):
     for n in range(35):
         phone = "254711001032" if n % 7 == 0 else f"07123{n:05d}"
         ids.append(gateway.push({"phone": phone, "amount": 10 + n}).json["id"])
-    wait_for(lambda: gateway.app.ledger.count_by_status().get("pending", 0) == 0, timeout=10)
+    wait_for(lambda: gateway.app.ledger.count_by_status().get("pending", 0) == 0, timeout=60)
     return ids
 
 

@@ -1,4 +1,7 @@
-"""Property-based tests: no input breaks a rule, and no input yields a 5xx."""
+"""Property-based tests: no input breaks a rule, and no input yields a 5xx.
+
+SOAK_EXAMPLES sets the examples per test (`make soak`: 10,000).
+"""
 
 import json
 import re
@@ -11,7 +14,7 @@ from webtest import TestApp
 import config
 import mpesa_wsgi
 import simulator
-from conftest import API_KEY
+from conftest import API_KEY, soak_examples
 from validation import (
     ValidationError, normalize_phone, parse_amount, parse_stk_callback, validate_push,
 )
@@ -21,10 +24,14 @@ json_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=F
 json_values = st.recursive(
     json_scalars, lambda inner: st.lists(inner, max_size=5)
     | st.dictionaries(st.text(max_size=20), inner, max_size=5), max_leaves=30)
-APP_SETTINGS = settings(max_examples=150, deadline=None,
+# No deadline: on a loaded machine one slow example is not a bug.
+PURE_SETTINGS = settings(max_examples=soak_examples(100), deadline=None)
+APP_SETTINGS = settings(max_examples=soak_examples(150), deadline=None,
                         suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
+
+@PURE_SETTINGS
 @given(st.one_of(st.text(max_size=40), json_values))
 def test_normalize_phone_returns_canonical_or_raises(value):
     try:
@@ -33,6 +40,7 @@ def test_normalize_phone_returns_canonical_or_raises(value):
         assert exc.code == "invalid_phone"
 
 
+@PURE_SETTINGS
 @given(st.sampled_from(["0", "", "254", "+254"]), st.sampled_from(["7", "1"]),
        st.text("0123456789", min_size=8, max_size=8), st.sampled_from(["", " ", "-"]))
 def test_every_valid_form_normalises_to_the_same_number(prefix, first, rest, sep):
@@ -40,6 +48,7 @@ def test_every_valid_form_normalises_to_the_same_number(prefix, first, rest, sep
     assert normalize_phone(raw) == "254" + first + rest
 
 
+@PURE_SETTINGS
 @given(json_values)
 def test_parse_amount_is_whole_and_in_range_or_raises(value):
     try:
@@ -50,6 +59,7 @@ def test_parse_amount_is_whole_and_in_range_or_raises(value):
         assert type(amount) is int and 1 <= amount <= 250_000
 
 
+@PURE_SETTINGS
 @given(json_values)
 def test_validate_push_never_fails_other_than_by_validation_error(body):
     try:
@@ -66,6 +76,7 @@ stk_like = st.fixed_dictionaries({"Body": st.fixed_dictionaries({"stkCallback": 
         optional={"Value": json_scalars}), max_size=5)}))})})
 
 
+@PURE_SETTINGS
 @given(st.one_of(json_values, stk_like))
 def test_callback_parser_returns_a_result_or_a_validation_error(body):
     try:

@@ -11,7 +11,7 @@ from webtest import TestApp
 
 import config
 import mpesa_wsgi
-from conftest import API_KEY, ROOT_DIR, FakeClock, base_env, wait_for
+from conftest import API_KEY, FakeClock, ROOT_DIR, base_env, wait_for
 from fake_daraja import FakeDaraja, accepted, error, reply, token
 from ledger import Ledger
 from reconciler import Reconciler
@@ -21,8 +21,9 @@ FAST = {"GATEWAY_RECONCILE": "on", "MPESA_RECONCILE_AFTER_S": "0.2",
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
-def make_app(env, **overrides):
-    return mpesa_wsgi.create_app(config.load_config(dict(env, **overrides)))
+
+def make_app(env, clock=None, **overrides):
+    return mpesa_wsgi.create_app(config.load_config(dict(env, **overrides)), clock=clock)
 
 
 def test_lost_callback_is_settled_by_the_background_query(gateway_env, sim):
@@ -31,36 +32,46 @@ def test_lost_callback_is_settled_by_the_background_query(gateway_env, sim):
         testapp = TestApp(app)
         tx = testapp.post_json("/stkpush", {"phone": "254711009999", "amount": 10},
                                headers=AUTH, status=202).json
-        row = wait_for(lambda: (r := app.ledger.get(tx["id"]))["status"] == "succeeded" and r)
+        row = wait_for(lambda: (r := app.ledger.get(tx["id"]))["status"] == "succeeded" and r,
+                       timeout=30)
         assert (row["result_code"], row["receipt"]) == ("0", None)  # a query carries no receipt
         assert sim.stats()["callbacks_scheduled"] == 0 and sim.stats()["queries"] >= 1
     finally:
         app.close()
 
 
-@pytest.mark.parametrize("sim_settings", [{"callback_delay_s": 60}], indirect=True)
+@pytest.mark.parametrize("sim_settings", [{"callback_delay_s": 600}], indirect=True)
 def test_still_processing_4999_keeps_the_row_pending_and_backs_off(gateway_env, sim):
-    app = make_app(gateway_env, MPESA_RECONCILE_AFTER_S="0", MPESA_RECONCILE_BACKOFF_S="0.1")
+    clock = FakeClock(time.time())  # the app's and the reconciler's time: moved by hand
+    app = make_app(gateway_env, clock, MPESA_RECONCILE_AFTER_S="0",
+                   MPESA_RECONCILE_BACKOFF_S="10")
     try:
         tx = TestApp(app).post_json("/stkpush", {"phone": "254711009999", "amount": 10},
                                     headers=AUTH, status=202).json
-        rec = Reconciler(app.ledger, app.daraja, app.config)
+        rec = Reconciler(app.ledger, app.daraja, app.config, clock=clock.wall)
         assert rec.run_once() == {"not_yet": 1}
         row = app.ledger.get(tx["id"])
         assert (row["status"], row["check_attempts"]) == ("pending", 1)
         assert rec.run_once() == {}  # backing off: not due yet
-        time.sleep(0.15)
+        clock.advance(9)
+        assert rec.run_once() == {}  # still inside the first 10 s
+        clock.advance(1.5)
         assert rec.run_once() == {"not_yet": 1}
         assert app.ledger.get(tx["id"])["check_attempts"] == 2
-        assert sim.stats()["queries"] == 2
+        clock.advance(19)
+        assert rec.run_once() == {}  # the second wait doubled to 20 s
+        clock.advance(1.5)
+        assert rec.run_once() == {"not_yet": 1}
+        assert app.ledger.get(tx["id"])["status"] == "pending"
+        assert sim.stats()["queries"] == 3
     finally:
         app.close()
 
 
-def scripted_app(tmp_path, fake, **overrides):
+def scripted_app(tmp_path, fake, clock=None, **overrides):
     env = dict(base_env(fake.url, tmp_path / "r.db"), MPESA_RECONCILE_AFTER_S="0",
-               MPESA_RECONCILE_BACKOFF_S="0.05", MPESA_READ_TIMEOUT="0.3", **overrides)
-    app = make_app(env)
+               MPESA_RECONCILE_BACKOFF_S="0.05", MPESA_READ_TIMEOUT="5", **overrides)
+    app = make_app(env, clock)
     TestApp(app).post_json("/stkpush", {"phone": "0712345678", "amount": 10}, headers=AUTH,
                            status=202)
     return app
@@ -104,18 +115,23 @@ def test_terminal_query_answer_settles_with_the_same_rules_as_a_callback(tmp_pat
 
 def test_deadline_without_a_final_answer_makes_the_row_unknown_and_logs_error(tmp_path,
                                                                               caplog):
-    fake = FakeDaraja(oauth=[token()], push=[accepted()],
-                      query=[error(500, "500.001.1001", "The transaction is being processed")])
-    app = scripted_app(tmp_path, fake, MPESA_RECONCILE_DEADLINE_S="0.5")
+    processing = error(500, "500.001.1001", "The transaction is being processed")
+    fake = FakeDaraja(oauth=[token()], push=[accepted()], query=[processing, processing])
+    clock = FakeClock(time.time())
+    app = scripted_app(tmp_path, fake, clock, MPESA_RECONCILE_DEADLINE_S="30")
     try:
-        time.sleep(1.1)  # past the deadline (created_at has 1 s resolution)
+        rec = Reconciler(app.ledger, app.daraja, app.config, clock=clock.wall)
+        assert rec.run_once() == {"not_yet": 1}  # before the deadline: asked again later
+        assert app.ledger.count_by_status() == {"pending": 1}
+        clock.advance(31)  # past the deadline (created_at has 1 s resolution)
         with caplog.at_level(logging.ERROR, logger="reconciler"):
-            assert Reconciler(app.ledger, app.daraja, app.config).run_once() == {"expired": 1}
+            assert rec.run_once() == {"expired": 1}
         assert app.ledger.count_by_status() == {"unknown": 1}
         row = app.ledger.get("ws_CO_26112026120000000712345678")
         assert row["reason"] == "no_final_result"
         assert any("no_final_result" in r.getMessage() for r in caplog.records
                    if r.levelno == logging.ERROR)
+        assert fake.count("query") == 2
     finally:
         app.close()
         fake.close()
@@ -141,13 +157,19 @@ def test_two_claimers_never_hold_the_same_row(gateway_env, sim):
         app.close()
 
 
+def _wait_until_decided(client, checkout_id):
+    """Poll Daraja's (the simulator's) STK query until the payment's result is decided."""
+    wait_for(lambda: not client.stk_query(checkout_id).pending, timeout=30, interval=0.05)
+
+
 def test_a_late_callback_after_query_settlement_adds_the_receipt(gateway_env, sim):
     app = make_app(gateway_env, MPESA_RECONCILE_AFTER_S="0")
     try:
         tx = TestApp(app).post_json("/stkpush", {"phone": "254711009999", "amount": 10},
                                     headers=AUTH, status=202).json
-        time.sleep(sim.sim.settings.callback_delay_s + 0.05)
+        _wait_until_decided(app.daraja, tx["checkout_request_id"])
         assert Reconciler(app.ledger, app.daraja, app.config).run_once() == {"succeeded": 1}
+        assert app.ledger.get(tx["id"])["receipt"] is None  # a query carries no receipt
         body = (b'{"Body":{"stkCallback":{"MerchantRequestID":"m","CheckoutRequestID":"%s",'
                 b'"ResultCode":0,"ResultDesc":"ok","CallbackMetadata":{"Item":['
                 b'{"Name":"Amount","Value":10.0},{"Name":"MpesaReceiptNumber","Value":'
@@ -164,18 +186,19 @@ def test_reconcile_command_does_the_same_work_once(gateway_env, sim):
     app = make_app(gateway_env)
     tx = TestApp(app).post_json("/stkpush", {"phone": "254711009999", "amount": 10},
                                 headers=AUTH, status=202).json
+    _wait_until_decided(app.daraja, tx["checkout_request_id"])
     app.close()
-    time.sleep(sim.sim.settings.callback_delay_s + 0.05)
+    queries_before = sim.stats()["queries"]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MPESA_", "GATEWAY_"))}
     env.update(gateway_env, MPESA_RECONCILE_AFTER_S="0")
     proc = subprocess.run([sys.executable, "mpesa_wsgi.py", "reconcile"], cwd=ROOT_DIR, env=env,
-                          capture_output=True, text=True, timeout=30)
+                          capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "reconcile succeeded=1" in proc.stdout
     reopened = Ledger(gateway_env["GATEWAY_DB"])
     assert reopened.get(tx["id"])["status"] == "succeeded"
     reopened.close()
-    assert sim.stats()["queries"] == 1
+    assert sim.stats()["queries"] - queries_before == 1  # the command asked once
 
 
 def test_rows_abandoned_mid_push_become_unknown_without_a_restart(gateway_env, sim):

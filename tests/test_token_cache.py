@@ -3,14 +3,18 @@
 OAuth calls are counted at the simulator, over a real loopback socket.
 """
 
+import sys
 import threading
+import time
 
 import pytest
 
 import config
 import daraja
-from conftest import FakeClock, base_env
-from token_cache import TokenCache, TokenError, expires_in_seconds
+from conftest import FakeClock, base_env, serve, wait_for
+from token_cache import TokenCache, TokenError, TokenWaitTimeout, expires_in_seconds
+
+THREADS = 64
 
 
 @pytest.fixture
@@ -19,31 +23,83 @@ def clock():
 
 
 @pytest.fixture
-def client(sim, tmp_path, clock):
-    cfg = config.load_config(base_env(sim.url, tmp_path / "l.db"))
+def oauth_gate():
+    """Set: the simulator answers OAuth at once; cleared: OAuth answers wait for it."""
+    gate = threading.Event()
+    gate.set()
+    yield gate
+    gate.set()  # never leave a server thread parked
+
+
+@pytest.fixture
+def sim_url(sim, oauth_gate):
+    """The simulator behind a gate on its OAuth route (the test decides when it answers)."""
+
+    def gated(environ, start_response):
+        if environ.get("PATH_INFO", "").startswith("/oauth"):
+            oauth_gate.wait(60)
+        return sim.sim(environ, start_response)
+
+    server, url = serve(gated, threads=THREADS + 4)
+    yield url
+    server.shutdown()
+
+
+@pytest.fixture
+def client(sim_url, tmp_path, clock):
+    cfg = config.load_config(dict(base_env(sim_url, tmp_path / "l.db"),
+                                  MPESA_READ_TIMEOUT="30"))
     c = daraja.DarajaClient(cfg, daraja.build_pool(cfg), clock=clock)
     yield c
     c.close()
 
 
-def test_64_threads_on_a_cold_cache_make_one_oauth_call(client, sim):
-    barrier = threading.Barrier(64)
-    tokens, errors = [], []
+def _role_in_get(thread):
+    """'waiter' while `thread` is parked in TokenCache.get on another caller's fetch,
+    'fetcher' while it runs the fetch itself inside TokenCache.get, else None."""
+    frame, callee = sys._current_frames().get(thread.ident), None
+    while frame is not None:
+        if frame.f_code is TokenCache.get.__code__:
+            if callee is not None and callee.f_code is threading.Event.wait.__code__:
+                return "waiter"
+            return "fetcher" if callee is not None else None
+        frame, callee = frame.f_back, frame
+    return None
+
+
+def _all_but_one_parked(threads):
+    roles = [_role_in_get(t) for t in threads]
+    return roles.count("waiter") == len(threads) - 1 and roles.count("fetcher") == 1
+
+
+def _run_together(n, call):
+    """Start n threads that meet at a barrier and then call `call()`; return (threads,
+    results, errors)."""
+    barrier = threading.Barrier(n)
+    results, errors = [], []
 
     def worker():
-        barrier.wait()
+        barrier.wait(30)
         try:
-            tokens.append(client.tokens.get())
-        except Exception as exc:  # noqa: BLE001 - collected and asserted below
+            results.append(call())
+        except Exception as exc:  # noqa: BLE001 - collected and asserted by the test
             errors.append(exc)
 
-    threads = [threading.Thread(target=worker) for _ in range(64)]
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(n)]
     for t in threads:
         t.start()
+    return threads, results, errors
+
+
+def test_64_threads_on_a_cold_cache_make_one_oauth_call(client, sim, oauth_gate):
+    oauth_gate.clear()  # hold the one OAuth answer until every other thread is waiting
+    threads, tokens, errors = _run_together(THREADS, client.tokens.get)
+    wait_for(lambda: _all_but_one_parked(threads), timeout=30)
+    oauth_gate.set()
     for t in threads:
-        t.join(10)
+        t.join(30)
     assert errors == []
-    assert len(tokens) == 64 and len(set(tokens)) == 1
+    assert len(tokens) == THREADS and len(set(tokens)) == 1
     assert sim.stats()["token_requests"] == 1
 
 
@@ -77,33 +133,53 @@ def test_age_reports_seconds_since_fetch_without_the_token(client, clock):
 
 def test_a_failed_fetch_is_shared_by_its_waiters_and_not_cached(clock):
     calls, release = [], threading.Event()
+    answers = [RuntimeError("oauth down"), ("tok", "3599")]  # what each fetch yields, in turn
 
     def fetch():
         calls.append(1)
-        release.wait(5)
-        raise RuntimeError("oauth down")
+        release.wait(30)  # the first fetch is held until every other caller waits on it
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
 
     cache = TokenCache(fetch, 300, clock=clock)
-    errors = []
-
-    def worker():
-        try:
-            cache.get()
-        except RuntimeError as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=worker) for _ in range(16)]
-    for t in threads:
-        t.start()
-    while not calls:
-        pass
+    threads, tokens, errors = _run_together(16, cache.get)
+    wait_for(lambda: _all_but_one_parked(threads), timeout=30)
     release.set()
     for t in threads:
-        t.join(5)
-    assert len(calls) == 1 and len(errors) == 16
-    fetched = []
-    cache._fetch = lambda: (fetched.append(1) or "tok", "3599")  # test shim: OAuth is back
-    assert cache.get() == "tok" and fetched == [1]
+        t.join(30)
+    assert len(calls) == 1 and tokens == [] and len(errors) == 16
+    assert all(str(e) == "oauth down" for e in errors)
+    # The failure was not cached: OAuth is back, and the next caller fetches again.
+    assert cache.get() == "tok" and len(calls) == 2
+    assert cache.get() == "tok" and len(calls) == 2
+
+
+def test_a_waiter_gives_up_after_wait_s_while_the_fetch_hangs(clock):
+    entered, release = threading.Event(), threading.Event()
+    calls = []
+
+    def fetch():
+        calls.append(1)
+        entered.set()
+        release.wait(60)
+        return "tok", "3599"
+
+    cache = TokenCache(fetch, 300, clock=clock, wait_s=0.5)
+    leader = []
+    thread = threading.Thread(target=lambda: leader.append(cache.get()), daemon=True)
+    thread.start()
+    assert entered.wait(30), "the leader never started its fetch"
+    started = time.monotonic()
+    with pytest.raises(TokenWaitTimeout):
+        cache.get()
+    waited = time.monotonic() - started
+    assert 0.45 <= waited < 30  # bounded by wait_s, not by the hung fetch
+    release.set()
+    thread.join(30)
+    assert leader == ["tok"]
+    assert cache.get() == "tok" and len(calls) == 1  # the leader's token is cached
 
 
 @pytest.mark.parametrize("raw, seconds", [("3599", 3599.0), (3599, 3599.0), (59.5, 59.5)])
@@ -118,10 +194,11 @@ def test_nonsense_expires_in_is_an_error(raw):
 
 
 def test_short_ttl_shorter_than_margin_is_used_for_half_its_life(clock):
-    cache = TokenCache(lambda: ("t1", "10"), 300, clock=clock)
+    answers = [("t1", "10"), ("t2", "10")]
+    cache = TokenCache(lambda: answers.pop(0), 300, clock=clock)
     assert cache.get() == "t1"
-    cache._fetch = lambda: ("t2", "10")  # test shim
     clock.now += 4.9
     assert cache.get() == "t1"
     clock.now += 0.2
     assert cache.get() == "t2"
+    assert answers == []

@@ -55,14 +55,28 @@ def pin_cpu(setting):
     return cpu
 
 
-def create_server(app, host, port, threads):
+def waitress_settings(config):
+    """The waitress knobs that bound what one client can take (README "Deploying")."""
+    return dict(
+        threads=config.threads,
+        # A body over the limit is refused from its Content-Length, before waitress spools
+        # it to a temporary file (its default allows 1 GiB).
+        max_request_body_size=config.max_body,
+        # Idle or half-sent connections: how many are kept, and how long.
+        connection_limit=config.connection_limit,
+        channel_timeout=config.channel_timeout,
+        cleanup_interval=min(30, config.channel_timeout),
+        # The app alone decides which X-Forwarded-For hop to believe (GATEWAY_TRUSTED_PROXY);
+        # waitress's default would strip the header before the callback policy could see it.
+        clear_untrusted_proxy_headers=False,
+    )
+
+
+def create_server(app, host, port, config):
     import waitress  # serving only: importing the app needs no server
 
     try:
-        # The app alone decides which X-Forwarded-For hop to believe (GATEWAY_TRUSTED_PROXY);
-        # waitress's default would strip the header before the callback policy could see it.
-        return waitress.create_server(app, host=host, port=port, threads=threads,
-                                      clear_untrusted_proxy_headers=False)
+        return waitress.create_server(app, host=host, port=port, **waitress_settings(config))
     except OSError as exc:
         raise StartupError(f"cannot listen on {host}:{port} (GATEWAY_HOST, GATEWAY_PORT):"
                            f" {exc.strerror or exc}") from None
@@ -169,7 +183,7 @@ def run_demo(environ):
     threading.Thread(target=sim_server.run, name="simulator", daemon=True).start()
     app = build_app(config)
     try:
-        server = create_server(app, "127.0.0.1", port, config.threads)
+        server = create_server(app, "127.0.0.1", port, config)
         shown_key = (api_key if "GATEWAY_API_KEYS" not in environ
                      else "<a key from GATEWAY_API_KEYS>")
         base = f"http://127.0.0.1:{port}"
@@ -254,7 +268,7 @@ def main(argv=None):
             return reconcile_once(config, args.tx)
         app = build_app(config)
         try:
-            serve(app, create_server(app, config.host, config.port, config.threads))
+            serve(app, create_server(app, config.host, config.port, config))
         finally:
             app.close()
     except (settings.ConfigError, StartupError) as exc:

@@ -32,6 +32,7 @@ SAFARICOM_CALLBACK_IPS = (
 )
 
 REQUIRED = object()  # table marker: the variable has no default
+MIN_RESERVE_THREADS = 4  # threads never given to pushes
 MASK = "********"
 # Prefixes we own: a variable under them that the table does not name is a typo
 # (MPESA_READ_TIMOUT=30 silently ignored is worse than a failed start).
@@ -130,6 +131,33 @@ def http_url(raw):
     return value
 
 
+_OWNER = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
+DEFAULT_OWNER = "default"
+
+
+def named_keys(raw):
+    """`name:KEY,name:KEY` (a bare KEY is named `default`) → ((name, key), ...).
+
+    The name owns the payments made with the key; two keys with one name share them
+    (key rotation)."""
+    pairs = []
+    for item in (i.strip() for i in raw.split(",")):
+        if not item:
+            continue
+        name, sep, key = item.partition(":")
+        name, key = (name.strip(), key.strip()) if sep else (DEFAULT_OWNER, item)
+        if not _OWNER.fullmatch(name):
+            raise ValueError("names must be 1 to 32 characters of a-z 0-9 _ - (name:KEY)")
+        if len(key) < 16:
+            raise ValueError("each key must be at least 16 characters")
+        pairs.append((name, key))
+    if not pairs:
+        raise ValueError("must list at least one key (comma-separated, name:KEY or KEY)")
+    if len({key for _, key in pairs}) != len(pairs):
+        raise ValueError("must not list the same key twice")
+    return tuple(pairs)
+
+
 def key_list(raw):
     keys = tuple(k.strip() for k in raw.split(",") if k.strip())
     if not keys:
@@ -216,12 +244,22 @@ SETTINGS = (
     # Where waitress listens; behind nginx keep it on loopback.
     ("GATEWAY_HOST", "host", text, "127.0.0.1", False),
     ("GATEWAY_PORT", "port", port, 8000, False),
-    # Worker threads; also the size of the Daraja connection pool.
-    ("GATEWAY_THREADS", "threads", positive_int, 8, False),
+    # Worker threads; also the size of the Daraja connection pool. Each push holds one for
+    # Daraja's whole answer (~1 s): threads ≈ peak pushes/s × latency + reserve.
+    ("GATEWAY_THREADS", "threads", positive_int, 32, False),
+    # Pushes at Daraja at once; the rest of the threads stay free for callbacks, reads and
+    # health. None: GATEWAY_THREADS minus a reserve (a quarter, at least 4).
+    ("GATEWAY_PUSH_SLOTS", "push_slots", positive_int, None, False),
+    # Open client connections waitress keeps (each is a file descriptor).
+    ("GATEWAY_CONNECTION_LIMIT", "connection_limit", positive_int, 1000, False),
+    # Seconds an idle or half-sent connection is kept before waitress closes it.
+    ("GATEWAY_CHANNEL_TIMEOUT", "channel_timeout", positive_int, 30, False),
     # The SQLite ledger file, on local disk.
     ("GATEWAY_DB", "db_path", text, "mpesa_gateway.db", False),
-    # Bearer keys of the merchant systems, comma-separated.
-    ("GATEWAY_API_KEYS", "api_keys", key_list, REQUIRED, True),
+    # Bearer keys of the merchant systems: name:KEY,… (a bare KEY is named default).
+    ("GATEWAY_API_KEYS", "api_keys", named_keys, REQUIRED, True),
+    # Operator keys that read every owner's payments (never start one). None: no admins.
+    ("GATEWAY_ADMIN_KEYS", "admin_keys", key_list, (), True),
     # Key of the HMAC that signs each transaction's callback URL.
     ("GATEWAY_SECRET", "secret", secret_key, REQUIRED, True),
     # Largest request body in bytes; larger bodies get 413.
@@ -280,8 +318,12 @@ class Config:
     host: str
     port: int
     threads: int
+    push_slots: int
+    connection_limit: int
+    channel_timeout: int
     db_path: str
     api_keys: tuple
+    admin_keys: tuple
     secret: str
     max_body: int
     phone_lock_s: float
@@ -306,7 +348,9 @@ class Config:
         view = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name in SECRET_FIELDS:
+            if f.name == "api_keys" and value:
+                value = ",".join(f"{name}:{MASK}" for name, _ in value)  # names are not secret
+            elif f.name in SECRET_FIELDS:
                 value = MASK if value else value
             elif isinstance(value, tuple):  # address lists
                 value = ",".join(str(v) for v in value)
@@ -318,7 +362,8 @@ class Config:
         values = []
         for name in sorted(SECRET_FIELDS):
             value = getattr(self, name)
-            values.extend(value if isinstance(value, tuple) else [value])
+            for item in value if isinstance(value, tuple) else [value]:
+                values.append(item[1] if isinstance(item, tuple) else item)  # (name, key)
         return tuple(v for v in values if v)
 
     def __repr__(self):
@@ -361,6 +406,18 @@ def _derive(values):
         values["base_url"] = BASE_URLS[values["environment"]]
     if values["callback_ips"] is None:
         values["callback_ips"] = address_list(",".join(SAFARICOM_CALLBACK_IPS))
+    reserve = max(MIN_RESERVE_THREADS, values["threads"] // 4)
+    if values["threads"] <= MIN_RESERVE_THREADS:
+        problems.append(f"GATEWAY_THREADS must be more than {MIN_RESERVE_THREADS}: that many"
+                        " are kept for callbacks, reads and health")
+    elif values["push_slots"] is None:
+        values["push_slots"] = values["threads"] - reserve
+    elif values["push_slots"] > values["threads"] - MIN_RESERVE_THREADS:
+        problems.append(f"GATEWAY_PUSH_SLOTS must leave at least {MIN_RESERVE_THREADS} of"
+                        " GATEWAY_THREADS for callbacks, reads and health")
+    admin = set(values["admin_keys"] or ())
+    if admin & {key for _, key in values["api_keys"] or ()}:
+        problems.append("GATEWAY_ADMIN_KEYS must not repeat a key of GATEWAY_API_KEYS")
     if values["party_b"] is None:
         if values["transaction_type"] == TILL:
             problems.append("MPESA_PARTY_B is required for a till (CustomerBuyGoodsOnline)")

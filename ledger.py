@@ -56,7 +56,8 @@ CREATE TABLE IF NOT EXISTS transactions (
     -- reconciliation: when to query next, how often we did, who holds the row until when
     next_check_at       REAL NOT NULL DEFAULT 0,
     check_attempts      INTEGER NOT NULL DEFAULT 0,
-    claimed_until       REAL NOT NULL DEFAULT 0
+    claimed_until       REAL NOT NULL DEFAULT 0,
+    owner               TEXT  -- the API key name that made it; NULL on rows from before owners
 );
 CREATE INDEX IF NOT EXISTS transactions_status ON transactions (status, next_check_at);
 CREATE INDEX IF NOT EXISTS transactions_phone ON transactions (phone, created_at);
@@ -129,6 +130,22 @@ class Ledger:
         self._all_lock = threading.Lock()
         conn = self._conn()
         self._when_unlocked(lambda: conn.executescript(SCHEMA))
+        self._when_unlocked(lambda: self._migrate(conn))
+
+    @staticmethod
+    def _migrate(conn):
+        """Bring a ledger made by an older version up to this schema (idempotent)."""
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            columns = {r[1] for r in conn.execute("PRAGMA table_info(transactions)")}
+            if "owner" not in columns:
+                conn.execute("ALTER TABLE transactions ADD COLUMN owner TEXT")
+            conn.execute("CREATE INDEX IF NOT EXISTS transactions_owner"
+                         " ON transactions (owner, created_at, id)")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
 
     # --- connections --------------------------------------------------------
 
@@ -214,7 +231,7 @@ class Ledger:
                                description=description).row
 
     def begin_push(self, *, phone, amount, reference, description, idempotency=None,
-                   phone_lock_s=0.0):
+                   phone_lock_s=0.0, owner=None):
         """In one write transaction: honour the idempotency key, check the phone lock,
         and commit a new `submitting` row. Returns a Begun."""
         now = self._clock()
@@ -242,11 +259,12 @@ class Ledger:
             stamp = iso_utc(now)
             row = dict(id=new_tx_id(now), status=SUBMITTING, phone=phone, amount=amount,
                        reference=reference, description=description, created_at=stamp,
-                       updated_at=stamp)
+                       updated_at=stamp, owner=owner)
             row = dict(conn.execute(
                 "INSERT INTO transactions (id, status, phone, amount, reference, description,"
-                " created_at, updated_at) VALUES (:id, :status, :phone, :amount, :reference,"
-                " :description, :created_at, :updated_at) RETURNING *", row).fetchone())
+                " created_at, updated_at, owner) VALUES (:id, :status, :phone, :amount,"
+                " :reference, :description, :created_at, :updated_at, :owner) RETURNING *",
+                row).fetchone())
             if idempotency is not None:
                 conn.execute(
                     "INSERT INTO idempotency_keys (scope, key, request_hash, tx_id, created_at)"
@@ -270,6 +288,14 @@ class Ledger:
             conn.execute(
                 "UPDATE idempotency_keys SET status_code = ?, body = ? WHERE scope = ? AND key = ?",
                 (status_code, body, idempotency.scope, idempotency.key))
+
+    def rename_scope(self, old, new):
+        """Move idempotency keys stored under `old` (an API key's hash, before owner names)
+        to the owner name `new`, so a retry across an upgrade still finds its key."""
+        with self._write() as conn:
+            cur = conn.execute("UPDATE OR IGNORE idempotency_keys SET scope = ? WHERE scope = ?",
+                               (new, old))
+        return cur.rowcount
 
     def prune_idempotency(self):
         """Forget keys older than the retention window; the payments themselves stay."""
@@ -369,12 +395,17 @@ class Ledger:
                 (UNKNOWN, next_check_at, self._now(), tx_id, PENDING))
         return cur.rowcount == 1
 
-    def list_page(self, *, status=None, since=None, after=None, limit=50):
-        """Newest first; `after` = (created_at, id) of the previous page's last row.
+    def list_page(self, *, status=None, since=None, after=None, limit=50, owner=None,
+                  with_unowned=False):
+        """Newest first; `after` = (created_at, id) of the previous page's last row;
+        `owner`: only that owner's rows (and, `with_unowned`, rows from before owners).
 
         Returns (rows, more): the page and whether another page follows.
         """
         where, args = [], []
+        if owner is not None:
+            where.append("(owner = ? OR owner IS NULL)" if with_unowned else "owner = ?")
+            args.append(owner)
         if status is not None:
             statuses = (PENDING, SUBMITTING) if status == PENDING else (status,)
             where.append(f"status IN ({','.join('?' * len(statuses))})")

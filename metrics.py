@@ -101,7 +101,7 @@ class Gauge:
 class GatewayMetrics:
     """Every metric the gateway exports; one instance lives on the app."""
 
-    def __init__(self, version, transactions_by_status):
+    def __init__(self, version, transactions_by_status, slots=None):
         p = "mpesa_gateway_"
         self.requests = Counter(p + "http_requests_total", "HTTP requests handled.",
                                 ("route", "method", "status"))
@@ -124,10 +124,16 @@ class GatewayMetrics:
                                   ("status",), transactions_by_status)
         self.build = Gauge(p + "build_info", "The running version.", ("version",),
                            lambda: {(version,): 1})
+        self.slots_in_use = Gauge(p + "push_slots_in_use", "Pushes at Daraja right now.", (),
+                                  lambda: {(): slots.in_use() if slots else 0})
+        self.slots_total = Gauge(p + "push_slots", "Pushes allowed at Daraja at once.", (),
+                                 lambda: {(): slots.total if slots else 0})
+        self.busy = Counter(p + "push_busy_total",
+                            "Pushes answered 503 gateway_busy: every push slot was taken.")
         self._families = (self.requests, self.request_seconds, self.daraja_calls,
                           self.daraja_seconds, self.token_fetches, self.callbacks,
                           self.reconcile, self.reconcile_refusals, self.transactions,
-                          self.build)
+                          self.slots_in_use, self.slots_total, self.busy, self.build)
 
     def daraja_call(self, api, outcome, seconds):
         """The Daraja client's observer: one call finished with `outcome`."""

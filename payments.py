@@ -21,7 +21,7 @@ import json
 import logging
 import os
 import sqlite3
-import time
+from dataclasses import dataclass
 
 import config as settings
 import daraja
@@ -50,6 +50,10 @@ MAX_IDEMPOTENCY_KEY = 255
 HEALTH_CHECK_EVERY_S = 1.0  # /health may be hit thousands of times a second; write once a second
 OPENAPI_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "openapi.json")
 REPLAYED = [("Idempotent-Replayed", "true")]
+RETRY_AFTER_GATEWAY_BUSY_S = 1
+# Every method the API serves; metrics and access lines say `other` for any other, so an
+# invented method can never add a label value (or megabytes of one).
+API_METHODS = frozenset({"GET", "POST"})
 
 
 # --- pure helpers ---------------------------------------------------------------
@@ -71,8 +75,23 @@ def dumps(body):
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
-def key_scope(api_key):
-    """A stable, non-secret name for an API key: idempotency keys and rate limits hang on it."""
+@dataclass(frozen=True)
+class Caller:
+    """Who is calling: the owner name of their API key, or an operator (admin) key."""
+
+    owner: str | None  # None for an admin key
+    admin: bool = False
+
+    def sees(self, row):
+        """A row is the caller's if their name made it; rows from before owners existed
+        belong to `default`. Admin keys see every row."""
+        if self.admin:
+            return True
+        return (row.get("owner") or settings.DEFAULT_OWNER) == self.owner
+
+
+def _legacy_scope(api_key):
+    """How idempotency keys were scoped before owner names: a hash of the API key."""
     return hashlib.sha256(api_key.encode()).hexdigest()[:16]
 
 
@@ -83,22 +102,25 @@ def bearer_token(authorization):
 
 
 def authenticate(authorization, config):
-    """Return the caller's key scope from an Authorization header value; 401 unless a key
-    matches, compared in constant time."""
+    """Return the Caller of an Authorization header value; 401 unless a key matches,
+    compared in constant time."""
     token = bearer_token(authorization)
     presented = (token or "").encode()
     matched = None
-    for key in config.api_keys:
+    for name, key in config.api_keys:
         # Compare against every key, so timing does not tell which one nearly matched.
         if hmac.compare_digest(presented, key.encode()):
-            matched = key
+            matched = Caller(name)
+    for key in config.admin_keys:
+        if hmac.compare_digest(presented, key.encode()):
+            matched = Caller(None, admin=True)
     if matched is None or token is None:
         raise Unauthorized(headers=[("WWW-Authenticate", 'Bearer realm="mpesa-wsgi"')])
-    return key_scope(matched)
+    return matched
 
 
 def idempotency_for(key, scope, push):
-    """The request's Idempotency-Key (None if absent), bound to its API key and content."""
+    """The request's Idempotency-Key (None if absent), bound to its owner and content."""
     if key is None:
         return None
     if not 0 < len(key) <= MAX_IDEMPOTENCY_KEY or not key.isascii() or not key.isprintable():
@@ -142,7 +164,7 @@ class Services:
     """Everything the flows need, built once by `build_services` and passed in."""
 
     def __init__(self, config, ledger, client, metrics_registry, *, reconcile=None,
-                 clock=None):
+                 clock=None, slots=None):
         self.config = config
         self.ledger = ledger
         self.daraja = client
@@ -150,6 +172,7 @@ class Services:
         self.clock = clock or SystemClock()
         self.limiter = ratelimit.RateLimiter(config.rate, config.burst,
                                              clock=self.clock.monotonic)
+        self.slots = slots or ratelimit.PushSlots(config.push_slots)
         self.reconciler = reconcile
         with open(OPENAPI_PATH, "rb") as f:
             self.openapi = f.read()
@@ -165,7 +188,10 @@ class Services:
         return hmac.compare_digest(sig.encode(), expected.encode())
 
     def account(self, method, route, status, elapsed, tx_id=None, phone=None):
-        """Metrics and the one access line: route template, never the raw callback path."""
+        """Metrics and the one access line: route template, never the raw callback path;
+        a method the API does not serve is `other`."""
+        if method not in API_METHODS:
+            method = "other"
         self.metrics.requests.inc(route, method, str(status))
         self.metrics.request_seconds.observe(elapsed, route)
         masked = validation.mask_phone(phone) if phone else "-"
@@ -189,6 +215,8 @@ class Services:
                 "token_age_s": None if age is None else round(age, 1),
                 "pending": counts.get(store.PENDING, 0),
                 "unknown": counts.get(store.UNKNOWN, 0),
+                "push_slots": self.slots.total,
+                "push_slots_in_use": self.slots.in_use(),
             }
             if self.reconciler is not None:
                 checks["reconcile_query_refusals"] = self.reconciler.last_refusals
@@ -220,18 +248,22 @@ def build_services(config=None, *, clock=None):
         counts.setdefault(store.PENDING, 0)  # the series a dashboard watches, even at 0
         return {(status,): n for status, n in counts.items()}
 
-    registry = metrics.GatewayMetrics(settings.VERSION, by_status)
+    slots = ratelimit.PushSlots(config.push_slots)
+    registry = metrics.GatewayMetrics(settings.VERSION, by_status, slots)
     client = daraja.DarajaClient(config, daraja.build_pool(config), clock=clock.monotonic,
                                  observer=registry.daraja_call)
     # A row still `submitting` after the longest a push can take was cut off mid-push.
     ledger.recover_interrupted(client.longest_push_s)
+    for name, key in config.api_keys:  # keys stored before owner names: keep them findable
+        ledger.rename_scope(_legacy_scope(key), name)
     background = None
     if config.reconcile:
         background = reconciler.Reconciler(ledger, client, config, clock=clock.wall,
                                            observer=registry.reconcile.inc,
                                            on_refusal=registry.reconcile_refusals.inc)
         background.start()
-    services = Services(config, ledger, client, registry, reconcile=background, clock=clock)
+    services = Services(config, ledger, client, registry, reconcile=background, clock=clock,
+                        slots=slots)
     # Under waitress-serve --call or gunicorn nobody calls close(): stop the reconciler
     # (its current query finishes) when the process exits.
     atexit.register(services.close_background)
@@ -261,13 +293,15 @@ def metrics_text(services, authorization):
 
 
 def transactions_page(services, authorization, query_string):
-    authenticate(authorization, services.config)
+    caller = authenticate(authorization, services.config)
     try:
         query = validation.parse_list_query(query_string)
     except validation.ValidationError as exc:
         raise BadRequest(exc.message, code=exc.code, field=exc.field) from None
-    rows, more = services.ledger.list_page(status=query.status, since=query.since,
-                                           after=query.after, limit=query.limit)
+    owner = None if caller.admin else caller.owner
+    rows, more = services.ledger.list_page(
+        status=query.status, since=query.since, after=query.after, limit=query.limit,
+        owner=owner, with_unowned=owner == settings.DEFAULT_OWNER)
     cursor = validation.encode_cursor(rows[-1]["created_at"], rows[-1]["id"]) if more else None
     return 200, {"data": [transaction_resource(r) for r in rows], "next_cursor": cursor}
 
@@ -275,10 +309,28 @@ def transactions_page(services, authorization, query_string):
 def start_payment(services, note, authorization, load_body, idempotency_key):
     """POST /stkpush: `load_body()` returns the decoded JSON body (or raises 413/415/400)."""
     cfg = services.config
-    scope = authenticate(authorization, cfg)
-    wait = services.limiter.acquire(scope)  # before idempotency, as Stripe does
+    caller = authenticate(authorization, cfg)
+    if caller.admin:
+        raise Forbidden("admin keys read payments; start one with a merchant key",
+                        code="admin_key")
+    if not services.slots.try_acquire():
+        # Refused at once, like 429: nothing sent, no row, no key. The reserve threads stay
+        # free for callbacks, reads and health.
+        services.metrics.busy.inc()
+        raise ServiceUnavailable("every push slot is taken; retry in a second; nothing was"
+                                 " sent", code="gateway_busy",
+                                 headers=retry_after(RETRY_AFTER_GATEWAY_BUSY_S))
+    try:
+        return _start_payment(services, note, caller, load_body, idempotency_key)
+    finally:
+        services.slots.release()
+
+
+def _start_payment(services, note, caller, load_body, idempotency_key):
+    cfg = services.config
+    wait = services.limiter.acquire(caller.owner)  # before idempotency, as Stripe does
     if wait:
-        raise TooManyRequests(f"at most {cfg.rate:g} payments per second per API key",
+        raise TooManyRequests(f"at most {cfg.rate:g} payments per second per API key name",
                               headers=retry_after(wait))
     try:
         push = validation.validate_push(load_body(), cfg.max_amount,
@@ -286,19 +338,20 @@ def start_payment(services, note, authorization, load_body, idempotency_key):
     except validation.ValidationError as exc:
         raise BadRequest(exc.message, code=exc.code, field=exc.field) from None
     note.phone = push.phone
-    idem = idempotency_for(idempotency_key, scope, push)  # validation failures never reach it
+    idem = idempotency_for(idempotency_key, caller.owner, push)  # never for a 400
     try:
         # Committed before Daraja is called: a crash from here on leaves a trace.
         begun = services.ledger.begin_push(
             phone=push.phone, amount=push.amount, reference=push.reference,
-            description=push.description, idempotency=idem, phone_lock_s=cfg.phone_lock_s)
+            description=push.description, idempotency=idem, phone_lock_s=cfg.phone_lock_s,
+            owner=caller.owner)
     except sqlite3.Error:
         log.exception("ledger write failed before push")
         raise ServiceUnavailable("the ledger cannot be written; nothing was sent",
                                  code="ledger_unavailable",
                                  headers=retry_after(RETRY_AFTER_UNAVAILABLE_S)) from None
     if begun.kind != "new":
-        return answer_without_push(note, begun)
+        return answer_without_push(note, begun, caller)
     row = begun.row
     note.tx_id = row["id"]
     try:
@@ -330,14 +383,17 @@ def pinned(services, idem, status, body):
     return status, body
 
 
-def answer_without_push(note, begun):
+def answer_without_push(note, begun, caller):
     """The ledger decided no new push is needed: replay, conflict, or phone lock."""
     if begun.kind == "reused":
         raise Unprocessable("this Idempotency-Key was used with a different request",
                             code="idempotency_key_reused")
     if begun.kind == "phone_busy":
-        raise Conflict(f"transaction {begun.row['id']} for this phone may still have a prompt"
-                       " open; wait for its result", code="payment_in_progress")
+        # The lock spans every owner (it protects the customer); the id is named only to
+        # the merchant who owns it.
+        which = f"transaction {begun.row['id']}" if caller.sees(begun.row) else "a payment"
+        raise Conflict(f"{which} for this phone may still have a prompt open; wait for its"
+                       " result", code="payment_in_progress")
     note.tx_id = begun.row["id"]
     if begun.kind == "replay":
         return begun.status_code, json.loads(begun.body), REPLAYED
@@ -392,9 +448,9 @@ def _refused(ledger, row, reason, exc, idem):
 
 
 def read_transaction(services, note, authorization, ref):
-    authenticate(authorization, services.config)
+    caller = authenticate(authorization, services.config)
     row = services.ledger.get(ref) if 0 < len(ref) <= MAX_ID_LENGTH else None
-    if row is None:
+    if row is None or not caller.sees(row):  # another owner's payment does not exist here
         raise NotFound("no transaction with that id or CheckoutRequestID")
     note.tx_id, note.phone = row["id"], row["phone"]
     return 200, transaction_resource(row)
@@ -403,16 +459,17 @@ def read_transaction(services, note, authorization, ref):
 def receive_callback(services, note, tx_id, sig, environ, load_raw):
     """Safaricom's STK result: stored and applied in one commit, then acknowledged.
     `load_raw()` returns the raw body, bounded (or raises 413)."""
+    if not services.signature_ok(tx_id, sig):
+        # First, before anything is logged: a scanner's request is just an unknown path.
+        raise NotFound()
     cfg = services.config
     source = sources.client_address(environ, cfg.trusted_proxies)
     policy = cfg.callback_ip_policy
     if policy != "off" and not sources.within(source, cfg.callback_ips):
-        log.warning("callback source_not_allowed ip=%s policy=%s", source, policy)
+        log.warning("callback source_not_allowed tx=%s ip=%s policy=%s", tx_id, source, policy)
         if policy == "enforce":
             raise Forbidden("callbacks are accepted from Safaricom's addresses only",
                             code="forbidden_source")
-    if not services.signature_ok(tx_id, sig):
-        raise NotFound()  # same answer as any unknown path: reveals nothing
     note.tx_id = tx_id
     raw = load_raw()
     try:

@@ -1,9 +1,13 @@
-"""Per-API-key rate limiting: one token bucket per key, in process memory.
+"""Admission of pushes: a token bucket per owner, and the push slots.
 
-Owns the bucket arithmetic and its lock. A bucket holds up to `burst` tokens
+Owns the bucket arithmetic and its lock: a bucket holds up to `burst` tokens
 and refills at `rate` per second; a request takes one token or is told how long
 to wait. The clock is injectable for tests. Limits are per process: behind
 several processes, nginx's `limit_req` is the shared limit.
+
+Owns the push slots too: a fixed number of pushes may be at Daraja at once, so
+the rest of the server's threads always serve callbacks, reads and health. A
+push that finds no free slot is refused at once, never queued.
 """
 
 import threading
@@ -29,3 +33,27 @@ class RateLimiter:
                 return 0.0
             self._buckets[key] = (tokens, now)
             return (1.0 - tokens) / self._rate
+
+
+class PushSlots:
+    """At most `total` pushes at once; `try_acquire` never waits."""
+
+    def __init__(self, total):
+        self.total = total
+        self._lock = threading.Lock()
+        self._in_use = 0
+
+    def try_acquire(self):
+        with self._lock:
+            if self._in_use >= self.total:
+                return False
+            self._in_use += 1
+            return True
+
+    def release(self):
+        with self._lock:
+            self._in_use -= 1
+
+    def in_use(self):
+        with self._lock:
+            return self._in_use

@@ -37,8 +37,7 @@ def main():
     cfg = config.load_config(os.environ)
     cli.configure_logging(cfg)
     app = factory(sys.argv[1])(cfg)
-    waitress.serve(app, host=cfg.host, port=cfg.port, threads=cfg.threads, _quiet=True,
-                   clear_untrusted_proxy_headers=False)
+    waitress.serve(app, host=cfg.host, port=cfg.port, _quiet=True, **cli.waitress_settings(cfg))
 
 
 if __name__ == "__main__":

@@ -209,7 +209,7 @@ def base_env(sim_url, db_path, callback_base="http://127.0.0.1:9"):
         "MPESA_CONNECT_TIMEOUT": "1",
         "MPESA_READ_TIMEOUT": "0.5",
         "GATEWAY_DB": str(db_path),
-        "GATEWAY_API_KEYS": f"{API_KEY},{OTHER_KEY}",
+        "GATEWAY_API_KEYS": f"{API_KEY},other:{OTHER_KEY}",
         "GATEWAY_SECRET": SECRET,
         "GATEWAY_THREADS": "8",
         "GATEWAY_RECONCILE": "off",

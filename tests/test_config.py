@@ -33,7 +33,7 @@ def test_valid_environment_gets_documented_defaults():
     assert (cfg.connect_timeout, cfg.read_timeout) == (5.0, 15.0)
     assert (cfg.host, cfg.port, cfg.db_path) == ("127.0.0.1", 8000, "mpesa_gateway.db")
     assert (cfg.max_amount, cfg.max_body, cfg.token_margin_s) == (250_000, 16_384, 300.0)
-    assert cfg.api_keys == ("api-very-secret-value-4",)
+    assert cfg.api_keys == (("default", "api-very-secret-value-4"),)
 
 
 def test_one_missing_variable_is_named():

@@ -59,21 +59,37 @@ def test_a_port_in_use_is_one_message_and_exit_2(tmp_path):
 # --- a failed COMMIT ----------------------------------------------------------------------
 
 
-class Refuse:
-    """An sqlite3 authorizer on every ledger connection: refuse COMMIT and/or ROLLBACK."""
+class FailingCommit:
+    """On every ledger connection: once `armed`, the next new row makes COMMIT itself fail,
+    for real (a deferred foreign-key violation, checked by SQLite at COMMIT); with
+    `refuse_rollback`, ROLLBACK is refused too (an authorizer)."""
 
-    def __init__(self):
-        self.statements = set()
-        self.connections = 0
+    def __init__(self, refuse_rollback=False):
+        self.refuse_rollback = refuse_rollback
+        self.connections = []
 
     def __call__(self, conn):
-        self.connections += 1
-        conn.set_authorizer(self.authorize)
+        self.connections.append(conn)
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.executescript("""
+            CREATE TEMP TABLE armed (on_ INTEGER);
+            INSERT INTO temp.armed VALUES (0);
+            CREATE TEMP TABLE parent (id INTEGER PRIMARY KEY);
+            CREATE TEMP TABLE child (parent_id INTEGER
+                REFERENCES parent (id) DEFERRABLE INITIALLY DEFERRED);
+        """)
+        if self.refuse_rollback:
+            conn.set_authorizer(lambda action, arg1, *_: sqlite3.SQLITE_DENY if (
+                action == sqlite3.SQLITE_TRANSACTION and arg1 == "ROLLBACK")
+                else sqlite3.SQLITE_OK)
 
-    def authorize(self, action, arg1, *_):
-        if action == sqlite3.SQLITE_TRANSACTION and arg1 in self.statements:
-            return sqlite3.SQLITE_DENY
-        return sqlite3.SQLITE_OK
+    def arm(self, on=True):
+        conn = self.connections[-1]
+        # On the ledger's table, which exists only once the ledger has made its schema.
+        conn.execute("CREATE TEMP TRIGGER IF NOT EXISTS break_commit AFTER INSERT ON"
+                     " main.transactions WHEN (SELECT on_ FROM temp.armed) = 1"
+                     " BEGIN INSERT INTO child VALUES (42); END")
+        conn.execute("UPDATE temp.armed SET on_ = ?", (int(on),))
 
 
 def new_row(ledger, phone="254712345678"):
@@ -86,31 +102,30 @@ def count_rows(path):
 
 
 def test_a_failed_commit_is_rolled_back_and_the_error_kept(tmp_path):
-    refuse, path = Refuse(), str(tmp_path / "c.db")
-    ledger = Ledger(path, on_connect=refuse)
+    failing, path = FailingCommit(), str(tmp_path / "c.db")
+    ledger = Ledger(path, on_connect=failing)
     try:
-        refuse.statements = {"COMMIT"}
-        with pytest.raises(sqlite3.DatabaseError, match="not authorized"):
+        failing.arm()
+        with pytest.raises(sqlite3.IntegrityError, match="FOREIGN KEY"):
             new_row(ledger)
-        refuse.statements = set()
+        failing.arm(False)
         new_row(ledger, phone="254712345679")  # the connection is usable: nothing left open
         assert count_rows(path) == 1  # the failed write is gone
-        assert refuse.connections == 1
+        assert len(failing.connections) == 1
     finally:
         ledger.close()
 
 
 def test_a_connection_that_cannot_roll_back_is_discarded(tmp_path, caplog):
-    refuse, path = Refuse(), str(tmp_path / "d.db")
-    ledger = Ledger(path, on_connect=refuse)
+    failing, path = FailingCommit(refuse_rollback=True), str(tmp_path / "d.db")
+    ledger = Ledger(path, on_connect=failing)
     try:
-        refuse.statements = {"COMMIT", "ROLLBACK"}
-        with pytest.raises(sqlite3.DatabaseError, match="not authorized"):
+        failing.arm()
+        with pytest.raises(sqlite3.IntegrityError, match="FOREIGN KEY"):
             new_row(ledger)  # the COMMIT's error, not the ROLLBACK's
         assert any("rollback_failed" in r.getMessage() for r in caplog.records)
-        refuse.statements = set()
         new_row(ledger, phone="254712345679")
-        assert refuse.connections == 2  # a fresh connection took over
+        assert len(failing.connections) == 2  # a fresh connection took over
         assert count_rows(path) == 1
     finally:
         ledger.close()

@@ -142,6 +142,7 @@ _SECRETS = (
 )
 _FULL_MSISDN = re.compile(r"(?<![0-9])(?:\+?254|0)[17][0-9]{8}(?![0-9])")
 _SIGNATURE = re.compile(r"(?<![0-9a-f])[0-9a-f]{32}(?![0-9a-f])")
+_CHECKOUT_ID = re.compile(r"ws_CO_[0-9]{20,}")  # its last 9 digits are the customer's phone
 
 
 class _Capture(logging.Handler):
@@ -174,6 +175,7 @@ def log_hygiene():
             assert secret not in text, f"a secret reached the log: {text[:200]!r}"
         assert not _FULL_MSISDN.search(text), f"a full phone number reached the log: {text!r}"
         assert not _SIGNATURE.search(text), f"a callback signature reached the log: {text!r}"
+        assert not _CHECKOUT_ID.search(text), f"an unmasked CheckoutRequestID: {text!r}"
 
 
 @pytest.fixture

@@ -2,8 +2,8 @@
 
 Owns the logging setup done once by the entry point (library modules only call
 `logging.getLogger(__name__)`): one stderr handler whose filters stamp every
-record with the current request id and redact secrets and full phone numbers
-from the formatted message, and a text or JSON formatter. The request id lives
+record with the current request id and redact secrets, full phone numbers
+and the phone digits of CheckoutRequestIDs from the formatted message, and a text or JSON formatter. The request id lives
 in a `contextvars.ContextVar` set by the WSGI callable for the duration of one
 request, so lines logged deep in the client or the ledger carry it too without
 passing it through every call.
@@ -23,6 +23,8 @@ _SANE_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 _MSISDN = re.compile(r"(?<![0-9])(\+?254|0)([17])[0-9]{5}([0-9]{3})(?![0-9])")
 # A callback path keeps its template shape but loses the signature.
 _CALLBACK_PATH = re.compile(r"(/callback/[^/\s]+/)[0-9A-Fa-f]{8,}")
+# A CheckoutRequestID ends with the last 9 digits of the customer's phone.
+_CHECKOUT_ID = re.compile(r"(ws_CO_[0-9]{5,})[0-9]{6}([0-9]{3})(?![0-9])")
 
 
 def request_id_from(header):
@@ -51,6 +53,7 @@ class RedactFilter(logging.Filter):
             if value in text:
                 text = text.replace(value, "[REDACTED]")
         text = _MSISDN.sub(r"\1\2******\3", text)
+        text = _CHECKOUT_ID.sub(r"\1******\2", text)
         return _CALLBACK_PATH.sub(r"\1[REDACTED]", text)
 
     def filter(self, record):

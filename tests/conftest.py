@@ -146,6 +146,7 @@ _SECRETS = (
 # Not inside a longer token: a transaction id's random hex can hold such a run of digits.
 _FULL_MSISDN = re.compile(r"(?<![0-9A-Za-z])(?:\+?254|0)[17][0-9]{8}(?![0-9A-Za-z])")
 _SIGNATURE = re.compile(r"(?<![0-9a-f])[0-9a-f]{32}(?![0-9a-f])")
+_CHECKOUT_ID = re.compile(r"ws_CO_[0-9]{20,}")  # its last 9 digits are the customer's phone
 
 
 class _Capture(logging.Handler):
@@ -178,6 +179,7 @@ def log_hygiene():
             assert secret not in text, f"a secret reached the log: {text[:200]!r}"
         assert not _FULL_MSISDN.search(text), f"a full phone number reached the log: {text!r}"
         assert not _SIGNATURE.search(text), f"a callback signature reached the log: {text!r}"
+        assert not _CHECKOUT_ID.search(text), f"an unmasked CheckoutRequestID: {text!r}"
 
 
 @pytest.fixture

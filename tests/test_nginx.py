@@ -5,6 +5,7 @@ the port-80 redirect removed, log paths moved into the test's folder). Locally t
 tests skip when nginx is missing; under CI (CI=true) they fail instead.
 """
 
+import gzip
 import http.client
 import json
 import os
@@ -20,6 +21,7 @@ import simulator
 from conftest import (
     API_KEY, ROOT_DIR, SECRET, base_env, free_port, self_signed_cert, wait_for,
 )
+from ledger import Ledger
 from payments import callback_signature
 
 SITE = os.path.join(ROOT_DIR, "deploy", "nginx", "mpesa-wsgi.conf")
@@ -97,7 +99,7 @@ def stack(sim, tmp_path):
     try:
         wait_for(lambda: request("GET", nginx_port, "/health")[0] == 200, timeout=20,
                  interval=0.1)
-        yield nginx_port, log_path
+        yield nginx_port, log_path, gateway
     finally:
         proxy.terminate()
         gateway.terminate()
@@ -123,7 +125,7 @@ AUTH = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"
 
 
 def test_a_payment_succeeds_end_to_end_through_nginx(stack):
-    port, _ = stack
+    port, *_ = stack
     status, tx = request("POST", port, "/stkpush",
                          json.dumps({"phone": "0712345678", "amount": 10}), AUTH)
     assert (status, tx["status"]) == (202, "pending")
@@ -133,7 +135,7 @@ def test_a_payment_succeeds_end_to_end_through_nginx(stack):
 
 
 def test_the_callback_policy_sees_the_address_nginx_forwarded(stack):
-    port, log_path = stack
+    port, log_path, _ = stack
     _, tx = request("POST", port, "/stkpush", json.dumps({"phone": "0712345679", "amount": 10}),
                     AUTH)
     sig = callback_signature(SECRET, tx["id"])
@@ -150,8 +152,55 @@ def test_the_callback_policy_sees_the_address_nginx_forwarded(stack):
 
 
 def test_an_oversized_body_is_413_from_nginx_in_the_error_shape(stack):
-    port, log_path = stack
+    port, log_path, _ = stack
     status, body = request("POST", port, "/stkpush", b"x" * 20_000, AUTH)
     assert status == 413
     assert body["error"]["code"] == "payload_too_large"
     assert "route=/stkpush" not in log_path.read_text()  # it never reached the gateway
+
+
+def test_no_log_holds_a_callback_signature_after_a_413_or_a_502(stack, tmp_path):
+    port, log_path, gateway = stack
+    _, tx = request("POST", port, "/stkpush", json.dumps({"phone": "0712345680", "amount": 10}),
+                    AUTH)
+    sig = callback_signature(SECRET, tx["id"])
+    path = f"/callback/{tx['id']}/{sig}"
+    status, body = request("POST", port, path, b"x" * 20_000,
+                           {"Content-Type": "application/json"})
+    assert (status, body["error"]["code"]) == (413, "payload_too_large")
+    gateway.terminate()  # nginx now answers 502 for the gateway
+    gateway.wait(20)
+    status, body = request("POST", port, path, b"{}", {"Content-Type": "application/json"})
+    assert (status, body["error"]["code"]) == (502, "gateway_unreachable")
+    logs = [p for p in tmp_path.iterdir() if p.suffix == ".log"]
+    assert {p.name for p in logs} >= {"error.log", "mpesa-access.log"}
+    for log in logs:
+        assert sig not in log.read_text(errors="replace"), f"{log.name} holds the signature"
+    access = (tmp_path / "mpesa-access.log").read_text()
+    assert '"POST /callback/{tx_id}/{sig} HTTP/1.1" 413' in access  # logged, without the signature
+    assert '"POST /callback/{tx_id}/{sig} HTTP/1.1" 502' in access
+
+
+def test_listing_pages_arrive_gzipped_and_decode_to_the_same_json(stack, tmp_path):
+    port, *_ = stack
+    ledger = Ledger(str(tmp_path / "nginx.db"))
+    for n in range(200):  # rows from before owners: the default key's
+        ledger.create(phone=f"2547{n:08d}", amount=10, reference="INV", description="Payment")
+    ledger.close()
+    plain = raw_get(port, "/transactions?limit=200", AUTH)
+    packed = raw_get(port, "/transactions?limit=200", dict(AUTH, **{"Accept-Encoding": "gzip"}))
+    assert packed[0] == plain[0] == 200
+    assert packed[1].get("Content-Encoding") == "gzip" and "Content-Encoding" not in plain[1]
+    assert len(packed[2]) < len(plain[2]) / 4
+    assert json.loads(gzip.decompress(packed[2])) == json.loads(plain[2])
+    assert len(json.loads(plain[2])["data"]) == 200
+
+
+def raw_get(port, path, headers):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", path, headers=headers)
+        resp = conn.getresponse()
+        return resp.status, dict(resp.getheaders()), resp.read()
+    finally:
+        conn.close()

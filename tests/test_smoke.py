@@ -91,7 +91,10 @@ def test_waitress_serve_call_factory_serves(tmp_path, sim):
     port = free_port()
     env = clean_env(**base_env(sim.url, tmp_path / "ws.db"))
     waitress_serve = os.path.join(os.path.dirname(sys.executable), "waitress-serve")
-    proc = subprocess.Popen([waitress_serve, f"--listen=127.0.0.1:{port}", "--call",
+    # The README's Windows command line, flags and all.
+    proc = subprocess.Popen([waitress_serve, f"--listen=127.0.0.1:{port}", "--threads=8",
+                             "--max-request-body-size=16384", "--connection-limit=1000",
+                             "--channel-timeout=30", "--cleanup-interval=30", "--call",
                              "mpesa_wsgi:create_app"], cwd=ROOT_DIR, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -18,6 +18,8 @@ transaction does not Exist"), as observed for the first ~30 s.
 Control endpoints, for tests and for a person with curl (each has a Python
 twin on Simulator):
   GET  /_sim/stats                            counters (`stats()`)
+  GET  /_sim/timings, DELETE /_sim/timings    callback answer times since the last
+                                              reset (`timings()`), for benchmarks
   GET  /_sim/weather, POST /_sim/weather      per-API weather (`weather()`,
                                               `set_weather(...)`), see WEATHERS
   POST /_sim/callbacks/<CheckoutRequestID>/resend
@@ -37,6 +39,7 @@ Run alone: `python simulator.py --port 8001`.
 
 import argparse
 import base64
+import collections
 import heapq
 import itertools
 import json
@@ -318,6 +321,8 @@ class _CallbackSender:
         self._stopped = False
         self._shortcode = shortcode
         self._count = count
+        self._timings_lock = threading.Lock()
+        self._timings = collections.deque(maxlen=200_000)
         # Loopback targets only: never route callbacks through an environment proxy.
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         self._threads = [threading.Thread(target=self._run, name=f"sim-callback-{i}", daemon=True)
@@ -346,15 +351,38 @@ class _CallbackSender:
                 self._cv.wait(timeout=(self._heap[0].due - now) if self._heap else None)
             return None
 
+    def timings(self):
+        with self._timings_lock:
+            rows = list(self._timings)
+        answer = sorted(t for t, _ in rows)
+
+        def pct(p):
+            return round(answer[min(len(answer) - 1, int(p * len(answer)))] * 1000, 1)
+
+        return {"count": len(rows), "p50_ms": pct(0.5) if rows else None,
+                "p99_ms": pct(0.99) if rows else None,
+                "max_ms": round(answer[-1] * 1000, 1) if rows else None,
+                "late_1s": sum(1 for _, late in rows if late > 1.0)}
+
+    def reset_timings(self):
+        with self._timings_lock:
+            self._timings.clear()
+        return {"count": 0}
+
     def _run(self):
         while (delivery := self._next()) is not None:
             request = urllib.request.Request(delivery.url, data=delivery.body, method="POST", headers={
                 "Content-Type": "application/json;charset=UTF-8",
                 "BusinessShortCode": self._shortcode,
             })
+            started = time.monotonic()
             try:
                 with self._opener.open(request, timeout=10) as resp:
                     resp.read()
+                answered = time.monotonic()
+                with self._timings_lock:
+                    # (how long the receiver took to answer, how late after it was due)
+                    self._timings.append((answered - started, answered - delivery.due))
                 self._count("callbacks_sent")
                 if self._delivered is not None:
                     self._delivered.append((delivery.url, delivery.body))
@@ -389,6 +417,8 @@ class Simulator:
             "/mpesa/stkpush/v1/processrequest": {"POST": self._push},
             "/mpesa/stkpushquery/v1/query": {"POST": self._query},
             "/_sim/stats": {"GET": lambda environ: (200, self.stats())},
+            "/_sim/timings": {"GET": lambda environ: (200, self.timings()),
+                              "DELETE": lambda environ: (200, self.reset_timings())},
             "/_sim/weather": {"GET": lambda environ: (200, self.weather()),
                               "POST": self._post_weather},
         }
@@ -408,6 +438,15 @@ class Simulator:
     def stats(self):
         with self._lock:
             return dict(self._stats)
+
+    def timings(self):
+        """Callback deliveries since the last reset: how fast the receiver answered
+        (p50/p99/max ms) and how many were answered more than 1 s after they were due
+        (Daraja does not retry a callback that times out). For the `rush` benchmark."""
+        return self._sender.timings()
+
+    def reset_timings(self):
+        return self._sender.reset_timings()
 
     def weather(self):
         """The current weather: {"push", "query", "oauth": one of WEATHERS, "slow_s"}."""

@@ -8,8 +8,11 @@ table with each variant's ratio to the raw gateway. On a machine with 2+ cores a
 `taskset`, the server is pinned to CPU 0 and wrk + simulator to CPU 1.
 
 Workloads: `GET /health` (web-layer cost; the bare hello app is the reference),
-payments end to end (`POST /stkpush` with distinct phones, callbacks on), and capacity
-(simulator latency 1000 ms, 64 server threads, 128 connections).
+payments end to end (`POST /stkpush` with distinct phones, callbacks on), capacity
+(simulator latency 1000 ms, 64 server threads, 128 connections), and rush (simulator
+latency 1000 ms, the default 32 threads, 4 × 32 push clients that honour
+`503 gateway_busy` + Retry-After, while a reader times `GET /transactions/<id>` and
+`/health` every 50 ms and the simulator times its callbacks).
 
 Writes bench/results/<timestamp>.json and a PNG chart (matplotlib).
 """
@@ -42,7 +45,10 @@ WORKLOADS = {
                      threads=8, connections=16, sim_latency_ms=0),
     "capacity": dict(variants=("raw", "flask", "falcon"), path="/stkpush", lua="stkpush.lua",
                      threads=64, connections=128, sim_latency_ms=1000),
+    "rush": dict(variants=("raw", "flask", "falcon"), path="/stkpush", lua="rush.lua",
+                 threads=32, connections=128, sim_latency_ms=1000, timeout_s=20),
 }
+RUSH_POLL_S = 0.05
 
 
 def free_port():
@@ -133,6 +139,13 @@ class Simulator:
     def stats(self):
         return get_json(self.url + "/_sim/stats")
 
+    def timings(self):
+        return get_json(self.url + "/_sim/timings")
+
+    def reset_timings(self):
+        OPENER.open(urllib.request.Request(self.url + "/_sim/timings", method="DELETE"),
+                    timeout=5).read()
+
     def stop(self):
         stop_process(self.proc, signal.SIGINT, 10)
 
@@ -166,6 +179,18 @@ class Server:
     def peak_rss_mb(self):
         return proc_mem_mb(self.proc.pid, "VmHWM")
 
+    def slots(self):
+        return get_json(self.url + "/health")["checks"].get("push_slots")
+
+    def one_payment(self, api_key):
+        """A payment to read during the rush (made before it)."""
+        req = urllib.request.Request(
+            self.url + "/stkpush", method="POST",
+            data=json.dumps({"phone": "0799999999", "amount": 10}).encode(),
+            headers={"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"})
+        with OPENER.open(req, timeout=30) as resp:
+            return json.loads(resp.read())["id"]
+
     def succeeded(self):
         with sqlite3.connect(self.db) as conn:
             return conn.execute("SELECT COUNT(*) FROM transactions WHERE status='succeeded'"
@@ -177,7 +202,8 @@ class Server:
 
 def wrk(url, spec, duration, mode, api_key):
     cmd = ["wrk", "-t", "2" if spec["connections"] > 32 else "1", "-c", str(spec["connections"]),
-           "-d", f"{max(1, round(duration))}s", "--timeout", "5s", "--latency"]
+           "-d", f"{max(1, round(duration))}s", "--timeout", f"{spec.get('timeout_s', 5)}s",
+           "--latency"]
     if spec["lua"]:
         cmd += ["-s", os.path.join(ROOT, "bench", spec["lua"])]
     cmd.append(url + spec["path"])
@@ -185,18 +211,80 @@ def wrk(url, spec, duration, mode, api_key):
                BENCH_PHONE_BASE=str(secrets.randbelow(100_000_000)))
     out = subprocess.run(pinned(cmd, 1, mode), env=env, capture_output=True, text=True,
                          timeout=duration + 60)
-    return parse_wrk(out.stdout)
+    result = parse_wrk(out.stdout)
+    m = re.search(r"rush status 202=(\d+) 503=(\d+) other=(\d+)", out.stdout)
+    if m:  # rush.lua counts answers itself: 503 gateway_busy is an answer, not an error
+        result["accepted"], result["busy"], other = (int(x) for x in m.groups())
+        socket = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout"
+                           r" (\d+)", out.stdout)
+        result["errors"] = other + (sum(int(x) for x in socket.groups()) if socket else 0)
+    return result
+
+
+class Reader:
+    """Times GET /transactions/<id> and GET /health, one every RUSH_POLL_S, in a thread."""
+
+    def __init__(self, url, tx_id, api_key):
+        import threading
+        self.samples = {"read": [], "health": []}
+        self._stop = threading.Event()
+        self._requests = [("read", urllib.request.Request(
+            f"{url}/transactions/{tx_id}", headers={"Authorization": f"Bearer {api_key}"})),
+            ("health", urllib.request.Request(f"{url}/health"))]
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        n = 0
+        while not self._stop.wait(RUSH_POLL_S):
+            kind, req = self._requests[n % 2]
+            n += 1
+            started = time.monotonic()
+            try:
+                with OPENER.open(req, timeout=30) as resp:
+                    resp.read()
+                    ok = resp.status == 200
+            except OSError:
+                ok = False
+            self.samples[kind].append((time.monotonic() - started) * 1000 if ok else None)
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(35)
+
+    def p99(self, kind):
+        times = sorted(t for t in self.samples[kind] if t is not None)
+        return times[min(len(times) - 1, int(0.99 * len(times)))] if times else None
+
+    def failures(self, kind):
+        return sum(1 for t in self.samples[kind] if t is None)
 
 
 def run_one(workload, spec, variant, mode, sim, workdir, duration, warmup, api_key):
     server = Server(variant, mode, sim.url, spec["threads"], workdir, api_key)
     try:
         tokens_before = sim.stats()["token_requests"]
+        tx_id = server.one_payment(api_key) if workload == "rush" else None
         if warmup:
             wrk(server.url, spec, warmup, mode, api_key)
+        reader = None
+        if workload == "rush":
+            time.sleep(spec["sim_latency_ms"] / 1000 + 0.5)  # the warm-up's pushes end
+            reader = Reader(server.url, tx_id, api_key)
+            sim.reset_timings()
         cpu0, sim_cpu0, t0 = server.cpu_s(), proc_cpu_s(sim.proc.pid), time.monotonic()
         result = wrk(server.url, spec, duration, mode, api_key)
         elapsed = time.monotonic() - t0
+        if reader is not None:
+            reader.stop()
+            time.sleep(1.5 + spec["sim_latency_ms"] / 1000)  # the last callbacks land
+            timings = sim.timings()
+            result.update(
+                pushes_per_s=result["accepted"] / elapsed, slots=server.slots(),
+                read_p99_ms=reader.p99("read"), health_p99_ms=reader.p99("health"),
+                reader_failures=reader.failures("read") + reader.failures("health"),
+                callback_p99_ms=timings["p99_ms"], callback_max_ms=timings["max_ms"],
+                callbacks_late=timings["late_1s"], callbacks=timings["count"])
         cpu = server.cpu_s() - cpu0
         sim_cpu = proc_cpu_s(sim.proc.pid) - sim_cpu0
         if spec["lua"]:
@@ -249,6 +337,9 @@ def fmt(v, digits=1):
 def markdown(table, mode, machine):
     lines = [f"Mode: {mode}. Machine: {machine}.", ""]
     for workload, rows in table.items():
+        if workload == "rush":
+            lines += rush_markdown(rows)
+            continue
         base = rows.get("raw", {})
         lines += [f"**{workload}**", "",
                   "| variant | req/s | × raw | p50 ms | p99 ms | errors | server CPU s/1k req"
@@ -266,6 +357,25 @@ def markdown(table, mode, machine):
                 + (f" {fmt(r.get('succeeded'), 0)} |" if workload != "health" else ""))
         lines.append("")
     return "\n".join(lines)
+
+
+def rush_markdown(rows):
+    lines = ["**rush** (simulator 1000 ms, 32 threads, 128 push clients honouring Retry-After,"
+             " reader every 50 ms)", "",
+             "| variant | pushes/s | ÷ (slots ÷ latency) | 202 | 503 busy | other/socket errors"
+             " | read p99 ms | /health p99 ms | reader failures | callback p99 ms |"
+             " callback max ms | callbacks late > 1 s | server CPU | peak RSS MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for variant, r in rows.items():
+        share = r["pushes_per_s"] / r["slots"] if r.get("slots") else None
+        lines.append(
+            f"| {variant} | {fmt(r['pushes_per_s'])} | {fmt(share, 2)} | {fmt(r['accepted'], 0)} |"
+            f" {fmt(r['busy'], 0)} | {fmt(r['errors'], 0)} | {fmt(r['read_p99_ms'])} |"
+            f" {fmt(r['health_p99_ms'])} | {fmt(r['reader_failures'], 0)} |"
+            f" {fmt(r['callback_p99_ms'])} | {fmt(r['callback_max_ms'])} |"
+            f" {fmt(r['callbacks_late'], 0)} | {fmt(r['server_cpu_util'] * 100, 0)}% |"
+            f" {fmt(r['peak_rss_mb'])} |")
+    return lines + [""]
 
 
 def chart(table, path):
@@ -315,7 +425,8 @@ def main():
                 results[workload] = {v: [] for v in variants}
                 for rnd in range(args.rounds):
                     for variant in variants:  # interleaved: A B C A B C …
-                        duration = args.duration * (2 if workload == "capacity" else 1)
+                        duration = args.duration * (2 if workload in ("capacity", "rush")
+                                                    else 1)
                         r = run_one(workload, spec, variant, mode, sim, workdir, duration,
                                     args.warmup, api_key)
                         results[workload][variant].append(r)

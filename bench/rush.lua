@@ -1,0 +1,53 @@
+-- wrk script for the `rush` workload: POST /stkpush like stkpush.lua, by clients that
+-- honour `503 gateway_busy` + `Retry-After: 1` (the thread's next request waits a second),
+-- counting every answer by status so the runner can check each was 202 or 503.
+local threads = {}
+
+function setup(thread)
+  thread:set("tid", #threads)
+  table.insert(threads, thread)
+end
+
+function init(args)
+  n = 0
+  key = os.getenv("BENCH_API_KEY")
+  base = tonumber(os.getenv("BENCH_PHONE_BASE") or "0")
+  s202, s503, other, wait = 0, 0, 0, 0
+end
+
+function request()
+  n = n + 1
+  local phone = string.format("07%08d", (base + tid * 5000000 + n) % 100000000)
+  local body = string.format('{"phone":"%s","amount":10,"reference":"RUSH"}', phone)
+  return wrk.format("POST", "/stkpush", {
+    ["Content-Type"] = "application/json",
+    ["Authorization"] = "Bearer " .. key,
+  }, body)
+end
+
+function response(status, headers, body)
+  if status == 202 then
+    s202 = s202 + 1
+  elseif status == 503 then
+    s503 = s503 + 1
+    wait = 1000 * tonumber(headers["Retry-After"] or "1")
+  else
+    other = other + 1
+  end
+end
+
+function delay()
+  local d = wait
+  wait = 0
+  return d
+end
+
+function done(summary, latency, requests)
+  local a, b, c = 0, 0, 0
+  for _, t in ipairs(threads) do
+    a = a + t:get("s202")
+    b = b + t:get("s503")
+    c = c + t:get("other")
+  end
+  io.write(string.format("rush status 202=%d 503=%d other=%d\n", a, b, c))
+end

@@ -7,6 +7,7 @@ Callbacks land on a tiny recording WSGI app served the same way.
 
 import base64
 import json
+import logging
 import threading
 import time
 from datetime import datetime
@@ -121,6 +122,17 @@ class Receiver:
         """The first n callbacks as JSON, once that many have arrived."""
         wait_for(lambda: len(self.bodies) >= n, timeout=timeout)
         return [json.loads(b) for b in self.bodies[:n]]
+
+
+@pytest.fixture(autouse=True)
+def quiet_client_urls():
+    """This test client's urllib3 logs every URL at DEBUG, and resend URLs carry a
+    CheckoutRequestID (which ends in phone digits): keep the client's own log above it."""
+    client = logging.getLogger("urllib3.connectionpool")
+    level = client.level
+    client.setLevel(logging.INFO)
+    yield
+    client.setLevel(level)
 
 
 @pytest.fixture

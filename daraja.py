@@ -215,10 +215,10 @@ class DarajaClient:
         self._pool_timeout = config.connect_timeout
         self.policies = call_policies(config)
         oauth = self.policies["oauth"]
-        # A push: a token fetch, then the push and its one resend after "Invalid Access
-        # Token". A row `submitting` for longer than this was abandoned mid-push.
-        self.longest_push_s = oauth.longest_s + 2 * self.policies["stk_push"].longest_s
-        self.longest_query_s = oauth.longest_s + 2 * self.policies["stk_query"].longest_s
+        # A push: a token fetch and the push, then, after "Invalid Access Token", a second
+        # fetch and the one resend. A row `submitting` for longer was abandoned mid-push.
+        self.longest_push_s = 2 * (oauth.longest_s + self.policies["stk_push"].longest_s)
+        self.longest_query_s = 2 * (oauth.longest_s + self.policies["stk_query"].longest_s)
         # Token waiters wait for the one fetch in flight, never longer than it can take.
         self.tokens = TokenCache(self.fetch_token, config.token_margin_s, clock=clock,
                                  wait_s=oauth.longest_s)
@@ -355,13 +355,19 @@ class DarajaClient:
                 preload_content=False, pool_timeout=self._pool_timeout,
             )
             status = resp.status
-            html = "html" in (resp.headers.get("Content-Type") or "").lower()
+            html_type = "html" in (resp.headers.get("Content-Type") or "").lower()
             try:
                 # The policy's deadline, from the start: retries and a slow drip included.
-                raw = _read_bounded(resp, started + policy.longest_s)
+                # One read may block a read timeout past the check, so check that much
+                # earlier: the whole exchange stays within the policy's longest_s.
+                raw = _read_bounded(resp, started + policy.longest_s - policy.read_s)
             finally:
                 resp.release_conn()
-            return status, _json_or_none(raw), html or (raw or b"").lstrip()[:1] == b"<"
+            data = _json_or_none(raw)
+            # An HTML page is an answer that did not parse: a Daraja JSON body wins, whatever
+            # its Content-Type says.
+            html = data is None and (html_type or (raw or b"").lstrip()[:1] == b"<")
+            return status, data, html
         except (MaxRetryError, EmptyPoolError, ConnectTimeoutError, SSLError,
                 ReadTimeoutError, ProtocolError, HTTPError) as exc:
             error = _transport_error(policy.api, exc, status)
@@ -451,5 +457,8 @@ def _envelope(data):
     """(errorCode, errorMessage, requestId) of Daraja's error envelope, or Nones."""
     if not isinstance(data, dict):
         return None, None, None
-    return (_text(data.get("errorCode"), 32), _text(data.get("errorMessage")),
-            _text(data.get("requestId"), 64))
+    code, message = _text(data.get("errorCode"), 32), _text(data.get("errorMessage"))
+    if code in INVALID_TOKEN_CODES and message:
+        # "Error Occurred - Invalid Access Token - <the token>": never keep the token.
+        message = "Invalid Access Token"
+    return code, message, _text(data.get("requestId"), 64)

@@ -355,44 +355,59 @@ class Ledger:
 
     # --- reconciliation ---------------------------------------------------
 
-    def claim_next(self, *, older_than_s, lease_s, unknown_window_s):
+    def claim_next(self, *, older_than_s, lease_s, unknown_window_s, due_by=None):
         """Lease the one row most due for an STK query to this caller, or return None.
 
         Due: `pending` rows older than `older_than_s`, and `unknown` rows with a
         CheckoutRequestID younger than `unknown_window_s` (a lost callback may still be
         found). A leased row is invisible to other claimers until the lease ends, so two
         processes never query the same row at once; a crashed claimer's lease lapses.
+        `due_by`: only rows due by then (a pass gives its start, so a row it rescheduled
+        waits for the next pass).
         """
         now = self._clock()
+        due_by = now if due_by is None else min(due_by, now)
         with self._write() as conn:
             row = conn.execute(
-                "SELECT * FROM transactions WHERE checkout_request_id IS NOT NULL"
+                "SELECT id FROM transactions WHERE checkout_request_id IS NOT NULL"
                 " AND next_check_at <= ? AND claimed_until <= ?"
                 " AND ((status = ? AND created_at <= ?) OR (status = ? AND created_at >= ?))"
                 " ORDER BY next_check_at, created_at LIMIT 1",
-                (now, now, PENDING, iso_utc(now - older_than_s), UNKNOWN,
+                (due_by, now, PENDING, iso_utc(now - older_than_s), UNKNOWN,
                  iso_utc(now - unknown_window_s))).fetchone()
             if row is not None:
-                conn.execute("UPDATE transactions SET claimed_until = ? WHERE id = ?",
-                             (now + lease_s, row["id"]))
+                row = conn.execute("UPDATE transactions SET claimed_until = ? WHERE id = ?"
+                                   " RETURNING *", (now + lease_s, row["id"])).fetchone()
         return dict(row) if row is not None else None
 
-    def reschedule(self, tx_id, next_check_at):
-        """Not settled yet: query again at `next_check_at`; the lease ends."""
+    def claim(self, tx_id, lease_s):
+        """Lease one row now, whatever its schedule; None if another claimer holds it (or it
+        does not exist). The row's `claimed_until` is the lease: pass it back to release."""
+        now = self._clock()
+        with self._write() as conn:
+            row = conn.execute("UPDATE transactions SET claimed_until = ? WHERE id = ?"
+                               " AND claimed_until <= ? RETURNING *",
+                               (now + lease_s, tx_id, now)).fetchone()
+        return dict(row) if row is not None else None
+
+    def reschedule(self, tx_id, next_check_at, lease):
+        """Not settled yet: query again at `next_check_at`; the lease ends. Only while the
+        lease is still this claimer's: if it lapsed and another took the row, it decides."""
         with self._write() as conn:
             conn.execute(
                 "UPDATE transactions SET next_check_at = ?, check_attempts = check_attempts + 1,"
-                " claimed_until = 0 WHERE id = ?", (next_check_at, tx_id))
+                " claimed_until = 0 WHERE id = ? AND claimed_until = ?",
+                (next_check_at, tx_id, lease))
 
-    def give_up(self, tx_id, next_check_at):
+    def give_up(self, tx_id, next_check_at, lease):
         """No final result before the deadline: `unknown`, reason no_final_result; still
         queried now and then (from `next_check_at`) in case the result turns up."""
         with self._write() as conn:
             cur = conn.execute(
                 "UPDATE transactions SET status = ?, reason = 'no_final_result', claimed_until = 0,"
                 " next_check_at = ?, check_attempts = check_attempts + 1, updated_at = ?"
-                " WHERE id = ? AND status = ?",
-                (UNKNOWN, next_check_at, self._now(), tx_id, PENDING))
+                " WHERE id = ? AND status = ? AND claimed_until = ?",
+                (UNKNOWN, next_check_at, self._now(), tx_id, PENDING, lease))
         return cur.rowcount == 1
 
     def list_page(self, *, status=None, since=None, after=None, limit=50, owner=None,
@@ -452,10 +467,11 @@ class Ledger:
     SETTLE_COLUMNS = ("status", "reason", "result_code", "result_desc", "receipt",
                       "checkout_request_id", "merchant_request_id")
 
-    def settle(self, tx_id, rules, *, callback=None, release_claim=False):
+    def settle(self, tx_id, rules, *, callback=None, release_claim=None):
         """In one write transaction: read the row, let `rules(row)` decide (a Decision
         from settlement; None: the callback is malformed), apply its changes, store the
-        raw `callback` (a settlement.CallbackRecord) if given, and end the row's lease.
+        raw `callback` (a settlement.CallbackRecord) if given, and end the lease
+        `release_claim` if the row is still held under it.
 
         Returns (outcome, row after): outcome is the decision's, or malformed or
         unknown_transaction; row is None for an unknown transaction.
@@ -477,8 +493,9 @@ class Ledger:
                     "INSERT INTO callbacks (tx_id, received_at, remote_addr, outcome, body)"
                     " VALUES (?, ?, ?, ?, ?)",
                     (tx_id, self._now(), callback.remote_addr, outcome, callback.body))
-            if release_claim and row is not None:
-                conn.execute("UPDATE transactions SET claimed_until = 0 WHERE id = ?", (tx_id,))
+            if release_claim is not None and row is not None:
+                conn.execute("UPDATE transactions SET claimed_until = 0 WHERE id = ?"
+                             " AND claimed_until = ?", (tx_id, release_claim))
         return outcome, (dict(row) if row is not None else None)
 
     def _update(self, conn, tx_id, changes):

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import sqlite3
+import time
 from dataclasses import dataclass
 
 import config as settings
@@ -219,7 +220,7 @@ class Services:
                 "push_slots_in_use": self.slots.in_use(),
             }
             if self.reconciler is not None:
-                checks["reconcile_query_refusals"] = self.reconciler.last_refusals
+                checks["reconcile_query_refusals"] = self.reconciler.refusals
             self._health = (now, checks)
         return checks
 
@@ -360,16 +361,35 @@ def _start_payment(services, note, caller, load_body, idempotency_key):
             description=push.description, callback_url=services.callback_url(row["id"]))
     except daraja.DarajaError as exc:
         return push_not_accepted(services, row, exc, idem)
+    except Exception:  # noqa: BLE001 - a bug after the row: the push may have gone out
+        log.exception("push failed unexpectedly tx=%s", row["id"])
+        return push_not_accepted(
+            services, row, daraja.DarajaError("stk_push", daraja.UNKNOWN, "internal_error"), idem)
     try:
-        row = services.ledger.mark_accepted(row["id"], accepted.checkout_request_id,
-                                            accepted.merchant_request_id)
-    except sqlite3.Error:
-        # The prompt is out; the row stays `submitting`, so recovery makes it `unknown`
-        # and its signed callback URL still finds it. Tell the merchant what we know.
+        row = with_retries(lambda: services.ledger.mark_accepted(
+            row["id"], accepted.checkout_request_id, accepted.merchant_request_id))
+    except Exception:  # noqa: BLE001 - the prompt is out: never a 500 from here on
+        # The row stays `submitting`, so recovery makes it `unknown` and its signed callback
+        # URL still finds it. Tell the merchant what we know.
         log.exception("ledger write failed after push tx=%s", row["id"])
         row = dict(row, status=store.PENDING, checkout_request_id=accepted.checkout_request_id,
                    merchant_request_id=accepted.merchant_request_id)
     return pinned(services, idem, 202, transaction_resource(row))
+
+
+LEDGER_RETRIES_S = (0.05, 0.25)  # a lock that outlasted the busy timeout rarely lasts longer
+
+
+def with_retries(write):
+    """Run a ledger write that must not be lost (a push has been answered), retrying a
+    failure twice; the last failure is raised."""
+    for pause in LEDGER_RETRIES_S:
+        try:
+            return write()
+        except sqlite3.Error:
+            log.warning("ledger write failed; retrying in %.2f s", pause)
+            time.sleep(pause)
+    return write()
 
 
 def pinned(services, idem, status, body):
@@ -377,8 +397,8 @@ def pinned(services, idem, status, body):
     write fails the answer still stands: a retry with the key then finds the row itself."""
     if idem is not None:
         try:
-            services.ledger.store_response(idem, status, dumps(body))
-        except sqlite3.Error:
+            with_retries(lambda: services.ledger.store_response(idem, status, dumps(body)))
+        except Exception:  # noqa: BLE001 - the answer stands
             log.exception("ledger write failed storing the idempotent answer tx=%s", body["id"])
     return status, body
 
@@ -410,8 +430,9 @@ def push_not_accepted(services, row, exc, idem):
     if exc.outcome == daraja.UNKNOWN:
         # It may have reached the customer: never resend; the callback or a query settles it.
         try:
-            row = ledger.mark_not_accepted(row["id"], store.UNKNOWN, exc.reason)
-        except sqlite3.Error:
+            row = with_retries(lambda: ledger.mark_not_accepted(row["id"], store.UNKNOWN,
+                                                                exc.reason))
+        except Exception:  # noqa: BLE001 - it may have reached the customer: never a 500
             # Still `submitting` in the ledger, so recovery makes it `unknown` too.
             log.exception("ledger write failed after an unanswered push tx=%s", row["id"])
             row = dict(row, status=store.UNKNOWN, reason=exc.reason)
@@ -438,13 +459,21 @@ def push_not_accepted(services, row, exc, idem):
 
 
 def _refused(ledger, row, reason, exc, idem):
-    """Mark a push that reached no customer `rejected` and free its key. If the ledger
-    fails, the refusal is still the answer (nothing was sent); the row is recovered later."""
+    """Mark a push that reached no customer `rejected` and free its key, in one commit.
+
+    If the ledger cannot record it even after retries, the row stays `submitting` (so
+    recovery will call it `unknown`) and the key stays taken: say exactly that, rather
+    than promise a retry with the same key that would be refused."""
     try:
-        ledger.mark_not_accepted(row["id"], store.REJECTED, reason, exc.error_code,
-                                 exc.error_message, release=idem)
+        with_retries(lambda: ledger.mark_not_accepted(
+            row["id"], store.REJECTED, reason, exc.error_code, exc.error_message, release=idem))
     except sqlite3.Error:
         log.exception("ledger write failed after a refused push tx=%s", row["id"])
+        raise ServiceUnavailable(
+            f"Daraja did not take the request, so nothing was sent, but the ledger could not"
+            f" record it: transaction {row['id']} will show as unknown; do not retry with the"
+            " same Idempotency-Key", code="ledger_unavailable",
+            headers=retry_after(RETRY_AFTER_UNAVAILABLE_S)) from None
 
 
 def read_transaction(services, note, authorization, ref):

@@ -55,7 +55,10 @@ class Reconciler:
         # Pacing waits on the stop event, so stopping is prompt (a seam for tests).
         self._wait = wait or self._stop.wait
         self._thread = None
-        self.last_refusals = 0  # permanent query refusals in the last pass (/health)
+        self._stop_requested_at = None
+        # Permanent query refusals since Daraja last gave a real answer (/health): it stays
+        # up while the configuration is wrong, whatever the backoff between passes.
+        self.refusals = 0
 
     def run_once(self):
         """Query every due row once, one claim at a time; return counts by result."""
@@ -64,15 +67,17 @@ class Reconciler:
         # Rows abandoned mid-push by a process that died (this one or another sharing the
         # ledger) become `unknown` without waiting for a restart.
         results["interrupted"] = self._ledger.recover_interrupted(self._client.longest_push_s)
+        started = self._clock()  # rows rescheduled during this pass wait for the next one
         for n in range(MAX_ROWS_PER_PASS):
+            if n:
+                self._wait(self._pace_s)  # at most `qps` queries a second; before the claim,
+                #                           so the wait never eats into a lease
             if self._stop.is_set():
                 break
             row = self._ledger.claim_next(older_than_s=self._after_s, lease_s=self._lease_s,
-                                          unknown_window_s=UNKNOWN_WINDOW_S)
+                                          unknown_window_s=UNKNOWN_WINDOW_S, due_by=started)
             if row is None:
                 break
-            if n:
-                self._wait(self._pace_s)  # at most `qps` queries a second
             result, error = self._check(row)
             self._observer(result)
             results[result] += 1
@@ -86,16 +91,19 @@ class Reconciler:
             log.error("reconcile query_refused rows=%d error_code=%s error_message=%r:"
                       " check MPESA_SHORTCODE, MPESA_PASSKEY and the app's credentials",
                       rows, code, message)
-        self.last_refusals = sum(refusals.values())
         return +results  # drop zero counts
 
     def check_now(self, tx_id):
-        """Query one transaction at once, whatever its schedule (operator tool)."""
+        """Query one transaction at once, whatever its schedule (operator tool). It claims
+        the row like a pass does, so it never queries a row another process is querying."""
         row = self._ledger.get(tx_id)
         if row is None:
             return "not_found", None
         if row["checkout_request_id"] is None or row["status"] in store.FINAL:
             return "nothing_to_query", row
+        row = self._ledger.claim(tx_id, self._lease_s)
+        if row is None:
+            return "busy", self._ledger.get(tx_id)
         result, error = self._check(row)
         if result == "refused":
             log.error("reconcile tx=%s query_refused error_code=%s error_message=%r",
@@ -104,6 +112,7 @@ class Reconciler:
 
     def _check(self, row):
         """Query one row and settle or reschedule it; return (result, DarajaError or None)."""
+        lease = row["claimed_until"]  # ours: every write below is fenced by it
         try:
             answer = self._client.stk_query(row["checkout_request_id"])
         except daraja.DarajaError as exc:
@@ -111,22 +120,24 @@ class Reconciler:
                 result = "throttled"
             elif exc.outcome == daraja.REJECTED:
                 result = "refused"  # permanent: configuration, not weather
+                self.refusals += 1
             else:
                 result = "query_failed"
                 log.warning("reconcile tx=%s query_failed reason=%s", row["id"], exc.reason)
             self._reschedule(row, self._clock())
             return result, exc
+        self.refusals = 0  # Daraja answered: whatever was wrong has been fixed
         if not answer.pending:
             outcome = settlement.from_query(answer.checkout_request_id, answer.result_code,
                                             answer.result_desc, answer.merchant_request_id)
-            name, _ = settlement.apply(self._ledger, row["id"], outcome, release_claim=True)
+            name, _ = settlement.apply(self._ledger, row["id"], outcome, release_claim=lease)
             log.info("reconcile tx=%s outcome=%s status=%s", row["id"], name, outcome.status)
             return outcome.status, None
         now = self._clock()
         past_deadline = now >= store.epoch(row["created_at"]) + self._deadline_s
         if row["status"] == store.PENDING and past_deadline:
             # Only a definite "not yet" may end a row: Daraja answered, and had no result.
-            if self._ledger.give_up(row["id"], now + UNKNOWN_RECHECK_S):
+            if self._ledger.give_up(row["id"], now + UNKNOWN_RECHECK_S, lease):
                 log.error("reconcile tx=%s status=unknown reason=no_final_result attempts=%d",
                           row["id"], row["check_attempts"] + 1)
             return "expired", None
@@ -138,7 +149,7 @@ class Reconciler:
             delay = UNKNOWN_RECHECK_S
         else:
             delay = min(MAX_BACKOFF_S, self._backoff_s * 2 ** row["check_attempts"])
-        self._ledger.reschedule(row["id"], now + delay)
+        self._ledger.reschedule(row["id"], now + delay, row["claimed_until"])
 
     # --- background thread ------------------------------------------------------
 
@@ -150,13 +161,19 @@ class Reconciler:
 
     def request_stop(self):
         """Ask the loop to stop after its current query; do not wait."""
+        if self._stop_requested_at is None:
+            self._stop_requested_at = time.monotonic()
         self._stop.set()
 
     def stop(self):
-        """Stop, waiting at most as long as one query can take."""
-        self._stop.set()
+        """Stop, waiting for the current query at most as long as one query can take from
+        when the stop was first asked for."""
+        self.request_stop()
         if self._thread is not None:
-            self._thread.join(self._lease_s)
+            self._thread.join(max(0.0, self._stop_requested_at + self._lease_s
+                                  - time.monotonic()))
+            if not self._thread.is_alive():
+                log.info("reconciler stopped")
 
     def _loop(self, interval):
         while not self._stop.wait(interval):

@@ -142,7 +142,7 @@ class CallbackRecord:
     remote_addr: str | None
 
 
-def apply(ledger, tx_id, outcome, *, callback=None, release_claim=False):
+def apply(ledger, tx_id, outcome, *, callback=None, release_claim=None):
     """Apply `outcome` (None: an unparsable callback, stored but applied never) to `tx_id`
     in one ledger transaction; return (outcome name, row after or None)."""
     decisions = []

@@ -13,12 +13,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import config  # noqa: E402
 import cli  # noqa: E402
-import mpesa_wsgi  # noqa: E402
 
 
 def factory(variant):
     if variant == "raw":
-        return mpesa_wsgi.create_app
+        return cli.build_app  # the raw gateway, as `python mpesa_wsgi.py` builds it
     if variant == "flask":
         from bench import flask_app
         return flask_app.create_app

@@ -177,9 +177,8 @@ def test_each_claim_is_one_row_leased_for_one_query(setup):
     s.clock.advance(120)
     claim = dict(older_than_s=60, lease_s=s.app.daraja.longest_query_s, unknown_window_s=3600)
     first = s.app.ledger.claim_next(**claim)
-    assert first["claimed_until"] == 0  # the row as it was; the lease is now set:
-    assert s.app.ledger.get(first["id"])["claimed_until"] == (
-        s.clock.now + s.app.daraja.longest_query_s)
+    assert first["claimed_until"] == s.clock.now + s.app.daraja.longest_query_s  # the lease
+    assert s.app.ledger.get(first["id"])["claimed_until"] == first["claimed_until"]
     second = s.app.ledger.claim_next(**claim)
     assert second["id"] != first["id"]
     assert s.app.ledger.claim_next(**claim) is None
@@ -224,3 +223,58 @@ def test_reconcile_tx_queries_one_row_now(tmp_path):
         assert missing.returncode == 1 and "not found" in missing.stderr
     finally:
         fake.close()
+
+
+def echo_final(then=None):
+    """Fake Daraja step: a terminal success for whichever CheckoutRequestID was asked
+    about; `then(body)` runs first (the query is in flight meanwhile)."""
+    import json as _json
+
+    def step(conn, request):
+        asked = _json.loads(request[3])["CheckoutRequestID"]
+        if then is not None:
+            then(asked)
+        reply(200, {"ResponseCode": "0", "MerchantRequestID": "m", "CheckoutRequestID": asked,
+                    "ResultCode": "0", "ResultDesc": "ok"})(conn, request)
+    return step
+
+
+def test_a_daraja_slower_than_a_batch_cannot_make_two_processes_query_one_row(setup):
+    s = setup(payments=6)
+    s.clock.advance(120)
+    lease = s.app.daraja.longest_query_s
+    other = s.reconciler()
+    slow = []
+
+    def slow_daraja(asked):
+        slow.append(asked)
+        s.clock.advance(lease / 4)  # each query takes a quarter of a lease: within bounds,
+        if len(slow) == 5:          # but five of them outlast a lease taken for a batch
+            other.run_once()  # another process's pass, while this query is in flight
+
+    s.fake.script["query"] = [echo_final(slow_daraja) for _ in range(12)]
+    s.reconciler().run_once()
+    asked = [r[4] for r in s.fake.requests if r[0] == "query"]
+    assert len(asked) == len(set(asked)) == 6  # every row queried once, by one process
+    assert all(s.row(i)["status"] == "succeeded" for i in range(6))
+
+
+def test_reconcile_tx_does_not_query_a_row_another_process_holds(setup):
+    s = setup(query=[final(0)])
+    held = s.app.ledger.claim(s.ids[0], 60)
+    assert held is not None
+    assert s.reconciler().check_now(s.ids[0])[0] == "busy"
+    assert s.fake.count("query") == 0
+    s.clock.advance(61)  # the holder died: its lease lapses
+    assert s.reconciler().check_now(s.ids[0])[0] == "succeeded"
+
+
+def test_a_lapsed_lease_cannot_release_or_reschedule_the_new_holders_claim(setup):
+    s = setup()
+    first = s.app.ledger.claim(s.ids[0], 30)
+    s.clock.advance(31)
+    second = s.app.ledger.claim(s.ids[0], 30)
+    s.app.ledger.reschedule(s.ids[0], s.clock.now + 999, first["claimed_until"])
+    row = s.row()
+    assert (row["claimed_until"], row["check_attempts"]) == (second["claimed_until"], 0)
+    assert s.app.ledger.give_up(s.ids[0], 0, first["claimed_until"]) is False

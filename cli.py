@@ -51,7 +51,11 @@ def pin_cpu(setting):
         return None
     cpus = sorted(os.sched_getaffinity(0))
     cpu = cpus[os.getpid() % len(cpus)] if setting == "auto" else setting
-    os.sched_setaffinity(0, {cpu})
+    try:
+        os.sched_setaffinity(0, {cpu})
+    except OSError:
+        raise StartupError(f"GATEWAY_CPU_AFFINITY={cpu} is not a CPU this process may use"
+                           f" (allowed: {','.join(map(str, cpus))})") from None
     return cpu
 
 
@@ -77,18 +81,16 @@ def create_server(app, host, port, config):
 
     try:
         return waitress.create_server(app, host=host, port=port, **waitress_settings(config))
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: waitress found no such host
+        reason = getattr(exc, "strerror", None) or exc
         raise StartupError(f"cannot listen on {host}:{port} (GATEWAY_HOST, GATEWAY_PORT):"
-                           f" {exc.strerror or exc}") from None
+                           f" {reason}") from None
 
 
 def serve(app, server, banner=None):
     """Serve until SIGTERM or Ctrl-C, then shut down in order: stop accepting; let in-flight
     requests finish and their answers flush, and the reconciler's current query end (each
     bounded by the call policies); the caller then closes the app (ledger, pool)."""
-    cpu = pin_cpu(app.config.cpu_affinity)
-    if cpu is not None:
-        log.info("pinned to cpu=%d", cpu)
     stopping = threading.Event()
 
     def on_sigterm(*_):
@@ -107,6 +109,11 @@ def serve(app, server, banner=None):
     except KeyboardInterrupt:
         pass
     server.accepting = False
+    if threading.current_thread() is threading.main_thread():
+        # A second Ctrl-C must not abandon the pushes still at Daraja: they are drained
+        # (bounded by the call policy) whatever else arrives.
+        signal.signal(signal.SIGINT, lambda *_: log.warning(
+            "shutdown already under way: finishing in-flight requests first"))
     server.del_channel()  # stop listening: new connections are refused from here on
     server.socket.close()
     log.info("shutdown started: no new connections; finishing in-flight requests")
@@ -266,6 +273,9 @@ def main(argv=None):
         configure_logging(config)
         if args.command == "reconcile":
             return reconcile_once(config, args.tx)
+        cpu = pin_cpu(config.cpu_affinity)  # before anything starts: a bad CPU stops here
+        if cpu is not None:
+            log.info("pinned to cpu=%d", cpu)
         app = build_app(config)
         try:
             serve(app, create_server(app, config.host, config.port, config))

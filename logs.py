@@ -20,7 +20,8 @@ import time
 REQUEST_ID = contextvars.ContextVar("request_id", default="-")
 _SANE_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 # 2547XXXXXXXX / 07XXXXXXXX / +254… not inside a longer number.
-_MSISDN = re.compile(r"(?<![0-9])(\+?254|0)([17])[0-9]{5}([0-9]{3})(?![0-9])")
+# Not inside a longer token: a transaction id's random hex can hold such a run of digits.
+_MSISDN = re.compile(r"(?<![0-9A-Za-z])(\+?254|0)([17])[0-9]{5}([0-9]{3})(?![0-9A-Za-z])")
 # A callback path keeps its template shape but loses the signature.
 _CALLBACK_PATH = re.compile(r"(/callback/[^/\s]+/)[0-9A-Fa-f]{8,}")
 # A CheckoutRequestID ends with the last 9 digits of the customer's phone.
@@ -47,6 +48,7 @@ class RedactFilter(logging.Filter):
     def __init__(self, secret_values=()):
         super().__init__()
         self._secrets = tuple(s for s in secret_values if s and len(s) >= 6)
+        self._last_id = (None, None)  # (request id, scrubbed); replaced whole
 
     def scrub(self, text):
         for value in self._secrets:
@@ -57,6 +59,13 @@ class RedactFilter(logging.Filter):
         return _CALLBACK_PATH.sub(r"\1[REDACTED]", text)
 
     def filter(self, record):
+        # The request id may be the caller's X-Request-Id: scrubbed like a message (once
+        # per request: the last one is remembered).
+        rid = getattr(record, "request_id", None)
+        if rid is not None:
+            if rid != self._last_id[0]:
+                self._last_id = (rid, self.scrub(rid))
+            record.request_id = self._last_id[1]
         if getattr(record, "sanitized", False):
             return True  # built only from templates, numbers, ids and masked phones
         message = record.getMessage()

@@ -212,7 +212,12 @@ class SimSettings:
 
     @classmethod
     def from_env(cls, environ):
-        """Settings from MPESA_SIM_* and the gateway's own MPESA_* credentials."""
+        """Settings from MPESA_SIM_* and the gateway's own MPESA_* credentials. An unknown
+        MPESA_SIM_* name is a typo (MPESA_SIM_LATENCY=1000 silently ignored misleads)."""
+        unknown = sorted(n for n in environ if n.startswith("MPESA_SIM_") and n not in SIM_ENV)
+        if unknown:
+            raise ValueError(f"{', '.join(unknown)}: not a simulator setting; known:"
+                             f" {', '.join(SIM_ENV)}")
         get = environ.get
         return cls(
             consumer_key=get("MPESA_CONSUMER_KEY") or DEMO_CONSUMER_KEY,
@@ -227,6 +232,11 @@ class SimSettings:
             query_not_found_s=_from_env(environ, "MPESA_SIM_QUERY_NOT_FOUND_S", _non_negative, 0.0),
             strict_lengths=_from_env(environ, "MPESA_SIM_STRICT_LENGTHS", _on_off, True),
         )
+
+
+SIM_ENV = ("MPESA_SIM_CALLBACK_DELAY_S", "MPESA_SIM_LATENCY_MS", "MPESA_SIM_TOKEN_TTL_S",
+           "MPESA_SIM_SLOW_ANSWER_S", "MPESA_SIM_QUERY_PENDING", "MPESA_SIM_QUERY_NOT_FOUND_S",
+           "MPESA_SIM_STRICT_LENGTHS")
 
 
 @dataclass(frozen=True)

@@ -200,3 +200,51 @@ def test_closing_the_app_lets_the_current_query_settle_first(tmp_path):
         ledger.close()
     finally:
         fake.close()
+
+
+@pytest.mark.parametrize("setting", [
+    {"GATEWAY_HOST": "nonexistent.invalid"}, {"GATEWAY_CPU_AFFINITY": "4096"},
+], ids=["host", "cpu"])
+def test_a_host_or_cpu_this_machine_lacks_is_one_message_and_exit_2(tmp_path, setting):
+    env = child_env(**base_env("http://127.0.0.1:9", tmp_path / "h.db"), **setting)
+    proc = run([], env)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and next(iter(setting)) in proc.stderr
+
+
+def test_a_simulator_setting_typo_stops_the_demo(tmp_path):
+    proc = run(["--demo"], child_env(MPESA_SIM_LATENCY="1000", GATEWAY_DB=str(tmp_path / "d.db"),
+                                     GATEWAY_PORT="18650"))
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "MPESA_SIM_LATENCY" in proc.stderr
+
+
+def test_a_callers_request_id_is_scrubbed_like_any_message():
+    import io
+    import logging
+
+    import logs
+
+    stream = io.StringIO()
+    handler = logs.configure("INFO", "json", ["attack-key-0123456789abcdef"], stream=stream)
+    try:
+        for rid in ("254712345678", "attack-key-0123456789abcdef",
+                    "ws_CO_26112026224229249717000011", "order-0712345678"):
+            token = logs.REQUEST_ID.set(rid)
+            logging.getLogger("mpesa_wsgi.access").info(
+                "request", extra={"sanitized": True, "fields": {}})
+            logs.REQUEST_ID.reset(token)
+    finally:
+        logging.getLogger().removeHandler(handler)
+    text = stream.getvalue()
+    for leaked in ("254712345678", "attack-key-0123456789abcdef", "717000011", "0712345678"):
+        assert leaked not in text
+    assert text.count('"request_id"') == 4
+
+
+def test_redaction_leaves_transaction_ids_whole():
+    import logs
+
+    scrub = logs.RedactFilter().scrub
+    assert scrub("tx=tx_01a21962ba0728533716dbb5 phone=254712345678") == (
+        "tx=tx_01a21962ba0728533716dbb5 phone=2547******678")

@@ -108,7 +108,8 @@ def test_waitress_serve_call_factory_serves(tmp_path, sim):
         proc.communicate(timeout=5)
 
 
-def test_sigterm_lets_the_in_flight_push_finish_then_closes(tmp_path, sim):
+@pytest.mark.parametrize("then", [None, signal.SIGINT], ids=["sigterm", "sigterm-then-ctrl-c"])
+def test_sigterm_lets_the_in_flight_push_finish_then_closes(tmp_path, sim, then):
     entered, release = threading.Event(), threading.Event()
 
     def hold(payload):
@@ -131,6 +132,9 @@ def test_sigterm_lets_the_in_flight_push_finish_then_closes(tmp_path, sim):
         client.start()
         assert entered.wait(5)
         proc.send_signal(signal.SIGTERM)
+        if then is not None:
+            time.sleep(0.2)
+            proc.send_signal(then)  # an impatient second Ctrl-C must not abandon the push
         time.sleep(0.6)
         assert http("GET", f"{base}/health")[0] is None  # no new connections
         client.join(10)

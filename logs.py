@@ -19,6 +19,7 @@ import time
 
 REQUEST_ID = contextvars.ContextVar("request_id", default="-")
 _SANE_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+_GENERATED_ID = re.compile(r"[0-9a-f]{16}|-")  # ours (request_id_from), or none: nothing to scrub
 # 2547XXXXXXXX / 07XXXXXXXX / +254… not inside a longer number.
 # Not inside a longer token: a transaction id's random hex can hold such a run of digits.
 _MSISDN = re.compile(r"(?<![0-9A-Za-z])(\+?254|0)([17])[0-9]{5}([0-9]{3})(?![0-9A-Za-z])")
@@ -62,7 +63,7 @@ class RedactFilter(logging.Filter):
         # The request id may be the caller's X-Request-Id: scrubbed like a message (once
         # per request: the last one is remembered).
         rid = getattr(record, "request_id", None)
-        if rid is not None:
+        if rid is not None and not _GENERATED_ID.fullmatch(rid):
             if rid != self._last_id[0]:
                 self._last_id = (rid, self.scrub(rid))
             record.request_id = self._last_id[1]

@@ -298,6 +298,7 @@ def run_one(workload, spec, variant, mode, sim, workdir, duration, warmup, api_k
         if workload == "rush":
             reader = Reader(server.url, tx_id, api_key)
             sim.reset_timings()
+            failed0 = sim.stats()["callbacks_failed"]
         pushes0 = server.pushes_202() if spec["lua"] == "rush.lua" else 0
         cpu0, sim_cpu0, t0 = server.cpu_s(), proc_cpu_s(sim.proc.pid), time.monotonic()
         result = wrk(server.url, spec, duration, mode, api_key)
@@ -308,13 +309,15 @@ def run_one(workload, spec, variant, mode, sim, workdir, duration, warmup, api_k
                           slots=server.slots(), daraja_push_s=server.mean_push_s())
         if reader is not None:
             reader.stop()
+            failed = sim.stats()["callbacks_failed"] - failed0
             time.sleep(1.5 + spec["sim_latency_ms"] / 1000)  # the last callbacks land
             timings = sim.timings()
             result.update(
                 read_p99_ms=reader.p99("read"), health_p99_ms=reader.p99("health"),
                 reader_failures=reader.failures("read") + reader.failures("health"),
                 callback_p99_ms=timings["p99_ms"], callback_max_ms=timings["max_ms"],
-                callbacks_late=timings["late_1s"], callbacks=timings["count"])
+                callbacks_late=timings["late_1s"], callbacks=timings["count"],
+                callbacks_lost=failed)
         cpu = server.cpu_s() - cpu0
         sim_cpu = proc_cpu_s(sim.proc.pid) - sim_cpu0
         if spec["lua"]:
@@ -395,7 +398,7 @@ def rush_markdown(rows):
              "| variant | pushes/s | ÷ (slots ÷ 1 s) | Daraja s/push | slots busy | 202 | 503 busy"
              " | other/socket errors"
              " | read p99 ms | /health p99 ms | reader failures | callback p99 ms |"
-             " callback max ms | callbacks late > 1 s | server CPU | peak RSS MB |",
+             " callback max ms | callbacks late > 1 s / lost | server CPU | peak RSS MB |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for variant, r in rows.items():
         share = r["pushes_per_s"] / r["slots"] if r.get("slots") else None
@@ -409,7 +412,8 @@ def rush_markdown(rows):
             f" {fmt(r['busy'], 0)} | {fmt(r['errors'], 0)} | {fmt(r['read_p99_ms'])} |"
             f" {fmt(r['health_p99_ms'])} | {fmt(r['reader_failures'], 0)} |"
             f" {fmt(r['callback_p99_ms'])} | {fmt(r['callback_max_ms'])} |"
-            f" {fmt(r['callbacks_late'], 0)} | {fmt(r['server_cpu_util'] * 100, 0)}% |"
+            f" {fmt(r['callbacks_late'], 0)} / {fmt(r.get('callbacks_lost'), 0)} |"
+            f" {fmt(r['server_cpu_util'] * 100, 0)}% |"
             f" {fmt(r['peak_rss_mb'])} |")
     return lines + [""]
 

@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import os
 import secrets
+import select
 import signal
 import sqlite3
 import sys
@@ -25,6 +26,9 @@ import reconciler
 log = logging.getLogger("mpesa_wsgi")
 
 SHUTDOWN_POLL_S = 0.2  # how soon the serving loop notices SIGTERM
+# Besides client connections: the listener, waitress's wake-up pipe, the ledger's files,
+# Daraja sockets beyond the threads, the standard streams.
+FILES_BESIDES_CONNECTIONS = 64
 
 
 class StartupError(Exception):
@@ -70,15 +74,34 @@ def waitress_settings(config):
         connection_limit=config.connection_limit,
         channel_timeout=config.channel_timeout,
         cleanup_interval=min(30, config.channel_timeout),
+        # poll() has no 1024-descriptor ceiling; select() is all Windows has.
+        asyncore_use_poll=hasattr(select, "poll"),
         # The app alone decides which X-Forwarded-For hop to believe (GATEWAY_TRUSTED_PROXY);
         # waitress's default would strip the header before the callback policy could see it.
         clear_untrusted_proxy_headers=False,
     )
 
 
+def check_open_files(config):
+    """Refuse to start when the connection limit cannot fit the open-file limit (POSIX):
+    at the limit, accept() would fail in a loop and the ledger could open nothing."""
+    try:
+        import resource  # POSIX only
+    except ImportError:
+        return
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = config.connection_limit + 2 * config.threads + FILES_BESIDES_CONNECTIONS
+    if soft != resource.RLIM_INFINITY and needed > soft:
+        raise StartupError(f"GATEWAY_CONNECTION_LIMIT={config.connection_limit} with"
+                           f" GATEWAY_THREADS={config.threads} needs about {needed} open files;"
+                           f" this process may open {soft} (raise it with ulimit -n or"
+                           " LimitNOFILE=, or lower the limit)")
+
+
 def create_server(app, host, port, config):
     import waitress  # serving only: importing the app needs no server
 
+    check_open_files(config)
     try:
         return waitress.create_server(app, host=host, port=port, **waitress_settings(config))
     except (OSError, ValueError) as exc:  # ValueError: waitress found no such host

@@ -9,6 +9,7 @@ in one `ConfigError`; secret values are never echoed, in errors or in `repr`.
 
 import base64
 import ipaddress
+import os
 import re
 from dataclasses import dataclass, fields
 from urllib.parse import urlsplit
@@ -33,6 +34,7 @@ SAFARICOM_CALLBACK_IPS = (
 
 REQUIRED = object()  # table marker: the variable has no default
 MIN_RESERVE_THREADS = 4  # threads never given to pushes
+WINDOWS_MAX_CONNECTIONS = 400
 MASK = "********"
 # Prefixes we own: a variable under them that the table does not name is a typo
 # (MPESA_READ_TIMOUT=30 silently ignored is worse than a failed start).
@@ -250,8 +252,9 @@ SETTINGS = (
     # Pushes at Daraja at once; the rest of the threads stay free for callbacks, reads and
     # health. None: GATEWAY_THREADS minus a reserve (a quarter, at least 4).
     ("GATEWAY_PUSH_SLOTS", "push_slots", positive_int, None, False),
-    # Open client connections waitress keeps (each is a file descriptor).
-    ("GATEWAY_CONNECTION_LIMIT", "connection_limit", positive_int, 1000, False),
+    # Open client connections waitress keeps (each is a file descriptor; on Windows
+    # waitress's select() handles at most 512 sockets in all).
+    ("GATEWAY_CONNECTION_LIMIT", "connection_limit", positive_int, 250, False),
     # Seconds an idle or half-sent connection is kept before waitress closes it.
     ("GATEWAY_CHANNEL_TIMEOUT", "channel_timeout", positive_int, 30, False),
     # The SQLite ledger file, on local disk.
@@ -415,6 +418,9 @@ def _derive(values):
     elif values["push_slots"] > values["threads"] - MIN_RESERVE_THREADS:
         problems.append(f"GATEWAY_PUSH_SLOTS must leave at least {MIN_RESERVE_THREADS} of"
                         " GATEWAY_THREADS for callbacks, reads and health")
+    if os.name == "nt" and values["connection_limit"] > WINDOWS_MAX_CONNECTIONS:
+        problems.append(f"GATEWAY_CONNECTION_LIMIT must be at most {WINDOWS_MAX_CONNECTIONS}"
+                        " on Windows (waitress's select() handles 512 sockets in all)")
     admin = set(values["admin_keys"] or ())
     if admin & {key for _, key in values["api_keys"] or ()}:
         problems.append("GATEWAY_ADMIN_KEYS must not repeat a key of GATEWAY_API_KEYS")

@@ -11,8 +11,10 @@ Importing this module needs no environment; building the app does.
 """
 
 import logging
+import os
 import time
 
+import config as settings
 import logs
 import payments
 from errors import (
@@ -187,7 +189,14 @@ class Gateway:
 
 
 def create_app(config=None, *, clock=None):
-    """Build the app once: config (from the environment unless given), then the services."""
+    """Build the app once: config (from the environment unless given), then the services.
+
+    Under `waitress-serve --call` or gunicorn this is the entry point: if nobody has set
+    up logging yet, set it up as `python mpesa_wsgi.py` does (redaction, access lines)."""
+    if config is None:
+        config = settings.load_config(os.environ)
+    if not logging.getLogger().handlers:
+        logs.configure(config.log_level, config.log_format, config.secret_values())
     return Gateway(payments.build_services(config, clock=clock))
 
 

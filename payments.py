@@ -257,6 +257,10 @@ def build_services(config=None, *, clock=None):
     ledger.recover_interrupted(client.longest_push_s)
     for name, key in config.api_keys:  # keys stored before owner names: keep them findable
         ledger.rename_scope(_legacy_scope(key), name)
+    bare = sum(1 for name, _ in config.api_keys if name == settings.DEFAULT_OWNER)
+    if bare > 1:
+        log.warning("GATEWAY_API_KEYS has %d keys named default: they share their payments,"
+                    " rate limit and idempotency keys; name each merchant's (name:KEY)", bare)
     background = None
     if config.reconcile:
         background = reconciler.Reconciler(ledger, client, config, clock=clock.wall,

@@ -8,8 +8,9 @@ table with each variant's ratio to the raw gateway. On a machine with 2+ cores a
 `taskset`, the server is pinned to CPU 0 and wrk + simulator to CPU 1.
 
 Workloads: `GET /health` (web-layer cost; the bare hello app is the reference),
-payments end to end (`POST /stkpush` with distinct phones, callbacks on), capacity
-(simulator latency 1000 ms, 64 server threads, 128 connections), and rush (simulator
+payments end to end (`POST /stkpush` with distinct phones, callbacks on, a push slot per
+connection), capacity (simulator latency 1000 ms, 64 threads, 60 slots, a client per
+slot), and rush (simulator
 latency 1000 ms, the default 32 threads, 4 × 32 push clients that honour
 `503 gateway_busy` + Retry-After, while a reader times `GET /transactions/<id>` and
 `/health` every 50 ms and the simulator times its callbacks).
@@ -197,6 +198,10 @@ class Server:
                                 r" ([0-9.e+]+)", self.metrics()))
         return float(found["sum"]) / float(found["count"]) if found.get("count") else None
 
+    def busy(self):
+        m = re.search(r"mpesa_gateway_push_busy_total ([0-9.e+]+)", self.metrics())
+        return float(m.group(1)) if m else 0.0
+
     def pushes_202(self):
         """Pushes the gateway answered 202, by its own count: a push wrk dropped when its
         run ended still finished (and went to Daraja) and counts."""
@@ -299,13 +304,15 @@ def run_one(workload, spec, variant, mode, sim, workdir, duration, warmup, api_k
             reader = Reader(server.url, tx_id, api_key)
             sim.reset_timings()
             failed0 = sim.stats()["callbacks_failed"]
-        pushes0 = server.pushes_202() if spec["lua"] == "rush.lua" else 0
+        pushes0, busy0 = (server.pushes_202(), server.busy()) if spec["lua"] == "rush.lua" \
+            else (0, 0)
         cpu0, sim_cpu0, t0 = server.cpu_s(), proc_cpu_s(sim.proc.pid), time.monotonic()
         result = wrk(server.url, spec, duration, mode, api_key)
         elapsed = time.monotonic() - t0
         if "accepted" in result:  # rush.lua: 202s a second, against what the slots allow
             time.sleep(spec["sim_latency_ms"] / 1000 * 1.5)  # pushes in flight at the end
             result.update(pushes_per_s=(server.pushes_202() - pushes0) / elapsed,
+                          busy=server.busy() - busy0,  # gateway_busy only, by its counter
                           slots=server.slots(), daraja_push_s=server.mean_push_s())
         if reader is not None:
             reader.stop()
@@ -354,12 +361,17 @@ def median_of(runs, key):
     return statistics.median(values) if values else None
 
 
+WORST_OF = ("errors", "callbacks_late", "callbacks_lost", "reader_failures")  # a bad round shows
+
+
 def summarize(results):
     table = {}
     for workload, by_variant in results.items():
         table[workload] = {}
         for variant, runs in by_variant.items():
-            table[workload][variant] = {k: median_of(runs, k) for k in runs[0]}
+            table[workload][variant] = {
+                k: (max(r.get(k) or 0 for r in runs) if k in WORST_OF else median_of(runs, k))
+                for k in runs[0]}
     return table
 
 

@@ -248,3 +248,44 @@ def test_redaction_leaves_transaction_ids_whole():
     scrub = logs.RedactFilter().scrub
     assert scrub("tx=tx_01a21962ba0728533716dbb5 phone=254712345678") == (
         "tx=tx_01a21962ba0728533716dbb5 phone=2547******678")
+
+
+OLD_SCHEMA = """
+CREATE TABLE transactions (
+    id TEXT PRIMARY KEY, checkout_request_id TEXT UNIQUE, merchant_request_id TEXT,
+    status TEXT NOT NULL, reason TEXT, phone TEXT NOT NULL, amount INTEGER NOT NULL,
+    reference TEXT NOT NULL, description TEXT NOT NULL, result_code TEXT, result_desc TEXT,
+    receipt TEXT, created_at TEXT NOT NULL, updated_at TEXT NOT NULL,
+    next_check_at REAL NOT NULL DEFAULT 0, check_attempts INTEGER NOT NULL DEFAULT 0,
+    claimed_until REAL NOT NULL DEFAULT 0);
+INSERT INTO transactions (id, status, phone, amount, reference, description, created_at,
+    updated_at) VALUES ('tx_01a2000000000000000000aa', 'succeeded', '254712000099', 10, 'R',
+    'D', '2026-11-01T00:00:00Z', '2026-11-01T00:00:00Z');
+"""
+
+
+def test_a_ledger_from_before_owners_is_migrated_in_place(tmp_path):
+    path = str(tmp_path / "old.db")
+    with sqlite3.connect(path) as conn:
+        conn.executescript(OLD_SCHEMA)
+    ledger = Ledger(path)
+    try:
+        row = ledger.get("tx_01a2000000000000000000aa")
+        assert (row["status"], row["owner"]) == ("succeeded", None)  # kept, and unowned
+        new = ledger.begin_push(phone="254712000098", amount=5, reference="R",
+                                description="D", owner="shop").row
+        assert new["owner"] == "shop"
+        rows, _ = ledger.list_page(owner="default", with_unowned=True)
+        assert [r["id"] for r in rows] == ["tx_01a2000000000000000000aa"]
+    finally:
+        ledger.close()
+    Ledger(path).close()  # a second start finds nothing to do
+
+
+@pytest.mark.parametrize("checkout", ["ws_CO_260520211133524545712345678",
+                                      "ws_CO_23052022122137653708374149"])
+def test_checkout_request_ids_are_masked_in_any_log_line(checkout):
+    import logs
+
+    clean = logs.RedactFilter().scrub(f"query {checkout} failed")
+    assert checkout not in clean and clean.endswith("******" + checkout[-3:] + " failed")

@@ -165,6 +165,9 @@ def test_no_log_holds_a_callback_signature_after_a_413_or_a_502(stack, tmp_path)
                     AUTH)
     sig = callback_signature(SECRET, tx["id"])
     path = f"/callback/{tx['id']}/{sig}"
+    # Read by CheckoutRequestID: it ends with the customer's phone digits.
+    assert request("GET", port, f"/transactions/{tx['checkout_request_id']}",
+                   headers=AUTH)[0] == 200
     status, body = request("POST", port, path, b"x" * 20_000,
                            {"Content-Type": "application/json"})
     assert (status, body["error"]["code"]) == (413, "payload_too_large")
@@ -179,7 +182,10 @@ def test_no_log_holds_a_callback_signature_after_a_413_or_a_502(stack, tmp_path)
     logs = [p for p in tmp_path.iterdir() if p.suffix == ".log"]
     assert {p.name for p in logs} >= {"error.log", "mpesa-access.log"}
     for log in logs:
-        assert sig not in log.read_text(errors="replace"), f"{log.name} holds the signature"
+        text = log.read_text(errors="replace")
+        assert sig not in text, f"{log.name} holds the signature"
+        assert tx["checkout_request_id"] not in text, f"{log.name} holds a CheckoutRequestID"
+    assert '"GET /transactions/{checkout_request_id} HTTP/1.1" 200' in access.read_text()
 
 
 def test_listing_pages_arrive_gzipped_and_decode_to_the_same_json(stack, tmp_path):

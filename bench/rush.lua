@@ -1,8 +1,8 @@
 -- wrk script for the payments, capacity and rush workloads: POST /stkpush with a distinct
 -- phone per request (never two clients on one phone: the phone lock would answer 409), by
--- clients that
--- honour `503 gateway_busy` + `Retry-After: 1` (the thread's next request waits a second),
--- counting every answer by status so the runner can check each was 202 or 503.
+-- clients that honour `503 gateway_busy` + `Retry-After: 1` (the thread's next request
+-- waits a second), counting every answer by status so the runner can check each was 202
+-- or 503. BENCH_API_KEY, BENCH_CLIENTS and BENCH_PHONE_BASE come from bench/run.py.
 local threads = {}
 
 function setup(thread)

@@ -132,3 +132,24 @@ def test_health_listing_metrics_and_openapi(variant):
         "limit"
     assert "mpesa_gateway_http_requests_total" in t.get("/metrics", status=200).text
     assert t.get("/openapi.json", status=200).json["openapi"].startswith("3.1")
+
+
+def test_owners_admin_keys_and_busy_answers_are_the_same_in_every_variant(variant):
+    from conftest import OTHER_KEY
+
+    t, core = variant
+    tx = t.post_json("/stkpush", {"phone": "0712345688", "amount": 10}, headers=AUTH,
+                     status=202).json
+    other = {"Authorization": f"Bearer {OTHER_KEY}"}  # another key name
+    assert t.get(f"/transactions/{tx['id']}", headers=other, status=404).json["error"][
+        "code"] == "not_found"
+    assert tx["id"] not in {r["id"] for r in t.get("/transactions", headers=other).json["data"]}
+    slots = getattr(core, "services", core).slots
+    held = [slots.try_acquire() for _ in range(slots.total)]  # a rush holds every slot
+    try:
+        busy = t.post_json("/stkpush", {"phone": "0712345689", "amount": 10}, headers=AUTH,
+                           status=503)
+        assert (busy.json["error"]["code"], busy.headers["Retry-After"]) == ("gateway_busy", "1")
+    finally:
+        for _ in held:
+            slots.release()

@@ -9,7 +9,6 @@ import random
 import socket
 import string
 import threading
-import time
 
 import pytest
 from webtest import TestApp

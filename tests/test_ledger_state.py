@@ -13,7 +13,6 @@ query results and crash recoveries arrive in:
 
 import tempfile
 
-import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (

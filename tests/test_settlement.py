@@ -7,7 +7,6 @@ import re
 import pytest
 
 import settlement
-from conftest import wait_for
 from settlement import Outcome
 
 FINAL = ("succeeded", "failed", "rejected", "unknown")

@@ -203,12 +203,12 @@ class Services:
                 "method": method, "route": route, "status": status,
                 "ms": round(elapsed * 1000, 1), "tx": tx_id, "phone": masked}})
 
-    def health_checks(self, fresh=False):
-        """Ledger writable, token age, pending/unknown counts, reconciler errors; refreshed
-        at most once a second (`fresh`: now)."""
+    def health_checks(self):
+        """Ledger writable, token age, pending/unknown counts, push slots, reconciler
+        refusals; refreshed at most once a second."""
         checked_at, checks = self._health
         now = self.clock.monotonic()
-        if fresh or checks is None or now - checked_at >= HEALTH_CHECK_EVERY_S:
+        if checks is None or now - checked_at >= HEALTH_CHECK_EVERY_S:
             counts = self.ledger.count_by_status()
             age = self.daraja.tokens.age()
             checks = {

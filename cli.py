@@ -1,6 +1,6 @@
 """The command line: serve, demo, check-config, reconcile.
 
-Owns `python mpesa_wsgi.py [serve | reconcile [--tx ID]] [--check-config | --demo]`:
+Owns `python mpesa_wsgi.py [serve | reconcile [--tx ID] | deliver] [--check-config | --demo]`:
 logging set up once, CPU pinning, the graceful waitress serving loop, the demo
 (simulator and gateway on loopback), and start-up errors as one clear message
 and exit status 2, never a traceback.  Only this module imports `mpesa_wsgi`.
@@ -22,6 +22,7 @@ import config as settings
 import logs
 import mpesa_wsgi
 import reconciler
+import webhooks
 
 log = logging.getLogger("mpesa_wsgi")
 
@@ -272,10 +273,23 @@ def reconcile_once(config, tx_id=None):
     return 0
 
 
+def deliver_once(config):
+    """One webhook pass for cron / Task Scheduler: the same work the sender thread does."""
+    app = build_app(dataclasses.replace(config, reconcile=False, webhook_sender=False))
+    try:
+        results = webhooks.Sender(app.ledger, config).run_once()
+    finally:
+        app.close()
+    summary = " ".join(f"{k}={v}" for k, v in sorted(results.items())) or "nothing due"
+    print(f"deliver {summary}", flush=True)
+    return 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="mpesa_wsgi.py", description="M-Pesa STK Push gateway")
-    parser.add_argument("command", nargs="?", choices=("serve", "reconcile"), default="serve",
-                        help="serve (default) or run one reconciliation pass and exit")
+    parser.add_argument("command", nargs="?", choices=("serve", "reconcile", "deliver"),
+                        default="serve", help="serve (default), or run one reconciliation"
+                        " pass or one webhook delivery pass and exit")
     parser.add_argument("--tx", metavar="ID",
                         help="with reconcile: query this one transaction now")
     mode = parser.add_mutually_exclusive_group()
@@ -296,6 +310,8 @@ def main(argv=None):
         configure_logging(config)
         if args.command == "reconcile":
             return reconcile_once(config, args.tx)
+        if args.command == "deliver":
+            return deliver_once(config)
         cpu = pin_cpu(config.cpu_affinity)  # before anything starts: a bad CPU stops here
         if cpu is not None:
             log.info("pinned to cpu=%d", cpu)

@@ -160,6 +160,42 @@ def named_keys(raw):
     return tuple(pairs)
 
 
+def owner_urls(raw):
+    """`name:https://…,…` (a bare URL is named `default`) → ((name, url), ...)."""
+    pairs = []
+    for item in (i.strip() for i in raw.split(",")):
+        if not item:
+            continue
+        name, url = ((DEFAULT_OWNER, item) if item.startswith(("http://", "https://"))
+                     else item.split(":", 1) if ":" in item else ("", item))
+        if not _OWNER.fullmatch(name.strip()):
+            raise ValueError("must be name:URL pairs (names a-z 0-9 _ -)")
+        pairs.append((name.strip(), http_url(url)))
+    if len({n for n, _ in pairs}) != len(pairs):
+        raise ValueError("must name each owner once")
+    return tuple(pairs)
+
+
+def webhook_secrets(raw):
+    """`name:whsec_<base64>,…` (Standard Webhooks secrets) → ((name, secret), ...)."""
+    pairs = []
+    for item in (i.strip() for i in raw.split(",")):
+        if not item:
+            continue
+        name, _, secret = item.rpartition(":") if item.count(":") else ("", "", item)
+        name = name or DEFAULT_OWNER
+        if not _OWNER.fullmatch(name) or not secret.startswith("whsec_"):
+            raise ValueError("must be name:whsec_<base64> pairs")
+        try:
+            key = base64.b64decode(secret[len("whsec_"):], validate=True)
+        except ValueError:
+            raise ValueError("each secret must be whsec_ and base64") from None
+        if len(key) < 24:
+            raise ValueError("each secret must hold at least 24 random bytes")
+        pairs.append((name, secret))
+    return tuple(pairs)
+
+
 def key_list(raw):
     keys = tuple(k.strip() for k in raw.split(",") if k.strip())
     if not keys:
@@ -263,6 +299,14 @@ SETTINGS = (
     ("GATEWAY_API_KEYS", "api_keys", named_keys, REQUIRED, True),
     # Operator keys that read every owner's payments (never start one). None: no admins.
     ("GATEWAY_ADMIN_KEYS", "admin_keys", key_list, (), True),
+    # Where each owner's payment events are POSTed (Standard Webhooks): name:URL,…
+    ("GATEWAY_WEBHOOK_URLS", "webhook_urls", owner_urls, (), False),
+    # The signing secret of each owner's endpoint: name:whsec_<base64>,…
+    ("GATEWAY_WEBHOOK_SECRETS", "webhook_secrets", webhook_secrets, (), True),
+    # Deliver to loopback, private and link-local addresses too (tests, demo, on-premises).
+    ("GATEWAY_WEBHOOK_ALLOW_PRIVATE", "webhook_allow_private", on_off, False, False),
+    # Run the webhook sender thread in the serving process (off: `deliver` from cron).
+    ("GATEWAY_WEBHOOK_SENDER", "webhook_sender", on_off, True, False),
     # Key of the HMAC that signs each transaction's callback URL.
     ("GATEWAY_SECRET", "secret", secret_key, REQUIRED, True),
     # Largest request body in bytes; larger bodies get 413.
@@ -327,6 +371,10 @@ class Config:
     db_path: str
     api_keys: tuple
     admin_keys: tuple
+    webhook_urls: tuple
+    webhook_secrets: tuple
+    webhook_allow_private: bool
+    webhook_sender: bool
     secret: str
     max_body: int
     phone_lock_s: float
@@ -421,6 +469,10 @@ def _derive(values):
     if os.name == "nt" and values["connection_limit"] > WINDOWS_MAX_CONNECTIONS:
         problems.append(f"GATEWAY_CONNECTION_LIMIT must be at most {WINDOWS_MAX_CONNECTIONS}"
                         " on Windows (waitress's select() handles 512 sockets in all)")
+    secret_names = {n for n, _ in values["webhook_secrets"] or ()}
+    for name, _ in values["webhook_urls"] or ():
+        if name not in secret_names:
+            problems.append(f"GATEWAY_WEBHOOK_SECRETS has no secret for {name}")
     admin = set(values["admin_keys"] or ())
     if admin & {key for _, key in values["api_keys"] or ()}:
         problems.append("GATEWAY_ADMIN_KEYS must not repeat a key of GATEWAY_API_KEYS")

@@ -86,6 +86,31 @@ CREATE TABLE IF NOT EXISTS callbacks (
     body        BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS callbacks_tx ON callbacks (tx_id);
+-- the webhook outbox: written in the commit that changes a payment's status
+CREATE TABLE IF NOT EXISTS events (
+    id              TEXT PRIMARY KEY,  -- the webhook-id; sorts by creation
+    tx_id           TEXT NOT NULL,
+    owner           TEXT NOT NULL,
+    type            TEXT NOT NULL,
+    body            BLOB NOT NULL,     -- the JSON sent, fixed when the event is made
+    status          TEXT NOT NULL,     -- pending | delivered | dead
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    claimed_until   REAL NOT NULL DEFAULT 0,
+    created_at      REAL NOT NULL,
+    delivered_at    REAL
+);
+CREATE INDEX IF NOT EXISTS events_due ON events (status, next_attempt_at);
+CREATE INDEX IF NOT EXISTS events_tx ON events (tx_id, id);
+CREATE TABLE IF NOT EXISTS event_attempts (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id    TEXT NOT NULL,
+    at          REAL NOT NULL,
+    status_code INTEGER,
+    duration_ms REAL NOT NULL,
+    error       TEXT
+);
+CREATE INDEX IF NOT EXISTS event_attempts_event ON event_attempts (event_id);
 """
 
 
@@ -97,9 +122,19 @@ def epoch(iso):
     return calendar.timegm(time.strptime(iso, "%Y-%m-%dT%H:%M:%SZ"))
 
 
-def new_tx_id(epoch_s):
+def new_tx_id(epoch_s, prefix="tx_"):
     """tx_ + 12 hex digits of creation milliseconds + 12 random: ids sort by creation."""
-    return f"tx_{int(epoch_s * 1000):012x}{secrets.token_hex(6)}"
+    return f"{prefix}{int(epoch_s * 1000):012x}{secrets.token_hex(6)}"
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    """A webhook event to write in the same commit as the status change it reports."""
+
+    tx_id: str
+    owner: str
+    type: str
+    body: bytes
 
 
 @dataclass(frozen=True)
@@ -399,16 +434,20 @@ class Ledger:
                 " claimed_until = 0 WHERE id = ? AND claimed_until = ?",
                 (next_check_at, tx_id, lease))
 
-    def give_up(self, tx_id, next_check_at, lease):
+    def give_up(self, tx_id, next_check_at, lease, event=None):
         """No final result before the deadline: `unknown`, reason no_final_result; still
-        queried now and then (from `next_check_at`) in case the result turns up."""
+        queried now and then (from `next_check_at`) in case the result turns up. The
+        webhook event `event(before, after, "gave_up")` is written in the same commit."""
         with self._write() as conn:
-            cur = conn.execute(
+            before = conn.execute("SELECT * FROM transactions WHERE id = ?", (tx_id,)).fetchone()
+            row = conn.execute(
                 "UPDATE transactions SET status = ?, reason = 'no_final_result', claimed_until = 0,"
                 " next_check_at = ?, check_attempts = check_attempts + 1, updated_at = ?"
-                " WHERE id = ? AND status = ? AND claimed_until = ?",
-                (UNKNOWN, next_check_at, self._now(), tx_id, PENDING, lease))
-        return cur.rowcount == 1
+                " WHERE id = ? AND status = ? AND claimed_until = ? RETURNING *",
+                (UNKNOWN, next_check_at, self._now(), tx_id, PENDING, lease)).fetchone()
+            if row is not None and event is not None:
+                self._add_event(conn, event(dict(before), dict(row), "gave_up"))
+        return row is not None
 
     def list_page(self, *, status=None, since=None, after=None, limit=50, owner=None,
                   with_unowned=False):
@@ -467,11 +506,12 @@ class Ledger:
     SETTLE_COLUMNS = ("status", "reason", "result_code", "result_desc", "receipt",
                       "checkout_request_id", "merchant_request_id")
 
-    def settle(self, tx_id, rules, *, callback=None, release_claim=None):
+    def settle(self, tx_id, rules, *, callback=None, release_claim=None, event=None):
         """In one write transaction: read the row, let `rules(row)` decide (a Decision
         from settlement; None: the callback is malformed), apply its changes, store the
-        raw `callback` (a settlement.CallbackRecord) if given, and end the lease
-        `release_claim` if the row is still held under it.
+        raw `callback` (a settlement.CallbackRecord) if given, end the lease
+        `release_claim` if the row is still held under it, and write the webhook event
+        `event(before, after, outcome)` returns (a NewEvent or None), all in one commit.
 
         Returns (outcome, row after): outcome is the decision's, or malformed or
         unknown_transaction; row is None for an unknown transaction.
@@ -483,11 +523,13 @@ class Ledger:
             elif rules is None:
                 outcome = "malformed"
             else:
-                row = dict(row)
+                row = before = dict(row)
                 decision = rules(row)
                 outcome = decision.outcome
                 if decision.changes:
-                    row = self._update(conn, tx_id, decision.changes)
+                    row = dict(self._update(conn, tx_id, decision.changes))
+                    if event is not None and row["status"] != before["status"]:
+                        self._add_event(conn, event(before, row, outcome))
             if callback is not None:
                 conn.execute(
                     "INSERT INTO callbacks (tx_id, received_at, remote_addr, outcome, body)"
@@ -519,6 +561,60 @@ class Ledger:
         sets.append("updated_at = :updated_at")
         return conn.execute(f"UPDATE transactions SET {', '.join(sets)} WHERE id = :id"
                             " RETURNING *", args).fetchone()
+
+    def _add_event(self, conn, new):
+        if new is None:
+            return
+        now = self._clock()
+        conn.execute(
+            "INSERT INTO events (id, tx_id, owner, type, body, status, next_attempt_at,"
+            " created_at) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?)",
+            (new_tx_id(now, "msg_"), new.tx_id, new.owner, new.type, new.body, now, now))
+
+    # --- the webhook outbox ---------------------------------------------------
+
+    def claim_event(self, lease_s):
+        """Lease the event most due for delivery, or None. An event waits while an older
+        one of the same transaction is still pending, so a merchant sees them in order."""
+        now = self._clock()
+        with self._write() as conn:
+            row = conn.execute(
+                "SELECT id FROM events e WHERE status = 'pending' AND next_attempt_at <= ?"
+                " AND claimed_until <= ? AND NOT EXISTS (SELECT 1 FROM events o"
+                " WHERE o.tx_id = e.tx_id AND o.status = 'pending' AND o.id < e.id)"
+                " ORDER BY next_attempt_at, id LIMIT 1", (now, now)).fetchone()
+            if row is not None:
+                row = conn.execute("UPDATE events SET claimed_until = ? WHERE id = ?"
+                                   " RETURNING *", (now + lease_s, row["id"])).fetchone()
+        return dict(row) if row is not None else None
+
+    def record_attempt(self, event_id, lease, *, status_code, duration_ms, error, delivered,
+                       next_attempt_at=None):
+        """One delivery attempt: its result, and the event's next state (delivered, pending
+        again from `next_attempt_at`, or dead when that is None), if the lease is ours."""
+        now = self._clock()
+        state = "delivered" if delivered else ("pending" if next_attempt_at else "dead")
+        with self._write() as conn:
+            conn.execute("INSERT INTO event_attempts (event_id, at, status_code, duration_ms,"
+                         " error) VALUES (?, ?, ?, ?, ?)",
+                         (event_id, now, status_code, duration_ms, error))
+            conn.execute(
+                "UPDATE events SET status = ?, attempts = attempts + 1, claimed_until = 0,"
+                " next_attempt_at = COALESCE(?, next_attempt_at), delivered_at = ?"
+                " WHERE id = ? AND claimed_until = ?",
+                (state, next_attempt_at, now if delivered else None, event_id, lease))
+        return state
+
+    def events(self, tx_id=None):
+        """Events (of one transaction), oldest first, each with its attempts."""
+        conn = self._conn()
+        rows = [dict(r) for r in conn.execute(
+            "SELECT * FROM events" + (" WHERE tx_id = ?" if tx_id else "") + " ORDER BY id",
+            (tx_id,) if tx_id else ())]
+        for row in rows:
+            row["attempts_log"] = [dict(a) for a in conn.execute(
+                "SELECT * FROM event_attempts WHERE event_id = ? ORDER BY id", (row["id"],))]
+        return rows
 
     def callbacks(self, tx_id):
         """The stored callbacks of one transaction, oldest first."""

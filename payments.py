@@ -33,7 +33,9 @@ import reconciler
 import settlement
 import sources
 import validation
+import webhooks
 from clock import SystemClock
+from resources import transaction_resource
 from errors import (
     BadRequest, Conflict, Forbidden, NotFound, ServiceUnavailable, TooManyRequests, Unauthorized,
     Unprocessable, UpstreamRejected, retry_after,
@@ -137,27 +139,6 @@ def callback_signature(secret, tx_id):
     return digest[:SIGNATURE_HEX_CHARS]
 
 
-def transaction_resource(row):
-    """The public view of a ledger row (SPEC §2): phone masked, internal states hidden."""
-    status = store.PENDING if row["status"] == store.SUBMITTING else row["status"]
-    return {
-        "id": row["id"],
-        "checkout_request_id": row["checkout_request_id"],
-        "merchant_request_id": row["merchant_request_id"],
-        "status": status,
-        "reason": row["reason"],
-        "phone": validation.mask_phone(row["phone"]),
-        "amount": row["amount"],
-        "reference": row["reference"],
-        "description": row["description"],
-        "result_code": row["result_code"],
-        "result_desc": row["result_desc"],
-        "receipt": row["receipt"],
-        "created_at": row["created_at"],
-        "updated_at": row["updated_at"],
-    }
-
-
 # --- the services -------------------------------------------------------------------
 
 
@@ -165,8 +146,10 @@ class Services:
     """Everything the flows need, built once by `build_services` and passed in."""
 
     def __init__(self, config, ledger, client, metrics_registry, *, reconcile=None,
-                 clock=None, slots=None):
+                 clock=None, slots=None, sender=None):
         self.config = config
+        self.outbox = webhooks.Outbox(config)
+        self.sender = sender
         self.ledger = ledger
         self.daraja = client
         self.metrics = metrics_registry
@@ -225,9 +208,12 @@ class Services:
         return checks
 
     def close_background(self):
-        """Stop the reconciler, letting its current query finish (bounded by its policy)."""
+        """Stop the reconciler and the webhook sender, letting the current query and the
+        current delivery finish (each bounded)."""
         if self.reconciler is not None:
             self.reconciler.stop()
+        if self.sender is not None:
+            self.sender.stop()
 
     def close(self):
         self.close_background()
@@ -261,14 +247,19 @@ def build_services(config=None, *, clock=None):
     if bare > 1:
         log.warning("GATEWAY_API_KEYS has %d keys named default: they share their payments,"
                     " rate limit and idempotency keys; name each merchant's (name:KEY)", bare)
-    background = None
+    events = webhooks.Outbox(config).event_for
+    background = sender = None
     if config.reconcile:
         background = reconciler.Reconciler(ledger, client, config, clock=clock.wall,
                                            observer=registry.reconcile.inc,
-                                           on_refusal=registry.reconcile_refusals.inc)
+                                           on_refusal=registry.reconcile_refusals.inc,
+                                           events=events)
         background.start()
+    if config.webhook_urls and config.webhook_sender:
+        sender = webhooks.Sender(ledger, config, clock=clock.wall)
+        sender.start()
     services = Services(config, ledger, client, registry, reconcile=background, clock=clock,
-                        slots=slots)
+                        slots=slots, sender=sender)
     # Under waitress-serve --call or gunicorn nobody calls close(): stop the reconciler
     # (its current query finishes) when the process exits.
     atexit.register(services.close_background)
@@ -512,7 +503,8 @@ def receive_callback(services, note, tx_id, sig, environ, load_raw):
     outcome = settlement.from_callback(result) if result is not None else None
     try:
         name, row = settlement.apply(services.ledger, tx_id, outcome,
-                                     callback=settlement.CallbackRecord(raw, source))
+                                     callback=settlement.CallbackRecord(raw, source),
+                                     events=services.outbox.event_for)
     except sqlite3.Error:
         # Not stored, so not acknowledged; the reconciler's query settles it if it never returns.
         log.exception("ledger write failed for callback tx=%s", tx_id)

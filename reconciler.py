@@ -39,8 +39,9 @@ MAX_ROWS_PER_PASS = 1000  # a pass ends; the next one carries on
 
 class Reconciler:
     def __init__(self, ledger, client, config, *, clock=time.time, observer=None,
-                 on_refusal=None, wait=None):
+                 on_refusal=None, wait=None, events=None):
         self._ledger = ledger
+        self._events = events  # webhooks.Outbox.event_for: events in the settling commit
         self._client = client
         self._observer = observer or (lambda result: None)
         self._on_refusal = on_refusal or (lambda: None)
@@ -130,14 +131,15 @@ class Reconciler:
         if not answer.pending:
             outcome = settlement.from_query(answer.checkout_request_id, answer.result_code,
                                             answer.result_desc, answer.merchant_request_id)
-            name, _ = settlement.apply(self._ledger, row["id"], outcome, release_claim=lease)
+            name, _ = settlement.apply(self._ledger, row["id"], outcome, release_claim=lease,
+                                       events=self._events)
             log.info("reconcile tx=%s outcome=%s status=%s", row["id"], name, outcome.status)
             return outcome.status, None
         now = self._clock()
         past_deadline = now >= store.epoch(row["created_at"]) + self._deadline_s
         if row["status"] == store.PENDING and past_deadline:
             # Only a definite "not yet" may end a row: Daraja answered, and had no result.
-            if self._ledger.give_up(row["id"], now + UNKNOWN_RECHECK_S, lease):
+            if self._ledger.give_up(row["id"], now + UNKNOWN_RECHECK_S, lease, self._events):
                 log.error("reconcile tx=%s status=unknown reason=no_final_result attempts=%d",
                           row["id"], row["check_attempts"] + 1)
             return "expired", None

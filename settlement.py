@@ -142,9 +142,10 @@ class CallbackRecord:
     remote_addr: str | None
 
 
-def apply(ledger, tx_id, outcome, *, callback=None, release_claim=None):
+def apply(ledger, tx_id, outcome, *, callback=None, release_claim=None, events=None):
     """Apply `outcome` (None: an unparsable callback, stored but applied never) to `tx_id`
-    in one ledger transaction; return (outcome name, row after or None)."""
+    in one ledger transaction, with the webhook event (from `events(before, after,
+    outcome)`) when the status changes; return (outcome name, row after or None)."""
     decisions = []
 
     def rules(row):
@@ -153,7 +154,7 @@ def apply(ledger, tx_id, outcome, *, callback=None, release_claim=None):
         return decision
 
     name, row = ledger.settle(tx_id, rules if outcome is not None else None,
-                              callback=callback, release_claim=release_claim)
+                              callback=callback, release_claim=release_claim, event=events)
     if decisions and decisions[0].anomaly is not None:
         log.error("anomaly tx=%s reason=%s result_code=%s source=%s", tx_id,
                   decisions[0].anomaly, outcome.result_code, outcome.source)

@@ -1,0 +1,39 @@
+"""The public view of a payment: what merchants see, by HTTP and in webhook events.
+
+Owns the transaction resource of SPEC §2 (phone masked, the internal `submitting`
+state shown as `pending`) and the body of a webhook event built around it, so the
+API and the events can never disagree about what a payment looks like.
+"""
+
+import ledger as store
+import validation
+
+
+def transaction_resource(row):
+    """The public view of a ledger row (SPEC §2): phone masked, internal states hidden."""
+    status = store.PENDING if row["status"] == store.SUBMITTING else row["status"]
+    return {
+        "id": row["id"],
+        "checkout_request_id": row["checkout_request_id"],
+        "merchant_request_id": row["merchant_request_id"],
+        "status": status,
+        "reason": row["reason"],
+        "phone": validation.mask_phone(row["phone"]),
+        "amount": row["amount"],
+        "reference": row["reference"],
+        "description": row["description"],
+        "result_code": row["result_code"],
+        "result_desc": row["result_desc"],
+        "receipt": row["receipt"],
+        "created_at": row["created_at"],
+        "updated_at": row["updated_at"],
+    }
+
+
+def event_body(event_type, row, timestamp, previous_status=None):
+    """A Standard Webhooks payload: {"type","timestamp","data"}; `data` is the transaction,
+    with `previous_status` when a late success overrides a failure."""
+    data = transaction_resource(row)
+    if previous_status is not None:
+        data["previous_status"] = previous_status
+    return {"type": event_type, "timestamp": timestamp, "data": data}

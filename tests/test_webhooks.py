@@ -1,0 +1,191 @@
+"""Merchant webhooks: events written with the status change, signed as Standard Webhooks
+(verified here with the `standardwebhooks` library, as a merchant would), delivered at
+least once with backoff, never to a private address unless allowed. Receivers are real
+WSGI servers on 127.0.0.1."""
+
+import base64
+import json
+import threading
+
+import pytest
+from standardwebhooks import Webhook
+from webtest import TestApp
+
+import config
+import mpesa_wsgi
+import webhooks
+from conftest import API_KEY, OffsetClock, _LateApp, serve, wait_for
+
+SECRET = "whsec_" + base64.b64encode(b"merchant-signing-secret-0123456789").decode()
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+class Receiver:
+    """A merchant endpoint: records what it gets; answers with `status` (or a script)."""
+
+    def __init__(self):
+        self.status = 204
+        self.got = []
+        self.lock = threading.Lock()
+
+    def __call__(self, environ, start_response):
+        body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+        headers = {k[5:].replace("_", "-").lower(): v for k, v in environ.items()
+                   if k.startswith("HTTP_")}
+        with self.lock:
+            self.got.append((headers, body))
+        status = self.status
+        start_response(f"{status} X", [("Content-Length", "0")] + (
+            [("Location", "http://127.0.0.1:9/elsewhere")] if 300 <= status < 400 else []))
+        return [b""]
+
+
+@pytest.fixture
+def receiver():
+    r = Receiver()
+    server, url = serve(r, threads=4)
+    r.url = url
+    yield r
+    server.shutdown()
+
+
+@pytest.fixture
+def hooked(gateway_env, receiver):
+    """The gateway with a webhook endpoint for `default`; the sender run by hand."""
+    made = []
+
+    def make(clock=None, **env):
+        late = _LateApp()
+        server, url = serve(late)  # the simulator's callbacks reach the app here
+        settings = {**gateway_env, "MPESA_CALLBACK_BASE_URL": url,
+                    "GATEWAY_WEBHOOK_URLS": f"default:{receiver.url}/events",
+                    "GATEWAY_WEBHOOK_SECRETS": f"default:{SECRET}",
+                    "GATEWAY_WEBHOOK_ALLOW_PRIVATE": "on", "GATEWAY_WEBHOOK_SENDER": "off", **env}
+        cfg = config.load_config(settings)
+        late.app = mpesa_wsgi.create_app(cfg, clock=clock)
+        made.append((late.app, server))
+        return late.app, cfg
+
+    yield make
+    for app, server in made:
+        server.shutdown()
+        app.close()
+
+
+def verified(receiver):
+    """Every delivered request, checked with the Standard Webhooks library."""
+    hook = Webhook(SECRET)
+    return [(headers["webhook-id"], hook.verify(body, headers)) for headers, body in receiver.got]
+
+
+@pytest.mark.parametrize("phone, event_type, status", [
+    ("0712345678", "payment.succeeded", "succeeded"),
+    ("254711001032", "payment.failed", "failed"),
+])
+def test_a_settled_payment_sends_one_signed_event(hooked, receiver, phone, event_type, status):
+    app, cfg = hooked()
+    tx = TestApp(app).post_json("/stkpush", {"phone": phone, "amount": 10}, headers=AUTH).json
+    wait_for(lambda: app.ledger.get(tx["id"])["status"] == status, timeout=30)
+    [event] = app.ledger.events(tx["id"])  # written with the status change, not yet sent
+    assert (event["type"], event["status"]) == (event_type, "pending")
+    assert webhooks.Sender(app.ledger, cfg).run_once() == {"delivered": 1}
+    [(msg_id, payload)] = verified(receiver)
+    assert msg_id == event["id"]
+    assert payload["type"] == event_type and payload["data"]["id"] == tx["id"]
+    assert payload["data"]["status"] == status and "******" in payload["data"]["phone"]
+    assert webhooks.Sender(app.ledger, cfg).run_once() == {}  # delivered once
+
+
+def test_a_late_success_after_a_failure_says_what_it_overrides(hooked, receiver):
+    app, cfg = hooked()
+    t = TestApp(app)
+    tx = t.post_json("/stkpush", {"phone": "254711001032", "amount": 10}, headers=AUTH).json
+    wait_for(lambda: app.ledger.get(tx["id"])["status"] == "failed", timeout=30)
+    success = {"Body": {"stkCallback": {
+        "MerchantRequestID": "m", "CheckoutRequestID": tx["checkout_request_id"],
+        "ResultCode": 0, "ResultDesc": "ok", "CallbackMetadata": {"Item": [
+            {"Name": "Amount", "Value": 10}, {"Name": "MpesaReceiptNumber",
+                                              "Value": "UKQ7777777"}]}}}}
+    path = "/" + app.callback_url(tx["id"]).split("/", 3)[3]
+    t.post(path, json.dumps(success), content_type="application/json", status=200)
+    assert webhooks.Sender(app.ledger, cfg).run_once() == {"delivered": 2}
+    payloads = [p for _, p in verified(receiver)]
+    assert [p["type"] for p in payloads] == ["payment.failed", "payment.succeeded"]  # in order
+    assert payloads[1]["data"]["previous_status"] == "failed"
+    assert payloads[1]["data"]["receipt"] == "UKQ7777777"
+
+
+def test_a_receiver_down_then_up_gets_the_event_once_on_the_backoff_schedule(hooked,
+                                                                            receiver):
+    clock = OffsetClock()
+    app, cfg = hooked(clock=clock)
+    tx = TestApp(app).post_json("/stkpush", {"phone": "0712345679", "amount": 10},
+                                headers=AUTH).json
+    wait_for(lambda: app.ledger.get(tx["id"])["status"] == "succeeded", timeout=30)
+    sender = webhooks.Sender(app.ledger, cfg, clock=clock.wall, rng=lambda: 0.5)  # no jitter
+    receiver.status = 503
+    waits = []
+    for _ in range(3):
+        assert sender.run_once() == {"pending": 1}
+        event = app.ledger.events(tx["id"])[0]
+        waits.append(round(event["next_attempt_at"] - clock.wall()))
+        assert sender.run_once() == {}  # not due yet
+        clock.advance(waits[-1])
+    assert waits == [5, 30, 120]
+    receiver.status = 200
+    assert sender.run_once() == {"delivered": 1}
+    event = app.ledger.events(tx["id"])[0]
+    assert (event["status"], event["attempts"]) == ("delivered", 4)
+    assert [a["status_code"] for a in event["attempts_log"]] == [503, 503, 503, 200]
+    assert len({h["webhook-id"] for h, _ in receiver.got}) == 1  # one event, four tries
+
+
+@pytest.mark.parametrize("answer", [500, 302])
+def test_a_non_2xx_answer_or_a_redirect_is_not_delivery(hooked, receiver, answer):
+    app, cfg = hooked()
+    tx = TestApp(app).post_json("/stkpush", {"phone": "0712345670", "amount": 10},
+                                headers=AUTH).json
+    wait_for(lambda: app.ledger.get(tx["id"])["status"] == "succeeded", timeout=30)
+    receiver.status = answer
+    assert webhooks.Sender(app.ledger, cfg).run_once() == {"pending": 1}
+    assert len(receiver.got) == 1  # the redirect was not followed
+    assert app.ledger.events(tx["id"])[0]["attempts_log"][0]["status_code"] == answer
+
+
+def test_three_days_of_failures_make_the_event_dead(hooked, receiver):
+    clock = OffsetClock()
+    app, cfg = hooked(clock=clock, GATEWAY_WEBHOOK_URLS="default:http://127.0.0.1:9/refused")
+    tx = TestApp(app).post_json("/stkpush", {"phone": "0712345671", "amount": 10},
+                                headers=AUTH).json
+    wait_for(lambda: app.ledger.get(tx["id"])["status"] == "succeeded", timeout=30)
+    clock.advance(webhooks.GIVE_UP_AFTER_S)
+    assert webhooks.Sender(app.ledger, cfg, clock=clock.wall).run_once() == {"dead": 1}
+    event = app.ledger.events(tx["id"])[0]
+    assert event["attempts_log"][0]["error"]  # connection refused, recorded
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "::1", "169.254.169.254", "10.0.0.1",
+                                     "192.168.1.1", "172.16.0.5", "::ffff:127.0.0.1"])
+def test_the_guard_refuses_local_and_private_addresses_unless_allowed(address):
+    assert not webhooks.address_allowed(address)
+    assert webhooks.address_allowed(address, allow_private=True)
+
+
+def test_the_guard_allows_a_public_address_without_connecting():
+    assert webhooks.address_allowed("196.201.214.200")
+
+
+def test_an_endpoint_that_resolves_to_a_private_address_is_never_called(hooked, receiver):
+    app, cfg = hooked(GATEWAY_WEBHOOK_ALLOW_PRIVATE="off")
+    tx = TestApp(app).post_json("/stkpush", {"phone": "0712345672", "amount": 10},
+                                headers=AUTH).json
+    wait_for(lambda: app.ledger.get(tx["id"])["status"] == "succeeded", timeout=30)
+    assert webhooks.Sender(app.ledger, cfg).run_once() == {"pending": 1}
+    assert receiver.got == []
+    assert "private" in app.ledger.events(tx["id"])[0]["attempts_log"][0]["error"]
+
+
+def test_no_endpoint_no_events(gateway):
+    tx = gateway.push({"phone": "0712345673", "amount": 10}).json
+    gateway.wait_status(tx["id"], "succeeded", timeout=30)
+    assert gateway.app.ledger.events(tx["id"]) == []  # nothing written nobody would read

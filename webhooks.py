@@ -1,0 +1,191 @@
+"""Merchant webhooks: signed payment events from the ledger's outbox (Standard Webhooks).
+
+Owns what an event is (`Outbox.event_for`: the type and body written in the same
+ledger commit as the status change it reports), how it is signed (`sign`: the
+Standard Webhooks `v1` HMAC-SHA256 over "id.timestamp.body", stdlib `hmac`), where
+it may go (`address_allowed`: never loopback, private, link-local or metadata
+addresses unless GATEWAY_WEBHOOK_ALLOW_PRIVATE), and the background sender that
+delivers them at least once: one event at a time under a lease, `2xx` = delivered,
+10 s per attempt, no redirects, backoff with jitter (5 s, 30 s, 2 min, 10 min, 1 h,
+then every 6 h) for 3 days, then `dead`. It has its own connection pool: a slow or
+dead merchant endpoint never holds a Daraja connection, a payment or a callback.
+"""
+
+import base64
+import hashlib
+import hmac
+import ipaddress
+import json
+import logging
+import random
+import socket
+import threading
+import time
+from urllib.parse import urlsplit
+
+import urllib3
+from urllib3.exceptions import HTTPError
+
+import ledger as store
+import resources
+
+log = logging.getLogger(__name__)
+
+EVENT_TYPES = {store.SUCCEEDED: "payment.succeeded", store.FAILED: "payment.failed",
+               store.UNKNOWN: "payment.unknown"}
+SCHEDULE_S = (5, 30, 120, 600, 3600)  # then every EVERY_S
+EVERY_S = 6 * 3600
+GIVE_UP_AFTER_S = 3 * 24 * 3600
+TIMEOUT_S = 10.0
+JITTER = 0.1  # ± this share of each wait, so retries of many events do not march together
+MAX_ANSWER_BYTES = 1024  # a merchant's answer is read this far, then dropped
+LEASE_S = TIMEOUT_S + 5  # one attempt, with its address check
+
+
+def sign(secret, msg_id, timestamp, body):
+    """The `webhook-signature` value for one delivery: `v1,<base64 HMAC-SHA256>`."""
+    key = base64.b64decode(secret[len("whsec_"):])
+    mac = hmac.new(key, f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(mac).decode()
+
+
+def address_allowed(address, allow_private=False):
+    """May an event be sent to this resolved address? Loopback, private, link-local (the
+    cloud metadata service lives there), multicast and reserved ones only when allowed."""
+    ip = ipaddress.ip_address(address)
+    ip = getattr(ip, "ipv4_mapped", None) or ip
+    return allow_private or ip.is_global
+
+
+def next_attempt_in(attempts, rng=random.random):
+    """Seconds until the next try after `attempts` failed ones, with jitter."""
+    base = SCHEDULE_S[attempts - 1] if attempts <= len(SCHEDULE_S) else EVERY_S
+    return base * (1 + JITTER * (2 * rng() - 1))
+
+
+class Outbox:
+    """Builds the event a status change produces, for the owners that have an endpoint."""
+
+    def __init__(self, config):
+        self._owners = {name for name, _ in config.webhook_urls}
+
+    def event_for(self, before, after, outcome):
+        """A ledger.NewEvent for a payment's new status, or None (no endpoint, or a status
+        merchants are not told about)."""
+        owner = after.get("owner") or "default"
+        event_type = EVENT_TYPES.get(after["status"])
+        if owner not in self._owners or event_type is None:
+            return None
+        previous = before["status"] if outcome == "override" else None
+        body = resources.event_body(event_type, after, after["updated_at"], previous)
+        data = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+        return store.NewEvent(tx_id=after["id"], owner=owner, type=event_type, body=data)
+
+
+class Sender:
+    """Delivers due events, one at a time, in a thread or once for cron."""
+
+    def __init__(self, ledger, config, *, clock=time.time, resolve=None, rng=random.random):
+        self._ledger = ledger
+        self._urls = dict(config.webhook_urls)
+        self._secrets = dict(config.webhook_secrets)
+        self._allow_private = config.webhook_allow_private
+        self._clock = clock
+        self._rng = rng
+        self._resolve = resolve or _resolve  # test seam: the addresses a host name has
+        self._http = urllib3.PoolManager(num_pools=8, maxsize=2, retries=False,
+                                         timeout=urllib3.Timeout(total=TIMEOUT_S))
+        self._stop = threading.Event()
+        self._thread = None
+
+    def run_once(self, limit=500):
+        """Send every due event once; return counts by result."""
+        results = {}
+        for _ in range(limit):
+            if self._stop.is_set():
+                break
+            event = self._ledger.claim_event(LEASE_S)
+            if event is None:
+                break
+            state = self._deliver(event)
+            results[state] = results.get(state, 0) + 1
+        return results
+
+    def _deliver(self, event):
+        url = self._urls.get(event["owner"])
+        started = time.monotonic()
+        status, error = None, None
+        if url is None:
+            error = "no endpoint configured for this owner"
+        else:
+            error = self._refused(url)
+        if error is None:
+            timestamp = str(int(self._clock()))
+            headers = {"Content-Type": "application/json", "webhook-id": event["id"],
+                       "webhook-timestamp": timestamp,
+                       "webhook-signature": sign(self._secrets[event["owner"]], event["id"],
+                                                 timestamp, event["body"])}
+            try:
+                resp = self._http.request("POST", url, body=event["body"], headers=headers,
+                                          redirect=False, preload_content=False)
+                try:
+                    status = resp.status
+                    resp.read(MAX_ANSWER_BYTES)  # never the merchant's whole answer
+                finally:
+                    resp.close()  # what is left unread is dropped with the connection
+            except HTTPError as exc:
+                error = type(exc).__name__
+        delivered = status is not None and 200 <= status < 300
+        if not delivered and error is None:
+            error = f"HTTP {status}"
+        attempts = event["attempts"] + 1
+        age = self._clock() - event["created_at"]
+        next_at = None
+        if not delivered and age < GIVE_UP_AFTER_S:
+            next_at = self._clock() + next_attempt_in(attempts, self._rng)
+        state = self._ledger.record_attempt(
+            event["id"], event["claimed_until"], status_code=status,
+            duration_ms=round((time.monotonic() - started) * 1000, 1), error=error,
+            delivered=delivered, next_attempt_at=next_at)
+        log.info("webhook event=%s tx=%s type=%s state=%s status=%s attempt=%d", event["id"],
+                 event["tx_id"], event["type"], state, status, attempts)
+        if state == "dead":
+            log.error("webhook event=%s tx=%s dead after %d attempts", event["id"],
+                      event["tx_id"], attempts)
+        return state
+
+    def _refused(self, url):
+        """Why `url` may not be called (its host resolves to a guarded address), or None."""
+        host = urlsplit(url).hostname
+        try:
+            addresses = self._resolve(host)
+        except OSError:
+            return "the endpoint's host name does not resolve"
+        if not addresses or not all(address_allowed(a, self._allow_private)
+                                    for a in addresses):
+            return "refused: the endpoint resolves to a private or local address"
+        return None
+
+    # --- background thread ------------------------------------------------------
+
+    def start(self, interval=1.0):
+        self._thread = threading.Thread(target=self._loop, args=(interval,), name="webhooks",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(LEASE_S)
+        self._http.clear()
+
+    def _loop(self, interval):
+        while not self._stop.wait(interval):
+            try:
+                self.run_once()
+            except Exception:  # noqa: BLE001 - the loop must outlive one bad pass
+                log.exception("webhook pass failed")
+
+
+def _resolve(host):
+    return sorted({info[4][0] for info in socket.getaddrinfo(host, None)})

@@ -605,6 +605,46 @@ class Ledger:
                 (state, next_attempt_at, now if delivered else None, event_id, lease))
         return state
 
+    def event_page(self, *, owner=None, status=None, after=None, limit=50):
+        """Events newest first (only `owner`'s when given); `after`: the previous page's last
+        id. Returns (rows, more)."""
+        where, args = [], []
+        for column, value in (("owner", owner), ("status", status)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        if after is not None:
+            where.append("id < ?")
+            args.append(after)
+        sql = "SELECT * FROM events" + (" WHERE " + " AND ".join(where) if where else "")
+        rows = [dict(r) for r in self._conn().execute(sql + " ORDER BY id DESC LIMIT ?",
+                                                      (*args, limit + 1))]
+        return rows[:limit], len(rows) > limit
+
+    def outbox_backlog(self):
+        """(events not yet delivered, creation time of the oldest of them or None)."""
+        count, oldest = self._conn().execute(
+            "SELECT COUNT(*), MIN(created_at) FROM events WHERE status = 'pending'").fetchone()
+        return count, oldest
+
+    def event(self, event_id):
+        """One event with its attempts, or None."""
+        row = self._conn().execute("SELECT * FROM events WHERE id = ?", (event_id,)).fetchone()
+        if row is None:
+            return None
+        row = dict(row)
+        row["attempts_log"] = [dict(a) for a in self._conn().execute(
+            "SELECT * FROM event_attempts WHERE event_id = ? ORDER BY id", (event_id,))]
+        return row
+
+    def redeliver(self, event_id):
+        """Send an event again (delivered or dead ones too) as soon as the sender runs."""
+        with self._write() as conn:
+            row = conn.execute(
+                "UPDATE events SET status = 'pending', next_attempt_at = ?, claimed_until = 0"
+                " WHERE id = ? RETURNING *", (self._clock(), event_id)).fetchone()
+        return dict(row) if row is not None else None
+
     def events(self, tx_id=None):
         """Events (of one transaction), oldest first, each with its attempts."""
         conn = self._conn()

@@ -101,7 +101,7 @@ class Gauge:
 class GatewayMetrics:
     """Every metric the gateway exports; one instance lives on the app."""
 
-    def __init__(self, version, transactions_by_status, slots=None):
+    def __init__(self, version, transactions_by_status, slots=None, outbox=None):
         p = "mpesa_gateway_"
         self.requests = Counter(p + "http_requests_total", "HTTP requests handled.",
                                 ("route", "method", "status"))
@@ -130,10 +130,18 @@ class GatewayMetrics:
                                  lambda: {(): slots.total if slots else 0})
         self.busy = Counter(p + "push_busy_total",
                             "Pushes answered 503 gateway_busy: every push slot was taken.")
+        self.webhook_deliveries = Counter(
+            p + "webhook_deliveries_total",
+            "Webhook delivery attempts by the event's state after it.", ("outcome",))
+        self.webhook_oldest = Gauge(
+            p + "webhook_oldest_undelivered_seconds",
+            "Age of the oldest webhook event not yet delivered (0: none).", (),
+            lambda: {(): outbox() if outbox else 0.0})
         self._families = (self.requests, self.request_seconds, self.daraja_calls,
                           self.daraja_seconds, self.token_fetches, self.callbacks,
                           self.reconcile, self.reconcile_refusals, self.transactions,
-                          self.slots_in_use, self.slots_total, self.busy, self.build)
+                          self.slots_in_use, self.slots_total, self.busy,
+                          self.webhook_deliveries, self.webhook_oldest, self.build)
 
     def daraja_call(self, api, outcome, seconds):
         """The Daraja client's observer: one call finished with `outcome`."""

@@ -94,6 +94,21 @@ def get_transaction(req, s, ref):
     return payments.read_transaction(s, req, req.header("Authorization"), ref)
 
 
+def list_events(req, s):
+    return payments.events_page(s, req.header("Authorization"),
+                                req.environ.get("QUERY_STRING", ""))
+
+
+def get_event(req, s, event_id):
+    return payments.read_event(s, req.header("Authorization"), event_id)
+
+
+def redeliver(req, s, event_id, action):
+    if action != "redeliver":
+        raise NotFound()
+    return payments.redeliver_event(s, req.header("Authorization"), event_id)
+
+
 def callback(req, s, tx_id, sig):
     return payments.receive_callback(s, req, tx_id, sig, req.environ,
                                      lambda: req.body(s.config.max_body))
@@ -106,11 +121,14 @@ ROUTES = {
     "/transactions": {"GET": list_transactions},
     "/metrics": {"GET": metrics_page},
     "/openapi.json": {"GET": openapi},
+    "/events": {"GET": list_events},
 }
 # (prefix, route template for logs, number of path segments after it, {method: handler})
 PREFIX_ROUTES = (
     ("/transactions/", "/transactions/{id}", 1, {"GET": get_transaction}),
     ("/callback/", "/callback/{tx_id}/{sig}", 2, {"POST": callback}),
+    ("/events/", "/events/{id}", 1, {"GET": get_event}),
+    ("/events/", "/events/{id}/redeliver", 2, {"POST": redeliver}),
 )
 
 
@@ -123,7 +141,7 @@ def match(method, path):
                 parts = tuple(path[len(prefix):].split("/"))
                 if len(parts) == count and all(parts):
                     methods, template, params = candidate, prefix_template, parts
-                break
+                    break
     if methods is None:
         raise NotFound()
     if method not in methods:

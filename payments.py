@@ -35,6 +35,7 @@ import sources
 import validation
 import webhooks
 from clock import SystemClock
+import resources
 from resources import transaction_resource
 from errors import (
     BadRequest, Conflict, Forbidden, NotFound, ServiceUnavailable, TooManyRequests, Unauthorized,
@@ -204,6 +205,11 @@ class Services:
             }
             if self.reconciler is not None:
                 checks["reconcile_query_refusals"] = self.reconciler.refusals
+            if self.config.webhook_urls:
+                backlog, oldest = self.ledger.outbox_backlog()
+                checks["webhook_backlog"] = backlog
+                checks["webhook_oldest_s"] = (None if oldest is None
+                                              else round(self.clock.wall() - oldest, 1))
             self._health = (now, checks)
         return checks
 
@@ -235,8 +241,12 @@ def build_services(config=None, *, clock=None):
         counts.setdefault(store.PENDING, 0)  # the series a dashboard watches, even at 0
         return {(status,): n for status, n in counts.items()}
 
+    def oldest_undelivered_s():
+        _, oldest = ledger.outbox_backlog()
+        return 0.0 if oldest is None else max(0.0, clock.wall() - oldest)
+
     slots = ratelimit.PushSlots(config.push_slots)
-    registry = metrics.GatewayMetrics(settings.VERSION, by_status, slots)
+    registry = metrics.GatewayMetrics(settings.VERSION, by_status, slots, oldest_undelivered_s)
     client = daraja.DarajaClient(config, daraja.build_pool(config), clock=clock.monotonic,
                                  observer=registry.daraja_call)
     # A row still `submitting` after the longest a push can take was cut off mid-push.
@@ -256,7 +266,8 @@ def build_services(config=None, *, clock=None):
                                            events=events)
         background.start()
     if config.webhook_urls and config.webhook_sender:
-        sender = webhooks.Sender(ledger, config, clock=clock.wall)
+        sender = webhooks.Sender(ledger, config, clock=clock.wall,
+                                 observer=registry.webhook_deliveries.inc)
         sender.start()
     services = Services(config, ledger, client, registry, reconcile=background, clock=clock,
                         slots=slots, sender=sender)
@@ -469,6 +480,40 @@ def _refused(ledger, row, reason, exc, idem):
             f" record it: transaction {row['id']} will show as unknown; do not retry with the"
             " same Idempotency-Key", code="ledger_unavailable",
             headers=retry_after(RETRY_AFTER_UNAVAILABLE_S)) from None
+
+
+def events_page(services, authorization, query_string):
+    """GET /events: the caller's webhook events, newest first (admin keys: everyone's)."""
+    caller = authenticate(authorization, services.config)
+    try:
+        status, limit, after = validation.parse_events_query(query_string)
+    except validation.ValidationError as exc:
+        raise BadRequest(exc.message, code=exc.code, field=exc.field) from None
+    rows, more = services.ledger.event_page(owner=None if caller.admin else caller.owner,
+                                            status=status, after=after, limit=limit)
+    return 200, {"data": [resources.event_resource(r) for r in rows],
+                 "next_cursor": rows[-1]["id"] if more else None}
+
+
+def _own_event(services, caller, event_id):
+    row = services.ledger.event(event_id) if validation.event_id_ok(event_id) else None
+    if row is None or not (caller.admin or row["owner"] == caller.owner):
+        raise NotFound("no such event")  # another owner's event does not exist here
+    return row
+
+
+def read_event(services, authorization, event_id):
+    """GET /events/<id>: one event with its delivery attempts."""
+    caller = authenticate(authorization, services.config)
+    return 200, resources.event_resource(_own_event(services, caller, event_id), True)
+
+
+def redeliver_event(services, authorization, event_id):
+    """POST /events/<id>/redeliver: send it again at the sender's next pass."""
+    caller = authenticate(authorization, services.config)
+    _own_event(services, caller, event_id)
+    row = services.ledger.redeliver(event_id)
+    return 202, resources.event_resource(row)
 
 
 def read_transaction(services, note, authorization, ref):

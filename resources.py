@@ -30,6 +30,28 @@ def transaction_resource(row):
     }
 
 
+def event_resource(row, with_attempts=False):
+    """The operator's view of a webhook event: never the merchant's answer, only its status
+    code, duration and the error, per attempt."""
+    view = {
+        "id": row["id"],
+        "type": row["type"],
+        "transaction_id": row["tx_id"],
+        "status": row["status"],
+        "attempts": row["attempts"],
+        "next_attempt_at": (store.iso_utc(row["next_attempt_at"])
+                            if row["status"] == "pending" else None),
+        "created_at": store.iso_utc(row["created_at"]),
+        "delivered_at": store.iso_utc(row["delivered_at"]) if row["delivered_at"] else None,
+    }
+    if with_attempts:
+        view["attempts_log"] = [
+            {"at": store.iso_utc(a["at"]), "status_code": a["status_code"],
+             "duration_ms": a["duration_ms"], "error": a["error"]}
+            for a in row.get("attempts_log", [])]
+    return view
+
+
 def event_body(event_type, row, timestamp, previous_status=None):
     """A Standard Webhooks payload: {"type","timestamp","data"}; `data` is the transaction,
     with `previous_status` when a late success overrides a failure."""

@@ -204,6 +204,41 @@ def parse_stk_callback(body):
     )
 
 
+# --- GET /events (webhook events) ---------------------------------------------
+
+EVENT_STATUSES = ("pending", "delivered", "dead")
+EVENT_PARAMS = ("status", "limit", "cursor")
+_EVENT_ID = re.compile(r"msg_[0-9a-f]{24}")
+
+
+def event_id_ok(value):
+    return bool(_EVENT_ID.fullmatch(value))
+
+
+def parse_events_query(query_string):
+    """(status, limit, after) of GET /events; each parameter at most once."""
+    params = parse_qs(query_string or "", keep_blank_values=True)
+    for name, values in params.items():
+        if name not in EVENT_PARAMS:
+            raise ValidationError("unknown_parameter",
+                                  f"unknown parameter; accepted: {', '.join(EVENT_PARAMS)}", name)
+        if len(values) != 1:
+            raise _bad_param(name, f"{name} may be given once")
+    one = {name: values[0] for name, values in params.items()}
+    status = one.get("status")
+    if status is not None and status not in EVENT_STATUSES:
+        raise _bad_param("status", f"status must be one of {', '.join(EVENT_STATUSES)}")
+    limit = LIST_LIMIT_DEFAULT
+    if "limit" in one:
+        if not _DIGITS.fullmatch(one["limit"]) or not 1 <= int(one["limit"]) <= LIST_LIMIT_MAX:
+            raise _bad_param("limit", f"limit must be a whole number from 1 to {LIST_LIMIT_MAX}")
+        limit = int(one["limit"])
+    after = one.get("cursor")
+    if after is not None and not event_id_ok(after):
+        raise _bad_param("cursor", "cursor must be a next_cursor value from a previous page")
+    return status, limit, after
+
+
 # --- GET /transactions (operator listing) -------------------------------------
 
 STATUSES = ("pending", "succeeded", "failed", "rejected", "unknown")

@@ -85,8 +85,10 @@ class Outbox:
 class Sender:
     """Delivers due events, one at a time, in a thread or once for cron."""
 
-    def __init__(self, ledger, config, *, clock=time.time, resolve=None, rng=random.random):
+    def __init__(self, ledger, config, *, clock=time.time, resolve=None, rng=random.random,
+                 observer=None):
         self._ledger = ledger
+        self._observer = observer or (lambda state: None)  # metrics: one call per attempt
         self._urls = dict(config.webhook_urls)
         self._secrets = dict(config.webhook_secrets)
         self._allow_private = config.webhook_allow_private
@@ -147,6 +149,7 @@ class Sender:
             event["id"], event["claimed_until"], status_code=status,
             duration_ms=round((time.monotonic() - started) * 1000, 1), error=error,
             delivered=delivered, next_attempt_at=next_at)
+        self._observer(state)
         log.info("webhook event=%s tx=%s type=%s state=%s status=%s attempt=%d", event["id"],
                  event["tx_id"], event["type"], state, status, attempts)
         if state == "dead":

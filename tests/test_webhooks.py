@@ -189,3 +189,58 @@ def test_no_endpoint_no_events(gateway):
     tx = gateway.push({"phone": "0712345673", "amount": 10}).json
     gateway.wait_status(tx["id"], "succeeded", timeout=30)
     assert gateway.app.ledger.events(tx["id"]) == []  # nothing written nobody would read
+
+
+def test_operators_list_read_and_redeliver_their_own_events(hooked, receiver):
+    from conftest import OTHER_KEY
+
+    app, cfg = hooked()
+    t = TestApp(app, lint=True)
+    tx = t.post_json("/stkpush", {"phone": "0712345674", "amount": 10}, headers=AUTH).json
+    wait_for(lambda: app.ledger.get(tx["id"])["status"] == "succeeded", timeout=30)
+    receiver.status = 500
+    webhooks.Sender(app.ledger, cfg).run_once()
+    page = t.get("/events?status=pending", headers=AUTH).json
+    [event] = page["data"]
+    assert (event["type"], event["transaction_id"], event["attempts"]) == (
+        "payment.succeeded", tx["id"], 1)
+    assert page["next_cursor"] is None
+    detail = t.get(f"/events/{event['id']}", headers=AUTH).json
+    assert detail["attempts_log"][0]["status_code"] == 500
+    assert "body" not in json.dumps(detail["attempts_log"])  # never the merchant's answer
+    other = {"Authorization": f"Bearer {OTHER_KEY}"}  # another key name sees nothing
+    assert t.get("/events", headers=other).json["data"] == []
+    t.get(f"/events/{event['id']}", headers=other, status=404)
+    t.post(f"/events/{event['id']}/redeliver", headers=other, status=404)
+    receiver.status = 204
+    assert t.post(f"/events/{event['id']}/redeliver", headers=AUTH,
+                  status=202).json["status"] == "pending"
+    assert webhooks.Sender(app.ledger, cfg).run_once() == {"delivered": 1}
+    assert t.get(f"/events/{event['id']}", headers=AUTH).json["status"] == "delivered"
+    t.post(f"/events/{event['id']}/redeliver", headers=AUTH, status=202)  # delivered: again
+    assert webhooks.Sender(app.ledger, cfg).run_once() == {"delivered": 1}
+    assert len({h["webhook-id"] for h, _ in receiver.got}) == 1  # the same webhook-id
+    t.get("/events?status=sent", headers=AUTH, status=400)
+    t.get("/events/msg_nope", headers=AUTH, status=404)
+    t.post(f"/events/{event['id']}/again", headers=AUTH, status=404)
+
+
+def test_the_backlog_shows_in_health_and_metrics(hooked, receiver):
+    clock = OffsetClock()
+    app, cfg = hooked(clock=clock)
+    t = TestApp(app)
+    tx = t.post_json("/stkpush", {"phone": "0712345675", "amount": 10}, headers=AUTH).json
+    wait_for(lambda: app.ledger.get(tx["id"])["status"] == "succeeded", timeout=30)
+    clock.advance(90)  # the event has waited a minute and a half (also past /health's cache)
+    checks = t.get("/health").json["checks"]
+    assert checks["webhook_backlog"] == 1 and checks["webhook_oldest_s"] >= 90
+    text = t.get("/metrics").text
+    oldest = float(next(line.split()[1] for line in text.splitlines()
+                        if line.startswith("mpesa_gateway_webhook_oldest_undelivered_seconds ")))
+    assert oldest >= 90
+    webhooks.Sender(app.ledger, cfg, clock=clock.wall,
+                    observer=app.metrics.webhook_deliveries.inc).run_once()
+    assert 'mpesa_gateway_webhook_deliveries_total{outcome="delivered"} 1.0' in t.get(
+        "/metrics").text
+    clock.advance(2)
+    assert t.get("/health").json["checks"]["webhook_backlog"] == 0

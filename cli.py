@@ -27,6 +27,7 @@ import webhooks
 log = logging.getLogger("mpesa_wsgi")
 
 SHUTDOWN_POLL_S = 0.2  # how soon the serving loop notices SIGTERM
+DEMO_WEBHOOK_SECRET = "whsec_" + "ZGVtby13ZWJob29rLXNpZ25pbmctc2VjcmV0LTAxMjM="  # demo only
 # Besides client connections: the listener, waitress's wake-up pipe, the ledger's files,
 # Daraja sockets beyond the threads, the standard streams.
 FILES_BESIDES_CONNECTIONS = 64
@@ -167,6 +168,10 @@ def demo_environment(environ, port, sim_port, api_key, secret):
         "GATEWAY_DB": "mpesa_demo.db",
         "GATEWAY_API_KEYS": api_key,
         "GATEWAY_SECRET": secret,
+        # The demo's own merchant endpoint (GATEWAY_PORT + 2) prints each signed event.
+        "GATEWAY_WEBHOOK_URLS": f"default:http://127.0.0.1:{port + 2}/events",
+        "GATEWAY_WEBHOOK_SECRETS": "default:" + DEMO_WEBHOOK_SECRET,
+        "GATEWAY_WEBHOOK_ALLOW_PRIVATE": "on",
     }
     env.update({k: v for k, v in environ.items() if v})
     # The demo never talks to Safaricom and never listens beyond loopback.
@@ -185,8 +190,9 @@ def demo_port(environ):
         port = settings.port(environ.get("GATEWAY_PORT") or "8000")
     except ValueError as exc:
         raise settings.ConfigError([f"GATEWAY_PORT {exc}"]) from None
-    if port >= 65535:
-        raise settings.ConfigError(["GATEWAY_PORT must leave the next port for the simulator"])
+    if port >= 65534:
+        raise settings.ConfigError(["GATEWAY_PORT must leave the next two ports for the"
+                                    " simulator and the demo's webhook receiver"])
     return port
 
 
@@ -195,7 +201,7 @@ def run_demo(environ):
 
     import simulator
 
-    port = demo_port(environ)
+    port = demo_port(environ)  # the simulator takes the next port, the receiver the one after
     sim_port = port + 1
     api_key = environ.get("GATEWAY_API_KEYS") or "demo_" + secrets.token_urlsafe(18)
     env = demo_environment(environ, port, sim_port, api_key, secrets.token_urlsafe(24))
@@ -212,6 +218,16 @@ def run_demo(environ):
         raise StartupError(f"cannot listen on 127.0.0.1:{sim_port} for the simulator"
                            f" (GATEWAY_PORT + 1): {exc.strerror or exc}") from None
     threading.Thread(target=sim_server.run, name="simulator", daemon=True).start()
+    receiver = None
+    if config.webhook_urls == (("default", f"http://127.0.0.1:{port + 2}/events"),):
+        try:
+            receiver = waitress.create_server(
+                webhooks.DemoReceiver(dict(config.webhook_secrets)["default"], sys.stdout),
+                host="127.0.0.1", port=port + 2, threads=2)
+        except OSError as exc:
+            raise StartupError(f"cannot listen on 127.0.0.1:{port + 2} for the demo's webhook"
+                               f" receiver (GATEWAY_PORT + 2): {exc.strerror or exc}") from None
+        threading.Thread(target=receiver.run, name="webhook-receiver", daemon=True).start()
     app = build_app(config)
     try:
         server = create_server(app, "127.0.0.1", port, config)
@@ -228,7 +244,8 @@ def run_demo(environ):
             f"  curl -s -X POST {base}/stkpush -H 'Authorization: Bearer {shown_key}'"
             " -H 'Content-Type: application/json'"
             " -d '{\"phone\":\"0712345678\",\"amount\":10,\"reference\":\"INV001\"}'",
-            "Then, with the id it returns (pending, then succeeded after the callback):",
+            "Then, with the id it returns (pending, then succeeded after the callback; the"
+            " signed webhook event is printed here as it arrives):",
             f"  curl -s {base}/transactions/<id> -H 'Authorization: Bearer {shown_key}'",
             f"  curl -s {base}/health",
             "Ctrl-C stops the demo.",

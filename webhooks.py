@@ -49,6 +49,42 @@ def sign(secret, msg_id, timestamp, body):
     return "v1," + base64.b64encode(mac).decode()
 
 
+def verify(secret, headers, body, now, tolerance_s=300):
+    """A receiver's check (the demo's; merchants use a Standard Webhooks library): the
+    event's id, or ValueError. Constant-time; the timestamp must be within tolerance."""
+    msg_id, stamp = headers.get("webhook-id", ""), headers.get("webhook-timestamp", "")
+    if not stamp.isdigit() or abs(now - int(stamp)) > tolerance_s:
+        raise ValueError("timestamp missing or too far from now")
+    expected = sign(secret, msg_id, stamp, body)
+    offered = headers.get("webhook-signature", "").split()
+    if not any(hmac.compare_digest(expected, s) for s in offered):
+        raise ValueError("signature does not match")
+    return msg_id
+
+
+class DemoReceiver:
+    """The demo's merchant endpoint: verifies each event and prints it as it arrives."""
+
+    def __init__(self, secret, out, clock=time.time):
+        self._secret, self._out, self._clock = secret, out, clock
+
+    def __call__(self, environ, start_response):
+        body = environ["wsgi.input"].read(min(int(environ.get("CONTENT_LENGTH") or 0), 65536))
+        headers = {k[5:].replace("_", "-").lower(): v for k, v in environ.items()
+                   if k.startswith("HTTP_")}
+        try:
+            verify(self._secret, headers, body, self._clock())
+            event = json.loads(body)
+            print(f"webhook {event['type']} {event['data']['id']} status="
+                  f"{event['data']['status']} (signature verified)", file=self._out, flush=True)
+            status = "204 No Content"
+        except (ValueError, KeyError, TypeError):
+            print("webhook refused: signature did not verify", file=self._out, flush=True)
+            status = "400 Bad Request"
+        start_response(status, [("Content-Length", "0")])
+        return [b""]
+
+
 def address_allowed(address, allow_private=False):
     """May an event be sent to this resolved address? Loopback, private, link-local (the
     cloud metadata service lives there), multicast and reserved ones only when allowed."""

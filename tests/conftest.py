@@ -33,21 +33,24 @@ def serve(app, threads=8):
     return server, f"http://127.0.0.1:{server.effective_port}"
 
 
-def free_port(pair=False):
-    """A port free now (and, with pair, the next one too) for a subprocess to bind."""
+def free_port(pair=False, span=None):
+    """A port free now (and, with pair, the next one too; with span, the next span - 1)
+    for a subprocess to bind."""
+    span = span or (2 if pair else 1)
     for _ in range(50):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        if not pair or port >= 65535:
-            return port
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 1))
-                return port
-            except OSError:
-                continue
-    raise RuntimeError("no free port pair")
+        if port + span - 1 > 65535:
+            continue
+        try:
+            for extra in range(1, span):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port + extra))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free run of ports")
 
 
 def self_signed_cert(folder, common_name):

@@ -57,7 +57,7 @@ def test_import_needs_no_environment():
 
 
 def test_demo_takes_a_payment_to_succeeded_and_stops_on_sigterm(tmp_path):
-    port = free_port(pair=True)
+    port = free_port(span=3)  # the gateway, the simulator, the demo's webhook receiver
     env = clean_env(GATEWAY_PORT=str(port), GATEWAY_DB=str(tmp_path / "demo.db"),
                     MPESA_SIM_CALLBACK_DELAY_S="0.5")
     proc = subprocess.Popen([sys.executable, "mpesa_wsgi.py", "--demo"], cwd=ROOT_DIR, env=env,
@@ -79,6 +79,13 @@ def test_demo_takes_a_payment_to_succeeded_and_stops_on_sigterm(tmp_path):
                          ["status"] == "succeeded" and r, timeout=10)
         elapsed = time.monotonic() - started
         assert final["receipt"] and elapsed < 5
+        # The demo's receiver verified the signed event and printed it.
+        printed = []
+        reader = threading.Thread(target=lambda: printed.extend(
+            iter(proc.stdout.readline, "")), daemon=True)
+        reader.start()
+        wait_for(lambda: any(f"webhook payment.succeeded {tx['id']}" in line
+                             and "signature verified" in line for line in printed), timeout=20)
     finally:
         code = stop(proc)
         _, err = proc.communicate(timeout=5)

@@ -6,6 +6,7 @@ WSGI servers on 127.0.0.1."""
 import base64
 import json
 import threading
+import time
 
 import pytest
 from standardwebhooks import Webhook
@@ -244,3 +245,18 @@ def test_the_backlog_shows_in_health_and_metrics(hooked, receiver):
         "/metrics").text
     clock.advance(2)
     assert t.get("/health").json["checks"]["webhook_backlog"] == 0
+
+
+def test_the_demo_receivers_check_agrees_with_the_library():
+    body = b'{"type":"payment.succeeded","timestamp":"2026-11-26T11:00:00Z","data":{}}'
+    stamp = str(int(time.time()))
+    headers = {"webhook-id": "msg_0123456789abcdef01234567", "webhook-timestamp": stamp,
+               "webhook-signature": webhooks.sign(SECRET, "msg_0123456789abcdef01234567",
+                                                  stamp, body)}
+    now = int(stamp) + 10
+    assert webhooks.verify(SECRET, headers, body, now=now) == headers["webhook-id"]
+    with pytest.raises(ValueError):
+        webhooks.verify(SECRET, headers, body + b" ", now=now)  # tampered
+    with pytest.raises(ValueError):
+        webhooks.verify(SECRET, headers, body, now=now + 3600)  # replayed an hour later
+    assert Webhook(SECRET).verify(body, headers)["type"] == "payment.succeeded"

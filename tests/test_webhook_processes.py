@@ -1,0 +1,174 @@
+"""Webhooks across processes: two senders sharing a ledger deliver each event once; an
+event committed before a SIGKILL is delivered after the restart with its webhook-id;
+hostile answers (10 MB, too slow) cannot hold the sender. Real processes and servers on
+127.0.0.1."""
+
+import base64
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from standardwebhooks import Webhook
+
+import config
+import settlement
+import webhooks
+from conftest import API_KEY, ROOT_DIR, base_env, free_port, serve, wait_for
+from ledger import Ledger
+from settlement import Outcome
+
+SECRET = "whsec_" + base64.b64encode(b"merchant-signing-secret-0123456789").decode()
+
+
+class Receiver:
+    def __init__(self, delay_s=0.0, answer=b""):
+        self.delay_s, self.answer = delay_s, answer
+        self.ids = []
+        self.lock = threading.Lock()
+
+    def __call__(self, environ, start_response):
+        body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+        headers = {k[5:].replace("_", "-").lower(): v for k, v in environ.items()
+                   if k.startswith("HTTP_")}
+        Webhook(SECRET).verify(body, headers)  # every delivery is signed right
+        time.sleep(self.delay_s)
+        with self.lock:
+            self.ids.append(headers["webhook-id"])
+        start_response("200 OK", [("Content-Length", str(len(self.answer)))])
+        return [self.answer]
+
+
+@pytest.fixture
+def receiver():
+    made = []
+
+    def make(**kwargs):
+        r = Receiver(**kwargs)
+        server, r.url = serve(r, threads=8)
+        made.append(server)
+        return r
+
+    yield make
+    for server in made:
+        server.shutdown()
+
+
+def env_for(db, url, **extra):
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MPESA_", "GATEWAY_"))}
+    clean.update(base_env("http://127.0.0.1:9", db), GATEWAY_WEBHOOK_URLS=f"default:{url}",
+                 GATEWAY_WEBHOOK_SECRETS=f"default:{SECRET}",
+                 GATEWAY_WEBHOOK_ALLOW_PRIVATE="on", **extra)
+    return clean
+
+
+def settled_events(db, url, count):
+    """`count` payments settled by their callbacks, each leaving one event in the outbox."""
+    cfg = config.load_config(env_for(db, url))
+    ledger, outbox = Ledger(str(db)), webhooks.Outbox(cfg)
+    for n in range(count):
+        row = ledger.create(phone=f"2547120{n:05d}", amount=10, reference="R", description="D")
+        checkout = f"ws_CO_2611202612000000{n:03d}712000000"
+        ledger.mark_accepted(row["id"], checkout, "m")
+        settlement.apply(ledger, row["id"], Outcome(
+            "succeeded", None, "0", "ok", checkout, receipt=f"UKQ{n:07d}", amount=10),
+            events=outbox.event_for)
+    ids = [e["id"] for e in ledger.events()]
+    ledger.close()
+    return ids
+
+
+def test_two_processes_sharing_a_ledger_deliver_each_event_once(tmp_path, receiver):
+    slow = receiver(delay_s=0.1)  # both senders are busy at the same time
+    ids = settled_events(tmp_path / "two.db", slow.url, 20)
+    procs = [subprocess.Popen([sys.executable, "mpesa_wsgi.py", "deliver"], cwd=ROOT_DIR,
+                              env=env_for(tmp_path / "two.db", slow.url),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    assert sorted(slow.ids) == sorted(ids)  # each event once, none twice
+    counts = [int(o.split("delivered=")[1].split()[0]) for o in outputs if "delivered=" in o]
+    assert len(counts) == 2 and sum(counts) == 20  # both took a share
+
+
+def test_an_event_committed_before_a_sigkill_is_delivered_after_the_restart(tmp_path,
+                                                                          receiver, sim):
+    r = receiver()
+    port = free_port()
+    db = tmp_path / "kill.db"
+    env = dict(env_for(db, r.url, GATEWAY_WEBHOOK_SENDER="off"), GATEWAY_PORT=str(port),
+               MPESA_BASE_URL=sim.url, MPESA_CALLBACK_BASE_URL=f"http://127.0.0.1:{port}")
+    first = subprocess.Popen([sys.executable, "mpesa_wsgi.py"], cwd=ROOT_DIR, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        import json
+        import urllib.request
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        base = f"http://127.0.0.1:{port}"
+
+        def call(method, path, body=None):
+            req = urllib.request.Request(base + path, method=method, data=body, headers={
+                "Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+            with opener.open(req, timeout=10) as resp:
+                return json.loads(resp.read())
+
+        wait_for(lambda: _up(opener, base), timeout=20)
+        tx = call("POST", "/stkpush", b'{"phone":"0712345690","amount":10}')
+        wait_for(lambda: call("GET", f"/transactions/{tx['id']}")["status"] == "succeeded",
+                 timeout=30)
+    finally:
+        first.send_signal(signal.SIGKILL)  # the status and its event are committed; not sent
+        first.wait(10)
+    ledger = Ledger(str(db))
+    [event] = ledger.events(tx["id"])
+    ledger.close()
+    assert event["status"] == "pending" and r.ids == []
+    second = subprocess.Popen([sys.executable, "mpesa_wsgi.py"], cwd=ROOT_DIR,
+                              env=dict(env, GATEWAY_WEBHOOK_SENDER="on"),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: r.ids, timeout=30)
+        assert r.ids == [event["id"]]  # the same webhook-id, once
+    finally:
+        second.terminate()
+        second.wait(30)
+
+
+def _up(opener, base):
+    try:
+        with opener.open(base + "/health", timeout=2) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
+def test_a_10_mb_answer_is_not_read_and_still_counts_as_delivered(tmp_path, receiver):
+    big = receiver(answer=b"x" * (10 * 1024 * 1024))
+    settled_events(tmp_path / "big.db", big.url, 1)
+    cfg = config.load_config(env_for(tmp_path / "big.db", big.url))
+    ledger = Ledger(str(tmp_path / "big.db"))
+    try:
+        started = time.monotonic()
+        assert webhooks.Sender(ledger, cfg).run_once() == {"delivered": 1}
+        assert time.monotonic() - started < webhooks.TIMEOUT_S
+    finally:
+        ledger.close()
+
+
+def test_an_endpoint_slower_than_the_timeout_is_one_failed_attempt(tmp_path, receiver):
+    slow = receiver(delay_s=webhooks.TIMEOUT_S + 2)
+    settled_events(tmp_path / "slow.db", slow.url, 1)
+    cfg = config.load_config(env_for(tmp_path / "slow.db", slow.url))
+    ledger = Ledger(str(tmp_path / "slow.db"))
+    try:
+        started = time.monotonic()
+        assert webhooks.Sender(ledger, cfg).run_once() == {"pending": 1}
+        assert time.monotonic() - started < webhooks.TIMEOUT_S + 1.5  # cut at 10 s
+        [event] = ledger.events()
+        assert event["attempts_log"][0]["error"] and event["attempts_log"][0]["status_code"] is None
+    finally:
+        ledger.close()

@@ -45,6 +45,11 @@ WORKLOADS = {
     # A push slot for every connection: this measures the cost of a payment, not admission.
     "payments": dict(variants=("raw", "flask", "falcon"), path="/stkpush", lua="rush.lua",
                      threads=20, push_slots=16, connections=16, sim_latency_ms=0),
+    # The same payments with merchant webhooks on: the outbox row rides in the settling
+    # commit, the sender delivers to a receiver in the runner (CPU per payment, before/after).
+    "webhooks": dict(variants=("raw", "flask", "falcon"), path="/stkpush", lua="rush.lua",
+                     threads=20, push_slots=16, connections=16, sim_latency_ms=0,
+                     webhooks=True),
     # How many payments the slots carry at Daraja's 1 s: one client per slot.
     "capacity": dict(variants=("raw", "flask", "falcon"), path="/stkpush", lua="rush.lua",
                      threads=64, push_slots=60, connections=60, sim_latency_ms=1000,
@@ -155,7 +160,8 @@ class Simulator:
 
 
 class Server:
-    def __init__(self, variant, mode, sim_url, threads, workdir, api_key, push_slots=None):
+    def __init__(self, variant, mode, sim_url, threads, workdir, api_key, push_slots=None,
+                 webhook_url=None):
         self.port = free_port()
         self.db = os.path.join(workdir, f"{variant}-{self.port}.db")
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MPESA_", "GATEWAY_"))}
@@ -171,6 +177,10 @@ class Server:
         })
         if push_slots is not None:
             env["GATEWAY_PUSH_SLOTS"] = str(push_slots)
+        if webhook_url is not None:
+            env.update(GATEWAY_WEBHOOK_URLS=f"default:{webhook_url}",
+                       GATEWAY_WEBHOOK_SECRETS="default:" + WEBHOOK_SECRET,
+                       GATEWAY_WEBHOOK_ALLOW_PRIVATE="on")
         cmd = [PY, os.path.join(ROOT, "bench", "serve.py"), variant]
         self.proc = subprocess.Popen(pinned(cmd, 0, mode), env=env, cwd=ROOT,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -291,8 +301,9 @@ class Reader:
 
 
 def run_one(workload, spec, variant, mode, sim, workdir, duration, warmup, api_key):
+    receiver = WebhookReceiver() if spec.get("webhooks") else None
     server = Server(variant, mode, sim.url, spec["threads"], workdir, api_key,
-                    spec.get("push_slots"))
+                    spec.get("push_slots"), receiver.url if receiver else None)
     try:
         tokens_before = sim.stats()["token_requests"]
         tx_id = server.one_payment(api_key) if workload == "rush" else None
@@ -330,6 +341,9 @@ def run_one(workload, spec, variant, mode, sim, workdir, duration, warmup, api_k
         if spec["lua"]:
             time.sleep(1.5)  # let the last callbacks land
             result["succeeded"] = server.succeeded()
+        if receiver is not None:
+            time.sleep(2.0)  # the sender's last pass
+            result["webhooks_received"] = receiver.count
         result.update(
             cpu_s_per_1k=(cpu / result["requests"] * 1000) if result["requests"] else None,
             server_cpu_util=cpu / elapsed, sim_cpu_util=sim_cpu / elapsed,
@@ -338,6 +352,40 @@ def run_one(workload, spec, variant, mode, sim, workdir, duration, warmup, api_k
         return result
     finally:
         server.stop()
+        if receiver is not None:
+            receiver.stop()
+
+
+WEBHOOK_SECRET = "whsec_" + "YmVuY2gtd2ViaG9vay1zaWduaW5nLXNlY3JldC0wMTIz"
+
+
+class WebhookReceiver:
+    """A merchant endpoint in the runner: answers every event 204 and counts them."""
+
+    def __init__(self):
+        import threading
+        import wsgiref.simple_server
+
+        self.count = 0
+
+        def app(environ, start_response):
+            environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
+            self.count += 1
+            start_response("204 No Content", [])
+            return [b""]
+
+        class Quiet(wsgiref.simple_server.WSGIRequestHandler):
+            def log_message(self, *args):
+                pass
+
+        self._server = wsgiref.simple_server.make_server("127.0.0.1", 0, app,
+                                                         handler_class=Quiet)
+        self.url = f"http://127.0.0.1:{self._server.server_port}/events"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self._server.shutdown()
+        self._server.server_close()
 
 
 def cold_start_ms(workdir):

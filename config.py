@@ -160,6 +160,17 @@ def named_keys(raw):
     return tuple(pairs)
 
 
+def endpoint_url(raw):
+    """A merchant's absolute http(s) URL, kept exactly as written (path, trailing slash and
+    query: frameworks redirect when they differ, and redirects are never followed)."""
+    value = raw.strip()
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.fragment \
+            or any(c.isspace() for c in value):
+        raise ValueError("must be absolute http:// or https:// URLs")
+    return value
+
+
 def owner_urls(raw):
     """`name:https://…,…` (a bare URL is named `default`) → ((name, url), ...)."""
     pairs = []
@@ -170,7 +181,7 @@ def owner_urls(raw):
                      else item.split(":", 1) if ":" in item else ("", item))
         if not _OWNER.fullmatch(name.strip()):
             raise ValueError("must be name:URL pairs (names a-z 0-9 _ -)")
-        pairs.append((name.strip(), http_url(url)))
+        pairs.append((name.strip(), endpoint_url(url)))
     if len({n for n, _ in pairs}) != len(pairs):
         raise ValueError("must name each owner once")
     return tuple(pairs)
@@ -300,7 +311,7 @@ SETTINGS = (
     # Operator keys that read every owner's payments (never start one). None: no admins.
     ("GATEWAY_ADMIN_KEYS", "admin_keys", key_list, (), True),
     # Where each owner's payment events are POSTed (Standard Webhooks): name:URL,…
-    ("GATEWAY_WEBHOOK_URLS", "webhook_urls", owner_urls, (), False),
+    ("GATEWAY_WEBHOOK_URLS", "webhook_urls", owner_urls, (), True),  # may carry a token
     # The signing secret of each owner's endpoint: name:whsec_<base64>,…
     ("GATEWAY_WEBHOOK_SECRETS", "webhook_secrets", webhook_secrets, (), True),
     # Deliver to loopback, private and link-local addresses too (tests, demo, on-premises).

@@ -595,14 +595,16 @@ class Ledger:
         now = self._clock()
         state = "delivered" if delivered else ("pending" if next_attempt_at else "dead")
         with self._write() as conn:
+            cur = conn.execute(
+                "UPDATE events SET status = ?, attempts = attempts + 1, claimed_until = 0,"
+                " next_attempt_at = COALESCE(?, next_attempt_at),"
+                " delivered_at = COALESCE(?, delivered_at) WHERE id = ? AND claimed_until = ?",
+                (state, next_attempt_at, now if delivered else None, event_id, lease))
+            if cur.rowcount != 1:
+                return "lost_lease"  # another sender holds it now: its result counts
             conn.execute("INSERT INTO event_attempts (event_id, at, status_code, duration_ms,"
                          " error) VALUES (?, ?, ?, ?, ?)",
                          (event_id, now, status_code, duration_ms, error))
-            conn.execute(
-                "UPDATE events SET status = ?, attempts = attempts + 1, claimed_until = 0,"
-                " next_attempt_at = COALESCE(?, next_attempt_at), delivered_at = ?"
-                " WHERE id = ? AND claimed_until = ?",
-                (state, next_attempt_at, now if delivered else None, event_id, lease))
         return state
 
     def event_page(self, *, owner=None, status=None, after=None, limit=50):
@@ -640,8 +642,9 @@ class Ledger:
     def redeliver(self, event_id):
         """Send an event again (delivered or dead ones too) as soon as the sender runs."""
         with self._write() as conn:
+            # The lease is left alone: an attempt in flight finishes under it first.
             row = conn.execute(
-                "UPDATE events SET status = 'pending', next_attempt_at = ?, claimed_until = 0"
+                "UPDATE events SET status = 'pending', next_attempt_at = ?"
                 " WHERE id = ? RETURNING *", (self._clock(), event_id)).fetchone()
         return dict(row) if row is not None else None
 

@@ -39,7 +39,9 @@ GIVE_UP_AFTER_S = 3 * 24 * 3600
 TIMEOUT_S = 10.0
 JITTER = 0.1  # ± this share of each wait, so retries of many events do not march together
 MAX_ANSWER_BYTES = 1024  # a merchant's answer is read this far, then dropped
-LEASE_S = TIMEOUT_S + 5  # one attempt, with its address check
+LEASE_S = 60.0  # one attempt (10 s of HTTP, the address lookup), with a wide margin
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_NEVER = tuple(ipaddress.ip_network(n) for n in ("192.0.0.0/24", "100.64.0.0/10"))
 
 
 def sign(secret, msg_id, timestamp, body):
@@ -87,10 +89,22 @@ class DemoReceiver:
 
 def address_allowed(address, allow_private=False):
     """May an event be sent to this resolved address? Loopback, private, link-local (the
-    cloud metadata service lives there), multicast and reserved ones only when allowed."""
-    ip = ipaddress.ip_address(address)
-    ip = getattr(ip, "ipv4_mapped", None) or ip
-    return allow_private or ip.is_global
+    cloud metadata service lives there), shared, multicast, reserved and site-local ones,
+    and IPv6 forms that wrap any of them (mapped, compatible, 6to4, Teredo, NAT64), only
+    when allowed."""
+    if allow_private:
+        return True
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    candidates = [ip]
+    if ip.version == 6:
+        wrapped = [ip.ipv4_mapped, ip.sixtofour, ip.teredo and ip.teredo[1]]
+        if ip in _NAT64 or int(ip) >> 32 == 0:  # NAT64, or the old IPv4-compatible form
+            wrapped.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+        candidates += [w for w in wrapped if w]
+    return all(c.is_global and not (c.is_multicast or c.is_reserved or c.is_unspecified
+                                    or getattr(c, "is_site_local", False)
+                                    or any(c in n for n in _NEVER if c.version == n.version))
+               for c in candidates)
 
 
 def next_attempt_in(attempts, rng=random.random):
@@ -153,26 +167,11 @@ class Sender:
         url = self._urls.get(event["owner"])
         started = time.monotonic()
         status, error = None, None
-        if url is None:
-            error = "no endpoint configured for this owner"
-        else:
-            error = self._refused(url)
-        if error is None:
-            timestamp = str(int(self._clock()))
-            headers = {"Content-Type": "application/json", "webhook-id": event["id"],
-                       "webhook-timestamp": timestamp,
-                       "webhook-signature": sign(self._secrets[event["owner"]], event["id"],
-                                                 timestamp, event["body"])}
-            try:
-                resp = self._http.request("POST", url, body=event["body"], headers=headers,
-                                          redirect=False, preload_content=False)
-                try:
-                    status = resp.status
-                    resp.read(MAX_ANSWER_BYTES)  # never the merchant's whole answer
-                finally:
-                    resp.close()  # what is left unread is dropped with the connection
-            except HTTPError as exc:
-                error = type(exc).__name__
+        try:
+            status, error = self._post(url, event)
+        except Exception as exc:  # noqa: BLE001 - one bad event must not stop the pass
+            log.exception("webhook event=%s attempt failed unexpectedly", event["id"])
+            error = type(exc).__name__
         delivered = status is not None and 200 <= status < 300
         if not delivered and error is None:
             error = f"HTTP {status}"
@@ -193,17 +192,45 @@ class Sender:
                       event["tx_id"], attempts)
         return state
 
-    def _refused(self, url):
-        """Why `url` may not be called (its host resolves to a guarded address), or None."""
-        host = urlsplit(url).hostname
+    def _post(self, url, event):
+        """One POST; (status or None, error or None)."""
+        if url is None:
+            return None, "no endpoint configured for this owner"
+        parts = urlsplit(url)
         try:
-            addresses = self._resolve(host)
+            addresses = self._resolve(parts.hostname)
         except OSError:
-            return "the endpoint's host name does not resolve"
+            return None, "the endpoint's host name does not resolve"
         if not addresses or not all(address_allowed(a, self._allow_private)
                                     for a in addresses):
-            return "refused: the endpoint resolves to a private or local address"
-        return None
+            return None, "refused: the endpoint resolves to a private or local address"
+        # Connect to the address just checked, not to a second lookup of the name (which
+        # the endpoint's DNS could answer differently); TLS still checks the name.
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        extra = ({"server_hostname": parts.hostname, "assert_hostname": parts.hostname}
+                 if parts.scheme == "https" else {})
+        pool = self._http.connection_from_host(addresses[0], port, parts.scheme,
+                                               pool_kwargs=extra)
+        timestamp = str(int(self._clock()))
+        host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
+        headers = {"Content-Type": "application/json",
+                   "Host": host + (f":{parts.port}" if parts.port else ""),
+                   "webhook-id": event["id"], "webhook-timestamp": timestamp,
+                   "webhook-signature": sign(self._secrets[event["owner"]], event["id"],
+                                             timestamp, event["body"])}
+        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        try:
+            resp = pool.urlopen("POST", path, body=event["body"], headers=headers,
+                                redirect=False, retries=False, preload_content=False,
+                                timeout=urllib3.Timeout(total=TIMEOUT_S))
+            try:
+                status = resp.status
+                resp.read(MAX_ANSWER_BYTES)  # never the merchant's whole answer
+            finally:
+                resp.close()  # what is left unread is dropped with the connection
+        except HTTPError as exc:
+            return None, type(exc).__name__
+        return status, None
 
     # --- background thread ------------------------------------------------------
 

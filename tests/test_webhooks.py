@@ -165,8 +165,11 @@ def test_three_days_of_failures_make_the_event_dead(hooked, receiver):
     assert event["attempts_log"][0]["error"]  # connection refused, recorded
 
 
-@pytest.mark.parametrize("address", ["127.0.0.1", "::1", "169.254.169.254", "10.0.0.1",
-                                     "192.168.1.1", "172.16.0.5", "::ffff:127.0.0.1"])
+@pytest.mark.parametrize("address", [
+    "127.0.0.1", "::1", "169.254.169.254", "10.0.0.1", "192.168.1.1", "172.16.0.5",
+    "::ffff:127.0.0.1", "0.0.0.0", "100.64.0.1", "192.0.0.192", "224.0.0.1", "ff02::1",
+    "fec0::1", "fe80::1", "64:ff9b::a9fe:a9fe", "2002:7f00:1::1", "::127.0.0.1",
+    "2001:0:4136:e378:8000:63bf:80ff:fffe"])  # the last: Teredo around 127.0.0.1
 def test_the_guard_refuses_local_and_private_addresses_unless_allowed(address):
     assert not webhooks.address_allowed(address)
     assert webhooks.address_allowed(address, allow_private=True)
@@ -174,6 +177,7 @@ def test_the_guard_refuses_local_and_private_addresses_unless_allowed(address):
 
 def test_the_guard_allows_a_public_address_without_connecting():
     assert webhooks.address_allowed("196.201.214.200")
+    assert webhooks.address_allowed("2001:4860:4860::8888")
 
 
 def test_an_endpoint_that_resolves_to_a_private_address_is_never_called(hooked, receiver):

@@ -1,7 +1,8 @@
 """The OpenAPI document is honest: schemathesis drives the WSGI app from it.
 
-Every generated request must get no 5xx, and every response must match the
-document (status code, content type, headers, body schema).
+Every generated request must get no 5xx (other than the documented answers to Daraja's
+own refusals, which the simulator's scenario phones make), and every response must match
+the document (status code, content type, headers, body schema).
 
 SOAK_EXAMPLES sets the examples per operation (`make soak`: 10,000); the figures
 (examples run, 5xx answers) are printed at the end of the run.
@@ -21,8 +22,20 @@ import mpesa_wsgi
 import simulator
 from conftest import API_KEY, base_env, soak_examples
 
-CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
-          response_headers_conformance, response_schema_conformance]
+CONFORMANCE = [status_code_conformance, content_type_conformance,
+               response_headers_conformance, response_schema_conformance]
+CHECKS = [not_a_server_error, *CONFORMANCE]
+# 5xx answers the document promises for Daraja's own refusals (the simulator's scenario
+# phones make them, e.g. 254711005002 = spike arrest): answers, not server errors.
+UPSTREAM_ANSWERS = {(502, "daraja_rejected"), (503, "upstream_unavailable"),
+                    (503, "gateway_busy")}
+
+
+def upstream_answer(response):
+    try:
+        return (response.status_code, response.json()["error"]["code"]) in UPSTREAM_ANSWERS
+    except (ValueError, KeyError, TypeError):
+        return False
 
 
 
@@ -45,7 +58,7 @@ def test_every_response_conforms_and_none_is_a_5xx(app, report_figures):
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 6  # schemathesis skips the document's own path
     auth = {"Authorization": f"Bearer {API_KEY}"}
-    tally = {"examples": 0, "5xx": 0}
+    tally = {"examples": 0, "5xx": 0, "upstream": 0}
     examples = soak_examples(40)
 
     try:
@@ -57,12 +70,15 @@ def test_every_response_conforms_and_none_is_a_5xx(app, report_figures):
             def conforms(case):
                 response = case.call(headers=auth)
                 tally["examples"] += 1
-                tally["5xx"] += response.status_code >= 500
-                case.validate_response(response, checks=CHECKS, headers=auth)
+                upstream = upstream_answer(response)
+                tally["upstream"] += upstream
+                tally["5xx"] += response.status_code >= 500 and not upstream
+                case.validate_response(response, checks=CONFORMANCE if upstream else CHECKS,
+                                       headers=auth)
 
             conforms()
     finally:
         report_figures(f"openapi contract: operations={len(operations)} "
                        f"max_examples_per_operation={examples} examples_run={tally['examples']} "
-                       f"5xx={tally['5xx']}")
+                       f"5xx={tally['5xx']} documented_upstream_answers={tally['upstream']}")
     assert tally["5xx"] == 0

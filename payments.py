@@ -147,9 +147,9 @@ class Services:
     """Everything the flows need, built once by `build_services` and passed in."""
 
     def __init__(self, config, ledger, client, metrics_registry, *, reconcile=None,
-                 clock=None, slots=None, sender=None):
+                 clock=None, slots=None, sender=None, outbox=None):
         self.config = config
-        self.outbox = webhooks.Outbox(config)
+        self.outbox = outbox or webhooks.Outbox(config)
         self.sender = sender
         self.ledger = ledger
         self.daraja = client
@@ -257,20 +257,20 @@ def build_services(config=None, *, clock=None):
     if bare > 1:
         log.warning("GATEWAY_API_KEYS has %d keys named default: they share their payments,"
                     " rate limit and idempotency keys; name each merchant's (name:KEY)", bare)
-    events = webhooks.Outbox(config).event_for
+    outbox = webhooks.Outbox(config)  # one, for callbacks and the reconciler alike
     background = sender = None
     if config.reconcile:
         background = reconciler.Reconciler(ledger, client, config, clock=clock.wall,
                                            observer=registry.reconcile.inc,
                                            on_refusal=registry.reconcile_refusals.inc,
-                                           events=events)
+                                           events=outbox.event_for)
         background.start()
     if config.webhook_urls and config.webhook_sender:
         sender = webhooks.Sender(ledger, config, clock=clock.wall,
                                  observer=registry.webhook_deliveries.inc)
         sender.start()
     services = Services(config, ledger, client, registry, reconcile=background, clock=clock,
-                        slots=slots, sender=sender)
+                        slots=slots, sender=sender, outbox=outbox)
     # Under waitress-serve --call or gunicorn nobody calls close(): stop the reconciler
     # (its current query finishes) when the process exits.
     atexit.register(services.close_background)

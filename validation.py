@@ -217,22 +217,7 @@ def event_id_ok(value):
 
 def parse_events_query(query_string):
     """(status, limit, after) of GET /events; each parameter at most once."""
-    params = parse_qs(query_string or "", keep_blank_values=True)
-    for name, values in params.items():
-        if name not in EVENT_PARAMS:
-            raise ValidationError("unknown_parameter",
-                                  f"unknown parameter; accepted: {', '.join(EVENT_PARAMS)}", name)
-        if len(values) != 1:
-            raise _bad_param(name, f"{name} may be given once")
-    one = {name: values[0] for name, values in params.items()}
-    status = one.get("status")
-    if status is not None and status not in EVENT_STATUSES:
-        raise _bad_param("status", f"status must be one of {', '.join(EVENT_STATUSES)}")
-    limit = LIST_LIMIT_DEFAULT
-    if "limit" in one:
-        if not _DIGITS.fullmatch(one["limit"]) or not 1 <= int(one["limit"]) <= LIST_LIMIT_MAX:
-            raise _bad_param("limit", f"limit must be a whole number from 1 to {LIST_LIMIT_MAX}")
-        limit = int(one["limit"])
+    one, status, limit = _page_params(query_string, EVENT_PARAMS, EVENT_STATUSES)
     after = one.get("cursor")
     if after is not None and not event_id_ok(after):
         raise _bad_param("cursor", "cursor must be a next_cursor value from a previous page")
@@ -288,23 +273,31 @@ def _since(value):
     return text
 
 
-def parse_list_query(query_string):
-    """Check the operator listing's query parameters; each may appear once."""
+def _page_params(query_string, accepted, statuses):
+    """The parameters every paged listing shares: only `accepted` names, each at most
+    once; `status` one of `statuses`; `limit` 1..LIST_LIMIT_MAX. Returns (all, status,
+    limit)."""
     params = parse_qs(query_string or "", keep_blank_values=True)
     for name, values in params.items():
-        if name not in LIST_PARAMS:
+        if name not in accepted:
             raise ValidationError("unknown_parameter",
-                                  f"unknown parameter; accepted: {', '.join(LIST_PARAMS)}", name)
+                                  f"unknown parameter; accepted: {', '.join(accepted)}", name)
         if len(values) != 1:
             raise _bad_param(name, f"{name} may be given once")
     one = {name: values[0] for name, values in params.items()}
     status = one.get("status")
-    if status is not None and status not in STATUSES:
-        raise _bad_param("status", f"status must be one of {', '.join(STATUSES)}")
+    if status is not None and status not in statuses:
+        raise _bad_param("status", f"status must be one of {', '.join(statuses)}")
     limit = LIST_LIMIT_DEFAULT
     if "limit" in one:
         if not _DIGITS.fullmatch(one["limit"]) or not 1 <= int(one["limit"]) <= LIST_LIMIT_MAX:
             raise _bad_param("limit", f"limit must be a whole number from 1 to {LIST_LIMIT_MAX}")
         limit = int(one["limit"])
+    return one, status, limit
+
+
+def parse_list_query(query_string):
+    """Check the operator listing's query parameters; each may appear once."""
+    one, status, limit = _page_params(query_string, LIST_PARAMS, STATUSES)
     return ListQuery(status=status, since=_since(one["since"]) if "since" in one else None,
                      limit=limit, after=_decode_cursor(one["cursor"]) if "cursor" in one else None)

@@ -64,6 +64,13 @@ def verify(secret, headers, body, now, tolerance_s=300):
     return msg_id
 
 
+def request_headers(environ):
+    """A receiver's request headers by lower-case name (`webhook-id`, ...) from a WSGI
+    environ: what a verifier needs."""
+    return {k[5:].replace("_", "-").lower(): v for k, v in environ.items()
+            if k.startswith("HTTP_")}
+
+
 class DemoReceiver:
     """The demo's merchant endpoint: verifies each event and prints it as it arrives."""
 
@@ -72,8 +79,7 @@ class DemoReceiver:
 
     def __call__(self, environ, start_response):
         body = environ["wsgi.input"].read(min(int(environ.get("CONTENT_LENGTH") or 0), 65536))
-        headers = {k[5:].replace("_", "-").lower(): v for k, v in environ.items()
-                   if k.startswith("HTTP_")}
+        headers = request_headers(environ)
         try:
             verify(self._secret, headers, body, self._clock())
             event = json.loads(body)

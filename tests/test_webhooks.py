@@ -31,8 +31,7 @@ class Receiver:
 
     def __call__(self, environ, start_response):
         body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
-        headers = {k[5:].replace("_", "-").lower(): v for k, v in environ.items()
-                   if k.startswith("HTTP_")}
+        headers = webhooks.request_headers(environ)
         with self.lock:
             self.got.append((headers, body))
         status = self.status

@@ -88,7 +88,7 @@ CREATE TABLE IF NOT EXISTS callbacks (
 CREATE INDEX IF NOT EXISTS callbacks_tx ON callbacks (tx_id);
 -- the webhook outbox: written in the commit that changes a payment's status
 CREATE TABLE IF NOT EXISTS events (
-    id              TEXT PRIMARY KEY,  -- the webhook-id; sorts by creation
+    id              TEXT PRIMARY KEY,  -- the webhook-id; pages sort by it (creation time)
     tx_id           TEXT NOT NULL,
     owner           TEXT NOT NULL,
     type            TEXT NOT NULL,
@@ -101,7 +101,8 @@ CREATE TABLE IF NOT EXISTS events (
     delivered_at    REAL
 );
 CREATE INDEX IF NOT EXISTS events_due ON events (status, next_attempt_at);
-CREATE INDEX IF NOT EXISTS events_tx ON events (tx_id, id);
+CREATE INDEX IF NOT EXISTS events_tx ON events (tx_id);
+CREATE INDEX IF NOT EXISTS events_owner ON events (owner, id);
 CREATE TABLE IF NOT EXISTS event_attempts (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
     event_id    TEXT NOT NULL,
@@ -352,17 +353,22 @@ class Ledger:
         return dict(row) if row is not None else None
 
     def mark_not_accepted(self, tx_id, status, reason, result_code=None, result_desc=None,
-                          release=None):
+                          release=None, event=None):
         """The push was refused (`rejected`) or its fate is unknown (`unknown`).
 
         `release`: an Idempotency whose key is freed in the same commit, because
         nothing reached the customer and the merchant may retry with that key.
+        `event(before, after, "not_accepted")`: the webhook event written in the same commit.
         """
         with self._write() as conn:
-            conn.execute(
+            row = conn.execute(
                 "UPDATE transactions SET status = ?, reason = ?, result_code = ?, result_desc = ?,"
-                " updated_at = ? WHERE id = ? AND status = ?",
-                (status, reason, result_code, result_desc, self._now(), tx_id, SUBMITTING))
+                " updated_at = ? WHERE id = ? AND status = ? RETURNING *",
+                (status, reason, result_code, result_desc, self._now(), tx_id,
+                 SUBMITTING)).fetchone()
+            if row is not None and event is not None:
+                self._add_event(conn, event(dict(row, status=SUBMITTING), dict(row),
+                                            "not_accepted"))
             if release is not None:
                 conn.execute("DELETE FROM idempotency_keys WHERE scope = ? AND key = ?",
                              (release.scope, release.key))
@@ -376,17 +382,21 @@ class Ledger:
         row = cur.fetchone()
         return dict(row) if row is not None else None
 
-    def recover_interrupted(self, older_than_s):
-        """Rows stuck in `submitting` (the process died mid-push) become `unknown`."""
+    def recover_interrupted(self, older_than_s, event=None):
+        """Rows stuck in `submitting` (the process died mid-push) become `unknown`, each
+        with its webhook event `event(before, after, "interrupted")` in the same commit."""
         cutoff = iso_utc(self._clock() - older_than_s)
         with self._write() as conn:
-            cur = conn.execute(
+            rows = conn.execute(
                 "UPDATE transactions SET status = ?, reason = 'interrupted', updated_at = ?"
-                " WHERE status = ? AND created_at <= ?",
-                (UNKNOWN, self._now(), SUBMITTING, cutoff))
-        if cur.rowcount:
-            log.warning("ledger recovered_interrupted=%d status=unknown", cur.rowcount)
-        return cur.rowcount
+                " WHERE status = ? AND created_at <= ? RETURNING *",
+                (UNKNOWN, self._now(), SUBMITTING, cutoff)).fetchall()
+            for row in sorted(rows, key=lambda r: r["id"]) if event is not None else ():
+                self._add_event(conn, event(dict(row, status=SUBMITTING), dict(row),
+                                            "interrupted"))
+        if rows:
+            log.warning("ledger recovered_interrupted=%d status=unknown", len(rows))
+        return len(rows)
 
     # --- reconciliation ---------------------------------------------------
 
@@ -573,16 +583,20 @@ class Ledger:
 
     # --- the webhook outbox ---------------------------------------------------
 
-    def claim_event(self, lease_s):
-        """Lease the event most due for delivery, or None. An event waits while an older
-        one of the same transaction is still pending, so a merchant sees them in order."""
+    def claim_event(self, lease_s, skip_owners=()):
+        """Lease the event most due for delivery (not of `skip_owners`), or None. An event
+        waits while one written before it for the same transaction is still pending, so a
+        merchant sees them in order: written order is the rowid, whatever the clocks of
+        the processes that wrote them said."""
         now = self._clock()
+        skip = ",".join("?" * len(skip_owners))
         with self._write() as conn:
             row = conn.execute(
                 "SELECT id FROM events e WHERE status = 'pending' AND next_attempt_at <= ?"
-                " AND claimed_until <= ? AND NOT EXISTS (SELECT 1 FROM events o"
-                " WHERE o.tx_id = e.tx_id AND o.status = 'pending' AND o.id < e.id)"
-                " ORDER BY next_attempt_at, id LIMIT 1", (now, now)).fetchone()
+                f" AND claimed_until <= ? AND owner NOT IN ({skip}) AND NOT EXISTS"
+                " (SELECT 1 FROM events o WHERE o.tx_id = e.tx_id AND o.status = 'pending'"
+                " AND o.rowid < e.rowid) ORDER BY next_attempt_at, rowid LIMIT 1",
+                (now, now, *skip_owners)).fetchone()
             if row is not None:
                 row = conn.execute("UPDATE events SET claimed_until = ? WHERE id = ?"
                                    " RETURNING *", (now + lease_s, row["id"])).fetchone()
@@ -648,11 +662,24 @@ class Ledger:
                 " WHERE id = ? RETURNING *", (self._clock(), event_id)).fetchone()
         return dict(row) if row is not None else None
 
+    def prune_events(self, older_than_s, limit=1000):
+        """Forget delivered and dead events (and their attempts) made more than
+        `older_than_s` ago, at most `limit` per call so the write lock is held briefly."""
+        cutoff = self._clock() - older_than_s
+        with self._write() as conn:
+            ids = [r[0] for r in conn.execute(
+                "SELECT id FROM events WHERE status IN ('delivered', 'dead')"
+                " AND created_at < ? LIMIT ?", (cutoff, limit))]
+            marks = ",".join("?" * len(ids))
+            conn.execute(f"DELETE FROM event_attempts WHERE event_id IN ({marks})", ids)
+            conn.execute(f"DELETE FROM events WHERE id IN ({marks})", ids)
+        return len(ids)
+
     def events(self, tx_id=None):
         """Events (of one transaction), oldest first, each with its attempts."""
         conn = self._conn()
         rows = [dict(r) for r in conn.execute(
-            "SELECT * FROM events" + (" WHERE tx_id = ?" if tx_id else "") + " ORDER BY id",
+            "SELECT * FROM events" + (" WHERE tx_id = ?" if tx_id else "") + " ORDER BY rowid",
             (tx_id,) if tx_id else ())]
         for row in rows:
             row["attempts_log"] = [dict(a) for a in conn.execute(

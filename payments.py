@@ -249,15 +249,15 @@ def build_services(config=None, *, clock=None):
     registry = metrics.GatewayMetrics(settings.VERSION, by_status, slots, oldest_undelivered_s)
     client = daraja.DarajaClient(config, daraja.build_pool(config), clock=clock.monotonic,
                                  observer=registry.daraja_call)
+    outbox = webhooks.Outbox(config)  # one, for pushes, callbacks and the reconciler alike
     # A row still `submitting` after the longest a push can take was cut off mid-push.
-    ledger.recover_interrupted(client.longest_push_s)
+    ledger.recover_interrupted(client.longest_push_s, event=outbox.event_for)
     for name, key in config.api_keys:  # keys stored before owner names: keep them findable
         ledger.rename_scope(_legacy_scope(key), name)
     bare = sum(1 for name, _ in config.api_keys if name == settings.DEFAULT_OWNER)
     if bare > 1:
         log.warning("GATEWAY_API_KEYS has %d keys named default: they share their payments,"
                     " rate limit and idempotency keys; name each merchant's (name:KEY)", bare)
-    outbox = webhooks.Outbox(config)  # one, for callbacks and the reconciler alike
     background = sender = None
     if config.reconcile:
         background = reconciler.Reconciler(ledger, client, config, clock=clock.wall,
@@ -436,8 +436,8 @@ def push_not_accepted(services, row, exc, idem):
     if exc.outcome == daraja.UNKNOWN:
         # It may have reached the customer: never resend; the callback or a query settles it.
         try:
-            row = with_retries(lambda: ledger.mark_not_accepted(row["id"], store.UNKNOWN,
-                                                                exc.reason))
+            row = with_retries(lambda: ledger.mark_not_accepted(
+                row["id"], store.UNKNOWN, exc.reason, event=services.outbox.event_for))
         except Exception:  # noqa: BLE001 - it may have reached the customer: never a 500
             # Still `submitting` in the ledger, so recovery makes it `unknown` too.
             log.exception("ledger write failed after an unanswered push tx=%s", row["id"])

@@ -67,7 +67,8 @@ class Reconciler:
         refusals = Counter()  # (error_code, message) → rows
         # Rows abandoned mid-push by a process that died (this one or another sharing the
         # ledger) become `unknown` without waiting for a restart.
-        results["interrupted"] = self._ledger.recover_interrupted(self._client.longest_push_s)
+        results["interrupted"] = self._ledger.recover_interrupted(self._client.longest_push_s,
+                                                                   event=self._events)
         started = self._clock()  # rows rescheduled during this pass wait for the next one
         for n in range(MAX_ROWS_PER_PASS):
             if n:

@@ -8,7 +8,9 @@ addresses unless GATEWAY_WEBHOOK_ALLOW_PRIVATE), and the background sender that
 delivers them at least once: one event at a time under a lease, `2xx` = delivered,
 10 s per attempt, no redirects, backoff with jitter (5 s, 30 s, 2 min, 10 min, 1 h,
 then every 6 h) for 3 days, then `dead`. It has its own connection pool: a slow or
-dead merchant endpoint never holds a Daraja connection, a payment or a callback.
+dead merchant endpoint never holds a Daraja connection, a payment or a callback; and
+an owner whose endpoint just failed rests (the rest of the pass and REST_S), so one
+dead endpoint costs the other merchants one attempt per pass, not one per event.
 """
 
 import base64
@@ -40,6 +42,8 @@ TIMEOUT_S = 10.0
 JITTER = 0.1  # ± this share of each wait, so retries of many events do not march together
 MAX_ANSWER_BYTES = 1024  # a merchant's answer is read this far, then dropped
 LEASE_S = 60.0  # one attempt (10 s of HTTP, the address lookup), with a wide margin
+REST_S = SCHEDULE_S[0]  # an owner whose endpoint just failed waits this long (and the pass)
+KEEP_S = 30 * 24 * 3600  # delivered and dead events are forgotten after 30 days
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _NEVER = tuple(ipaddress.ip_network(n) for n in ("192.0.0.0/24", "100.64.0.0/10"))
 
@@ -155,18 +159,30 @@ class Sender:
                                          timeout=urllib3.Timeout(total=TIMEOUT_S))
         self._stop = threading.Event()
         self._thread = None
+        self._resting = {}  # owner → when its endpoint may be tried again (after a failure)
 
     def run_once(self, limit=500):
-        """Send every due event once; return counts by result."""
+        """Send every due event once, then forget old ones (KEEP_S); return counts by
+        result. An owner whose endpoint fails is not tried again in this pass nor for
+        REST_S after it."""
         results = {}
+        failed = set()
         for _ in range(limit):
             if self._stop.is_set():
                 break
-            event = self._ledger.claim_event(LEASE_S)
+            now = self._clock()
+            resting = failed | {o for o, until in self._resting.items() if until > now}
+            event = self._ledger.claim_event(LEASE_S, skip_owners=tuple(sorted(resting)))
             if event is None:
                 break
             state = self._deliver(event)
             results[state] = results.get(state, 0) + 1
+            if state == "delivered":
+                self._resting.pop(event["owner"], None)
+            elif state != "lost_lease":
+                failed.add(event["owner"])
+                self._resting[event["owner"]] = self._clock() + REST_S
+        self._ledger.prune_events(KEEP_S)
         return results
 
     def _deliver(self, event):

@@ -104,6 +104,19 @@ class Callback(Resource):
                                          lambda: self.load_raw(req)))
 
 
+class Events(Resource):
+    def on_get(self, req, resp):
+        render(resp, gw.events_page(self.core, req.auth, req.query_string))
+
+
+class Event(Resource):
+    def on_get(self, req, resp, event_id):
+        render(resp, gw.read_event(self.core, req.auth, event_id))
+
+    def on_post_redeliver(self, req, resp, event_id):
+        render(resp, gw.redeliver_event(self.core, req.auth, event_id))
+
+
 class Metrics(Resource):
     def on_get(self, req, resp):
         render(resp, gw.metrics_text(self.core, req.auth))
@@ -160,6 +173,9 @@ def create_app(config=None):
     app.add_route("/transactions", Transactions(core))
     app.add_route("/transactions/{ref}", Transaction(core))
     app.add_route("/callback/{tx_id}/{sig}", Callback(core))
+    app.add_route("/events", Events(core))
+    app.add_route("/events/{event_id}", Event(core))
+    app.add_route("/events/{event_id}/redeliver", Event(core), suffix="redeliver")
     app.add_route("/metrics", Metrics(core))
     app.add_route("/openapi.json", OpenAPI(core))
     # Falcon consults handlers most-specific first.

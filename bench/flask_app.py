@@ -115,6 +115,18 @@ def create_app(config=None):
         return respond(gw.receive_callback(core, flask.g.note, tx_id, sig,
                                            flask.request.environ, flask.request.get_data))
 
+    @app.get("/events")
+    def events():
+        return respond(gw.events_page(core, auth(), flask.request.query_string.decode("latin-1")))
+
+    @app.get("/events/<event_id>")
+    def event(event_id):
+        return respond(gw.read_event(core, auth(), event_id))
+
+    @app.post("/events/<event_id>/redeliver")
+    def redeliver(event_id):
+        return respond(gw.redeliver_event(core, auth(), event_id))
+
     @app.get("/metrics")
     def metrics():
         return respond(gw.metrics_text(core, auth()))

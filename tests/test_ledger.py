@@ -213,3 +213,24 @@ def test_processes_opening_a_new_ledger_at_once_all_succeed(tmp_path):
         assert [p.exitcode for p in procs] == [0, 0, 0]
         with read_only(path) as conn:
             assert conn.execute("SELECT COUNT(*) FROM transactions").fetchone()[0] == 3
+
+
+def test_events_of_a_payment_are_delivered_in_written_order_whatever_the_clocks(tmp_path):
+    clock = FakeClock(2000.0)
+    ledger = Ledger(str(tmp_path / "order.db"), clock=clock)
+    row = ledger.create(phone="254712345678", amount=10, reference="R", description="D")
+    ledger.mark_accepted(row["id"], "ws_CO_1", "m")
+
+    def event(before, after, outcome):
+        return store.NewEvent(row["id"], "default", after["status"], b"{}")
+
+    settlement.apply(ledger, row["id"], failure("1032"), events=event)
+    clock.now = 1900.0  # the late success is written by a process whose clock lags
+    settlement.apply(ledger, row["id"], success(), events=event)
+    clock.now = 2100.0
+    first = ledger.claim_event(60)
+    assert first["type"] == "failed"
+    assert ledger.claim_event(60) is None  # the success waits for the failure
+    ledger.record_attempt(first["id"], first["claimed_until"], status_code=200,
+                          duration_ms=1, error=None, delivered=True)
+    assert ledger.claim_event(60)["type"] == "succeeded"

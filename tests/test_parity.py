@@ -29,15 +29,34 @@ class _Late:
         return self.app(environ, start_response)
 
 
-@pytest.fixture(params=sorted(FACTORIES))
-def variant(request, gateway_env):
+def served(name, env):
+    """One variant on a real loopback socket: (WebTest app, its services, shut down)."""
     late = _Late()
     server, url = serve(late)
-    late.app = FACTORIES[request.param](config.load_config(dict(gateway_env,
-                                                                MPESA_CALLBACK_BASE_URL=url)))
-    yield TestApp(late.app), core_of(late.app)
-    server.shutdown()
-    core_of(late.app).close()
+    late.app = FACTORIES[name](config.load_config(dict(env, MPESA_CALLBACK_BASE_URL=url)))
+
+    def stop():
+        server.shutdown()
+        core_of(late.app).close()
+    return TestApp(late.app), core_of(late.app), stop
+
+
+@pytest.fixture(params=sorted(FACTORIES))
+def variant(request, gateway_env):
+    t, core, stop = served(request.param, gateway_env)
+    yield t, core
+    stop()
+
+
+@pytest.fixture(params=sorted(FACTORIES))
+def hooked_variant(request, gateway_env):
+    """A variant that writes webhook events (for an endpoint never called: no sender)."""
+    t, core, stop = served(request.param, dict(
+        gateway_env, GATEWAY_WEBHOOK_URLS="default:http://127.0.0.1:9/events",
+        GATEWAY_WEBHOOK_SECRETS="default:whsec_" + "A" * 32,
+        GATEWAY_WEBHOOK_ALLOW_PRIVATE="on", GATEWAY_WEBHOOK_SENDER="off"))
+    yield t
+    stop()
 
 
 def final(t, tx_id):
@@ -153,3 +172,22 @@ def test_owners_admin_keys_and_busy_answers_are_the_same_in_every_variant(varian
     finally:
         for _ in held:
             slots.release()
+
+
+def test_the_operator_api_for_events_is_the_same_in_every_variant(hooked_variant):
+    from conftest import OTHER_KEY
+
+    t = hooked_variant
+    tx = t.post_json("/stkpush", {"phone": "0712345690", "amount": 10}, headers=AUTH).json
+    final(t, tx["id"])
+    [event] = t.get("/events?status=pending", headers=AUTH, status=200).json["data"]
+    assert (event["type"], event["transaction_id"]) == ("payment.succeeded", tx["id"])
+    assert t.get(f"/events/{event['id']}", headers=AUTH, status=200).json["attempts_log"] == []
+    assert t.post(f"/events/{event['id']}/redeliver", headers=AUTH, status=202).json[
+        "id"] == event["id"]
+    other = {"Authorization": f"Bearer {OTHER_KEY}"}
+    assert t.get(f"/events/{event['id']}", headers=other, status=404).json["error"][
+        "code"] == "not_found"
+    assert t.get("/events", headers=other, status=200).json["data"] == []
+    assert t.get("/events?status=lost", headers=AUTH, status=400).json["error"]["field"] == \
+        "status"

@@ -15,7 +15,7 @@ from webtest import TestApp
 import config
 import mpesa_wsgi
 import webhooks
-from conftest import API_KEY, OffsetClock, _LateApp, serve, wait_for
+from conftest import API_KEY, OffsetClock, _LateApp, free_port, serve, wait_for
 
 SECRET = "whsec_" + base64.b64encode(b"merchant-signing-secret-0123456789").decode()
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -96,6 +96,34 @@ def test_a_settled_payment_sends_one_signed_event(hooked, receiver, phone, event
     assert webhooks.Sender(app.ledger, cfg).run_once() == {}  # delivered once
 
 
+def test_a_push_that_ends_unknown_sends_payment_unknown_then_its_outcome(hooked, receiver,
+                                                                         sim):
+    app, cfg = hooked()
+    sim.sim.set_weather(push="internal")  # processed, but answered 500.003.1001
+    tx = TestApp(app).post_json("/stkpush", {"phone": "0712345670", "amount": 10},
+                                headers=AUTH).json
+    assert tx["status"] == "unknown"
+    wait_for(lambda: app.ledger.get(tx["id"])["status"] == "succeeded", timeout=30)
+    assert webhooks.Sender(app.ledger, cfg).run_once() == {"delivered": 2}
+    payloads = [p for _, p in verified(receiver)]
+    assert [(p["type"], p["data"]["status"]) for p in payloads] == [
+        ("payment.unknown", "unknown"), ("payment.succeeded", "succeeded")]
+    assert payloads[0]["data"]["reason"] == "upstream_error"
+
+
+def test_a_push_cut_off_by_a_crash_sends_payment_unknown_from_recovery(hooked, receiver):
+    clock = OffsetClock()
+    app, cfg = hooked(clock=clock)
+    row = app.ledger.create(phone="254712345671", amount=10, reference="R", description="D")
+    clock.advance(app.daraja.longest_push_s + 1)
+    hooked(clock=clock)  # a restart: recovery finds the row left `submitting`
+    assert app.ledger.get(row["id"])["status"] == "unknown"
+    assert webhooks.Sender(app.ledger, cfg, clock=clock.wall).run_once() == {"delivered": 1}
+    [(_, payload)] = verified(receiver)
+    assert (payload["type"], payload["data"]["id"], payload["data"]["reason"]) == (
+        "payment.unknown", row["id"], "interrupted")
+
+
 def test_a_late_success_after_a_failure_says_what_it_overrides(hooked, receiver):
     app, cfg = hooked()
     t = TestApp(app)
@@ -162,6 +190,50 @@ def test_three_days_of_failures_make_the_event_dead(hooked, receiver):
     assert webhooks.Sender(app.ledger, cfg, clock=clock.wall).run_once() == {"dead": 1}
     event = app.ledger.events(tx["id"])[0]
     assert event["attempts_log"][0]["error"]  # connection refused, recorded
+
+
+def unknown_events(app, cfg, owner, count):
+    """`count` payments of `owner` ended `unknown`, each leaving one event in the outbox."""
+    outbox = webhooks.Outbox(cfg)
+    for _ in range(count):
+        row = app.ledger.begin_push(phone="254712000000", amount=10, reference="R",
+                                    description="D", owner=owner).row
+        app.ledger.mark_not_accepted(row["id"], "unknown", "read_timeout",
+                                     event=outbox.event_for)
+
+
+def test_a_dead_endpoint_costs_the_other_merchants_one_attempt_per_pass(hooked, receiver):
+    clock = OffsetClock()
+    dead = f"http://127.0.0.1:{free_port()}/refused"
+    app, cfg = hooked(clock=clock, GATEWAY_API_KEYS=f"dead:{'d' * 32},live:{'l' * 32}",
+                      GATEWAY_WEBHOOK_URLS=f"dead:{dead},live:{receiver.url}/events",
+                      GATEWAY_WEBHOOK_SECRETS=f"dead:{SECRET},live:{SECRET}")
+    unknown_events(app, cfg, "dead", 5)
+    unknown_events(app, cfg, "live", 5)
+    sender = webhooks.Sender(app.ledger, cfg, clock=clock.wall, rng=lambda: 0.5)
+    assert sender.run_once() == {"pending": 1, "delivered": 5}
+    assert sum(e["attempts"] for e in app.ledger.events() if e["owner"] == "dead") == 1
+    assert sender.run_once() == {}  # the dead endpoint rests; nothing else is due
+    clock.advance(webhooks.REST_S)
+    assert sender.run_once() == {"pending": 1}  # one more try, not four
+    assert len(verified(receiver)) == 5
+
+
+def test_delivered_and_dead_events_are_forgotten_after_30_days(hooked, receiver):
+    clock = OffsetClock()
+    app, cfg = hooked(clock=clock)
+    unknown_events(app, cfg, "default", 2)
+    sender = webhooks.Sender(app.ledger, cfg, clock=clock.wall)
+    assert sender.run_once() == {"delivered": 2}
+    clock.advance(webhooks.KEEP_S - 60)
+    unknown_events(app, cfg, "default", 1)  # a newer one, still pending
+    receiver.status = 503
+    assert sender.run_once() == {"pending": 1}
+    assert len(app.ledger.events()) == 3  # nothing is 30 days old yet
+    newer = app.ledger.events()[-1]["id"]
+    clock.advance(120)
+    sender.run_once()  # the newer one fails again; the two delivered ones are gone
+    assert [(e["id"], e["status"]) for e in app.ledger.events()] == [(newer, "pending")]
 
 
 @pytest.mark.parametrize("address", [

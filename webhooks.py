@@ -6,27 +6,29 @@ Standard Webhooks `v1` HMAC-SHA256 over "id.timestamp.body", stdlib `hmac`), whe
 it may go (`address_allowed`: never loopback, private, link-local or metadata
 addresses unless GATEWAY_WEBHOOK_ALLOW_PRIVATE), and the background sender that
 delivers them at least once: one event at a time under a lease, `2xx` = delivered,
-10 s per attempt, no redirects, backoff with jitter (5 s, 30 s, 2 min, 10 min, 1 h,
-then every 6 h) for 3 days, then `dead`. It has its own connection pool: a slow or
-dead merchant endpoint never holds a Daraja connection, a payment or a callback; and
+10 s of wall time per attempt, no redirects, backoff with jitter (5 s, 30 s, 2 min,
+10 min, 1 h, then every 6 h) for 3 days, then `dead`. It opens its own connection per
+attempt: a slow or dead merchant endpoint never holds a Daraja connection, a payment
+or a callback; and
 an owner whose endpoint just failed rests (the rest of the pass and REST_S), so one
 dead endpoint costs the other merchants one attempt per pass, not one per event.
 """
 
 import base64
+import contextlib
 import hashlib
+import http.client
 import hmac
 import ipaddress
 import json
 import logging
 import random
 import socket
+import ssl
 import threading
 import time
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
-import urllib3
-from urllib3.exceptions import HTTPError
 
 import ledger as store
 import resources
@@ -155,8 +157,7 @@ class Sender:
         self._clock = clock
         self._rng = rng
         self._resolve = resolve or _resolve  # test seam: the addresses a host name has
-        self._http = urllib3.PoolManager(num_pools=8, maxsize=2, retries=False,
-                                         timeout=urllib3.Timeout(total=TIMEOUT_S))
+        self._tls = ssl.create_default_context()  # certificates and host names verified
         self._stop = threading.Event()
         self._thread = None
         self._resting = {}  # owner → when its endpoint may be tried again (after a failure)
@@ -203,7 +204,8 @@ class Sender:
         if not delivered and age < GIVE_UP_AFTER_S:
             next_at = self._clock() + next_attempt_in(attempts, self._rng)
         state = self._ledger.record_attempt(
-            event["id"], event["claimed_until"], status_code=status,
+            event["id"], event["claimed_until"], due_at=event["next_attempt_at"],
+            status_code=status,
             duration_ms=round((time.monotonic() - started) * 1000, 1), error=error,
             delivered=delivered, next_attempt_at=next_at)
         self._observer(state)
@@ -226,13 +228,6 @@ class Sender:
         if not addresses or not all(address_allowed(a, self._allow_private)
                                     for a in addresses):
             return None, "refused: the endpoint resolves to a private or local address"
-        # Connect to the address just checked, not to a second lookup of the name (which
-        # the endpoint's DNS could answer differently); TLS still checks the name.
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        extra = ({"server_hostname": parts.hostname, "assert_hostname": parts.hostname}
-                 if parts.scheme == "https" else {})
-        pool = self._http.connection_from_host(addresses[0], port, parts.scheme,
-                                               pool_kwargs=extra)
         timestamp = str(int(self._clock()))
         host = parts.hostname if ":" not in parts.hostname else f"[{parts.hostname}]"
         headers = {"Content-Type": "application/json",
@@ -240,19 +235,53 @@ class Sender:
                    "webhook-id": event["id"], "webhook-timestamp": timestamp,
                    "webhook-signature": sign(self._secrets[event["owner"]], event["id"],
                                              timestamp, event["body"])}
+        if parts.username is not None:  # https://user:password@… : HTTP Basic, as written
+            pair = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+            headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-        try:
-            resp = pool.urlopen("POST", path, body=event["body"], headers=headers,
-                                redirect=False, retries=False, preload_content=False,
-                                timeout=urllib3.Timeout(total=TIMEOUT_S))
+        return self._send(parts, addresses, path, headers, event["body"])
+
+    def _send(self, parts, addresses, path, headers, body):
+        """POST to the first of the checked addresses that accepts a connection (never to a
+        second lookup of the name, which the endpoint's DNS could answer differently; TLS
+        still checks the name), all within TIMEOUT_S of wall time: a watchdog closes the
+        socket of an endpoint that drips its answer. (status or None, error or None)."""
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        deadline = time.monotonic() + TIMEOUT_S
+        sock, error = None, "no address accepted a connection"
+        for address in sorted(addresses, key=lambda a: ":" in a):  # IPv4 first
             try:
-                status = resp.status
-                resp.read(MAX_ANSWER_BYTES)  # never the merchant's whole answer
-            finally:
-                resp.close()  # what is left unread is dropped with the connection
-        except HTTPError as exc:
+                sock = socket.create_connection(
+                    (address, port), timeout=max(0.01, deadline - time.monotonic()))
+                break
+            except OSError as exc:
+                error = f"connect failed: {type(exc).__name__}"
+        if sock is None:
+            return None, error
+        expired = threading.Event()
+
+        def abort():
+            expired.set()
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+        watchdog = threading.Timer(max(0.0, deadline - time.monotonic()), abort)
+        watchdog.start()
+        try:
+            conn = http.client.HTTPConnection(parts.hostname, port)
+            conn.sock = (self._tls.wrap_socket(sock, server_hostname=parts.hostname)
+                         if parts.scheme == "https" else sock)
+            conn.request("POST", path, body=body, headers=headers)
+            resp = conn.getresponse()
+            resp.read(MAX_ANSWER_BYTES)  # never the merchant's whole answer
+            return resp.status, None
+        except (OSError, http.client.HTTPException) as exc:
+            if expired.is_set():
+                return None, f"timed out after {TIMEOUT_S:g} s"
             return None, type(exc).__name__
-        return status, None
+        finally:
+            watchdog.cancel()
+            sock.close()  # what is left unread is dropped with the connection
 
     # --- background thread ------------------------------------------------------
 
@@ -264,8 +293,7 @@ class Sender:
     def stop(self):
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(LEASE_S)
-        self._http.clear()
+            self._thread.join(TIMEOUT_S + 5)  # the attempt in flight ends by its deadline
 
     def _loop(self, interval):
         while not self._stop.wait(interval):

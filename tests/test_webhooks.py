@@ -12,6 +12,7 @@ import pytest
 from standardwebhooks import Webhook
 from webtest import TestApp
 
+import cli
 import config
 import mpesa_wsgi
 import webhooks
@@ -26,6 +27,7 @@ class Receiver:
 
     def __init__(self):
         self.status = 204
+        self.script = None  # a WSGI app to answer with instead
         self.got = []
         self.lock = threading.Lock()
 
@@ -34,6 +36,8 @@ class Receiver:
         headers = webhooks.request_headers(environ)
         with self.lock:
             self.got.append((headers, body))
+        if self.script is not None:
+            return self.script(environ, start_response)
         status = self.status
         start_response(f"{status} X", [("Content-Length", "0")] + (
             [("Location", "http://127.0.0.1:9/elsewhere")] if 300 <= status < 400 else []))
@@ -234,6 +238,95 @@ def test_delivered_and_dead_events_are_forgotten_after_30_days(hooked, receiver)
     clock.advance(120)
     sender.run_once()  # the newer one fails again; the two delivered ones are gone
     assert [(e["id"], e["status"]) for e in app.ledger.events()] == [(newer, "pending")]
+
+
+def test_the_cron_reconciler_writes_the_event_with_the_status(hooked, receiver):
+    app, cfg = hooked(MPESA_RECONCILE_AFTER_S="0")
+    tx = TestApp(app).post_json("/stkpush", {"phone": "254711009999", "amount": 10},
+                                headers=AUTH).json  # its callback never comes
+    wait_for(lambda: not app.daraja.stk_query(tx["checkout_request_id"]).pending, timeout=30)
+    assert cli.reconcile_once(cfg) == 0  # `python mpesa_wsgi.py reconcile`, from cron
+    assert app.ledger.get(tx["id"])["status"] == "succeeded"
+    [event] = app.ledger.events(tx["id"])
+    assert event["type"] == "payment.succeeded"
+
+
+def test_a_redelivery_asked_for_during_an_attempt_still_happens(hooked, receiver):
+    clock = OffsetClock()
+    app, cfg = hooked(clock=clock)
+    unknown_events(app, cfg, "default", 1)
+    [event] = app.ledger.events()
+    asked = threading.Event()
+
+    def redeliver_mid_attempt(environ, start_response):
+        app.ledger.redeliver(event["id"])  # the operator clicks while the POST is out
+        asked.set()
+        start_response("503 X", [("Content-Length", "0")])
+        return [b""]
+
+    receiver.status = None
+    receiver.script = redeliver_mid_attempt
+    sender = webhooks.Sender(app.ledger, cfg, clock=clock.wall)
+    assert sender.run_once() == {"pending": 1} and asked.is_set()
+    after = app.ledger.event(event["id"])
+    assert after["next_attempt_at"] <= clock.wall()  # due now, not in 5 s of backoff
+    receiver.script = None
+    receiver.status = 204
+    clock.advance(webhooks.REST_S)  # the owner's rest after the failure
+    assert sender.run_once() == {"delivered": 1}
+
+
+def test_the_sender_connects_to_the_addresses_it_checked_with_the_endpoints_host(hooked,
+                                                                               receiver):
+    from webtest.http import StopableWSGIServer
+
+    v6 = StopableWSGIServer.create(receiver, host="::1", port=0)  # only on ::1
+    port = v6.effective_port
+    try:
+        app, cfg = hooked(GATEWAY_WEBHOOK_URLS=f"default:http://merchant.example:{port}/x")
+        unknown_events(app, cfg, "default", 1)
+        looked_up = []
+
+        def resolve(host):  # the name has both; nothing answers on 127.0.0.1 at that port
+            looked_up.append(host)
+            return ["::1", "127.0.0.1"]
+
+        assert webhooks.Sender(app.ledger, cfg, resolve=resolve).run_once() == {
+            "delivered": 1}  # 127.0.0.1 refused, so the other checked address
+        assert looked_up == ["merchant.example"]  # one lookup: no second one to be fooled by
+        [(headers, _)] = receiver.got
+        assert headers["host"] == f"merchant.example:{port}"
+    finally:
+        v6.shutdown()
+
+
+def test_an_endpoint_with_user_and_password_gets_basic_auth(hooked, receiver):
+    user_url = receiver.url.replace("http://", "http://shop:p%40ss@") + "/events"
+    app, cfg = hooked(GATEWAY_WEBHOOK_URLS=f"default:{user_url}")
+    unknown_events(app, cfg, "default", 1)
+    assert webhooks.Sender(app.ledger, cfg).run_once() == {"delivered": 1}
+    [(headers, _)] = receiver.got
+    assert base64.b64decode(headers["authorization"].split()[1]) == b"shop:p@ss"
+
+
+def test_the_whole_backoff_schedule_with_its_jitter():
+    steps = [webhooks.next_attempt_in(n, rng=lambda: 0.5) for n in range(1, 9)]
+    assert steps == [5, 30, 120, 600, 3600, 21600, 21600, 21600]
+    for n, base in ((1, 5), (6, 21600)):
+        low, high = (webhooks.next_attempt_in(n, rng=lambda r=r: r) for r in (0.0, 1.0))
+        assert (low, high) == pytest.approx((base * 0.9, base * 1.1))
+
+
+def test_an_event_is_retried_until_three_days_then_dead(hooked, receiver):
+    clock = OffsetClock()
+    app, cfg = hooked(clock=clock)
+    unknown_events(app, cfg, "default", 2)
+    receiver.status = 503
+    sender = webhooks.Sender(app.ledger, cfg, clock=clock.wall)
+    clock.advance(3 * 24 * 3600 - 60)
+    assert sender.run_once() == {"pending": 1}  # a minute short of three days: once more
+    clock.advance(120)
+    assert sender.run_once() == {"dead": 1}  # the other one, past three days
 
 
 @pytest.mark.parametrize("address", [

@@ -1,6 +1,7 @@
 """The command line: serve, demo, check-config, reconcile.
 
-Owns `python mpesa_wsgi.py [serve | reconcile [--tx ID] | deliver] [--check-config | --demo]`:
+Owns `python mpesa_wsgi.py [serve | reconcile [--tx ID] | deliver | migrate]
+[--check-config | --demo]`:
 logging set up once, CPU pinning, the graceful waitress serving loop, the demo
 (simulator and gateway on loopback), and start-up errors as one clear message
 and exit status 2, never a traceback.  Only this module imports `mpesa_wsgi`.
@@ -13,12 +14,12 @@ import os
 import secrets
 import select
 import signal
-import sqlite3
 import sys
 import threading
 import time
 
 import config as settings
+import ledger as store
 import logs
 import mpesa_wsgi
 import reconciler
@@ -45,9 +46,22 @@ def build_app(config):
     """create_app, with a ledger that cannot be opened reported as one message."""
     try:
         return mpesa_wsgi.create_app(config)
-    except sqlite3.Error as exc:
-        raise StartupError(f"GATEWAY_DB cannot be opened as a SQLite ledger"
-                           f" ({config.db_path}): {exc}") from None
+    except store.LedgerOpenError as exc:
+        raise StartupError(str(exc)) from None
+
+
+def migrate(config):
+    """Create or upgrade the ledger's schema by hand (serving does it at startup too)."""
+    try:
+        ledger = store.open_ledger(config.db_path, migrate=False)
+    except store.LedgerOpenError as exc:
+        raise StartupError(str(exc)) from None
+    try:
+        version = ledger.migrate()
+    finally:
+        ledger.close()
+    print(f"ledger {settings.masked_url(config.db_path)} schema_version={version}", flush=True)
+    return 0
 
 
 def pin_cpu(setting):
@@ -273,7 +287,8 @@ def reconcile_once(config, tx_id=None):
     app = build_app(dataclasses.replace(config, reconcile=False))
     try:
         worker = reconciler.Reconciler(app.ledger, app.daraja, config,
-                                       observer=app.metrics.reconcile.inc)
+                                       observer=app.metrics.reconcile.inc,
+                                       events=app.services.outbox.event_for)
         if tx_id is not None:
             result, row = worker.check_now(tx_id)
             if row is None:
@@ -304,9 +319,11 @@ def deliver_once(config):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="mpesa_wsgi.py", description="M-Pesa STK Push gateway")
-    parser.add_argument("command", nargs="?", choices=("serve", "reconcile", "deliver"),
+    parser.add_argument("command", nargs="?",
+                        choices=("serve", "reconcile", "deliver", "migrate"),
                         default="serve", help="serve (default), or run one reconciliation"
-                        " pass or one webhook delivery pass and exit")
+                        " pass or one webhook delivery pass, or create or upgrade the"
+                        " ledger's schema, and exit")
     parser.add_argument("--tx", metavar="ID",
                         help="with reconcile: query this one transaction now")
     mode = parser.add_mutually_exclusive_group()
@@ -329,6 +346,8 @@ def main(argv=None):
             return reconcile_once(config, args.tx)
         if args.command == "deliver":
             return deliver_once(config)
+        if args.command == "migrate":
+            return migrate(config)
         cpu = pin_cpu(config.cpu_affinity)  # before anything starts: a bad CPU stops here
         if cpu is not None:
             log.info("pinned to cpu=%d", cpu)

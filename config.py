@@ -171,6 +171,32 @@ def endpoint_url(raw):
     return value
 
 
+def masked_url(url):
+    """A URL with its password (if any) masked, for messages and --check-config."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", f":{MASK}@",
+                                                      1)).geturl()
+
+
+def ledger_target(raw):
+    """A SQLite path (`sqlite:///path` too) or a `postgresql://` URL naming a database."""
+    raw = raw.strip()
+    if raw.startswith("sqlite:///"):
+        raw = raw[len("sqlite:///"):]
+    elif raw.startswith(("postgresql://", "postgres://")):
+        parts = urlsplit(raw)
+        if not parts.hostname or parts.path in ("", "/"):
+            raise ValueError("must be postgresql://user:password@host:port/database")
+        return raw
+    elif "://" in raw:
+        raise ValueError("must be a file path, sqlite:///path or postgresql://…")
+    if not raw:
+        raise ValueError("must name a file")
+    return raw
+
+
 def owner_urls(raw):
     """`name:https://…,…` (a bare URL is named `default`) → ((name, url), ...)."""
     pairs = []
@@ -304,8 +330,9 @@ SETTINGS = (
     ("GATEWAY_CONNECTION_LIMIT", "connection_limit", positive_int, 250, False),
     # Seconds an idle or half-sent connection is kept before waitress closes it.
     ("GATEWAY_CHANNEL_TIMEOUT", "channel_timeout", positive_int, 30, False),
-    # The SQLite ledger file, on local disk.
-    ("GATEWAY_DB", "db_path", text, "mpesa_gateway.db", False),
+    # The ledger: a SQLite file on local disk (a path or sqlite:///path), or
+    # postgresql://user:password@host:5432/db for several processes on several hosts.
+    ("GATEWAY_DB", "db_path", ledger_target, "mpesa_gateway.db", False),
     # Bearer keys of the merchant systems: name:KEY,… (a bare KEY is named default).
     ("GATEWAY_API_KEYS", "api_keys", named_keys, REQUIRED, True),
     # Operator keys that read every owner's payments (never start one). None: no admins.
@@ -414,6 +441,8 @@ class Config:
                 value = ",".join(f"{name}:{MASK}" for name, _ in value)  # names are not secret
             elif f.name in SECRET_FIELDS:
                 value = MASK if value else value
+            elif f.name == "db_path":
+                value = masked_url(value)
             elif isinstance(value, tuple):  # address lists
                 value = ",".join(str(v) for v in value)
             view[f.name] = value
@@ -426,6 +455,7 @@ class Config:
             value = getattr(self, name)
             for item in value if isinstance(value, tuple) else [value]:
                 values.append(item[1] if isinstance(item, tuple) else item)  # (name, key)
+        values.append(urlsplit(self.db_path).password)  # a PostgreSQL password
         return tuple(v for v in values if v)
 
     def __repr__(self):

@@ -36,6 +36,7 @@ PENDING, SUCCEEDED, FAILED, REJECTED, UNKNOWN = (
 FINAL = frozenset({SUCCEEDED, FAILED, REJECTED})  # unknown is not final: a result may still come
 BUSY_TIMEOUT_S = 5.0
 IDEMPOTENCY_TTL_S = 24 * 3600  # keys are kept at least this long (Stripe's window)
+SCHEMA_VERSION = 2  # 1: the tables below; 2: transactions.owner (added by _migrate)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS transactions (
@@ -128,6 +129,29 @@ def new_tx_id(epoch_s, prefix="tx_"):
     return f"{prefix}{int(epoch_s * 1000):012x}{secrets.token_hex(6)}"
 
 
+class LedgerOpenError(Exception):
+    """The ledger cannot be opened (or its driver is missing): one message for startup."""
+
+
+def is_postgres(target):
+    return target.startswith(("postgresql://", "postgres://"))
+
+
+def open_ledger(target, *, clock=time.time, pool_size=8, migrate=True):
+    """The ledger GATEWAY_DB names: a postgresql:// URL (ledger_postgres, pooled to
+    `pool_size` connections), or a SQLite file path. Raises LedgerOpenError."""
+    if is_postgres(target):
+        import ledger_postgres  # only here: SQLite users never import the driver
+
+        return ledger_postgres.PostgresLedger(target, clock=clock, pool_size=pool_size,
+                                              migrate=migrate)
+    try:
+        return Ledger(target, clock=clock)
+    except sqlite3.Error as exc:
+        raise LedgerOpenError(f"GATEWAY_DB cannot be opened as a SQLite ledger ({target}):"
+                              f" {exc}") from None
+
+
 @dataclass(frozen=True)
 class NewEvent:
     """A webhook event to write in the same commit as the status change it reports."""
@@ -156,6 +180,15 @@ class Begun:
 
 
 class Ledger:
+    """The SQLite ledger, and the contract every ledger keeps: its methods are written once,
+    in SQL both engines run; a backend (ledger_postgres) changes only what is marked
+    "backend" below: connections and transactions, row locks and the outbox's sequence."""
+
+    Error = sqlite3.Error  # backend: what a failed ledger call raises
+    SEQ = "rowid"  # backend: the outbox's written order
+    FOR_UPDATE = ""  # backend: lock a row read to be changed (BEGIN IMMEDIATE locks all)
+    SKIP_LOCKED = ""  # backend: a claim passes over rows another claimer is locking
+
     def __init__(self, path, *, clock=time.time, busy_timeout_s=BUSY_TIMEOUT_S, on_connect=None):
         self.path = path
         self._clock = clock
@@ -164,24 +197,32 @@ class Ledger:
         self._local = threading.local()
         self._all = []  # every connection opened, so close() can reach them
         self._all_lock = threading.Lock()
+        self.migrate()
+
+    def migrate(self):
+        """Create the schema or bring a ledger made by an older version up to it; returns
+        the schema version (PRAGMA user_version). Each step is idempotent, since ledgers
+        from before versioning say 0 whatever they hold."""
         conn = self._conn()
         self._when_unlocked(lambda: conn.executescript(SCHEMA))
-        self._when_unlocked(lambda: self._migrate(conn))
+        return self._when_unlocked(lambda: self._migrate(conn))
 
     @staticmethod
     def _migrate(conn):
-        """Bring a ledger made by an older version up to this schema (idempotent)."""
         conn.execute("BEGIN IMMEDIATE")
         try:
+            # 2: the owner of each row (API key names)
             columns = {r[1] for r in conn.execute("PRAGMA table_info(transactions)")}
             if "owner" not in columns:
                 conn.execute("ALTER TABLE transactions ADD COLUMN owner TEXT")
             conn.execute("CREATE INDEX IF NOT EXISTS transactions_owner"
                          " ON transactions (owner, created_at, id)")
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+        return SCHEMA_VERSION
 
     # --- connections --------------------------------------------------------
 
@@ -249,6 +290,18 @@ class Ledger:
             except sqlite3.Error:
                 pass
 
+    def _read(self, sql, args=()):
+        """backend: rows of one query, as dicts."""
+        return [dict(r) for r in self._conn().execute(sql, args)]
+
+    def _read_one(self, sql, args=()):
+        rows = self._read(sql, args)
+        return rows[0] if rows else None
+
+    def _serialize(self, conn, names):
+        """backend: hold these names' locks until the transaction ends (here the file's
+        write lock, taken by BEGIN IMMEDIATE, already serialises every writer)."""
+
     def close(self):
         with self._all_lock:
             conns, self._all = self._all, []
@@ -272,6 +325,9 @@ class Ledger:
         and commit a new `submitting` row. Returns a Begun."""
         now = self._clock()
         with self._write() as conn:
+            # Serialised per key, then per phone (SQLite: BEGIN IMMEDIATE already is).
+            self._serialize(conn, ([f"key:{idempotency.scope}:{idempotency.key}"]
+                                   if idempotency is not None else []) + [f"phone:{phone}"])
             if idempotency is not None:
                 found = conn.execute(
                     "SELECT * FROM idempotency_keys WHERE scope = ? AND key = ?",
@@ -329,8 +385,10 @@ class Ledger:
         """Move idempotency keys stored under `old` (an API key's hash, before owner names)
         to the owner name `new`, so a retry across an upgrade still finds its key."""
         with self._write() as conn:
-            cur = conn.execute("UPDATE OR IGNORE idempotency_keys SET scope = ? WHERE scope = ?",
-                               (new, old))
+            cur = conn.execute(
+                "UPDATE idempotency_keys SET scope = ? WHERE scope = ? AND NOT EXISTS (SELECT 1"
+                " FROM idempotency_keys k WHERE k.scope = ? AND k.key = idempotency_keys.key)",
+                (new, old, new))
         return cur.rowcount
 
     def prune_idempotency(self):
@@ -376,11 +434,9 @@ class Ledger:
 
     def get(self, ref):
         """The row by gateway id or CheckoutRequestID, as a dict, or None."""
-        cur = self._conn().execute(
+        return self._read_one(
             "SELECT * FROM transactions WHERE id = ? UNION ALL"
             " SELECT * FROM transactions WHERE checkout_request_id = ? LIMIT 1", (ref, ref))
-        row = cur.fetchone()
-        return dict(row) if row is not None else None
 
     def recover_interrupted(self, older_than_s, event=None):
         """Rows stuck in `submitting` (the process died mid-push) become `unknown`, each
@@ -417,7 +473,7 @@ class Ledger:
                 "SELECT id FROM transactions WHERE checkout_request_id IS NOT NULL"
                 " AND next_check_at <= ? AND claimed_until <= ?"
                 " AND ((status = ? AND created_at <= ?) OR (status = ? AND created_at >= ?))"
-                " ORDER BY next_check_at, created_at LIMIT 1",
+                f" ORDER BY next_check_at, created_at LIMIT 1{self.SKIP_LOCKED}",
                 (due_by, now, PENDING, iso_utc(now - older_than_s), UNKNOWN,
                  iso_utc(now - unknown_window_s))).fetchone()
             if row is not None:
@@ -449,7 +505,8 @@ class Ledger:
         queried now and then (from `next_check_at`) in case the result turns up. The
         webhook event `event(before, after, "gave_up")` is written in the same commit."""
         with self._write() as conn:
-            before = conn.execute("SELECT * FROM transactions WHERE id = ?", (tx_id,)).fetchone()
+            before = conn.execute(f"SELECT * FROM transactions WHERE id = ?{self.FOR_UPDATE}",
+                                  (tx_id,)).fetchone()
             row = conn.execute(
                 "UPDATE transactions SET status = ?, reason = 'no_final_result', claimed_until = 0,"
                 " next_check_at = ?, check_attempts = check_attempts + 1, updated_at = ?"
@@ -484,7 +541,7 @@ class Ledger:
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
-        rows = [dict(r) for r in self._conn().execute(sql, (*args, limit + 1))]
+        rows = self._read(sql, (*args, limit + 1))
         return rows[:limit], len(rows) > limit
 
     def writable(self):
@@ -505,8 +562,8 @@ class Ledger:
 
     def count_by_status(self):
         """Counts by public status: `submitting` is shown as `pending`, as in the API."""
-        rows = self._conn().execute("SELECT status, COUNT(*) FROM transactions GROUP BY status")
-        counts = {status: n for status, n in rows}
+        rows = self._read("SELECT status, COUNT(*) AS n FROM transactions GROUP BY status")
+        counts = {r["status"]: r["n"] for r in rows}
         if SUBMITTING in counts:
             counts[PENDING] = counts.get(PENDING, 0) + counts.pop(SUBMITTING)
         return counts
@@ -527,7 +584,8 @@ class Ledger:
         unknown_transaction; row is None for an unknown transaction.
         """
         with self._write() as conn:
-            row = conn.execute("SELECT * FROM transactions WHERE id = ?", (tx_id,)).fetchone()
+            row = conn.execute(f"SELECT * FROM transactions WHERE id = ?{self.FOR_UPDATE}",
+                               (tx_id,)).fetchone()
             if row is None:
                 outcome = "unknown_transaction"
             elif rules is None:
@@ -589,33 +647,42 @@ class Ledger:
         merchant sees them in order: written order is the rowid, whatever the clocks of
         the processes that wrote them said."""
         now = self._clock()
-        skip = ",".join("?" * len(skip_owners))
+        skip = (f" AND owner NOT IN ({','.join('?' * len(skip_owners))})" if skip_owners
+                else "")
+        seq = self.SEQ
         with self._write() as conn:
             row = conn.execute(
                 "SELECT id FROM events e WHERE status = 'pending' AND next_attempt_at <= ?"
-                f" AND claimed_until <= ? AND owner NOT IN ({skip}) AND NOT EXISTS"
-                " (SELECT 1 FROM events o WHERE o.tx_id = e.tx_id AND o.status = 'pending'"
-                " AND o.rowid < e.rowid) ORDER BY next_attempt_at, rowid LIMIT 1",
+                f" AND claimed_until <= ?{skip} AND NOT EXISTS (SELECT 1 FROM events o"
+                f" WHERE o.tx_id = e.tx_id AND o.status = 'pending' AND o.{seq} < e.{seq})"
+                f" ORDER BY next_attempt_at, {seq} LIMIT 1{self.SKIP_LOCKED}",
                 (now, now, *skip_owners)).fetchone()
             if row is not None:
                 row = conn.execute("UPDATE events SET claimed_until = ? WHERE id = ?"
                                    " RETURNING *", (now + lease_s, row["id"])).fetchone()
         return dict(row) if row is not None else None
 
-    def record_attempt(self, event_id, lease, *, status_code, duration_ms, error, delivered,
-                       next_attempt_at=None):
+    def record_attempt(self, event_id, lease, *, due_at, status_code, duration_ms, error,
+                       delivered, next_attempt_at=None):
         """One delivery attempt: its result, and the event's next state (delivered, pending
-        again from `next_attempt_at`, or dead when that is None), if the lease is ours."""
+        again from `next_attempt_at`, or dead when that is None), if the lease is ours.
+        `due_at`: the event's next_attempt_at when it was claimed; if it moved since, an
+        operator asked for a redelivery during the attempt, and that request stands."""
         now = self._clock()
         state = "delivered" if delivered else ("pending" if next_attempt_at else "dead")
         with self._write() as conn:
-            cur = conn.execute(
-                "UPDATE events SET status = ?, attempts = attempts + 1, claimed_until = 0,"
-                " next_attempt_at = COALESCE(?, next_attempt_at),"
-                " delivered_at = COALESCE(?, delivered_at) WHERE id = ? AND claimed_until = ?",
-                (state, next_attempt_at, now if delivered else None, event_id, lease))
-            if cur.rowcount != 1:
+            row = conn.execute(
+                "UPDATE events SET attempts = attempts + 1, claimed_until = 0,"
+                " status = CASE WHEN next_attempt_at = ? THEN ? ELSE 'pending' END,"
+                " next_attempt_at = CASE WHEN next_attempt_at = ?"
+                " THEN COALESCE(?, next_attempt_at) ELSE next_attempt_at END,"
+                " delivered_at = COALESCE(?, delivered_at) WHERE id = ? AND claimed_until = ?"
+                " RETURNING status",
+                (due_at, state, due_at, next_attempt_at, now if delivered else None, event_id,
+                 lease)).fetchone()
+            if row is None:
                 return "lost_lease"  # another sender holds it now: its result counts
+            state = row["status"]
             conn.execute("INSERT INTO event_attempts (event_id, at, status_code, duration_ms,"
                          " error) VALUES (?, ?, ?, ?, ?)",
                          (event_id, now, status_code, duration_ms, error))
@@ -633,24 +700,21 @@ class Ledger:
             where.append("id < ?")
             args.append(after)
         sql = "SELECT * FROM events" + (" WHERE " + " AND ".join(where) if where else "")
-        rows = [dict(r) for r in self._conn().execute(sql + " ORDER BY id DESC LIMIT ?",
-                                                      (*args, limit + 1))]
+        rows = self._read(sql + " ORDER BY id DESC LIMIT ?", (*args, limit + 1))
         return rows[:limit], len(rows) > limit
 
     def outbox_backlog(self):
         """(events not yet delivered, creation time of the oldest of them or None)."""
-        count, oldest = self._conn().execute(
-            "SELECT COUNT(*), MIN(created_at) FROM events WHERE status = 'pending'").fetchone()
-        return count, oldest
+        row = self._read_one("SELECT COUNT(*) AS n, MIN(created_at) AS oldest FROM events"
+                             " WHERE status = 'pending'")
+        return row["n"], row["oldest"]
 
     def event(self, event_id):
         """One event with its attempts, or None."""
-        row = self._conn().execute("SELECT * FROM events WHERE id = ?", (event_id,)).fetchone()
-        if row is None:
-            return None
-        row = dict(row)
-        row["attempts_log"] = [dict(a) for a in self._conn().execute(
-            "SELECT * FROM event_attempts WHERE event_id = ? ORDER BY id", (event_id,))]
+        row = self._read_one("SELECT * FROM events WHERE id = ?", (event_id,))
+        if row is not None:
+            row["attempts_log"] = self._read(
+                "SELECT * FROM event_attempts WHERE event_id = ? ORDER BY id", (event_id,))
         return row
 
     def redeliver(self, event_id):
@@ -667,27 +731,24 @@ class Ledger:
         `older_than_s` ago, at most `limit` per call so the write lock is held briefly."""
         cutoff = self._clock() - older_than_s
         with self._write() as conn:
-            ids = [r[0] for r in conn.execute(
+            ids = [r["id"] for r in conn.execute(
                 "SELECT id FROM events WHERE status IN ('delivered', 'dead')"
                 " AND created_at < ? LIMIT ?", (cutoff, limit))]
-            marks = ",".join("?" * len(ids))
-            conn.execute(f"DELETE FROM event_attempts WHERE event_id IN ({marks})", ids)
-            conn.execute(f"DELETE FROM events WHERE id IN ({marks})", ids)
+            if ids:
+                marks = ",".join("?" * len(ids))
+                conn.execute(f"DELETE FROM event_attempts WHERE event_id IN ({marks})", ids)
+                conn.execute(f"DELETE FROM events WHERE id IN ({marks})", ids)
         return len(ids)
 
     def events(self, tx_id=None):
         """Events (of one transaction), oldest first, each with its attempts."""
-        conn = self._conn()
-        rows = [dict(r) for r in conn.execute(
-            "SELECT * FROM events" + (" WHERE tx_id = ?" if tx_id else "") + " ORDER BY rowid",
-            (tx_id,) if tx_id else ())]
+        rows = self._read("SELECT * FROM events" + (" WHERE tx_id = ?" if tx_id else "")
+                          + f" ORDER BY {self.SEQ}", (tx_id,) if tx_id else ())
         for row in rows:
-            row["attempts_log"] = [dict(a) for a in conn.execute(
-                "SELECT * FROM event_attempts WHERE event_id = ? ORDER BY id", (row["id"],))]
+            row["attempts_log"] = self._read(
+                "SELECT * FROM event_attempts WHERE event_id = ? ORDER BY id", (row["id"],))
         return rows
 
     def callbacks(self, tx_id):
         """The stored callbacks of one transaction, oldest first."""
-        rows = self._conn().execute(
-            "SELECT * FROM callbacks WHERE tx_id = ? ORDER BY id", (tx_id,)).fetchall()
-        return [dict(r) for r in rows]
+        return self._read("SELECT * FROM callbacks WHERE tx_id = ? ORDER BY id", (tx_id,))

@@ -20,7 +20,6 @@ import hmac
 import json
 import logging
 import os
-import sqlite3
 import time
 from dataclasses import dataclass
 
@@ -234,7 +233,9 @@ def build_services(config=None, *, clock=None):
     if config is None:
         config = settings.load_config(os.environ)
     clock = clock or SystemClock()
-    ledger = store.Ledger(config.db_path, clock=clock.wall)
+    # Pooled (PostgreSQL) to one connection per server thread and background worker.
+    ledger = store.open_ledger(config.db_path, clock=clock.wall,
+                               pool_size=config.threads + 4)
 
     def by_status():
         counts = ledger.count_by_status()
@@ -352,7 +353,7 @@ def _start_payment(services, note, caller, load_body, idempotency_key):
             phone=push.phone, amount=push.amount, reference=push.reference,
             description=push.description, idempotency=idem, phone_lock_s=cfg.phone_lock_s,
             owner=caller.owner)
-    except sqlite3.Error:
+    except services.ledger.Error:
         log.exception("ledger write failed before push")
         raise ServiceUnavailable("the ledger cannot be written; nothing was sent",
                                  code="ledger_unavailable",
@@ -372,7 +373,7 @@ def _start_payment(services, note, caller, load_body, idempotency_key):
         return push_not_accepted(
             services, row, daraja.DarajaError("stk_push", daraja.UNKNOWN, "internal_error"), idem)
     try:
-        row = with_retries(lambda: services.ledger.mark_accepted(
+        row = with_retries(services.ledger, lambda: services.ledger.mark_accepted(
             row["id"], accepted.checkout_request_id, accepted.merchant_request_id))
     except Exception:  # noqa: BLE001 - the prompt is out: never a 500 from here on
         # The row stays `submitting`, so recovery makes it `unknown` and its signed callback
@@ -386,13 +387,13 @@ def _start_payment(services, note, caller, load_body, idempotency_key):
 LEDGER_RETRIES_S = (0.05, 0.25)  # a lock that outlasted the busy timeout rarely lasts longer
 
 
-def with_retries(write):
+def with_retries(ledger, write):
     """Run a ledger write that must not be lost (a push has been answered), retrying a
     failure twice; the last failure is raised."""
     for pause in LEDGER_RETRIES_S:
         try:
             return write()
-        except sqlite3.Error:
+        except ledger.Error:
             log.warning("ledger write failed; retrying in %.2f s", pause)
             time.sleep(pause)
     return write()
@@ -403,7 +404,7 @@ def pinned(services, idem, status, body):
     write fails the answer still stands: a retry with the key then finds the row itself."""
     if idem is not None:
         try:
-            with_retries(lambda: services.ledger.store_response(idem, status, dumps(body)))
+            with_retries(services.ledger, lambda: services.ledger.store_response(idem, status, dumps(body)))
         except Exception:  # noqa: BLE001 - the answer stands
             log.exception("ledger write failed storing the idempotent answer tx=%s", body["id"])
     return status, body
@@ -436,7 +437,7 @@ def push_not_accepted(services, row, exc, idem):
     if exc.outcome == daraja.UNKNOWN:
         # It may have reached the customer: never resend; the callback or a query settles it.
         try:
-            row = with_retries(lambda: ledger.mark_not_accepted(
+            row = with_retries(ledger, lambda: ledger.mark_not_accepted(
                 row["id"], store.UNKNOWN, exc.reason, event=services.outbox.event_for))
         except Exception:  # noqa: BLE001 - it may have reached the customer: never a 500
             # Still `submitting` in the ledger, so recovery makes it `unknown` too.
@@ -471,9 +472,9 @@ def _refused(ledger, row, reason, exc, idem):
     recovery will call it `unknown`) and the key stays taken: say exactly that, rather
     than promise a retry with the same key that would be refused."""
     try:
-        with_retries(lambda: ledger.mark_not_accepted(
+        with_retries(ledger, lambda: ledger.mark_not_accepted(
             row["id"], store.REJECTED, reason, exc.error_code, exc.error_message, release=idem))
-    except sqlite3.Error:
+    except ledger.Error:
         log.exception("ledger write failed after a refused push tx=%s", row["id"])
         raise ServiceUnavailable(
             f"Daraja did not take the request, so nothing was sent, but the ledger could not"
@@ -550,7 +551,7 @@ def receive_callback(services, note, tx_id, sig, environ, load_raw):
         name, row = settlement.apply(services.ledger, tx_id, outcome,
                                      callback=settlement.CallbackRecord(raw, source),
                                      events=services.outbox.event_for)
-    except sqlite3.Error:
+    except services.ledger.Error:
         # Not stored, so not acknowledged; the reconciler's query settles it if it never returns.
         log.exception("ledger write failed for callback tx=%s", tx_id)
         raise ServiceUnavailable("the callback could not be stored", code="ledger_unavailable",

@@ -231,6 +231,7 @@ def test_events_of_a_payment_are_delivered_in_written_order_whatever_the_clocks(
     first = ledger.claim_event(60)
     assert first["type"] == "failed"
     assert ledger.claim_event(60) is None  # the success waits for the failure
-    ledger.record_attempt(first["id"], first["claimed_until"], status_code=200,
+    ledger.record_attempt(first["id"], first["claimed_until"], due_at=first["next_attempt_at"],
+                          status_code=200,
                           duration_ms=1, error=None, delivered=True)
     assert ledger.claim_event(60)["type"] == "succeeded"

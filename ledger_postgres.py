@@ -1,0 +1,205 @@
+"""The PostgreSQL ledger: the same contract as the SQLite one, for several hosts.
+
+Owns the PostgreSQL side of the ledger: the connection pool (psycopg 3 and
+psycopg_pool, an optional install: requirements-postgres.txt), the schema and its
+versioned migrations, and the engine's own means for the promises `ledger.Ledger`
+states once in SQL:
+
+- every write is one transaction on one pooled connection, committed before the
+  call returns (the server's `synchronous_commit = on` makes that durable);
+- an idempotency key and a phone are serialised with transaction-scoped advisory
+  locks (two hosts cannot both claim one key or prompt one phone), not a table lock;
+- a row read to be changed is locked `FOR UPDATE`; the reconciler's and the webhook
+  sender's claims pass over locked rows (`FOR UPDATE SKIP LOCKED`) and take per-row
+  leases;
+- the outbox's written order is an identity column;
+- a connection that broke (the server restarted) is checked and replaced when taken
+  from the pool, so the gateway recovers by itself.
+"""
+
+import logging
+import re
+from contextlib import contextmanager
+from functools import lru_cache
+
+import config
+import ledger as store
+
+try:
+    import psycopg
+    from psycopg.rows import dict_row
+    from psycopg_pool import ConnectionPool
+except ImportError:  # an optional install: only needed when GATEWAY_DB is a postgresql URL
+    psycopg = None
+
+log = logging.getLogger(__name__)
+
+POOL_TIMEOUT_S = 5.0  # a request waits this long for a connection, then 503 ledger_unavailable
+CONNECT_TIMEOUT_S = 5
+MIGRATE_LOCK = "mpesa-gateway:migrate"
+
+# Each step runs once, in order, in one transaction; `schema_migrations` records it.
+MIGRATIONS = (
+    (1, """
+CREATE TABLE transactions (
+    id                  TEXT PRIMARY KEY,
+    checkout_request_id TEXT UNIQUE,
+    merchant_request_id TEXT,
+    status              TEXT NOT NULL,
+    reason              TEXT,
+    phone               TEXT NOT NULL,
+    amount              BIGINT NOT NULL,
+    reference           TEXT NOT NULL,
+    description         TEXT NOT NULL,
+    result_code         TEXT,
+    result_desc         TEXT,
+    receipt             TEXT,
+    created_at          TEXT NOT NULL,
+    updated_at          TEXT NOT NULL,
+    next_check_at       DOUBLE PRECISION NOT NULL DEFAULT 0,
+    check_attempts      INTEGER NOT NULL DEFAULT 0,
+    claimed_until       DOUBLE PRECISION NOT NULL DEFAULT 0,
+    owner               TEXT
+);
+CREATE INDEX transactions_status ON transactions (status, next_check_at);
+CREATE INDEX transactions_phone ON transactions (phone, created_at);
+CREATE INDEX transactions_created ON transactions (created_at, id);
+CREATE INDEX transactions_owner ON transactions (owner, created_at, id);
+CREATE TABLE heartbeat (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    at DOUBLE PRECISION NOT NULL
+);
+CREATE TABLE idempotency_keys (
+    scope        TEXT NOT NULL,
+    key          TEXT NOT NULL,
+    request_hash TEXT NOT NULL,
+    tx_id        TEXT NOT NULL,
+    status_code  INTEGER,
+    body         BYTEA,
+    created_at   DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (scope, key)
+);
+CREATE INDEX idempotency_created ON idempotency_keys (created_at);
+CREATE TABLE callbacks (
+    id          BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    tx_id       TEXT NOT NULL,
+    received_at TEXT NOT NULL,
+    remote_addr TEXT,
+    outcome     TEXT NOT NULL,
+    body        BYTEA NOT NULL
+);
+CREATE INDEX callbacks_tx ON callbacks (tx_id);
+CREATE TABLE events (
+    id              TEXT PRIMARY KEY,
+    seq             BIGINT GENERATED ALWAYS AS IDENTITY UNIQUE,
+    tx_id           TEXT NOT NULL,
+    owner           TEXT NOT NULL,
+    type            TEXT NOT NULL,
+    body            BYTEA NOT NULL,
+    status          TEXT NOT NULL,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at DOUBLE PRECISION NOT NULL,
+    claimed_until   DOUBLE PRECISION NOT NULL DEFAULT 0,
+    created_at      DOUBLE PRECISION NOT NULL,
+    delivered_at    DOUBLE PRECISION
+);
+CREATE INDEX events_due ON events (status, next_attempt_at);
+CREATE INDEX events_tx ON events (tx_id, seq);
+CREATE INDEX events_owner ON events (owner, id);
+CREATE TABLE event_attempts (
+    id          BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    event_id    TEXT NOT NULL,
+    at          DOUBLE PRECISION NOT NULL,
+    status_code INTEGER,
+    duration_ms DOUBLE PRECISION NOT NULL,
+    error       TEXT
+);
+CREATE INDEX event_attempts_event ON event_attempts (event_id);
+"""),
+)
+
+
+@lru_cache(maxsize=512)
+def _sql(text):
+    """The ledger's SQL (qmark and :name parameters) in psycopg's format style."""
+    text = text.replace("%", "%%").replace("?", "%s")
+    return re.sub(r"(?<![:\w]):([a-z_]+)", r"%(\1)s", text)
+
+
+class _Tx:
+    """A connection inside one transaction, speaking the ledger's SQL."""
+
+    def __init__(self, conn):
+        self.conn = conn
+
+    def execute(self, sql, args=()):
+        return self.conn.execute(_sql(sql), args)
+
+
+class PostgresLedger(store.Ledger):
+    Error = psycopg.Error if psycopg is not None else OSError
+    SEQ = "seq"
+    FOR_UPDATE = " FOR UPDATE"
+    SKIP_LOCKED = " FOR UPDATE SKIP LOCKED"
+
+    def __init__(self, url, *, clock, pool_size=8, migrate=True):
+        if psycopg is None:
+            raise store.LedgerOpenError(
+                "GATEWAY_DB is a PostgreSQL URL but psycopg is not installed:"
+                " pip install -r requirements-postgres.txt")
+        self.path = config.masked_url(url)
+        self._clock = clock
+        self._pool = ConnectionPool(
+            url, min_size=1, max_size=pool_size, timeout=POOL_TIMEOUT_S, open=False,
+            kwargs={"autocommit": True, "row_factory": dict_row,
+                    "connect_timeout": CONNECT_TIMEOUT_S, "application_name": "mpesa-gateway"},
+            check=ConnectionPool.check_connection, name="ledger")
+        try:
+            self._pool.open(wait=True, timeout=POOL_TIMEOUT_S + CONNECT_TIMEOUT_S)
+            if migrate:
+                self.migrate()
+        except Exception as exc:
+            self._pool.close()
+            raise store.LedgerOpenError(
+                f"the PostgreSQL ledger {self.path} cannot be opened: {exc}") from None
+
+    def migrate(self):
+        """Apply the steps not applied yet; returns the schema version. Two processes
+        starting at once take turns (an advisory lock), so each step runs once."""
+        with self._write() as tx:
+            tx.execute("SELECT pg_advisory_xact_lock(hashtextextended(?, 0))", (MIGRATE_LOCK,))
+            tx.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY"
+                       " KEY, applied_at DOUBLE PRECISION NOT NULL)")
+            done = {r["version"] for r in tx.execute("SELECT version FROM schema_migrations")}
+            for version, script in MIGRATIONS:
+                if version not in done:
+                    tx.conn.execute(script)
+                    tx.execute("INSERT INTO schema_migrations (version, applied_at)"
+                               " VALUES (?, ?)", (version, self._clock()))
+                    log.info("ledger migrated to version=%d", version)
+        return MIGRATIONS[-1][0]
+
+    @contextmanager
+    def _write(self):
+        with self._pool.connection() as conn, conn.transaction():
+            yield _Tx(conn)
+
+    def _read(self, sql, args=()):
+        with self._pool.connection() as conn:
+            return conn.execute(_sql(sql), args).fetchall()
+
+    def _serialize(self, conn, names):
+        for name in names:
+            conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(?, 0))", (name,))
+
+    def writable(self):
+        try:
+            with self._write() as tx:
+                tx.execute("INSERT INTO heartbeat (id, at) VALUES (1, ?)"
+                           " ON CONFLICT (id) DO UPDATE SET at = excluded.at", (self._clock(),))
+        except self.Error:
+            return False
+        return True
+
+    def close(self):
+        self._pool.close()

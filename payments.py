@@ -404,7 +404,8 @@ def pinned(services, idem, status, body):
     write fails the answer still stands: a retry with the key then finds the row itself."""
     if idem is not None:
         try:
-            with_retries(services.ledger, lambda: services.ledger.store_response(idem, status, dumps(body)))
+            ledger = services.ledger
+            with_retries(ledger, lambda: ledger.store_response(idem, status, dumps(body)))
         except Exception:  # noqa: BLE001 - the answer stands
             log.exception("ledger write failed storing the idempotent answer tx=%s", body["id"])
     return status, body

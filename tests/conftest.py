@@ -248,8 +248,26 @@ class GatewayHandle:
 
 
 @pytest.fixture
-def gateway_env(sim, tmp_path):
-    return base_env(sim.url, tmp_path / "ledger.db")
+def engine(request):
+    """The ledger engine of the gateway fixtures: SQLite, unless the module says
+    `ENGINES = BOTH_ENGINES`: then each of its tests that uses a gateway runs on both."""
+    return getattr(request, "param", "sqlite")
+
+
+BOTH_ENGINES = ("sqlite", "postgresql")
+
+
+def pytest_generate_tests(metafunc):
+    engines = getattr(metafunc.module, "ENGINES", None)
+    if engines and "engine" in metafunc.fixturenames:
+        metafunc.parametrize("engine", engines, indirect=True)
+
+
+@pytest.fixture
+def gateway_env(sim, tmp_path, engine, request):
+    target = (tmp_path / "ledger.db" if engine == "sqlite"
+              else request.getfixturevalue("pg_url"))
+    return base_env(sim.url, target)
 
 
 @pytest.fixture
@@ -300,3 +318,33 @@ def read_only(path):
         conn.close()
 
 
+
+
+# --- PostgreSQL: a throwaway cluster for the run, a fresh database per test -----------------
+
+@pytest.fixture(scope="session")
+def pg_cluster():
+    import postgres_server
+
+    reason = postgres_server.missing()
+    if reason is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"PostgreSQL is required in CI: {reason}", pytrace=False)
+        pytest.skip(reason)
+    cluster = postgres_server.Cluster()
+    yield cluster
+    cluster.close()
+
+
+@pytest.fixture
+def pg_url(pg_cluster):
+    """The URL of a new, empty PostgreSQL database."""
+    return pg_cluster.new_database()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger_target(request, tmp_path):
+    """Where a ledger lives, once per engine: every ledger promise is tested on both."""
+    if request.param == "sqlite":
+        return str(tmp_path / "ledger.db")
+    return request.getfixturevalue("pg_url")

@@ -1,7 +1,6 @@
 """Gateway and simulator on real loopback sockets: every scenario phone, end to end."""
 
 import re
-import sqlite3
 import time
 import urllib.request
 from urllib.parse import urlsplit
@@ -12,8 +11,11 @@ from webtest import TestApp
 import config
 import mpesa_wsgi
 from conftest import API_KEY, GatewayHandle, SECRET, base_env, serve, wait_for
-from ledger import Ledger
+import ledger as store
 from payments import callback_signature
+from conftest import BOTH_ENGINES
+
+ENGINES = BOTH_ENGINES  # on each ledger engine
 
 FINAL = ("succeeded", "failed", "rejected", "unknown")
 
@@ -109,10 +111,10 @@ def test_ledger_row_is_committed_before_daraja_is_called(gateway, sim):
     def on_push(payload):
         path = urlsplit(payload["CallBackURL"]).path
         tx_id = path.split("/")[2]
-        with sqlite3.connect(gateway.app.config.db_path) as conn:  # another connection
-            row = conn.execute("SELECT status, amount FROM transactions WHERE id = ?",
-                               (tx_id,)).fetchone()
-        seen.append((path, row))
+        other = store.open_ledger(gateway.app.config.db_path)  # another connection
+        row = other.get(tx_id)
+        other.close()
+        seen.append((path, (row["status"], row["amount"])))
 
     sim.sim.on_push = on_push
     res = gateway.push({"phone": "0712345001", "amount": 42})
@@ -172,7 +174,7 @@ def test_payments_survive_closing_and_reopening_the_ledger(gateway):
     res = gateway.push({"phone": "0712345005", "amount": 77})
     final = gateway.wait_status(res.json["id"], *FINAL, timeout=30)
     gateway.app.ledger.close()
-    reopened = Ledger(gateway.app.config.db_path)
+    reopened = store.open_ledger(gateway.app.config.db_path)
     row = reopened.get(res.json["checkout_request_id"])
     assert (row["id"], row["status"], row["amount"], row["receipt"]) == (
         final["id"], "succeeded", 77, final["receipt"])

@@ -12,11 +12,12 @@ from webtest import TestApp
 import config
 import ledger as store
 import mpesa_wsgi
-from conftest import API_KEY, FakeClock, OTHER_KEY, ROOT_DIR, base_env
+from conftest import API_KEY, BOTH_ENGINES, FakeClock, OTHER_KEY, ROOT_DIR, base_env
 from fake_daraja import FakeDaraja, accepted, sleep, token
 from ratelimit import RateLimiter
 
 BODY = {"phone": "0712345678", "amount": 10, "reference": "INV001"}
+ENGINES = BOTH_ENGINES  # the gateway's promises on each ledger engine
 
 
 

@@ -13,6 +13,9 @@ import config
 import ledger as store
 import mpesa_wsgi
 from conftest import ROOT_DIR, base_env
+from conftest import BOTH_ENGINES
+
+ENGINES = BOTH_ENGINES  # on each ledger engine
 
 SHOP, SHOP_NEW, POS = ("shop-key-0123456789abcdef", "shop-key-rotated-0123456789",
                        "pos-key-0123456789abcdef")
@@ -112,7 +115,7 @@ def test_idempotency_and_the_rate_limit_belong_to_the_name(gateway_env):
 def test_keys_stored_before_names_are_found_after_the_upgrade(gateway_env, sim):
     path = gateway_env["GATEWAY_DB"]
     legacy_scope = hashlib.sha256(SHOP.encode()).hexdigest()[:16]  # how keys were scoped
-    ledger = store.Ledger(path)
+    ledger = store.open_ledger(path)
     request_hash = hashlib.sha256(b'["254712000071", 10, "Payment", "Payment"]').hexdigest()
     begun = ledger.begin_push(phone="254712000071", amount=10, reference="Payment",
                               description="Payment",

@@ -13,8 +13,11 @@ import config
 import mpesa_wsgi
 from conftest import API_KEY, FakeClock, ROOT_DIR, base_env, wait_for
 from fake_daraja import FakeDaraja, accepted, error, reply, token
-from ledger import Ledger
+import ledger as store
 from reconciler import Reconciler
+from conftest import BOTH_ENGINES
+
+ENGINES = BOTH_ENGINES  # on each ledger engine
 
 FAST = {"GATEWAY_RECONCILE": "on", "MPESA_RECONCILE_AFTER_S": "0.2",
         "MPESA_RECONCILE_BACKOFF_S": "0.1", "MPESA_RECONCILE_DEADLINE_S": "30"}
@@ -143,8 +146,8 @@ def test_two_claimers_never_hold_the_same_row(gateway_env, sim):
         for n in range(3):
             TestApp(app).post_json("/stkpush", {"phone": f"071234500{n}", "amount": 10},
                                    headers=AUTH, status=202)
-        first = Ledger(app.config.db_path)
-        second = Ledger(app.config.db_path)
+        first = store.open_ledger(app.config.db_path)  # two processes, or two hosts
+        second = store.open_ledger(app.config.db_path)
         claim = dict(older_than_s=0, lease_s=30, unknown_window_s=3600)
         a = [first.claim_next(**claim), first.claim_next(**claim)]
         b = second.claim_next(**claim)
@@ -195,7 +198,7 @@ def test_reconcile_command_does_the_same_work_once(gateway_env, sim):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "reconcile succeeded=1" in proc.stdout
-    reopened = Ledger(gateway_env["GATEWAY_DB"])
+    reopened = store.open_ledger(gateway_env["GATEWAY_DB"])
     assert reopened.get(tx["id"])["status"] == "succeeded"
     reopened.close()
     assert sim.stats()["queries"] - queries_before == 1  # the command asked once

@@ -17,6 +17,9 @@ import reconciler as rec_module
 from conftest import API_KEY, ROOT_DIR, FakeClock, base_env
 from fake_daraja import FakeDaraja, accepted, error, reply, reset, sleep, token
 from reconciler import Reconciler
+from conftest import BOTH_ENGINES
+
+ENGINES = BOTH_ENGINES  # on each ledger engine
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 NOT_YET = error(500, "500.001.1001", "The transaction is being processed")

@@ -8,6 +8,9 @@ import pytest
 
 import settlement
 from settlement import Outcome
+from conftest import BOTH_ENGINES
+
+ENGINES = BOTH_ENGINES  # on each ledger engine
 
 FINAL = ("succeeded", "failed", "rejected", "unknown")
 

@@ -17,6 +17,9 @@ import config
 import mpesa_wsgi
 import webhooks
 from conftest import API_KEY, OffsetClock, _LateApp, free_port, serve, wait_for
+from conftest import BOTH_ENGINES
+
+ENGINES = BOTH_ENGINES  # on each ledger engine
 
 SECRET = "whsec_" + base64.b64encode(b"merchant-signing-secret-0123456789").decode()
 AUTH = {"Authorization": f"Bearer {API_KEY}"}

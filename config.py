@@ -168,6 +168,11 @@ def endpoint_url(raw):
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.fragment \
             or any(c.isspace() for c in value):
         raise ValueError("must be absolute http:// or https:// URLs")
+    try:
+        parts.port  # noqa: B018 - raises for a port out of range
+        parts.hostname.encode("idna")  # raises for a label too long or empty
+    except (ValueError, UnicodeError):
+        raise ValueError("must be URLs with a valid host name and port") from None
     return value
 
 

@@ -718,11 +718,12 @@ class Ledger:
         return row
 
     def redeliver(self, event_id):
-        """Send an event again (delivered or dead ones too) as soon as the sender runs."""
+        """Send an event again (delivered or dead ones too) as soon as the sender runs; its
+        backoff starts again from the first step (the attempts log keeps every try)."""
         with self._write() as conn:
             # The lease is left alone: an attempt in flight finishes under it first.
             row = conn.execute(
-                "UPDATE events SET status = 'pending', next_attempt_at = ?"
+                "UPDATE events SET status = 'pending', next_attempt_at = ?, attempts = 0"
                 " WHERE id = ? RETURNING *", (self._clock(), event_id)).fetchone()
         return dict(row) if row is not None else None
 

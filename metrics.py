@@ -86,6 +86,11 @@ class Histogram:
         return out
 
 
+def _one(value):
+    """A label-less gauge's samples: none when the value cannot be read (None)."""
+    return {} if value is None else {(): value}
+
+
 class Gauge:
     """A gauge read at scrape time from `read()`, which returns {label values: number}."""
 
@@ -136,7 +141,7 @@ class GatewayMetrics:
         self.webhook_oldest = Gauge(
             p + "webhook_oldest_undelivered_seconds",
             "Age of the oldest webhook event not yet delivered (0: none).", (),
-            lambda: {(): outbox() if outbox else 0.0})
+            lambda: _one(outbox() if outbox else 0.0))
         self._families = (self.requests, self.request_seconds, self.daraja_calls,
                           self.daraja_seconds, self.token_fetches, self.callbacks,
                           self.reconcile, self.reconcile_refusals, self.transactions,

@@ -192,20 +192,26 @@ class Services:
         checked_at, checks = self._health
         now = self.clock.monotonic()
         if checks is None or now - checked_at >= HEALTH_CHECK_EVERY_S:
-            counts = self.ledger.count_by_status()
+            writable = self.ledger.writable()
+            try:  # a ledger that cannot be written may still be read (SQLite) or not (a
+                #     PostgreSQL server that is down): then its counts are unknown
+                counts = self.ledger.count_by_status() if writable else None
+            except self.ledger.Error:
+                counts = None
             age = self.daraja.tokens.age()
             checks = {
-                "ledger_writable": self.ledger.writable(),
+                "ledger_writable": writable,
                 "token_age_s": None if age is None else round(age, 1),
-                "pending": counts.get(store.PENDING, 0),
-                "unknown": counts.get(store.UNKNOWN, 0),
+                "pending": None if counts is None else counts.get(store.PENDING, 0),
+                "unknown": None if counts is None else counts.get(store.UNKNOWN, 0),
                 "push_slots": self.slots.total,
                 "push_slots_in_use": self.slots.in_use(),
             }
             if self.reconciler is not None:
                 checks["reconcile_query_refusals"] = self.reconciler.refusals
             if self.config.webhook_urls:
-                backlog, oldest = self.ledger.outbox_backlog()
+                backlog, oldest = self.ledger.outbox_backlog() if counts is not None else (
+                    None, None)
                 checks["webhook_backlog"] = backlog
                 checks["webhook_oldest_s"] = (None if oldest is None
                                               else round(self.clock.wall() - oldest, 1))
@@ -237,13 +243,19 @@ def build_services(config=None, *, clock=None):
     ledger = store.open_ledger(config.db_path, clock=clock.wall,
                                pool_size=config.threads + 4)
 
-    def by_status():
-        counts = ledger.count_by_status()
+    def by_status():  # at scrape time; no series while the ledger cannot be read
+        try:
+            counts = ledger.count_by_status()
+        except ledger.Error:
+            return {}
         counts.setdefault(store.PENDING, 0)  # the series a dashboard watches, even at 0
         return {(status,): n for status, n in counts.items()}
 
     def oldest_undelivered_s():
-        _, oldest = ledger.outbox_backlog()
+        try:
+            _, oldest = ledger.outbox_backlog()
+        except ledger.Error:
+            return None
         return 0.0 if oldest is None else max(0.0, clock.wall() - oldest)
 
     slots = ratelimit.PushSlots(config.push_slots)

@@ -10,8 +10,9 @@ delivers them at least once: one event at a time under a lease, `2xx` = delivere
 10 min, 1 h, then every 6 h) for 3 days, then `dead`. It opens its own connection per
 attempt: a slow or dead merchant endpoint never holds a Daraja connection, a payment
 or a callback; and
-an owner whose endpoint just failed rests (the rest of the pass and REST_S), so one
-dead endpoint costs the other merchants one attempt per pass, not one per event.
+an owner whose endpoint just failed rests (5 s, doubling with each failure in a row up
+to 5 min), so one dead endpoint costs the other merchants one attempt per rest, not one
+per event.
 """
 
 import base64
@@ -44,7 +45,8 @@ TIMEOUT_S = 10.0
 JITTER = 0.1  # ± this share of each wait, so retries of many events do not march together
 MAX_ANSWER_BYTES = 1024  # a merchant's answer is read this far, then dropped
 LEASE_S = 60.0  # one attempt (10 s of HTTP, the address lookup), with a wide margin
-REST_S = SCHEDULE_S[0]  # an owner whose endpoint just failed waits this long (and the pass)
+REST_S = SCHEDULE_S[0]  # an owner whose endpoint just failed waits this long, doubling
+MAX_REST_S = 300.0  # with each failure in a row up to this; a delivery ends the rest
 KEEP_S = 30 * 24 * 3600  # delivered and dead events are forgotten after 30 days
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _NEVER = tuple(ipaddress.ip_network(n) for n in ("192.0.0.0/24", "100.64.0.0/10"))
@@ -164,25 +166,27 @@ class Sender:
 
     def run_once(self, limit=500):
         """Send every due event once, then forget old ones (KEEP_S); return counts by
-        result. An owner whose endpoint fails is not tried again in this pass nor for
-        REST_S after it."""
+        result. An owner whose endpoint fails rests REST_S, doubling with each failure in a
+        row up to MAX_REST_S, so a dead endpoint costs the others little and a recovered one
+        waits at most that."""
         results = {}
-        failed = set()
         for _ in range(limit):
             if self._stop.is_set():
                 break
             now = self._clock()
-            resting = failed | {o for o, until in self._resting.items() if until > now}
-            event = self._ledger.claim_event(LEASE_S, skip_owners=tuple(sorted(resting)))
+            resting = sorted(o for o, (until, _) in self._resting.items() if until > now)
+            event = self._ledger.claim_event(LEASE_S, skip_owners=tuple(resting))
             if event is None:
                 break
             state = self._deliver(event)
             results[state] = results.get(state, 0) + 1
+            owner = event["owner"]
             if state == "delivered":
-                self._resting.pop(event["owner"], None)
+                self._resting.pop(owner, None)
             elif state != "lost_lease":
-                failed.add(event["owner"])
-                self._resting[event["owner"]] = self._clock() + REST_S
+                failures = self._resting.get(owner, (0, 0))[1] + 1
+                rest = min(REST_S * 2 ** (failures - 1), MAX_REST_S)
+                self._resting[owner] = (self._clock() + rest, failures)
         self._ledger.prune_events(KEEP_S)
         return results
 

@@ -63,6 +63,10 @@ def test_several_missing_variables_are_all_named_in_one_message():
     ("MPESA_DEFAULT_REFERENCE", "THIRTEEN-CHAR", "1 to 12"),
     ("GATEWAY_API_KEYS", "short", "16 characters"),
     ("MPESA_READ_TIMOUT", "30", "not a known setting"),
+    ("GATEWAY_WEBHOOK_URLS", "shop:https://shop.example:99999/e", "host name and port"),
+    ("GATEWAY_WEBHOOK_URLS", f"shop:https://{'a' * 64}.example/e", "host name and port"),
+    ("GATEWAY_DB", "mysql://db.example/x", "postgresql://"),
+    ("GATEWAY_DB", "postgresql://db.example", "postgresql://user:password@host"),
 ])
 def test_bad_values_are_reported_by_name(name, value, words):
     message = _error(dict(VALID, **{name: value}))

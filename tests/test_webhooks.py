@@ -223,6 +223,10 @@ def test_a_dead_endpoint_costs_the_other_merchants_one_attempt_per_pass(hooked, 
     assert sender.run_once() == {}  # the dead endpoint rests; nothing else is due
     clock.advance(webhooks.REST_S)
     assert sender.run_once() == {"pending": 1}  # one more try, not four
+    clock.advance(webhooks.REST_S)
+    assert sender.run_once() == {}  # two failures in a row: the rest doubled
+    clock.advance(webhooks.REST_S)
+    assert sender.run_once() == {"pending": 1}
     assert len(verified(receiver)) == 5
 
 
@@ -273,6 +277,7 @@ def test_a_redelivery_asked_for_during_an_attempt_still_happens(hooked, receiver
     assert sender.run_once() == {"pending": 1} and asked.is_set()
     after = app.ledger.event(event["id"])
     assert after["next_attempt_at"] <= clock.wall()  # due now, not in 5 s of backoff
+    assert after["attempts"] == 1  # the backoff starts again from its first step
     receiver.script = None
     receiver.status = 204
     clock.advance(webhooks.REST_S)  # the owner's rest after the failure

@@ -1,0 +1,143 @@
+"""The PostgreSQL ledger's own promises: what SQLite gets from one file's write lock,
+two hosts get from advisory locks and row locks; a server restart is a 503 while it is
+down and nothing after; the schema is versioned; the driver is optional. A throwaway
+cluster on 127.0.0.1 (tests/postgres_server.py)."""
+
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+from webtest import TestApp
+
+import config
+import ledger as store
+import mpesa_wsgi
+from conftest import API_KEY, ROOT_DIR, base_env, wait_for
+
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+def race(ledgers, action, per_ledger=8):
+    """Run `action(ledger)` from `per_ledger` threads on each ledger (each its own pool,
+    like two hosts), all released at once; the results."""
+    threads_total = per_ledger * len(ledgers)
+    barrier = threading.Barrier(threads_total)
+    results, lock = [], threading.Lock()
+
+    def run(lg):
+        barrier.wait(60)
+        result = action(lg)
+        with lock:
+            results.append(result)
+
+    threads = [threading.Thread(target=run, args=(lg,)) for lg in ledgers
+               for _ in range(per_ledger)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(results) == threads_total
+    return results
+
+
+@pytest.fixture
+def two_hosts(pg_url):
+    hosts = [store.open_ledger(pg_url, pool_size=8) for _ in range(2)]
+    yield hosts
+    for lg in hosts:
+        lg.close()
+
+
+def test_one_idempotency_key_starts_one_payment_across_hosts(two_hosts):
+    idem = store.Idempotency("shop", "order-1", "hash-1")
+    kinds = race(two_hosts, lambda lg: lg.begin_push(
+        phone="254712000001", amount=10, reference="R", description="D", idempotency=idem,
+        phone_lock_s=60).kind)
+    assert sorted(kinds) == ["in_flight"] * 15 + ["new"]
+    assert two_hosts[0].count_by_status() == {"pending": 1}
+
+
+def test_one_phone_gets_one_prompt_across_hosts(two_hosts):
+    keys = iter(range(1000))
+    lock = threading.Lock()
+
+    def push(lg):
+        with lock:
+            n = next(keys)
+        return lg.begin_push(phone="254712000002", amount=10, reference="R", description="D",
+                             idempotency=store.Idempotency("shop", f"k{n}", f"h{n}"),
+                             phone_lock_s=60).kind
+
+    kinds = race(two_hosts, push)
+    assert sorted(kinds) == ["new"] + ["phone_busy"] * 15
+
+
+def test_claims_across_hosts_take_each_row_once(two_hosts):
+    for n in range(40):
+        row = two_hosts[0].create(phone=f"2547120100{n:02d}", amount=10, reference="R",
+                                  description="D")
+        two_hosts[0].mark_accepted(row["id"], f"ws_CO_{n}", "m")
+
+    def claim_all(lg):
+        got = []
+        while (row := lg.claim_next(older_than_s=0, lease_s=60, unknown_window_s=0)):
+            got.append(row["id"])
+        return got
+
+    claimed = [i for got in race(two_hosts, claim_all, per_ledger=4) for i in got]
+    assert len(claimed) == len(set(claimed)) == 40
+
+
+def test_a_server_restart_is_503_while_down_and_heals_without_a_gateway_restart(
+        pg_cluster, pg_url, sim):
+    app = mpesa_wsgi.create_app(config.load_config(dict(
+        base_env(sim.url, pg_url), GATEWAY_PHONE_LOCK_S="0")))
+    t = TestApp(app)
+    try:
+        t.post_json("/stkpush", {"phone": "0712000003", "amount": 10}, headers=AUTH, status=202)
+        pushes = sim.stats()["pushes"]
+        pg_cluster.stop()
+        try:
+            res = t.post_json("/stkpush", {"phone": "0712000004", "amount": 10}, headers=AUTH,
+                              status=503)
+            assert res.json["error"]["code"] == "ledger_unavailable"
+            assert sim.stats()["pushes"] == pushes  # nothing sent to Daraja
+            assert t.get("/health", status=503).json["checks"]["ledger_writable"] is False
+            assert "mpesa_gateway_http_requests_total" in t.get("/metrics", status=200).text
+        finally:
+            pg_cluster.start()
+        wait_for(lambda: t.get("/health", expect_errors=True).status_int == 200, timeout=60,
+                 interval=0.5)
+        t.post_json("/stkpush", {"phone": "0712000005", "amount": 10}, headers=AUTH,
+                    status=202)
+    finally:
+        app.close()
+
+
+def _cli(env, *args):
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MPESA_", "GATEWAY_"))}
+    return subprocess.run([sys.executable, "mpesa_wsgi.py", *args], cwd=ROOT_DIR,
+                          env={**clean, **env}, capture_output=True, text=True, timeout=120)
+
+
+def test_migrate_creates_the_schema_once_and_never_shows_the_password(pg_url):
+    secret_url = pg_url.replace("gateway@", "gateway:pw-do-not-print@")  # trust auth: unused
+    env = dict(base_env("http://127.0.0.1:9", secret_url))
+    for _ in range(2):  # the second run finds nothing to do
+        proc = _cli(env, "migrate")
+        assert proc.returncode == 0, proc.stderr
+        assert "schema_version=1" in proc.stdout
+        assert "pw-do-not-print" not in proc.stdout + proc.stderr
+    proc = _cli(env, "--check-config")
+    assert "pw-do-not-print" not in proc.stdout and "gateway:********@" in proc.stdout
+
+
+def test_asking_for_postgresql_without_the_driver_is_one_message(tmp_path):
+    env = dict(base_env("http://127.0.0.1:9", "postgresql://gateway@127.0.0.1:9/none"))
+    blocker = tmp_path / "sitecustomize.py"  # this interpreter cannot import psycopg
+    blocker.write_text("import sys\nsys.modules['psycopg'] = None\n")
+    proc = _cli(dict(env, PYTHONPATH=str(tmp_path)), "migrate")
+    assert proc.returncode == 2
+    assert "psycopg is not installed" in proc.stderr and "Traceback" not in proc.stderr

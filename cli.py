@@ -20,6 +20,7 @@ import time
 
 import config as settings
 import ledger as store
+import ledger_move
 import logs
 import mpesa_wsgi
 import reconciler
@@ -317,15 +318,32 @@ def deliver_once(config):
     return 0
 
 
+def migrate_ledger(source, target):
+    """Copy a ledger into an empty one and verify it (ledger_move); exit 2 if refused."""
+    try:
+        counts, amount = ledger_move.run(source, target)
+    except (ledger_move.MoveError, store.LedgerOpenError) as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    summary = " ".join(f"{table}={n}" for table, n in counts.items())
+    print(f"migrate-ledger copied {summary} amount_total={amount} into"
+          f" {settings.masked_url(target)}; verified", flush=True)
+    return 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="mpesa_wsgi.py", description="M-Pesa STK Push gateway")
     parser.add_argument("command", nargs="?",
-                        choices=("serve", "reconcile", "deliver", "migrate"),
+                        choices=("serve", "reconcile", "deliver", "migrate", "migrate-ledger"),
                         default="serve", help="serve (default), or run one reconciliation"
                         " pass or one webhook delivery pass, or create or upgrade the"
                         " ledger's schema, and exit")
     parser.add_argument("--tx", metavar="ID",
                         help="with reconcile: query this one transaction now")
+    parser.add_argument("--from", dest="source", metavar="LEDGER",
+                        help="with migrate-ledger: the ledger to copy (a SQLite path)")
+    parser.add_argument("--to", dest="target", metavar="LEDGER",
+                        help="with migrate-ledger: the empty ledger to copy into (a URL)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--check-config", action="store_true",
                       help="print the resolved settings (secrets masked) and exit")
@@ -336,6 +354,10 @@ def main(argv=None):
         parser.error("--tx goes with the reconcile command")
     if args.check_config:
         return check_config(os.environ)
+    if args.command == "migrate-ledger":
+        if not (args.source and args.target):
+            parser.error("migrate-ledger needs --from and --to")
+        return migrate_ledger(args.source, args.target)
     try:
         if args.demo:
             run_demo(os.environ)

@@ -141,3 +141,40 @@ def test_asking_for_postgresql_without_the_driver_is_one_message(tmp_path):
     proc = _cli(dict(env, PYTHONPATH=str(tmp_path)), "migrate")
     assert proc.returncode == 2
     assert "psycopg is not installed" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_migrate_ledger_copies_a_ledger_made_by_the_gateway_and_verifies_it(
+        tmp_path, pg_url, sim):
+    source = str(tmp_path / "old.db")
+    app = mpesa_wsgi.create_app(config.load_config(dict(
+        base_env(sim.url, source), GATEWAY_WEBHOOK_URLS="default:http://127.0.0.1:9/e",
+        GATEWAY_WEBHOOK_SECRETS="default:whsec_" + "A" * 32,
+        GATEWAY_WEBHOOK_ALLOW_PRIVATE="on", GATEWAY_WEBHOOK_SENDER="off")))
+    t = TestApp(app)
+    ids = []
+    for n, phone in enumerate(("0712000021", "0712000022", "0712000023")):
+        if n == 2:
+            sim.sim.set_weather(push="internal")  # ends unknown: a payment.unknown event
+        ids.append(t.post_json("/stkpush", {"phone": phone, "amount": 10 + n}, headers=dict(
+            AUTH, **{"Idempotency-Key": f"order-{n}"})).json["id"])
+    path = "/" + app.callback_url(ids[0]).split("/", 3)[3]
+    t.post(path, b'{"Body": "nope"}', content_type="application/json", status=400)  # stored
+    before = {i: app.ledger.get(i) for i in ids}
+    events_before = app.ledger.events()
+    app.close()
+    proc = _cli({}, "migrate-ledger", "--from", source, "--to", pg_url)
+    assert proc.returncode == 0, proc.stderr
+    assert len(events_before) == 1  # the unknown push's event
+    for part in ("transactions=3", "idempotency_keys=3", "callbacks=1", "events=1",
+                 "amount_total=33"):
+        assert part in proc.stdout
+    moved = store.open_ledger(pg_url)
+    try:
+        assert {i: moved.get(i) for i in ids} == before
+        assert [(e["id"], e["type"], e["body"]) for e in moved.events()] == [
+            (e["id"], e["type"], e["body"]) for e in events_before]
+        assert len(moved.callbacks(ids[0])) == 1
+    finally:
+        moved.close()
+    again = _cli({}, "migrate-ledger", "--from", source, "--to", pg_url)
+    assert again.returncode == 2 and "not empty" in again.stderr

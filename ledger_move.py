@@ -1,0 +1,78 @@
+"""Moving house: copy one ledger into another (SQLite into PostgreSQL, usually).
+
+Owns `python mpesa_wsgi.py migrate-ledger --from <path> --to <url>`: every table the
+gateway keeps (payments, callbacks, idempotency keys, webhook events and their
+attempts) copied in one target transaction, in each table's written order, into a
+target that must be empty; then counts and the sum of amounts verified on both sides.
+Run it with the gateway stopped: rows written to the source during the copy are not in it.
+"""
+
+import ledger as store
+
+# (table, order of writing, columns the target numbers itself)
+TABLES = (
+    ("transactions", "created_at, id", ()),
+    ("idempotency_keys", "created_at, scope, key", ()),
+    ("callbacks", "id", ("id",)),
+    ("events", "{seq}", ("seq",)),
+    ("event_attempts", "id", ("id",)),
+)
+
+
+class MoveError(Exception):
+    """The copy was refused or did not verify (nothing is committed to the target)."""
+
+
+def totals(ledger):
+    """What must match after a copy: each table's row count and the sum of amounts."""
+    counts = {table: ledger._read(f"SELECT COUNT(*) AS n FROM {table}")[0]["n"]
+              for table, _, _ in TABLES}
+    amount = ledger._read("SELECT COALESCE(SUM(amount), 0) AS s FROM transactions")[0]["s"]
+    return counts, int(amount)
+
+
+def move(source, target):
+    """Copy `source` into the empty `target`; returns the verified totals."""
+    before = totals(source)
+    if any(totals(target)[0].values()):
+        raise MoveError("the target ledger is not empty; refusing to overwrite it")
+    with target._write() as tx:
+        for table, order, generated in TABLES:
+            rows = source._read(f"SELECT * FROM {table} ORDER BY "
+                                + order.format(seq=source.SEQ))
+            for row in rows:
+                columns = [c for c in row if c not in generated and c != "seq"]
+                tx.execute(f"INSERT INTO {table} ({', '.join(columns)}) VALUES"
+                           f" ({', '.join('?' * len(columns))})",
+                           tuple(_plain(row[c]) for c in columns))
+        copied = _totals_in(tx)
+        if copied != before:
+            raise MoveError(f"the copy does not verify: source {before}, copy {copied}")
+    return before
+
+
+def _totals_in(tx):
+    counts = {table: tx.execute(f"SELECT COUNT(*) AS n FROM {table}").fetchone()["n"]
+              for table, _, _ in TABLES}
+    amount = tx.execute("SELECT COALESCE(SUM(amount), 0) AS s FROM transactions").fetchone()["s"]
+    return counts, int(amount)
+
+
+def _plain(value):
+    return bytes(value) if isinstance(value, memoryview) else value
+
+
+def run(source_target, to_target):
+    """The command: open both, copy, print the totals; MoveError/LedgerOpenError raised."""
+    if not store.is_postgres(to_target) and source_target == to_target:
+        raise MoveError("--from and --to name the same ledger")
+    source = store.open_ledger(source_target)
+    try:
+        target = store.open_ledger(to_target)
+        try:
+            counts, amount = move(source, target)
+        finally:
+            target.close()
+    finally:
+        source.close()
+    return counts, amount

@@ -206,7 +206,8 @@ def _text(value, limit=256):
 
 
 class DarajaClient:
-    def __init__(self, config, http, *, clock=time.monotonic, now=None, observer=None):
+    def __init__(self, config, http, *, clock=time.monotonic, now=None, observer=None,
+                 shared_tokens=None):
         self._cfg = config
         self.observer = observer or (lambda api, outcome, seconds: None)
         self._http = http
@@ -214,14 +215,18 @@ class DarajaClient:
         self._now = now or (lambda: datetime.now(EAT))  # wall clock for Timestamp
         self._pool_timeout = config.connect_timeout
         self.policies = call_policies(config)
-        oauth = self.policies["oauth"]
+        # fleet.SharedTokens (PostgreSQL ledger): the token every process shares. Getting it
+        # may wait up to two fetch leases for another process, then fetch.
+        self._shared = shared_tokens
+        oauth_s = self.policies["oauth"].longest_s * (3 if shared_tokens else 1)
         # A push: a token fetch and the push, then, after "Invalid Access Token", a second
         # fetch and the one resend. A row `submitting` for longer was abandoned mid-push.
-        self.longest_push_s = 2 * (oauth.longest_s + self.policies["stk_push"].longest_s)
-        self.longest_query_s = 2 * (oauth.longest_s + self.policies["stk_query"].longest_s)
+        self.longest_push_s = 2 * (oauth_s + self.policies["stk_push"].longest_s)
+        self.longest_query_s = 2 * (oauth_s + self.policies["stk_query"].longest_s)
         # Token waiters wait for the one fetch in flight, never longer than it can take.
-        self.tokens = TokenCache(self.fetch_token, config.token_margin_s, clock=clock,
-                                 wait_s=oauth.longest_s)
+        fetch = (self.fetch_token if shared_tokens is None
+                 else lambda: shared_tokens.get(self.fetch_token))
+        self.tokens = TokenCache(fetch, config.token_margin_s, clock=clock, wait_s=oauth_s)
 
     def close(self):
         self._http.clear()
@@ -266,6 +271,11 @@ class DarajaClient:
             raise DarajaError("oauth", UNAVAILABLE, "oauth_wait_timeout") from None
         except TokenError:
             raise DarajaError("oauth", UNAVAILABLE, "oauth_unparsable") from None
+        except DarajaError:
+            raise
+        except Exception:  # noqa: BLE001 - the fleet's token store (the ledger) failed
+            log.exception("daraja api=oauth the shared token could not be read or stored")
+            raise DarajaError("oauth", UNAVAILABLE, "token_store_unavailable") from None
 
     # --- the two STK calls -------------------------------------------------------
 
@@ -338,6 +348,11 @@ class DarajaClient:
             if attempt == 1 and _envelope(data)[0] in INVALID_TOKEN_CODES:
                 # Refused by Daraja's API gateway before processing: safe to resend once.
                 self.tokens.invalidate(token)
+                if self._shared is not None:
+                    try:
+                        self._shared.drop(token)
+                    except Exception:  # noqa: BLE001 - the resend fetches a new one anyway
+                        log.warning("daraja the shared token could not be dropped")
                 log.warning("daraja api=%s invalid_access_token action=refresh_and_resend", api)
                 continue
             return status, data, html

@@ -188,6 +188,7 @@ class Ledger:
     SEQ = "rowid"  # backend: the outbox's written order
     FOR_UPDATE = ""  # backend: lock a row read to be changed (BEGIN IMMEDIATE locks all)
     SKIP_LOCKED = ""  # backend: a claim passes over rows another claimer is locking
+    FLEET = False  # backend: keeps the fleet's token and rate buckets (ledger_postgres)
 
     def __init__(self, path, *, clock=time.time, busy_timeout_s=BUSY_TIMEOUT_S, on_connect=None):
         self.path = path

@@ -116,7 +116,24 @@ CREATE TABLE event_attempts (
 );
 CREATE INDEX event_attempts_event ON event_attempts (event_id);
 """),
+    (2, """
+CREATE TABLE fleet_token (
+    id          INTEGER PRIMARY KEY CHECK (id = 1),
+    token       TEXT,
+    expires_at  DOUBLE PRECISION NOT NULL DEFAULT 0,
+    lease_until DOUBLE PRECISION NOT NULL DEFAULT 0
+);
+INSERT INTO fleet_token (id) VALUES (1);
+CREATE TABLE rate_buckets (
+    key        TEXT PRIMARY KEY,
+    tokens     DOUBLE PRECISION NOT NULL,
+    updated_at DOUBLE PRECISION NOT NULL,
+    granted    BOOLEAN NOT NULL
+);
+"""),
 )
+# The server's clock: every host reads the same one for token expiry, leases and buckets.
+NOW = "EXTRACT(EPOCH FROM clock_timestamp())::double precision"
 
 
 @lru_cache(maxsize=512)
@@ -141,6 +158,7 @@ class PostgresLedger(store.Ledger):
     SEQ = "seq"
     FOR_UPDATE = " FOR UPDATE"
     SKIP_LOCKED = " FOR UPDATE SKIP LOCKED"
+    FLEET = True
 
     def __init__(self, url, *, clock, pool_size=8, migrate=True):
         if psycopg is None:
@@ -203,3 +221,55 @@ class PostgresLedger(store.Ledger):
 
     def close(self):
         self._pool.close()
+
+    # --- state the fleet shares (fleet.py): one OAuth token, one bucket per owner ---------
+
+    def fleet_token(self, margin_s):
+        """(token, seconds left) if the fleet's token has more than `margin_s` left."""
+        row = self._read_one(f"SELECT token, expires_at - {NOW} AS ttl FROM fleet_token"
+                             " WHERE id = 1")
+        if row and row["token"] and row["ttl"] > margin_s:
+            return row["token"], row["ttl"]
+        return None
+
+    def take_token_lease(self, lease_s, margin_s):
+        """Become the one fetcher of a new token, if nobody holds the lease and the token
+        is missing or due; True if this caller got it."""
+        with self._write() as tx:
+            row = tx.execute(
+                f"UPDATE fleet_token SET lease_until = {NOW} + ? WHERE id = 1"
+                f" AND lease_until <= {NOW} AND (token IS NULL OR expires_at - {NOW} <= ?)"
+                " RETURNING id", (lease_s, margin_s)).fetchone()
+        return row is not None
+
+    def put_token(self, token, expires_in):
+        """The lease holder's new token, for every process; the lease ends."""
+        with self._write() as tx:
+            tx.execute(f"UPDATE fleet_token SET token = ?, expires_at = {NOW} + ?,"
+                       " lease_until = 0 WHERE id = 1", (token, expires_in))
+
+    def release_token_lease(self):
+        with self._write() as tx:
+            tx.execute("UPDATE fleet_token SET lease_until = 0 WHERE id = 1")
+
+    def drop_token(self, token):
+        """Daraja called `token` invalid: nobody uses it again (unless already replaced)."""
+        with self._write() as tx:
+            tx.execute("UPDATE fleet_token SET token = NULL, expires_at = 0 WHERE token = ?",
+                       (token,))
+
+    def take_rate_token(self, key, rate, burst):
+        """One statement per push: refill `key`'s bucket by the server's clock and take a
+        token. 0.0 if allowed, else seconds until one is free. Not a durability promise,
+        so its commit does not wait for the disk (synchronous_commit off for it alone)."""
+        with self._write() as tx:
+            tx.execute("SET LOCAL synchronous_commit TO off")
+            refilled = f"LEAST(?, b.tokens + ({NOW} - b.updated_at) * ?)"
+            row = tx.execute(
+                "INSERT INTO rate_buckets AS b (key, tokens, updated_at, granted)"
+                f" VALUES (?, ? - 1, {NOW}, TRUE) ON CONFLICT (key) DO UPDATE SET"
+                f" granted = {refilled} >= 1,"
+                f" tokens = {refilled} - CASE WHEN {refilled} >= 1 THEN 1 ELSE 0 END,"
+                f" updated_at = {NOW} RETURNING granted, tokens",
+                (key, burst, *(burst, rate) * 3)).fetchone()
+        return 0.0 if row["granted"] else (1.0 - row["tokens"]) / rate

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import config as settings
 import daraja
+import fleet
 import ledger as store
 import metrics
 import ratelimit
@@ -146,7 +147,7 @@ class Services:
     """Everything the flows need, built once by `build_services` and passed in."""
 
     def __init__(self, config, ledger, client, metrics_registry, *, reconcile=None,
-                 clock=None, slots=None, sender=None, outbox=None):
+                 clock=None, slots=None, sender=None, outbox=None, limiter=None):
         self.config = config
         self.outbox = outbox or webhooks.Outbox(config)
         self.sender = sender
@@ -154,8 +155,8 @@ class Services:
         self.daraja = client
         self.metrics = metrics_registry
         self.clock = clock or SystemClock()
-        self.limiter = ratelimit.RateLimiter(config.rate, config.burst,
-                                             clock=self.clock.monotonic)
+        self.limiter = limiter or ratelimit.RateLimiter(config.rate, config.burst,
+                                                        clock=self.clock.monotonic)
         self.slots = slots or ratelimit.PushSlots(config.push_slots)
         self.reconciler = reconcile
         with open(OPENAPI_PATH, "rb") as f:
@@ -260,8 +261,13 @@ def build_services(config=None, *, clock=None):
 
     slots = ratelimit.PushSlots(config.push_slots)
     registry = metrics.GatewayMetrics(settings.VERSION, by_status, slots, oldest_undelivered_s)
+    shared_tokens = limiter = None
+    if ledger.FLEET:  # PostgreSQL: one token and one rate limit for every process and host
+        oauth_s = daraja.call_policies(config)["oauth"].longest_s
+        shared_tokens = fleet.SharedTokens(ledger, config.token_margin_s, oauth_s)
+        limiter = fleet.SharedRateLimiter(ledger, config.rate, config.burst)
     client = daraja.DarajaClient(config, daraja.build_pool(config), clock=clock.monotonic,
-                                 observer=registry.daraja_call)
+                                 observer=registry.daraja_call, shared_tokens=shared_tokens)
     outbox = webhooks.Outbox(config)  # one, for pushes, callbacks and the reconciler alike
     # A row still `submitting` after the longest a push can take was cut off mid-push.
     ledger.recover_interrupted(client.longest_push_s, event=outbox.event_for)
@@ -283,7 +289,7 @@ def build_services(config=None, *, clock=None):
                                  observer=registry.webhook_deliveries.inc)
         sender.start()
     services = Services(config, ledger, client, registry, reconcile=background, clock=clock,
-                        slots=slots, sender=sender, outbox=outbox)
+                        slots=slots, sender=sender, outbox=outbox, limiter=limiter)
     # Under waitress-serve --call or gunicorn nobody calls close(): stop the reconciler
     # (its current query finishes) when the process exits.
     atexit.register(services.close_background)
@@ -348,7 +354,13 @@ def start_payment(services, note, authorization, load_body, idempotency_key):
 
 def _start_payment(services, note, caller, load_body, idempotency_key):
     cfg = services.config
-    wait = services.limiter.acquire(caller.owner)  # before idempotency, as Stripe does
+    try:
+        wait = services.limiter.acquire(caller.owner)  # before idempotency, as Stripe does
+    except services.ledger.Error:  # the fleet's buckets live in the ledger
+        log.exception("ledger read failed for the rate limit")
+        raise ServiceUnavailable("the ledger cannot be reached; nothing was sent",
+                                 code="ledger_unavailable",
+                                 headers=retry_after(RETRY_AFTER_UNAVAILABLE_S)) from None
     if wait:
         raise TooManyRequests(f"at most {cfg.rate:g} payments per second per API key name",
                               headers=retry_after(wait))

@@ -259,7 +259,9 @@ BOTH_ENGINES = ("sqlite", "postgresql")
 
 def pytest_generate_tests(metafunc):
     engines = getattr(metafunc.module, "ENGINES", None)
-    if engines and "engine" in metafunc.fixturenames:
+    chosen = any(m.args and m.args[0] == "engine"  # a test that names its own engines
+                 for m in metafunc.definition.iter_markers("parametrize"))
+    if engines and "engine" in metafunc.fixturenames and not chosen:
         metafunc.parametrize("engine", engines, indirect=True)
 
 

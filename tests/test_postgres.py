@@ -128,7 +128,7 @@ def test_migrate_creates_the_schema_once_and_never_shows_the_password(pg_url):
     for _ in range(2):  # the second run finds nothing to do
         proc = _cli(env, "migrate")
         assert proc.returncode == 0, proc.stderr
-        assert "schema_version=1" in proc.stdout
+        assert "schema_version=2" in proc.stdout
         assert "pw-do-not-print" not in proc.stdout + proc.stderr
     proc = _cli(env, "--check-config")
     assert "pw-do-not-print" not in proc.stdout and "gateway:********@" in proc.stdout
@@ -178,3 +178,58 @@ def test_migrate_ledger_copies_a_ledger_made_by_the_gateway_and_verifies_it(
         moved.close()
     again = _cli({}, "migrate-ledger", "--from", source, "--to", pg_url)
     assert again.returncode == 2 and "not empty" in again.stderr
+
+
+@pytest.fixture
+def two_gateways(pg_url, sim):
+    """Two gateways (two pools: as two hosts would) on one PostgreSQL ledger."""
+    def make(**env):
+        return mpesa_wsgi.create_app(config.load_config(dict(
+            base_env(sim.url, pg_url), GATEWAY_PHONE_LOCK_S="0", **env)))
+
+    made = []
+
+    def both(**env):
+        made.extend([make(**env), make(**env)])
+        return made[-2:]
+
+    yield both
+    for app in made:
+        app.close()
+
+
+def test_the_fleet_makes_one_oauth_call_for_a_cold_rush_on_two_hosts(two_gateways, sim):
+    apps = two_gateways(GATEWAY_RATE="1000", GATEWAY_BURST="1000", GATEWAY_THREADS="16")
+    phones = iter(f"07120003{n:02d}" for n in range(100))
+    lock = threading.Lock()
+
+    def push(app):
+        with lock:
+            phone = next(phones)
+        return TestApp(app).post_json("/stkpush", {"phone": phone, "amount": 10},
+                                      headers=AUTH).status_int
+
+    assert race(apps, push) == [202] * 16
+    assert sim.stats()["tokens_issued"] == 1  # one token for 16 pushes on two "hosts"
+
+
+def test_a_token_daraja_called_invalid_is_dropped_for_the_whole_fleet(two_gateways, sim):
+    first, second = two_gateways()
+    TestApp(first).post_json("/stkpush", {"phone": "0712000401", "amount": 10},
+                             headers=AUTH, status=202)
+    token = first.daraja.tokens.get()
+    first.ledger.drop_token(token)  # as after Daraja's "Invalid Access Token"
+    TestApp(second).post_json("/stkpush", {"phone": "0712000402", "amount": 10},
+                              headers=AUTH, status=202)
+    assert sim.stats()["tokens_issued"] == 2  # the second host fetched a new one
+    assert second.daraja.tokens.get() != token
+
+
+def test_two_hosts_together_allow_the_configured_rate_not_twice_it(two_gateways):
+    apps = two_gateways(GATEWAY_RATE="0.5", GATEWAY_BURST="4")
+    answers = [TestApp(apps[n % 2]).post_json(
+        "/stkpush", {"phone": f"07120005{n:02d}", "amount": 10}, headers=AUTH,
+        expect_errors=True).status_int for n in range(12)]
+    # 4 from the burst, and at most one more refilled while the 12 were sent (0.5/s);
+    # two per-process buckets would have allowed 8.
+    assert answers.count(202) in (4, 5) and answers.count(429) == 12 - answers.count(202)

@@ -338,6 +338,9 @@ SETTINGS = (
     # The ledger: a SQLite file on local disk (a path or sqlite:///path), or
     # postgresql://user:password@host:5432/db for several processes on several hosts.
     ("GATEWAY_DB", "db_path", ledger_target, "mpesa_gateway.db", False),
+    # PostgreSQL: seconds a request waits for a ledger connection before 503
+    # ledger_unavailable (the server is down or every pooled connection is busy).
+    ("GATEWAY_DB_WAIT_S", "db_wait_s", positive_float, 5.0, False),
     # Bearer keys of the merchant systems: name:KEY,… (a bare KEY is named default).
     ("GATEWAY_API_KEYS", "api_keys", named_keys, REQUIRED, True),
     # Operator keys that read every owner's payments (never start one). None: no admins.
@@ -412,6 +415,7 @@ class Config:
     connection_limit: int
     channel_timeout: int
     db_path: str
+    db_wait_s: float
     api_keys: tuple
     admin_keys: tuple
     webhook_urls: tuple

@@ -137,14 +137,15 @@ def is_postgres(target):
     return target.startswith(("postgresql://", "postgres://"))
 
 
-def open_ledger(target, *, clock=time.time, pool_size=8, migrate=True):
+def open_ledger(target, *, clock=time.time, pool_size=8, migrate=True, wait_s=5.0):
     """The ledger GATEWAY_DB names: a postgresql:// URL (ledger_postgres, pooled to
-    `pool_size` connections), or a SQLite file path. Raises LedgerOpenError."""
+    `pool_size` connections, a caller waiting at most `wait_s` for one), or a SQLite
+    file path. Raises LedgerOpenError."""
     if is_postgres(target):
         import ledger_postgres  # only here: SQLite users never import the driver
 
         return ledger_postgres.PostgresLedger(target, clock=clock, pool_size=pool_size,
-                                              migrate=migrate)
+                                              migrate=migrate, wait_s=wait_s)
     try:
         return Ledger(target, clock=clock)
     except sqlite3.Error as exc:

@@ -34,7 +34,6 @@ except ImportError:  # an optional install: only needed when GATEWAY_DB is a pos
 
 log = logging.getLogger(__name__)
 
-POOL_TIMEOUT_S = 5.0  # a request waits this long for a connection, then 503 ledger_unavailable
 CONNECT_TIMEOUT_S = 5
 MIGRATE_LOCK = "mpesa-gateway:migrate"
 
@@ -160,7 +159,7 @@ class PostgresLedger(store.Ledger):
     SKIP_LOCKED = " FOR UPDATE SKIP LOCKED"
     FLEET = True
 
-    def __init__(self, url, *, clock, pool_size=8, migrate=True):
+    def __init__(self, url, *, clock, pool_size=8, migrate=True, wait_s=5.0):
         if psycopg is None:
             raise store.LedgerOpenError(
                 "GATEWAY_DB is a PostgreSQL URL but psycopg is not installed:"
@@ -168,12 +167,13 @@ class PostgresLedger(store.Ledger):
         self.path = config.masked_url(url)
         self._clock = clock
         self._pool = ConnectionPool(
-            url, min_size=1, max_size=pool_size, timeout=POOL_TIMEOUT_S, open=False,
+            # wait_s: a request waits this long for a connection, then 503 ledger_unavailable
+            url, min_size=1, max_size=pool_size, timeout=wait_s, open=False,
             kwargs={"autocommit": True, "row_factory": dict_row,
                     "connect_timeout": CONNECT_TIMEOUT_S, "application_name": "mpesa-gateway"},
             check=ConnectionPool.check_connection, name="ledger")
         try:
-            self._pool.open(wait=True, timeout=POOL_TIMEOUT_S + CONNECT_TIMEOUT_S)
+            self._pool.open(wait=True, timeout=wait_s + CONNECT_TIMEOUT_S)
             if migrate:
                 self.migrate()
         except Exception as exc:

@@ -242,7 +242,7 @@ def build_services(config=None, *, clock=None):
     clock = clock or SystemClock()
     # Pooled (PostgreSQL) to one connection per server thread and background worker.
     ledger = store.open_ledger(config.db_path, clock=clock.wall,
-                               pool_size=config.threads + 4)
+                               pool_size=config.threads + 4, wait_s=config.db_wait_s)
 
     def by_status():  # at scrape time; no series while the ledger cannot be read
         try:

@@ -2,8 +2,8 @@
 
 Owns the bucket arithmetic and its lock: a bucket holds up to `burst` tokens
 and refills at `rate` per second; a request takes one token or is told how long
-to wait. The clock is injectable for tests. Limits are per process: behind
-several processes, nginx's `limit_req` is the shared limit.
+to wait. The clock is injectable for tests. On SQLite limits are per process;
+on PostgreSQL `fleet.SharedRateLimiter` keeps one bucket per owner for every process.
 
 Owns the push slots too: a fixed number of pushes may be at Daraja at once, so
 the rest of the server's threads always serve callbacks, reads and health. A

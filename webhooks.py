@@ -44,7 +44,7 @@ GIVE_UP_AFTER_S = 3 * 24 * 3600
 TIMEOUT_S = 10.0
 JITTER = 0.1  # ± this share of each wait, so retries of many events do not march together
 MAX_ANSWER_BYTES = 1024  # a merchant's answer is read this far, then dropped
-LEASE_S = 60.0  # one attempt (10 s of HTTP, the address lookup), with a wide margin
+LEASE_S = 30.0  # one attempt (10 s of HTTP, the address lookup), with a wide margin
 REST_S = SCHEDULE_S[0]  # an owner whose endpoint just failed waits this long, doubling
 MAX_REST_S = 300.0  # with each failure in a row up to this; a delivery ends the rest
 KEEP_S = 30 * 24 * 3600  # delivered and dead events are forgotten after 30 days
@@ -150,7 +150,7 @@ class Sender:
     """Delivers due events, one at a time, in a thread or once for cron."""
 
     def __init__(self, ledger, config, *, clock=time.time, resolve=None, rng=random.random,
-                 observer=None):
+                 observer=None, timeout_s=TIMEOUT_S):
         self._ledger = ledger
         self._observer = observer or (lambda state: None)  # metrics: one call per attempt
         self._urls = dict(config.webhook_urls)
@@ -159,6 +159,7 @@ class Sender:
         self._clock = clock
         self._rng = rng
         self._resolve = resolve or _resolve  # test seam: the addresses a host name has
+        self._timeout_s = timeout_s  # wall time per attempt (a test seam too)
         self._tls = ssl.create_default_context()  # certificates and host names verified
         self._stop = threading.Event()
         self._thread = None
@@ -248,10 +249,10 @@ class Sender:
     def _send(self, parts, addresses, path, headers, body):
         """POST to the first of the checked addresses that accepts a connection (never to a
         second lookup of the name, which the endpoint's DNS could answer differently; TLS
-        still checks the name), all within TIMEOUT_S of wall time: a watchdog closes the
+        still checks the name), all within the timeout of wall time: a watchdog closes the
         socket of an endpoint that drips its answer. (status or None, error or None)."""
         port = parts.port or (443 if parts.scheme == "https" else 80)
-        deadline = time.monotonic() + TIMEOUT_S
+        deadline = time.monotonic() + self._timeout_s
         sock, error = None, "no address accepted a connection"
         for address in sorted(addresses, key=lambda a: ":" in a):  # IPv4 first
             try:
@@ -281,7 +282,7 @@ class Sender:
             return resp.status, None
         except (OSError, http.client.HTTPException) as exc:
             if expired.is_set():
-                return None, f"timed out after {TIMEOUT_S:g} s"
+                return None, f"timed out after {self._timeout_s:g} s"
             return None, type(exc).__name__
         finally:
             watchdog.cancel()
@@ -297,7 +298,7 @@ class Sender:
     def stop(self):
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(TIMEOUT_S + 5)  # the attempt in flight ends by its deadline
+            self._thread.join(self._timeout_s + 5)  # the attempt in flight ends by its deadline
 
     def _loop(self, interval):
         while not self._stop.wait(interval):

@@ -13,7 +13,9 @@ connection), capacity (simulator latency 1000 ms, 64 threads, 60 slots, a client
 slot), and rush (simulator
 latency 1000 ms, the default 32 threads, 4 × 32 push clients that honour
 `503 gateway_busy` + Retry-After, while a reader times `GET /transactions/<id>` and
-`/health` every 50 ms and the simulator times its callbacks).
+`/health` every 50 ms and the simulator times its callbacks), and ledgers (the raw
+gateway's payments on SQLite, on PostgreSQL, and as two processes sharing PostgreSQL; a
+throwaway cluster from Debian's `postgresql` package, its CPU counted apart).
 
 Writes bench/results/<timestamp>.json and a PNG chart (matplotlib).
 """
@@ -31,6 +33,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 
@@ -56,7 +59,13 @@ WORKLOADS = {
                      timeout_s=20),
     "rush": dict(variants=("raw", "flask", "falcon"), path="/stkpush", lua="rush.lua",
                  threads=32, connections=128, sim_latency_ms=1000, timeout_s=20),
+    # The raw gateway's payments on each ledger: SQLite, PostgreSQL (one process), and two
+    # processes sharing PostgreSQL (each driven by half the clients).
+    "ledgers": dict(variants=("sqlite", "postgresql", "postgresql-2proc"), path="/stkpush",
+                    lua="rush.lua", threads=20, push_slots=16, connections=16,
+                    sim_latency_ms=0),
 }
+LEDGER_VARIANTS = {"sqlite": 1, "postgresql": 1, "postgresql-2proc": 2}  # → processes
 RUSH_POLL_S = 0.05
 
 
@@ -161,9 +170,9 @@ class Simulator:
 
 class Server:
     def __init__(self, variant, mode, sim_url, threads, workdir, api_key, push_slots=None,
-                 webhook_url=None):
+                 webhook_url=None, db=None):
         self.port = free_port()
-        self.db = os.path.join(workdir, f"{variant}-{self.port}.db")
+        self.db = db or os.path.join(workdir, f"{variant}-{self.port}.db")
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MPESA_", "GATEWAY_"))}
         env.update({
             "MPESA_CONSUMER_KEY": "demo-consumer-key", "MPESA_CONSUMER_SECRET": "demo-consumer-secret",
@@ -229,9 +238,14 @@ class Server:
             return json.loads(resp.read())["id"]
 
     def succeeded(self):
+        query = "SELECT COUNT(*) FROM transactions WHERE status='succeeded'"
+        if self.db.startswith("postgresql://"):
+            import psycopg
+
+            with psycopg.connect(self.db) as conn:
+                return conn.execute(query).fetchone()[0]
         with sqlite3.connect(self.db) as conn:
-            return conn.execute("SELECT COUNT(*) FROM transactions WHERE status='succeeded'"
-                                ).fetchone()[0]
+            return conn.execute(query).fetchone()[0]
 
     def stop(self):
         stop_process(self.proc, signal.SIGTERM, 30)  # graceful: in-flight pushes finish
@@ -298,6 +312,69 @@ class Reader:
 
     def failures(self, kind):
         return sum(1 for t in self.samples[kind] if t is None)
+
+
+def run_ledgers(spec, variant, mode, sim, workdir, duration, warmup, api_key, cluster):
+    """Payments end to end on one ledger engine, with one or two gateway processes (each
+    driven by its share of the clients); CPU per payment of the gateways and of
+    PostgreSQL's processes."""
+    db = cluster.new_database() if variant.startswith("postgresql") else None
+    count = LEDGER_VARIANTS[variant]
+    share = dict(spec, connections=spec["connections"] // count)
+    servers = [Server("raw", mode, sim.url, spec["threads"], workdir, api_key,
+                      spec["push_slots"], db=db) for _ in range(count)]
+    try:
+        def drive(seconds):
+            out = [None] * count
+            threads = [threading.Thread(target=lambda i=i: out.__setitem__(
+                i, wrk(servers[i].url, share, seconds, mode, api_key))) for i in range(count)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            return out
+
+        if warmup:
+            drive(warmup)
+        cpu0 = sum(s.cpu_s() for s in servers)
+        db_cpu0 = cluster.cpu_s() if db else 0.0
+        t0 = time.monotonic()
+        runs = drive(duration)
+        elapsed = time.monotonic() - t0
+        cpu = sum(s.cpu_s() for s in servers) - cpu0
+        db_cpu = (cluster.cpu_s() - db_cpu0) if db else 0.0
+        requests = sum(r.get("accepted", r["requests"]) for r in runs)  # 202s: payments
+        time.sleep(1.5)  # the last callbacks land
+        return dict(
+            rps=requests / elapsed, requests=requests,
+            p50_ms=max(r["p50_ms"] or 0 for r in runs),
+            p99_ms=max(r["p99_ms"] or 0 for r in runs),
+            errors=sum(r["errors"] for r in runs), processes=count,
+            cpu_ms_per_payment=cpu / requests * 1000 if requests else None,
+            db_cpu_ms_per_payment=db_cpu / requests * 1000 if requests else None,
+            server_cpu_util=cpu / elapsed, db_cpu_util=db_cpu / elapsed,
+            succeeded=servers[0].succeeded(),
+            peak_rss_mb=max(s.peak_rss_mb() for s in servers))
+    finally:
+        for s in servers:
+            s.stop()
+
+
+def ledgers_markdown(rows):
+    lines = ["**ledgers** (the raw gateway's payments end to end, 16 clients, simulator 0 ms;"
+             " two processes: 8 clients each)", "",
+             "| ledger | processes | payments/s | × SQLite | p99 ms | errors |"
+             " gateway CPU ms/payment | PostgreSQL CPU ms/payment | gateway CPU | PostgreSQL CPU"
+             " | succeeded |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    base = rows.get("sqlite", {}).get("rps")
+    for variant, r in rows.items():
+        lines.append(
+            f"| {variant} | {r['processes']:.0f} | {fmt(r['rps'], 0)} |"
+            f" {fmt(r['rps'] / base if base else None, 2)} | {fmt(r['p99_ms'], 2)} |"
+            f" {fmt(r['errors'], 0)} | {fmt(r['cpu_ms_per_payment'], 2)} |"
+            f" {fmt(r['db_cpu_ms_per_payment'], 2)} | {fmt(r['server_cpu_util'] * 100, 0)}% |"
+            f" {fmt(r['db_cpu_util'] * 100, 0)}% | {fmt(r['succeeded'], 0)} |")
+    return lines + [""]
 
 
 def run_one(workload, spec, variant, mode, sim, workdir, duration, warmup, api_key):
@@ -404,6 +481,17 @@ def cold_start_ms(workdir):
     return statistics.median(times)
 
 
+def postgres_cluster():
+    """A throwaway PostgreSQL cluster (the tests' helper: Debian's binaries, loopback)."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    import postgres_server
+
+    reason = postgres_server.missing()
+    if reason is not None:
+        sys.exit(f"the ledgers workload needs PostgreSQL: {reason}")
+    return postgres_server.Cluster()
+
+
 def median_of(runs, key):
     values = [r[key] for r in runs if r.get(key) is not None]
     return statistics.median(values) if values else None
@@ -432,6 +520,9 @@ def markdown(table, mode, machine):
     for workload, rows in table.items():
         if workload == "rush":
             lines += rush_markdown(rows)
+            continue
+        if workload == "ledgers":
+            lines += ledgers_markdown(rows)
             continue
         base = rows.get("raw", {})
         lines += [f"**{workload}**", "",
@@ -513,7 +604,7 @@ def main():
           else "mode: unpinned (no taskset or a single CPU)", flush=True)
     WORKLOADS["capacity"]["connections"] = args.capacity_connections
     api_key = "bench_" + secrets.token_hex(12)
-    wanted = set(args.variants.split(","))
+    wanted = set(args.variants.split(",")) | set(LEDGER_VARIANTS)
     results = {}
     with tempfile.TemporaryDirectory(prefix="mpesa-bench-") as workdir:
         cold = cold_start_ms(workdir)
@@ -521,20 +612,25 @@ def main():
             spec = WORKLOADS[workload]
             variants = [v for v in spec["variants"] if v in wanted]
             sim = Simulator(mode, spec["sim_latency_ms"], threads=max(16, spec["connections"] + 8))
+            cluster = postgres_cluster() if workload == "ledgers" else None
             try:
                 results[workload] = {v: [] for v in variants}
                 for rnd in range(args.rounds):
                     for variant in variants:  # interleaved: A B C A B C …
                         duration = args.duration * (2 if workload in ("capacity", "rush")
                                                     else 1)
-                        r = run_one(workload, spec, variant, mode, sim, workdir, duration,
-                                    args.warmup, api_key)
+                        r = (run_ledgers(spec, variant, mode, sim, workdir, duration,
+                                         args.warmup, api_key, cluster) if cluster else
+                             run_one(workload, spec, variant, mode, sim, workdir, duration,
+                                     args.warmup, api_key))
                         results[workload][variant].append(r)
                         print(f"{workload:9s} round {rnd + 1} {variant:7s} {r['rps']:9.0f} req/s "
                               f"p99 {fmt(r['p99_ms'], 2)} ms errors {r['errors']} "
                               f"cpu {fmt(r['server_cpu_util'] * 100, 0)}%", flush=True)
             finally:
                 sim.stop()
+                if cluster is not None:
+                    cluster.close()
     table = summarize(results)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     os.makedirs(args.out, exist_ok=True)

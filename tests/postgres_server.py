@@ -2,17 +2,17 @@
 directory in a temp dir, a free port on 127.0.0.1, trust auth, torn down at the end.
 
 Under `CI=true` a missing server is an error (`.ci/run` installs the package); locally
-the tests that need it skip with the reason.
+the tests that need it skip with the reason. `make bench` uses it too, for the ledgers
+workload.
 """
 
 import glob
 import itertools
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
-
-from conftest import free_port
 
 USER = "gateway"
 
@@ -39,7 +39,9 @@ class Cluster:
         self.bin = binaries()
         self.dir = tempfile.mkdtemp(prefix="mpesa-pg-")
         self.data = os.path.join(self.dir, "data")
-        self.port = free_port()
+        with socket.socket() as probe:  # a free loopback port
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
         self._names = itertools.count(1)
         # initdb refuses to run as root: the package's postgres user owns the cluster then.
         self._as = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
@@ -73,6 +75,29 @@ class Cluster:
         with psycopg.connect(self.url(), autocommit=True) as conn:
             conn.execute(f"CREATE DATABASE {name}")
         return self.url(name)
+
+    def cpu_s(self):
+        """CPU seconds used so far by the server's processes (Linux /proc)."""
+        ticks, postmaster = 0, self._pid()
+        for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmd = f.read()
+            except (OSError, IndexError):
+                continue
+            if b"postgres" not in cmd:
+                continue
+            if int(pid) == postmaster:  # itself, and the backends that have exited
+                ticks += sum(int(x) for x in fields[11:15])
+            elif int(fields[1]) == postmaster:  # a backend (a connection), a worker
+                ticks += int(fields[11]) + int(fields[12])
+        return ticks / os.sysconf("SC_CLK_TCK")
+
+    def _pid(self):
+        with open(os.path.join(self.data, "postmaster.pid")) as f:
+            return int(f.readline())
 
     def close(self):
         try:

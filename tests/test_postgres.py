@@ -93,7 +93,7 @@ def test_claims_across_hosts_take_each_row_once(two_hosts):
 def test_a_server_restart_is_503_while_down_and_heals_without_a_gateway_restart(
         pg_cluster, pg_url, sim):
     app = mpesa_wsgi.create_app(config.load_config(dict(
-        base_env(sim.url, pg_url), GATEWAY_PHONE_LOCK_S="0")))
+        base_env(sim.url, pg_url), GATEWAY_PHONE_LOCK_S="0", GATEWAY_DB_WAIT_S="1")))
     t = TestApp(app)
     try:
         t.post_json("/stkpush", {"phone": "0712000003", "amount": 10}, headers=AUTH, status=202)

@@ -251,7 +251,7 @@ def run_demo(environ):
         base = f"http://127.0.0.1:{port}"
         banner = "\n".join([
             f"mpesa-wsgi {settings.VERSION} demo: gateway {base}, Daraja simulator"
-            f" http://127.0.0.1:{sim_port}, ledger {config.db_path}",
+            f" http://127.0.0.1:{sim_port}, ledger {settings.masked_url(config.db_path)}",
             f"API key: {shown_key}",
             "",
             "Start a payment (any Safaricom-style number succeeds; see README for scenario"

@@ -177,12 +177,16 @@ def endpoint_url(raw):
 
 
 def masked_url(url):
-    """A URL with its password (if any) masked, for messages and --check-config."""
+    """A URL with its password (if any, in the user part or as ?password=) masked, for
+    messages and --check-config."""
     parts = urlsplit(url)
-    if not parts.password:
-        return url
-    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", f":{MASK}@",
-                                                      1)).geturl()
+    if parts.password:
+        parts = parts._replace(netloc=parts.netloc.replace(f":{parts.password}@",
+                                                           f":{MASK}@", 1))
+    if "password=" in parts.query:
+        parts = parts._replace(query=re.sub(r"(^|&)password=[^&]*", rf"\1password={MASK}",
+                                            parts.query))
+    return parts.geturl()
 
 
 def ledger_target(raw):
@@ -192,7 +196,7 @@ def ledger_target(raw):
         raw = raw[len("sqlite:///"):]
     elif raw.startswith(("postgresql://", "postgres://")):
         parts = urlsplit(raw)
-        if not parts.hostname or parts.path in ("", "/"):
+        if not (parts.hostname or "host=" in parts.query) or parts.path in ("", "/"):
             raise ValueError("must be postgresql://user:password@host:port/database")
         return raw
     elif "://" in raw:
@@ -465,6 +469,7 @@ class Config:
             for item in value if isinstance(value, tuple) else [value]:
                 values.append(item[1] if isinstance(item, tuple) else item)  # (name, key)
         values.append(urlsplit(self.db_path).password)  # a PostgreSQL password
+        values += re.findall(r"(?:^|&)password=([^&]*)", urlsplit(self.db_path).query)
         return tuple(v for v in values if v)
 
     def __repr__(self):

@@ -215,10 +215,10 @@ class DarajaClient:
         self._now = now or (lambda: datetime.now(EAT))  # wall clock for Timestamp
         self._pool_timeout = config.connect_timeout
         self.policies = call_policies(config)
-        # fleet.SharedTokens (PostgreSQL ledger): the token every process shares. Getting it
-        # may wait up to two fetch leases for another process, then fetch.
+        # fleet.SharedTokens (PostgreSQL ledger): the token every process shares, got within
+        # one fetch's bound (its own fetch, or a wait for another process's).
         self._shared = shared_tokens
-        oauth_s = self.policies["oauth"].longest_s * (3 if shared_tokens else 1)
+        oauth_s = self.policies["oauth"].longest_s
         # A push: a token fetch and the push, then, after "Invalid Access Token", a second
         # fetch and the one resend. A row `submitting` for longer was abandoned mid-push.
         self.longest_push_s = 2 * (oauth_s + self.policies["stk_push"].longest_s)

@@ -5,7 +5,7 @@ is PostgreSQL (on SQLite each process keeps its own, as before):
 
 - `SharedTokens`: the Daraja OAuth token. A process that needs one reads the fleet's;
   if it is missing or due, one process takes a fetch lease, calls Daraja and stores the
-  token with its expiry, while the others poll for it (bounded by the lease). So N
+  token with its expiry, while the others poll for it (at most one lease). So N
   processes on M hosts make one OAuth call per token lifetime. Each process still keeps
   the token in its own `TokenCache`, so a push does not read the database for it.
 - `SharedRateLimiter`: the per-owner token bucket, one `INSERT … ON CONFLICT DO UPDATE …
@@ -29,13 +29,18 @@ class SharedTokens:
 
     def get(self, fetch):
         """(token, seconds left): the fleet's, or a new one from `fetch()` if this process
-        is the one to fetch it. Waits at most two leases for another process's fetch."""
-        deadline = self._clock() + 2 * self._lease_s
+        is the one to fetch it. Bounded by one lease, like a process's own fetch: a caller
+        fetches only if it can take the lease at once, and otherwise waits for the holder
+        at most a lease; if the holder died, the next caller takes over. So the longest
+        push (and nginx's and systemd's timeouts, which follow it) are the same as on
+        SQLite."""
+        deadline = self._clock() + self._lease_s
+        first = True
         while True:
             found = self._ledger.fleet_token(self._margin_s)
             if found is not None:
                 return found
-            if self._ledger.take_token_lease(self._lease_s, self._margin_s):
+            if first and self._ledger.take_token_lease(self._lease_s, self._margin_s):
                 try:
                     token, expires_in = fetch()
                 except BaseException:
@@ -43,6 +48,7 @@ class SharedTokens:
                     raise
                 self._ledger.put_token(token, expires_in)
                 return token, expires_in
+            first = False
             if self._clock() > deadline:
                 raise TokenWaitTimeout("another process's token fetch took too long")
             self._wait(POLL_S)

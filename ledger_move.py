@@ -7,6 +7,11 @@ target that must be empty; then counts and the sum of amounts verified on both s
 Run it with the gateway stopped: rows written to the source during the copy are not in it.
 """
 
+import contextlib
+import os
+import pathlib
+import sqlite3
+
 import ledger as store
 
 # (table, order of writing, columns the target numbers itself)
@@ -58,6 +63,20 @@ def _totals_in(tx):
     return counts, int(amount)
 
 
+def _is_sqlite_ledger(path):
+    """An existing SQLite file with the gateway's tables, opened read-only (so a wrong
+    path is neither created nor changed)."""
+    if not os.path.isfile(path):
+        return False
+    try:
+        with contextlib.closing(sqlite3.connect(
+                f"{pathlib.Path(path).resolve().as_uri()}?mode=ro", uri=True)) as conn:
+            names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+    except sqlite3.Error:
+        return False
+    return {"transactions", "callbacks", "idempotency_keys"} <= names
+
+
 def _plain(value):
     return bytes(value) if isinstance(value, memoryview) else value
 
@@ -66,6 +85,9 @@ def run(source_target, to_target):
     """The command: open both, copy, print the totals; MoveError/LedgerOpenError raised."""
     if not store.is_postgres(to_target) and source_target == to_target:
         raise MoveError("--from and --to name the same ledger")
+    if not store.is_postgres(source_target) and not _is_sqlite_ledger(source_target):
+        raise MoveError(f"--from {source_target}: no gateway ledger there (a mistyped path"
+                        " would otherwise copy nothing and say so)")
     source = store.open_ledger(source_target)
     try:
         target = store.open_ledger(to_target)

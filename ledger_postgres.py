@@ -169,8 +169,12 @@ class PostgresLedger(store.Ledger):
         self._pool = ConnectionPool(
             # wait_s: a request waits this long for a connection, then 503 ledger_unavailable
             url, min_size=1, max_size=pool_size, timeout=wait_s, open=False,
+            # A server host that vanishes (power, network) is noticed in about 15 s, not the
+            # kernel's 15 minutes: TCP keepalives and a bound on unacknowledged data.
             kwargs={"autocommit": True, "row_factory": dict_row,
-                    "connect_timeout": CONNECT_TIMEOUT_S, "application_name": "mpesa-gateway"},
+                    "connect_timeout": CONNECT_TIMEOUT_S, "application_name": "mpesa-gateway",
+                    "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 3,
+                    "keepalives_count": 3, "tcp_user_timeout": 15000},
             check=ConnectionPool.check_connection, name="ledger")
         try:
             self._pool.open(wait=True, timeout=wait_s + CONNECT_TIMEOUT_S)

@@ -15,6 +15,7 @@ gets `202` with the transaction id and the status as far as it is known.
 """
 
 import atexit
+import functools
 import hashlib
 import hmac
 import json
@@ -318,6 +319,22 @@ def metrics_text(services, authorization):
     return 200, services.metrics.render().encode(), [("Content-Type", metrics.CONTENT_TYPE)]
 
 
+def ledger_read(flow):
+    """A flow that reads the ledger: a ledger that cannot be reached (a PostgreSQL server
+    that is down) is 503 ledger_unavailable with Retry-After, never a 500."""
+    @functools.wraps(flow)
+    def guarded(services, *args):
+        try:
+            return flow(services, *args)
+        except services.ledger.Error:
+            log.exception("ledger unavailable route_flow=%s", flow.__name__)
+            raise ServiceUnavailable("the ledger cannot be reached; retry shortly",
+                                     code="ledger_unavailable",
+                                     headers=retry_after(RETRY_AFTER_UNAVAILABLE_S)) from None
+    return guarded
+
+
+@ledger_read
 def transactions_page(services, authorization, query_string):
     caller = authenticate(authorization, services.config)
     try:
@@ -508,6 +525,7 @@ def _refused(ledger, row, reason, exc, idem):
             headers=retry_after(RETRY_AFTER_UNAVAILABLE_S)) from None
 
 
+@ledger_read
 def events_page(services, authorization, query_string):
     """GET /events: the caller's webhook events, newest first (admin keys: everyone's)."""
     caller = authenticate(authorization, services.config)
@@ -528,12 +546,14 @@ def _own_event(services, caller, event_id):
     return row
 
 
+@ledger_read
 def read_event(services, authorization, event_id):
     """GET /events/<id>: one event with its delivery attempts."""
     caller = authenticate(authorization, services.config)
     return 200, resources.event_resource(_own_event(services, caller, event_id), True)
 
 
+@ledger_read
 def redeliver_event(services, authorization, event_id):
     """POST /events/<id>/redeliver: send it again at the sender's next pass."""
     caller = authenticate(authorization, services.config)
@@ -542,6 +562,7 @@ def redeliver_event(services, authorization, event_id):
     return 202, resources.event_resource(row)
 
 
+@ledger_read
 def read_transaction(services, note, authorization, ref):
     caller = authenticate(authorization, services.config)
     row = services.ledger.get(ref) if 0 < len(ref) <= MAX_ID_LENGTH else None

@@ -152,3 +152,15 @@ def test_check_config_reports_the_error_and_exits_non_zero():
     assert proc.returncode != 0
     assert "GATEWAY_SECRET is required" in proc.stderr
     assert "pk-very-secret-value-3" not in proc.stderr + proc.stdout
+
+
+@pytest.mark.parametrize("url", [
+    "postgresql://gw:s3cret-pw@db.example:5432/mpesa",
+    "postgresql://gw@db.example/mpesa?sslmode=require&password=s3cret-pw",
+    "postgresql:///mpesa?host=/run/postgresql&password=s3cret-pw",
+])
+def test_a_postgresql_password_is_masked_wherever_the_url_holds_it(url):
+    cfg = load_config(dict(VALID, GATEWAY_DB=url))
+    assert cfg.db_path == url  # kept exactly, for the driver
+    assert "s3cret-pw" not in repr(cfg) and "s3cret-pw" not in str(cfg.masked())
+    assert "s3cret-pw" in cfg.secret_values()  # so the log filter redacts it too

@@ -214,9 +214,10 @@ def test_processes_opening_a_new_ledger_at_once_all_succeed(tmp_path):
             assert conn.execute("SELECT COUNT(*) FROM transactions").fetchone()[0] == 3
 
 
-def test_events_of_a_payment_are_delivered_in_written_order_whatever_the_clocks(tmp_path):
+def test_events_of_a_payment_are_delivered_in_written_order_whatever_the_clocks(
+        ledger_target):
     clock = FakeClock(2000.0)
-    ledger = Ledger(str(tmp_path / "order.db"), clock=clock)
+    ledger = store.open_ledger(ledger_target, clock=clock)
     row = ledger.create(phone="254712345678", amount=10, reference="R", description="D")
     ledger.mark_accepted(row["id"], "ws_CO_1", "m")
 

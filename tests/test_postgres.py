@@ -96,14 +96,23 @@ def test_a_server_restart_is_503_while_down_and_heals_without_a_gateway_restart(
         base_env(sim.url, pg_url), GATEWAY_PHONE_LOCK_S="0", GATEWAY_DB_WAIT_S="1")))
     t = TestApp(app)
     try:
-        t.post_json("/stkpush", {"phone": "0712000003", "amount": 10}, headers=AUTH, status=202)
+        tx = t.post_json("/stkpush", {"phone": "0712000003", "amount": 10}, headers=AUTH,
+                         status=202).json
         pushes = sim.stats()["pushes"]
+        callback = "/" + app.callback_url(tx["id"]).split("/", 3)[3]
         pg_cluster.stop()
         try:
             res = t.post_json("/stkpush", {"phone": "0712000004", "amount": 10}, headers=AUTH,
                               status=503)
             assert res.json["error"]["code"] == "ledger_unavailable"
             assert sim.stats()["pushes"] == pushes  # nothing sent to Daraja
+            for path in (f"/transactions/{tx['id']}", "/transactions", "/events"):
+                res = t.get(path, headers=AUTH, status=503)  # reads too: never a 500
+                assert res.json["error"]["code"] == "ledger_unavailable"
+                assert res.headers["Retry-After"]
+            res = t.post(callback, b'{"Body": {}}', content_type="application/json",
+                         status=503)  # not stored, so not acknowledged: Daraja may retry
+            assert res.json["error"]["code"] == "ledger_unavailable"
             assert t.get("/health", status=503).json["checks"]["ledger_writable"] is False
             assert "mpesa_gateway_http_requests_total" in t.get("/metrics", status=200).text
         finally:
@@ -178,6 +187,9 @@ def test_migrate_ledger_copies_a_ledger_made_by_the_gateway_and_verifies_it(
         moved.close()
     again = _cli({}, "migrate-ledger", "--from", source, "--to", pg_url)
     assert again.returncode == 2 and "not empty" in again.stderr
+    typo = _cli({}, "migrate-ledger", "--from", source + "x", "--to", pg_url)
+    assert typo.returncode == 2 and "no gateway ledger there" in typo.stderr
+    assert not os.path.exists(source + "x")  # a mistyped path is not created
 
 
 @pytest.fixture
@@ -229,7 +241,10 @@ def test_two_hosts_together_allow_the_configured_rate_not_twice_it(two_gateways)
     apps = two_gateways(GATEWAY_RATE="0.5", GATEWAY_BURST="4")
     answers = [TestApp(apps[n % 2]).post_json(
         "/stkpush", {"phone": f"07120005{n:02d}", "amount": 10}, headers=AUTH,
-        expect_errors=True).status_int for n in range(12)]
+        expect_errors=True) for n in range(12)]
     # 4 from the burst, and at most one more refilled while the 12 were sent (0.5/s);
     # two per-process buckets would have allowed 8.
-    assert answers.count(202) in (4, 5) and answers.count(429) == 12 - answers.count(202)
+    statuses = [a.status_int for a in answers]
+    assert statuses.count(202) in (4, 5) and statuses.count(429) == 12 - statuses.count(202)
+    refused = next(a for a in answers if a.status_int == 429)
+    assert 1 <= int(refused.headers["Retry-After"]) <= 2  # a token every 2 s, partly refilled

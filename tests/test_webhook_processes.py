@@ -20,6 +20,7 @@ import config
 import settlement
 import webhooks
 from conftest import API_KEY, ROOT_DIR, base_env, free_port, serve, wait_for
+import ledger as store
 from ledger import Ledger
 from settlement import Outcome
 
@@ -69,7 +70,7 @@ def env_for(db, url, **extra):
 def settled_events(db, url, count):
     """`count` payments settled by their callbacks, each leaving one event in the outbox."""
     cfg = config.load_config(env_for(db, url))
-    ledger, outbox = Ledger(str(db)), webhooks.Outbox(cfg)
+    ledger, outbox = store.open_ledger(str(db)), webhooks.Outbox(cfg)
     for n in range(count):
         row = ledger.create(phone=f"2547120{n:05d}", amount=10, reference="R", description="D")
         checkout = f"ws_CO_2611202612000000{n:03d}712000000"
@@ -82,11 +83,11 @@ def settled_events(db, url, count):
     return ids
 
 
-def test_two_processes_sharing_a_ledger_deliver_each_event_once(tmp_path, receiver):
+def test_two_processes_sharing_a_ledger_deliver_each_event_once(ledger_target, receiver):
     slow = receiver(delay_s=0.1)  # both senders are busy at the same time
-    ids = settled_events(tmp_path / "two.db", slow.url, 20)
+    ids = settled_events(ledger_target, slow.url, 20)
     procs = [subprocess.Popen([sys.executable, "mpesa_wsgi.py", "deliver"], cwd=ROOT_DIR,
-                              env=env_for(tmp_path / "two.db", slow.url),
+                              env=env_for(ledger_target, slow.url),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
     outputs = [p.communicate(timeout=120)[0] for p in procs]

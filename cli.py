@@ -322,7 +322,7 @@ def migrate_ledger(source, target):
     """Copy a ledger into an empty one and verify it (ledger_move); exit 2 if refused."""
     try:
         counts, amount = ledger_move.run(source, target)
-    except (ledger_move.MoveError, store.LedgerOpenError) as exc:
+    except (ledger_move.MoveError, store.LedgerOpenError, ValueError) as exc:
         print(exc, file=sys.stderr)
         return 2
     summary = " ".join(f"{table}={n}" for table, n in counts.items())

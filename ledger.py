@@ -104,6 +104,8 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE INDEX IF NOT EXISTS events_due ON events (status, next_attempt_at);
 CREATE INDEX IF NOT EXISTS events_tx ON events (tx_id);
 CREATE INDEX IF NOT EXISTS events_owner ON events (owner, id);
+-- a claim looks for an earlier pending event of the same payment: one probe, not a scan
+CREATE INDEX IF NOT EXISTS events_pending_tx ON events (tx_id) WHERE status = 'pending';
 CREATE TABLE IF NOT EXISTS event_attempts (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
     event_id    TEXT NOT NULL,

@@ -12,6 +12,7 @@ import os
 import pathlib
 import sqlite3
 
+import config
 import ledger as store
 
 # (table, order of writing, columns the target numbers itself)
@@ -83,6 +84,7 @@ def _plain(value):
 
 def run(source_target, to_target):
     """The command: open both, copy, print the totals; MoveError/LedgerOpenError raised."""
+    source_target, to_target = (config.ledger_target(t) for t in (source_target, to_target))
     if not store.is_postgres(to_target) and source_target == to_target:
         raise MoveError("--from and --to name the same ledger")
     if not store.is_postgres(source_target) and not _is_sqlite_ledger(source_target):

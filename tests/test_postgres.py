@@ -137,7 +137,7 @@ def test_migrate_creates_the_schema_once_and_never_shows_the_password(pg_url):
     for _ in range(2):  # the second run finds nothing to do
         proc = _cli(env, "migrate")
         assert proc.returncode == 0, proc.stderr
-        assert "schema_version=2" in proc.stdout
+        assert "schema_version=3" in proc.stdout
         assert "pw-do-not-print" not in proc.stdout + proc.stderr
     proc = _cli(env, "--check-config")
     assert "pw-do-not-print" not in proc.stdout and "gateway:********@" in proc.stdout

@@ -28,6 +28,8 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import group_commit
+
 log = logging.getLogger(__name__)
 
 SUBMITTING = "submitting"  # written, Daraja not answered yet (shown to merchants as pending)
@@ -201,6 +203,7 @@ class Ledger:
         self._local = threading.local()
         self._all = []  # every connection opened, so close() can reach them
         self._all_lock = threading.Lock()
+        self._group = group_commit.GroupCommit(self._writer_conn, self._rollback, sqlite3.Error)
         self.migrate()
 
     def migrate(self):
@@ -231,22 +234,27 @@ class Ledger:
     # --- connections --------------------------------------------------------
 
     def _conn(self):
+        """This thread's reading connection (and the schema's)."""
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            # One connection per thread; check_same_thread=False only so close() can end it.
-            conn = sqlite3.connect(self.path, timeout=self._busy_timeout_s, isolation_level=None,
-                                   check_same_thread=False)
-            conn.row_factory = sqlite3.Row
-            # WAL is a property of the file: switch only if needed, since switching takes an
-            # exclusive lock that another process opening a new ledger may hold right now.
-            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-                self._when_unlocked(lambda: conn.execute("PRAGMA journal_mode=WAL"))
-            conn.execute("PRAGMA synchronous=FULL")  # a commit we acknowledged survives power loss
-            if self._on_connect is not None:
-                self._on_connect(conn)
-            self._local.conn = conn
+            conn = self._local.conn = self._open()
             with self._all_lock:
                 self._all.append(conn)
+        return conn
+
+    def _open(self):
+        # check_same_thread=False: the writer is used by one thread at a time (group
+        # commit), and close() ends every connection.
+        conn = sqlite3.connect(self.path, timeout=self._busy_timeout_s, isolation_level=None,
+                               check_same_thread=False)
+        conn.row_factory = sqlite3.Row
+        # WAL is a property of the file: switch only if needed, since switching takes an
+        # exclusive lock that another process opening a new ledger may hold right now.
+        if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            self._when_unlocked(lambda: conn.execute("PRAGMA journal_mode=WAL"))
+        conn.execute("PRAGMA synchronous=FULL")  # a commit we acknowledged survives power loss
+        if self._on_connect is not None:
+            self._on_connect(conn)
         return conn
 
     def _when_unlocked(self, action):
@@ -264,28 +272,27 @@ class Ledger:
                     raise
                 time.sleep(0.02)
 
-    @contextmanager
     def _write(self):
-        """One write transaction, taking the write lock up front (no mid-way SQLITE_BUSY)."""
-        conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-            conn.execute("COMMIT")
-        except BaseException:
-            self._rollback(conn)  # the original error is the one the caller sees
-            raise
+        """One write, in the group commit's current transaction (taken with BEGIN
+        IMMEDIATE: no mid-way SQLITE_BUSY); returns once it is durable."""
+        return self._group.write()
+
+    def _writer_conn(self):
+        """The one connection the group commit writes with."""
+        conn = self._open()
+        with self._all_lock:
+            self._all.append(conn)
+        return conn
 
     def _rollback(self, conn):
         """End a failed transaction (a failed COMMIT leaves it open); a connection that
-        cannot be rolled back is discarded, so the next write starts from a clean one."""
+        cannot be rolled back is discarded (False), so the next write starts clean."""
         try:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
+            return True
         except sqlite3.Error:
             log.error("ledger rollback_failed action=discard_connection")
-            if getattr(self._local, "conn", None) is conn:
-                self._local.conn = None
             with self._all_lock:
                 if conn in self._all:
                     self._all.remove(conn)
@@ -293,6 +300,12 @@ class Ledger:
                 conn.close()
             except sqlite3.Error:
                 pass
+            return False
+
+    @property
+    def commit_counts(self):
+        """(writes made durable, COMMITs that did it): batching, for /metrics."""
+        return self._group.commits, self._group.batches
 
     def _read(self, sql, args=()):
         """backend: rows of one query, as dicts."""
@@ -307,6 +320,7 @@ class Ledger:
         write lock, taken by BEGIN IMMEDIATE, already serialises every writer)."""
 
     def close(self):
+        self._group.close()
         with self._all_lock:
             conns, self._all = self._all, []
         for conn in conns:
@@ -402,8 +416,10 @@ class Ledger:
                                (self._clock() - IDEMPOTENCY_TTL_S,))
         return cur.rowcount
 
-    def mark_accepted(self, tx_id, checkout_request_id, merchant_request_id):
-        """Daraja queued the prompt. A result that already arrived is kept."""
+    def mark_accepted(self, tx_id, checkout_request_id, merchant_request_id, pin=None):
+        """Daraja queued the prompt. A result that already arrived is kept. `pin`: an
+        (Idempotency, answer(row) → (status, body)) whose answer is stored in the same
+        commit, so a keyed payment costs no extra commit."""
         with self._write() as conn:
             row = conn.execute(
                 "UPDATE transactions SET status = CASE status WHEN ? THEN ? ELSE status END,"
@@ -412,15 +428,26 @@ class Ledger:
                 " WHERE id = ? RETURNING *",
                 (SUBMITTING, PENDING, checkout_request_id, merchant_request_id, self._now(),
                  tx_id)).fetchone()
+            if row is not None and pin is not None:
+                self._pin(conn, pin, dict(row))
         return dict(row) if row is not None else None
 
+    @staticmethod
+    def _pin(conn, pin, row):
+        idempotency, answer = pin
+        status_code, body = answer(row)
+        conn.execute(
+            "UPDATE idempotency_keys SET status_code = ?, body = ? WHERE scope = ? AND key = ?",
+            (status_code, body, idempotency.scope, idempotency.key))
+
     def mark_not_accepted(self, tx_id, status, reason, result_code=None, result_desc=None,
-                          release=None, event=None):
+                          release=None, event=None, pin=None):
         """The push was refused (`rejected`) or its fate is unknown (`unknown`).
 
         `release`: an Idempotency whose key is freed in the same commit, because
         nothing reached the customer and the merchant may retry with that key.
-        `event(before, after, "not_accepted")`: the webhook event written in the same commit.
+        `event(before, after, "not_accepted")`: the webhook event written in the same commit;
+        `pin`: the idempotent answer too (as for mark_accepted).
         """
         with self._write() as conn:
             row = conn.execute(
@@ -431,6 +458,8 @@ class Ledger:
             if row is not None and event is not None:
                 self._add_event(conn, event(dict(row, status=SUBMITTING), dict(row),
                                             "not_accepted"))
+            if row is not None and pin is not None:
+                self._pin(conn, pin, dict(row))
             if release is not None:
                 conn.execute("DELETE FROM idempotency_keys WHERE scope = ? AND key = ?",
                              (release.scope, release.key))

@@ -414,15 +414,17 @@ def _start_payment(services, note, caller, load_body, idempotency_key):
         return push_not_accepted(
             services, row, daraja.DarajaError("stk_push", daraja.UNKNOWN, "internal_error"), idem)
     try:
-        row = with_retries(services.ledger, lambda: services.ledger.mark_accepted(
-            row["id"], accepted.checkout_request_id, accepted.merchant_request_id))
+        row = record_outcome(services.ledger, row["id"], idem, lambda pin: (
+            services.ledger.mark_accepted(row["id"], accepted.checkout_request_id,
+                                          accepted.merchant_request_id, pin=pin)))
     except Exception:  # noqa: BLE001 - the prompt is out: never a 500 from here on
         # The row stays `submitting`, so recovery makes it `unknown` and its signed callback
-        # URL still finds it. Tell the merchant what we know.
+        # URL still finds it; a retry with the key finds the row itself. Tell the merchant
+        # what we know.
         log.exception("ledger write failed after push tx=%s", row["id"])
         row = dict(row, status=store.PENDING, checkout_request_id=accepted.checkout_request_id,
                    merchant_request_id=accepted.merchant_request_id)
-    return pinned(services, idem, 202, transaction_resource(row))
+    return 202, transaction_resource(row)
 
 
 LEDGER_RETRIES_S = (0.05, 0.25)  # a lock that outlasted the busy timeout rarely lasts longer
@@ -440,16 +442,17 @@ def with_retries(ledger, write):
     return write()
 
 
-def pinned(services, idem, status, body):
-    """Store the answer against the idempotency key (a prompt may have been sent). If that
-    write fails the answer still stands: a retry with the key then finds the row itself."""
+def record_outcome(ledger, tx_id, idem, write):
+    """`write(pin)` records a push's outcome; with a key, the 202 answer (made from the row
+    as that write leaves it) is stored in the same commit. If that fails, the outcome
+    alone: a retry with the key then finds the row itself."""
     if idem is not None:
+        pin = (idem, lambda row: (202, dumps(transaction_resource(row))))
         try:
-            ledger = services.ledger
-            with_retries(ledger, lambda: ledger.store_response(idem, status, dumps(body)))
-        except Exception:  # noqa: BLE001 - the answer stands
-            log.exception("ledger write failed storing the idempotent answer tx=%s", body["id"])
-    return status, body
+            return with_retries(ledger, lambda: write(pin))
+        except Exception:  # noqa: BLE001 - the outcome still has to be recorded
+            log.exception("ledger write failed storing the idempotent answer tx=%s", tx_id)
+    return with_retries(ledger, lambda: write(None))
 
 
 def answer_without_push(note, begun, caller):
@@ -479,13 +482,13 @@ def push_not_accepted(services, row, exc, idem):
     if exc.outcome == daraja.UNKNOWN:
         # It may have reached the customer: never resend; the callback or a query settles it.
         try:
-            row = with_retries(ledger, lambda: ledger.mark_not_accepted(
-                row["id"], store.UNKNOWN, exc.reason, event=services.outbox.event_for))
+            row = record_outcome(ledger, row["id"], idem, lambda pin: ledger.mark_not_accepted(
+                row["id"], store.UNKNOWN, exc.reason, event=services.outbox.event_for, pin=pin))
         except Exception:  # noqa: BLE001 - it may have reached the customer: never a 500
             # Still `submitting` in the ledger, so recovery makes it `unknown` too.
             log.exception("ledger write failed after an unanswered push tx=%s", row["id"])
             row = dict(row, status=store.UNKNOWN, reason=exc.reason)
-        return pinned(services, idem, 202, transaction_resource(row))
+        return 202, transaction_resource(row)
     # Nothing reached the customer: the idempotency key is released with the row's update,
     # so the merchant may retry with the same key.
     if exc.outcome == daraja.REJECTED and exc.subscriber_locked:

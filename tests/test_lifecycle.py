@@ -105,13 +105,14 @@ def test_a_failed_commit_is_rolled_back_and_the_error_kept(tmp_path):
     failing, path = FailingCommit(), str(tmp_path / "c.db")
     ledger = Ledger(path, on_connect=failing)
     try:
-        failing.arm()
+        new_row(ledger, phone="254712345670")  # opens the writing connection (group commit)
+        failing.arm()  # on the newest connection: the writer
         with pytest.raises(sqlite3.IntegrityError, match="FOREIGN KEY"):
             new_row(ledger)
         failing.arm(False)
         new_row(ledger, phone="254712345679")  # the connection is usable: nothing left open
-        assert count_rows(path) == 1  # the failed write is gone
-        assert len(failing.connections) == 1
+        assert count_rows(path) == 2  # the failed write is gone
+        assert len(failing.connections) == 2  # the reader and the same writer
     finally:
         ledger.close()
 
@@ -120,13 +121,14 @@ def test_a_connection_that_cannot_roll_back_is_discarded(tmp_path, caplog):
     failing, path = FailingCommit(refuse_rollback=True), str(tmp_path / "d.db")
     ledger = Ledger(path, on_connect=failing)
     try:
+        new_row(ledger, phone="254712345670")  # opens the writing connection (group commit)
         failing.arm()
         with pytest.raises(sqlite3.IntegrityError, match="FOREIGN KEY"):
             new_row(ledger)  # the COMMIT's error, not the ROLLBACK's
         assert any("rollback_failed" in r.getMessage() for r in caplog.records)
         new_row(ledger, phone="254712345679")
-        assert len(failing.connections) == 2  # a fresh connection took over
-        assert count_rows(path) == 1
+        assert len(failing.connections) == 3  # a fresh writer took over
+        assert count_rows(path) == 2
     finally:
         ledger.close()
 

@@ -1,8 +1,10 @@
-"""The payment ledger: SQLite, the only module that touches the database.
+"""The payment ledger: its contract in SQL both engines run, and the SQLite engine.
 
-Owns the schema, the connections (one per thread; WAL, synchronous=FULL, a busy
-timeout, `BEGIN IMMEDIATE` for every write), the life of a transaction row and
-the append-only callback log.  The rules that keep money safe live here:
+Owns the schema, the SQLite connections (a reading one per thread; one writing
+connection whose transactions group_commit shares among concurrent writes; WAL,
+synchronous=FULL, a busy timeout, `BEGIN IMMEDIATE`), the life of a transaction
+row, the append-only callback log and the webhook outbox (ledger_postgres supplies
+the PostgreSQL engine). The rules that keep money safe live here:
 
 - a row is committed in state `submitting` *before* Daraja is called;
 - a callback's raw body is stored and applied in one committed transaction;
@@ -11,21 +13,20 @@ the append-only callback log.  The rules that keep money safe live here:
   applied once whoever brings it;
 - on startup, rows left in `submitting` become `unknown`, never re-sent;
 - an idempotency key is claimed, the per-phone lock checked and the row written
-  in one `BEGIN IMMEDIATE` transaction, so the guarantees hold across threads
-  and across processes sharing the file;
+  in one write transaction, so the guarantees hold across threads and across
+  processes sharing the file;
+- a push's outcome and its idempotent answer are one commit;
 - reconciliation claims one row at a time with a lease, so two processes never
   query the same row at once;
-- a failed COMMIT is rolled back; a connection that cannot be rolled back is
-  discarded.
+- a write returns only once its COMMIT is durable; a failed COMMIT is rolled
+  back; a connection that cannot be rolled back is discarded.
 """
-
 import calendar
 import logging
 import secrets
 import sqlite3
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import group_commit

@@ -19,6 +19,7 @@ states once in SQL:
 
 import logging
 import re
+import threading
 from contextlib import contextmanager
 from functools import lru_cache
 
@@ -171,6 +172,7 @@ class PostgresLedger(store.Ledger):
                 " pip install -r requirements-postgres.txt")
         self.path = config.masked_url(url)
         self._clock = clock
+        self._commits, self._count_lock = 0, threading.Lock()
         self._pool = ConnectionPool(
             # wait_s: a request waits this long for a connection, then 503 ledger_unavailable
             url, min_size=1, max_size=pool_size, timeout=wait_s, open=False,
@@ -210,6 +212,15 @@ class PostgresLedger(store.Ledger):
     def _write(self):
         with self._pool.connection() as conn, conn.transaction():
             yield _Tx(conn)
+        with self._count_lock:
+            self._commits += 1
+
+    @property
+    def commit_counts(self):
+        """(writes made durable, COMMITs): one each here, PostgreSQL's own commit path
+        (its WAL writer groups concurrent commits' flushes by itself)."""
+        with self._count_lock:
+            return self._commits, self._commits
 
     def _read(self, sql, args=()):
         with self._pool.connection() as conn:

@@ -59,14 +59,19 @@ class RedactFilter(logging.Filter):
         text = _CHECKOUT_ID.sub(r"\1******\2", text)
         return _CALLBACK_PATH.sub(r"\1[REDACTED]", text)
 
+    def clean_request_id(self, rid):
+        """The request id may be the caller's X-Request-Id: scrubbed like a message (once
+        per request: the last one is remembered)."""
+        if rid is None or _GENERATED_ID.fullmatch(rid):
+            return rid
+        if rid != self._last_id[0]:
+            self._last_id = (rid, self.scrub(rid))
+        return self._last_id[1]
+
     def filter(self, record):
-        # The request id may be the caller's X-Request-Id: scrubbed like a message (once
-        # per request: the last one is remembered).
         rid = getattr(record, "request_id", None)
-        if rid is not None and not _GENERATED_ID.fullmatch(rid):
-            if rid != self._last_id[0]:
-                self._last_id = (rid, self.scrub(rid))
-            record.request_id = self._last_id[1]
+        if rid is not None:
+            record.request_id = self.clean_request_id(rid)
         if getattr(record, "sanitized", False):
             return True  # built only from templates, numbers, ids and masked phones
         message = record.getMessage()
@@ -97,19 +102,83 @@ class JsonFormatter(logging.Formatter):
 
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s request_id=%(request_id)s %(message)s"
+ACCESS = "mpesa_wsgi.access"
+_ours = None  # the _Lines of the handler configure() installed, for the access fast path
+
+
+class _Lines:
+    """The access line's fast path: the same bytes the handler would write for it (text or
+    JSON, the request id scrubbed, the time with its milliseconds), made without a
+    LogRecord, a filter chain or a per-line strftime, and written under the handler's
+    lock. Used only while that handler is the root's only one and the access logger is
+    plainly enabled (anything else, e.g. a test's capture, takes the logging path)."""
+
+    def __init__(self, handler, redact, json_lines):
+        self.handler, self._redact, self._json = handler, redact, json_lines
+        self._second, self._stamp = None, ""
+        self._access = logging.getLogger(ACCESS)
+        self._root = logging.getLogger()
+
+    def usable(self):
+        logger = self._access
+        return (self._root.handlers == [self.handler] and not logger.handlers
+                and logger.propagate and not logger.disabled
+                and logger.isEnabledFor(logging.INFO) and self.handler.level <= logging.INFO)
+
+    def _time(self, now):
+        second = int(now)
+        if second != self._second:  # one strftime a second, not one a line
+            self._stamp = (time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+                           if self._json else
+                           time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second)))
+            self._second = second
+        return self._stamp, int((now - second) * 1000)
+
+    def access(self, message, fields):
+        stamp, ms = self._time(time.time())
+        rid = self._redact.clean_request_id(REQUEST_ID.get())
+        if self._json:
+            entry = {"ts": f"{stamp}.{ms:03d}Z", "level": "INFO", "logger": ACCESS,
+                     "request_id": rid, "msg": message}
+            entry.update(fields)
+            line = json.dumps(entry, separators=(",", ":"), default=str)
+        else:
+            line = f"{stamp},{ms:03d} INFO {ACCESS} request_id={rid} {message}"
+        handler = self.handler
+        handler.acquire()
+        try:
+            handler.stream.write(line + handler.terminator)
+            handler.stream.flush()
+        finally:
+            handler.release()
+
+
+def access(message, fields):
+    """Write the access line: the fast way when logging is ours alone, else through
+    logging (same text). `message` is sanitized (templates, numbers, masked phones)."""
+    lines = _ours
+    if lines is not None and lines.usable():
+        try:
+            return lines.access(message, fields)
+        except Exception:  # noqa: BLE001 - a broken stream: let logging report it
+            pass
+    logging.getLogger(ACCESS).info(message, extra={"sanitized": True, "fields": fields})
 
 
 def configure(level="INFO", fmt="text", secret_values=(), stream=None):
     """Install the one handler on the root logger (idempotent)."""
+    global _ours
     handler = logging.StreamHandler(stream or sys.stderr)
+    redact = RedactFilter(secret_values)
     handler.addFilter(ContextFilter())
-    handler.addFilter(RedactFilter(secret_values))
+    handler.addFilter(redact)
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
     root = logging.getLogger()
     for old in [h for h in root.handlers if getattr(h, "_mpesa_wsgi", False)]:
         root.removeHandler(old)
     handler._mpesa_wsgi = True
     root.addHandler(handler)
+    _ours = _Lines(handler, redact, fmt == "json")
     root.setLevel(level)
     logging.getLogger("urllib3").setLevel(logging.WARNING)  # its DEBUG lines carry URLs
     # Per-record work nobody reads here (logging HOWTO, "Optimization"): caller frame,

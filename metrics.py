@@ -103,10 +103,17 @@ class Gauge:
         return [(self.name, _labels(self.labelnames, k), v) for k, v in sorted(self._read().items())]
 
 
+class CounterReading(Gauge):
+    """A counter kept elsewhere (the ledger's), read at scrape time like a gauge."""
+
+    kind = "counter"
+
+
 class GatewayMetrics:
     """Every metric the gateway exports; one instance lives on the app."""
 
-    def __init__(self, version, transactions_by_status, slots=None, outbox=None):
+    def __init__(self, version, transactions_by_status, slots=None, outbox=None,
+                 commit_counts=None):
         p = "mpesa_gateway_"
         self.requests = Counter(p + "http_requests_total", "HTTP requests handled.",
                                 ("route", "method", "status"))
@@ -142,11 +149,20 @@ class GatewayMetrics:
             p + "webhook_oldest_undelivered_seconds",
             "Age of the oldest webhook event not yet delivered (0: none).", (),
             lambda: _one(outbox() if outbox else 0.0))
+        counts = commit_counts or (lambda: (0, 0))
+        self.ledger_commits = CounterReading(
+            p + "ledger_commits_total", "Ledger writes made durable.", (),
+            lambda: {(): counts()[0]})
+        self.ledger_batches = CounterReading(
+            p + "ledger_batches_total",
+            "Ledger COMMITs (fsyncs) that made them so: fewer than writes when concurrent"
+            " writes share one (group commit).", (), lambda: {(): counts()[1]})
         self._families = (self.requests, self.request_seconds, self.daraja_calls,
                           self.daraja_seconds, self.token_fetches, self.callbacks,
                           self.reconcile, self.reconcile_refusals, self.transactions,
                           self.slots_in_use, self.slots_total, self.busy,
-                          self.webhook_deliveries, self.webhook_oldest, self.build)
+                          self.webhook_deliveries, self.webhook_oldest, self.ledger_commits,
+                          self.ledger_batches, self.build)
 
     def daraja_call(self, api, outcome, seconds):
         """The Daraja client's observer: one call finished with `outcome`."""

@@ -28,6 +28,7 @@ import config as settings
 import daraja
 import fleet
 import ledger as store
+import logs
 import metrics
 import ratelimit
 import reconciler
@@ -44,7 +45,6 @@ from errors import (
 )
 
 log = logging.getLogger(__name__)
-access_log = logging.getLogger("mpesa_wsgi.access")
 
 CALLBACK_ACK = {"ResultCode": 0, "ResultDesc": "Accepted"}
 SIGNATURE_HEX_CHARS = 32
@@ -164,6 +164,7 @@ class Services:
             self.openapi = f.read()
         self._secret = config.secret
         self._health = (float("-inf"), None)  # (checked at, checks): shared, replaced whole
+        self.health_answer = None  # (second, checks, status, body): replaced whole
 
     def callback_url(self, tx_id):
         return (f"{self.config.callback_base_url}/callback/{tx_id}/"
@@ -181,12 +182,11 @@ class Services:
         self.metrics.requests.inc(route, method, str(status))
         self.metrics.request_seconds.observe(elapsed, route)
         masked = validation.mask_phone(phone) if phone else "-"
-        access_log.info(
-            "request method=%s route=%s status=%d ms=%.1f tx=%s phone=%s",
-            method, route, status, elapsed * 1000, tx_id or "-", masked,
-            extra={"sanitized": True, "fields": {
-                "method": method, "route": route, "status": status,
-                "ms": round(elapsed * 1000, 1), "tx": tx_id, "phone": masked}})
+        ms = elapsed * 1000
+        logs.access(f"request method={method} route={route} status={status} ms={ms:.1f}"
+                    f" tx={tx_id or '-'} phone={masked}",
+                    {"method": method, "route": route, "status": status,
+                     "ms": round(ms, 1), "tx": tx_id, "phone": masked})
 
     def health_checks(self):
         """Ledger writable, token age, pending/unknown counts, push slots, reconciler
@@ -261,7 +261,8 @@ def build_services(config=None, *, clock=None):
         return 0.0 if oldest is None else max(0.0, clock.wall() - oldest)
 
     slots = ratelimit.PushSlots(config.push_slots)
-    registry = metrics.GatewayMetrics(settings.VERSION, by_status, slots, oldest_undelivered_s)
+    registry = metrics.GatewayMetrics(settings.VERSION, by_status, slots, oldest_undelivered_s,
+                                      commit_counts=lambda: ledger.commit_counts)
     shared_tokens = limiter = None
     if ledger.FLEET:  # PostgreSQL: one token and one rate limit for every process and host
         oauth_s = daraja.call_policies(config)["oauth"].longest_s
@@ -301,12 +302,22 @@ def build_services(config=None, *, clock=None):
 #     a flow leaves what the access log should say (tx_id, phone). ------------------------
 
 
+JSON = [("Content-Type", "application/json")]
+
+
 def health_status(services):
+    """GET /health: the checks (refreshed at most once a second) and the time to the
+    second, so the rendered answer is the same bytes for a whole second: made once."""
     checks = services.health_checks()
-    ok = checks["ledger_writable"]
-    return (200 if ok else 503), {"status": "ok" if ok else "degraded",
-                                  "timestamp": store.iso_utc(services.clock.wall()),
-                                  "version": settings.VERSION, "checks": checks}
+    second = int(services.clock.wall())
+    cached = services.health_answer
+    if cached is None or cached[0] != second or cached[1] is not checks:
+        ok = checks["ledger_writable"]
+        body = dumps({"status": "ok" if ok else "degraded",
+                      "timestamp": store.iso_utc(second),
+                      "version": settings.VERSION, "checks": checks})
+        cached = services.health_answer = (second, checks, 200 if ok else 503, body)
+    return cached[2], cached[3], JSON
 
 
 def metrics_text(services, authorization):

@@ -5,6 +5,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -15,7 +16,7 @@ import logs
 import mpesa_wsgi
 import payments
 import simulator
-from conftest import API_KEY, base_env, wait_for
+from conftest import API_KEY, ROOT_DIR, base_env, wait_for
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 METRICS_TOKEN = "metrics-token-0123456789"
@@ -288,3 +289,31 @@ def test_openapi_document_is_served_and_lists_every_route(gateway):
     assert doc["openapi"].startswith("3.1")
     served = set(mpesa_wsgi.ROUTES) | {template for _, template, *_ in mpesa_wsgi.PREFIX_ROUTES}
     assert set(doc["paths"]) == served
+
+
+FAST_AND_SLOW = """
+import logging, sys
+import logs
+logs.configure("INFO", sys.argv[1], ())
+token = logs.REQUEST_ID.set("caller-0712345678")  # a caller's id holding a phone number
+fields = {"method": "GET", "route": "/health", "status": 200, "ms": 0.4, "tx": None,
+          "phone": "-"}
+message = "request method=GET route=/health status=200 ms=0.4 tx=- phone=-"
+logs.access(message, fields)  # the fast path: our handler is the only one
+logging.getLogger().addHandler(logging.NullHandler())  # now it is not: through logging
+logs.access(message, fields)
+"""
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_the_fast_access_line_is_the_line_logging_would_write(fmt):
+    proc = subprocess.run([sys.executable, "-c", FAST_AND_SLOW, fmt], cwd=ROOT_DIR,
+                          capture_output=True, text=True, timeout=60)
+    fast, slow = proc.stderr.splitlines()
+    if fmt == "json":
+        fast, slow = json.loads(fast), json.loads(slow)
+        fast.pop("ts"), slow.pop("ts")  # the times differ by a tick
+        assert fast == slow and fast["request_id"] == "caller-07******678"
+    else:
+        assert fast.split(" ", 2)[2] == slow.split(" ", 2)[2]  # all but the date and time
+        assert "request_id=caller-07******678 request method=GET" in fast

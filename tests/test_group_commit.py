@@ -1,0 +1,131 @@
+"""Group commit (SQLite): concurrent writes share one transaction and one fsync, and
+nothing weakens: each write returns only once durable, a failing write fails only its
+own caller, a failed COMMIT fails its whole batch, and the counts show in /metrics."""
+
+import sqlite3
+import threading
+
+import pytest
+from webtest import TestApp
+
+from conftest import API_KEY, FakeClock, read_only
+from ledger import Ledger
+
+
+@pytest.fixture
+def ledger(tmp_path):
+    lg = Ledger(str(tmp_path / "group.db"), clock=FakeClock(1_790_000_000.0))
+    yield lg
+    lg.close()
+
+
+def at_once(count, work):
+    """Run work(n) on `count` threads released together; the results (or errors) by n."""
+    barrier = threading.Barrier(count)
+    results = {}
+
+    def run(n):
+        barrier.wait(60)
+        try:
+            results[n] = work(n)
+        except Exception as exc:  # noqa: BLE001 - the test looks at it
+            results[n] = exc
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(results) == count
+    return results
+
+
+def new_row(ledger, n):
+    return ledger.create(phone=f"2547120{n:05d}", amount=10, reference="R", description="D")
+
+
+def test_concurrent_writes_share_commits_and_every_one_is_durable(ledger):
+    commits0, batches0 = ledger.commit_counts
+    for _ in range(5):
+        rows = at_once(16, lambda n: new_row(ledger, n))
+        assert all(isinstance(r, dict) for r in rows.values())
+    commits, batches = ledger.commit_counts
+    assert commits - commits0 == 80
+    assert batches - batches0 < 80  # fewer fsyncs than writes: they were grouped
+    with read_only(ledger.path) as conn:  # on disk, seen by another connection
+        assert conn.execute("SELECT COUNT(*) FROM transactions").fetchone()[0] == 80
+
+
+def test_a_failing_write_fails_only_its_own_caller(ledger):
+    rows = [new_row(ledger, n) for n in range(8)]
+    for row in rows:
+        ledger.mark_accepted(row["id"], f"ws_CO_{row['id']}", "m")
+
+    def rules_for(n):
+        def rules(row):
+            if n == 3:
+                raise ValueError("this write's own bug")
+            from settlement import Decision
+            return Decision("applied", {"status": "succeeded", "receipt": f"UKQ{n:07d}"})
+        return rules
+
+    results = at_once(8, lambda n: ledger.settle(rows[n]["id"], rules_for(n)))
+    assert isinstance(results[3], ValueError)
+    assert [ledger.get(r["id"])["status"] for r in rows] == [
+        "pending" if n == 3 else "succeeded" for n in range(8)]
+
+
+def test_a_failed_commit_fails_every_write_of_its_batch_and_the_next_batch_works(tmp_path):
+    armed = threading.Event()
+    opened = []
+
+    def on_connect(conn):
+        opened.append(conn)
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.create_function("armed", 0, lambda: int(armed.is_set()))
+        conn.executescript(
+            "CREATE TEMP TABLE parent (id INTEGER PRIMARY KEY);"
+            "CREATE TEMP TABLE child (p INTEGER REFERENCES parent (id)"
+            " DEFERRABLE INITIALLY DEFERRED);")
+
+    lg = Ledger(str(tmp_path / "fail.db"), on_connect=on_connect)
+    try:
+        new_row(lg, 0)  # opens the writer
+        opened[-1].execute("CREATE TEMP TRIGGER broken AFTER INSERT ON main.transactions"
+                           " WHEN armed() BEGIN INSERT INTO child VALUES (1); END")
+        armed.set()  # every COMMIT now fails its deferred foreign key
+        results = at_once(6, lambda n: new_row(lg, n + 1))
+        assert all(isinstance(r, sqlite3.IntegrityError) for r in results.values())
+        armed.clear()
+        new_row(lg, 99)
+        with read_only(lg.path) as conn:
+            assert conn.execute("SELECT COUNT(*) FROM transactions").fetchone()[0] == 2
+    finally:
+        lg.close()
+
+
+def test_a_keyed_payment_costs_two_commits_before_its_answer_and_one_per_callback(gateway,
+                                                                                  sim):
+    ledger = gateway.app.ledger
+    commits0, _ = ledger.commit_counts
+    res = gateway.testapp.post_json("/stkpush", {"phone": "0712345678", "amount": 10},
+                                    headers={"Authorization": f"Bearer {API_KEY}",
+                                             "Idempotency-Key": "order-1"})
+    assert ledger.commit_counts[0] - commits0 == 2  # the row; the outcome with its answer
+    gateway.wait_status(res.json["id"], "succeeded", timeout=30)
+    assert ledger.commit_counts[0] - commits0 == 3  # and the callback: one
+    replay = gateway.testapp.post_json("/stkpush", {"phone": "0712345678", "amount": 10},
+                                       headers={"Authorization": f"Bearer {API_KEY}",
+                                                "Idempotency-Key": "order-1"})
+    assert replay.json == res.json  # the stored answer, from that one commit
+
+
+def test_commits_and_batches_show_in_metrics(gateway, sim):
+    gateway.push({"phone": "0712345679", "amount": 10})
+    text = TestApp(gateway.app).get("/metrics").text
+    lines = dict(line.rsplit(" ", 1) for line in text.splitlines()
+                 if line.startswith("mpesa_gateway_ledger_"))
+    commits = float(lines["mpesa_gateway_ledger_commits_total"])
+    batches = float(lines["mpesa_gateway_ledger_batches_total"])
+    assert commits >= 2 and 1 <= batches <= commits
+    assert "# TYPE mpesa_gateway_ledger_batches_total counter" in text

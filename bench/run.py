@@ -217,6 +217,13 @@ class Server:
                                 r" ([0-9.e+]+)", self.metrics()))
         return float(found["sum"]) / float(found["count"]) if found.get("count") else None
 
+    def ledger_counts(self):
+        """(ledger writes made durable, COMMITs that did it), from the gateway's metrics."""
+        text = self.metrics()
+        found = dict(re.findall(r"mpesa_gateway_ledger_(commits|batches)_total ([0-9.e+]+)",
+                                text))
+        return float(found.get("commits", 0)), float(found.get("batches", 0))
+
     def busy(self):
         m = re.search(r"mpesa_gateway_push_busy_total ([0-9.e+]+)", self.metrics())
         return float(m.group(1)) if m else 0.0
@@ -394,6 +401,7 @@ def run_one(workload, spec, variant, mode, sim, workdir, duration, warmup, api_k
             failed0 = sim.stats()["callbacks_failed"]
         pushes0, busy0 = (server.pushes_202(), server.busy()) if spec["lua"] == "rush.lua" \
             else (0, 0)
+        ledger0 = server.ledger_counts() if spec["lua"] else (0, 0)
         cpu0, sim_cpu0, t0 = server.cpu_s(), proc_cpu_s(sim.proc.pid), time.monotonic()
         result = wrk(server.url, spec, duration, mode, api_key)
         elapsed = time.monotonic() - t0
@@ -418,6 +426,11 @@ def run_one(workload, spec, variant, mode, sim, workdir, duration, warmup, api_k
         if spec["lua"]:
             time.sleep(1.5)  # let the last callbacks land
             result["succeeded"] = server.succeeded()
+            commits, batches = (b - a for a, b in zip(ledger0, server.ledger_counts(),
+                                                      strict=True))
+            paid = result.get("accepted") or result["requests"]
+            result.update(commits_per_payment=commits / paid if paid else None,
+                          batches_per_payment=batches / paid if paid else None)
         if receiver is not None:
             time.sleep(2.0)  # the sender's last pass
             result["webhooks_received"] = receiver.count
@@ -528,9 +541,10 @@ def markdown(table, mode, machine):
         lines += [f"**{workload}**", "",
                   "| variant | req/s | × raw | p50 ms | p99 ms | errors | server CPU s/1k req"
                   " | server CPU | sim CPU | peak RSS MB | OAuth calls |"
-                  + (" succeeded |" if workload != "health" else ""),
+                  + (" succeeded | commits / fsync batches per payment |"
+                     if workload != "health" else ""),
                   "|---|---|---|---|---|---|---|---|---|---|---|"
-                  + ("---|" if workload != "health" else "")]
+                  + ("---|---|" if workload != "health" else "")]
         for variant, r in rows.items():
             ratio = (r["rps"] / base["rps"]) if base.get("rps") else None
             lines.append(
@@ -538,7 +552,8 @@ def markdown(table, mode, machine):
                 f"{fmt(r['p99_ms'], 2)} | {fmt(r['errors'], 0)} | {fmt(r['cpu_s_per_1k'], 3)} | "
                 f"{fmt(r['server_cpu_util'] * 100, 0)}% | {fmt(r['sim_cpu_util'] * 100, 0)}% | "
                 f"{fmt(r['peak_rss_mb'])} | {fmt(r['oauth_calls'], 0)} |"
-                + (f" {fmt(r.get('succeeded'), 0)} |" if workload != "health" else ""))
+                + (f" {fmt(r.get('succeeded'), 0)} | {fmt(r.get('commits_per_payment'), 2)} /"
+                   f" {fmt(r.get('batches_per_payment'), 2)} |" if workload != "health" else ""))
         lines.append("")
     return "\n".join(lines)
 

@@ -11,8 +11,11 @@ query results and crash recoveries arrive in:
 - a row's amount and phone never change.
 """
 
+import atexit
+import os
 import tempfile
 
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -20,6 +23,8 @@ from hypothesis.stateful import (
 )
 
 from conftest import FakeClock, read_only, soak_examples
+import ledger as store
+import postgres_server
 import settlement
 from ledger import FINAL, REJECTED, Idempotency, Ledger
 from settlement import CallbackRecord, Outcome
@@ -36,11 +41,20 @@ class LedgerMachine(RuleBasedStateMachine):
         super().__init__()
         self.dir = tempfile.TemporaryDirectory()
         self.clock = FakeClock(1_790_000_000.0)
-        self.ledger = Ledger(f"{self.dir.name}/state.db", clock=self.clock)
+        self.ledger = self.open_ledger()
         self.seen = {}  # tx id → last status seen
         self.origin = {}  # tx id → (phone, amount)
         self.verified_success = set()  # tx ids a verifiable success was offered for
         self.key_tx = {}  # idempotency key → the one transaction it started
+
+    def open_ledger(self):
+        return Ledger(f"{self.dir.name}/state.db", clock=self.clock)
+
+    def keys_on_disk(self):
+        """The idempotency keys as committed, seen from outside the ledger."""
+        with read_only(self.ledger.path) as conn:
+            return dict(conn.execute(
+                "SELECT key, tx_id FROM idempotency_keys WHERE scope = 'scope'").fetchall())
 
     def teardown(self):
         self.ledger.close()
@@ -119,11 +133,51 @@ class LedgerMachine(RuleBasedStateMachine):
 
     @invariant()
     def one_transaction_per_key(self):
-        with read_only(self.ledger.path) as conn:  # what is on disk, seen from outside
-            rows = conn.execute("SELECT key, tx_id FROM idempotency_keys WHERE scope = 'scope'")
-            assert dict(rows.fetchall()) == self.key_tx
+        assert self.keys_on_disk() == self.key_tx
 
 
 TestLedgerMachine = LedgerMachine.TestCase
 TestLedgerMachine.settings = settings(max_examples=soak_examples(60), stateful_step_count=30,
                                      deadline=None)
+
+_CLUSTER = []  # one throwaway PostgreSQL cluster for this module, started on first use
+
+
+def _postgres_url():
+    if not _CLUSTER:
+        _CLUSTER.append(postgres_server.Cluster())
+        atexit.register(_CLUSTER[0].close)
+        _CLUSTER.append(_CLUSTER[0].new_database())
+    return _CLUSTER[1]
+
+
+class PostgresLedgerMachine(LedgerMachine):
+    """The same machine on the PostgreSQL ledger: one database, emptied per example."""
+
+    def open_ledger(self):
+        import psycopg
+
+        url = _postgres_url()
+        ledger = store.open_ledger(url, clock=self.clock, pool_size=2)
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("TRUNCATE transactions, idempotency_keys, callbacks, events,"
+                         " event_attempts")
+        return ledger
+
+    def keys_on_disk(self):
+        import psycopg
+
+        with psycopg.connect(_postgres_url()) as conn:
+            return dict(conn.execute(
+                "SELECT key, tx_id FROM idempotency_keys WHERE scope = 'scope'").fetchall())
+
+
+if postgres_server.missing() is None:
+    TestPostgresLedgerMachine = PostgresLedgerMachine.TestCase
+    TestPostgresLedgerMachine.settings = settings(
+        max_examples=soak_examples(10), stateful_step_count=30, deadline=None)
+else:
+    def test_the_postgresql_ledger_machine():
+        if os.environ.get("CI"):
+            pytest.fail(f"PostgreSQL is required in CI: {postgres_server.missing()}")
+        pytest.skip(postgres_server.missing())

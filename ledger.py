@@ -459,12 +459,15 @@ class Ledger:
             if row is not None and event is not None:
                 self._add_event(conn, event(dict(row, status=SUBMITTING), dict(row),
                                             "not_accepted"))
+            if row is None:  # a result beat the push's answer: the row as it is now
+                row = conn.execute("SELECT * FROM transactions WHERE id = ?",
+                                   (tx_id,)).fetchone()
             if row is not None and pin is not None:
-                self._pin(conn, pin, dict(row))
+                self._pin(conn, pin, dict(row))  # the answer the caller gets: this row
             if release is not None:
                 conn.execute("DELETE FROM idempotency_keys WHERE scope = ? AND key = ?",
                              (release.scope, release.key))
-        return self.get(tx_id)
+        return dict(row) if row is not None else None
 
     def get(self, ref):
         """The row by gateway id or CheckoutRequestID, as a dict, or None."""

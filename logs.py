@@ -115,24 +115,34 @@ class _Lines:
 
     def __init__(self, handler, redact, json_lines):
         self.handler, self._redact, self._json = handler, redact, json_lines
-        self._second, self._stamp = None, ""
+        self._stamp = (None, "")  # (second, its text): replaced whole
         self._access = logging.getLogger(ACCESS)
         self._root = logging.getLogger()
+        self._filters, self._formatter = list(handler.filters), handler.formatter
 
     def usable(self):
+        """Would logging write exactly this line to exactly this handler?"""
+        handler = self.handler
+        if (self._root.handlers != [handler] or self._root.filters
+                or handler.filters != self._filters or handler.formatter is not self._formatter
+                or handler.level > logging.INFO or not self._access.isEnabledFor(logging.INFO)):
+            return False
         logger = self._access
-        return (self._root.handlers == [self.handler] and not logger.handlers
-                and logger.propagate and not logger.disabled
-                and logger.isEnabledFor(logging.INFO) and self.handler.level <= logging.INFO)
+        while logger is not self._root:  # the access logger and its parents: plain
+            if logger.handlers or logger.filters or logger.disabled or not logger.propagate:
+                return False
+            logger = logger.parent
+        return True
 
     def _time(self, now):
         second = int(now)
-        if second != self._second:  # one strftime a second, not one a line
-            self._stamp = (time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-                           if self._json else
-                           time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second)))
-            self._second = second
-        return self._stamp, int((now - second) * 1000)
+        seen, stamp = self._stamp
+        if second != seen:  # one strftime a second, not one a line
+            stamp = (time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+                     if self._json else
+                     time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second)))
+            self._stamp = (second, stamp)
+        return stamp, int((now - second) * 1000)
 
     def access(self, message, fields):
         stamp, ms = self._time(time.time())
@@ -148,7 +158,10 @@ class _Lines:
         handler.acquire()
         try:
             handler.stream.write(line + handler.terminator)
-            handler.stream.flush()
+            try:
+                handler.stream.flush()
+            except Exception:  # noqa: BLE001 - written; a failed flush must not repeat it
+                pass
         finally:
             handler.release()
 

@@ -4,6 +4,7 @@ own caller, a failed COMMIT fails its whole batch, and the counts show in /metri
 
 import sqlite3
 import threading
+import time
 
 import pytest
 from webtest import TestApp
@@ -129,3 +130,62 @@ def test_commits_and_batches_show_in_metrics(gateway, sim):
     batches = float(lines["mpesa_gateway_ledger_batches_total"])
     assert commits >= 2 and 1 <= batches <= commits
     assert "# TYPE mpesa_gateway_ledger_batches_total counter" in text
+
+
+def test_an_error_that_ends_the_whole_transaction_fails_exactly_the_writes_it_undid(tmp_path):
+    """An interrupt (like a full disk or an I/O error) rolls back the whole transaction,
+    not one statement: every caller told "done" must be on disk, and every caller told
+    it failed must not be."""
+    opened = []
+    lg = Ledger(str(tmp_path / "interrupt.db"), on_connect=opened.append)
+    try:
+        new_row(lg, 0)  # opens the writer
+        writer = opened[-1]
+        writer.create_function("boom", 0, lambda: writer.interrupt() or 0)
+        writer.execute("CREATE TEMP TRIGGER boom AFTER INSERT ON main.transactions"
+                       " WHEN NEW.phone = '254799999999' BEGIN SELECT boom(); END")
+        for _ in range(3):
+            results = at_once(12, lambda n: (
+                lg.create(phone="254799999999", amount=10, reference="R", description="D")
+                if n == 5 else new_row(lg, n)))
+            assert isinstance(results[5], sqlite3.Error)
+            with read_only(lg.path) as conn:
+                on_disk = {r[0] for r in conn.execute("SELECT id FROM transactions")}
+            for result in results.values():
+                if isinstance(result, dict):
+                    assert result["id"] in on_disk  # told done: durable
+        with read_only(lg.path) as conn:
+            assert conn.execute("SELECT COUNT(*) FROM transactions WHERE phone ="
+                                " '254799999999'").fetchone()[0] == 0
+            total = conn.execute("SELECT COUNT(*) FROM transactions").fetchone()[0]
+        assert total == lg.commit_counts[0]  # on disk: exactly the writes reported done
+    finally:
+        lg.close()
+
+
+def test_a_write_inside_a_write_is_refused_at_once(ledger):
+    row = new_row(ledger, 1)
+
+    def rules(current):
+        new_row(ledger, 2)  # a write from inside a write's statements
+
+    with pytest.raises(RuntimeError, match="inside another write"):
+        ledger.settle(row["id"], rules)
+    assert new_row(ledger, 3)["status"] == "submitting"  # the ledger still writes
+
+
+def test_writers_waiting_for_a_lock_another_process_holds_fail_together(tmp_path):
+    lg = Ledger(str(tmp_path / "busy.db"), busy_timeout_s=2.0)
+    holder = sqlite3.connect(lg.path, isolation_level=None)
+    try:
+        new_row(lg, 0)
+        holder.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+        started = time.monotonic()
+        results = at_once(8, lambda n: new_row(lg, n + 1))
+        took = time.monotonic() - started
+        assert all(isinstance(r, sqlite3.OperationalError) for r in results.values())
+        assert took < 10  # together, about one busy timeout; one after another: 16 s
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+        lg.close()

@@ -175,7 +175,10 @@ class PostgresLedgerMachine(LedgerMachine):
 if postgres_server.missing() is None:
     TestPostgresLedgerMachine = PostgresLedgerMachine.TestCase
     TestPostgresLedgerMachine.settings = settings(
-        max_examples=soak_examples(10), stateful_step_count=30, deadline=None)
+        # A fiftieth of the SQLite machine's examples under `make soak` (200 of 10,000):
+        # each step is a round trip to a server here.
+        max_examples=max(10, soak_examples(10) // 50), stateful_step_count=30,
+        deadline=None)
 else:
     def test_the_postgresql_ledger_machine():
         if os.environ.get("CI"):

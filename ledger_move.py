@@ -29,39 +29,32 @@ class MoveError(Exception):
     """The copy was refused or did not verify (nothing is committed to the target)."""
 
 
-def totals(ledger):
-    """What must match after a copy: each table's row count and the sum of amounts."""
-    counts = {table: ledger._read(f"SELECT COUNT(*) AS n FROM {table}")[0]["n"]
-              for table, _, _ in TABLES}
-    amount = ledger._read("SELECT COALESCE(SUM(amount), 0) AS s FROM transactions")[0]["s"]
+def totals(one):
+    """What must match after a copy: each table's row count and the sum of amounts.
+    `one(sql)`: the first row of a query (on a ledger, or inside its open transaction)."""
+    counts = {table: one(f"SELECT COUNT(*) AS n FROM {table}")["n"] for table, _, _ in TABLES}
+    amount = one("SELECT COALESCE(SUM(amount), 0) AS s FROM transactions")["s"]
     return counts, int(amount)
 
 
 def move(source, target):
     """Copy `source` into the empty `target`; returns the verified totals."""
-    before = totals(source)
-    if any(totals(target)[0].values()):
+    before = totals(source._read_one)
+    if any(totals(target._read_one)[0].values()):
         raise MoveError("the target ledger is not empty; refusing to overwrite it")
     with target._write() as tx:
         for table, order, generated in TABLES:
             rows = source._read(f"SELECT * FROM {table} ORDER BY "
                                 + order.format(seq=source.SEQ))
             for row in rows:
-                columns = [c for c in row if c not in generated and c != "seq"]
+                columns = [c for c in row if c not in generated]
                 tx.execute(f"INSERT INTO {table} ({', '.join(columns)}) VALUES"
                            f" ({', '.join('?' * len(columns))})",
                            tuple(_plain(row[c]) for c in columns))
-        copied = _totals_in(tx)
+        copied = totals(lambda sql: tx.execute(sql).fetchone())
         if copied != before:
             raise MoveError(f"the copy does not verify: source {before}, copy {copied}")
     return before
-
-
-def _totals_in(tx):
-    counts = {table: tx.execute(f"SELECT COUNT(*) AS n FROM {table}").fetchone()["n"]
-              for table, _, _ in TABLES}
-    amount = tx.execute("SELECT COALESCE(SUM(amount), 0) AS s FROM transactions").fetchone()["s"]
-    return counts, int(amount)
 
 
 def _is_sqlite_ledger(path):

@@ -85,20 +85,22 @@ class RedactFilter(logging.Filter):
         return True
 
 
+def json_line(ts, level, logger, request_id, msg, fields, exc=None):
+    """One JSON log line (the formatter's, and the access fast path's)."""
+    entry = {"ts": ts, "level": level, "logger": logger, "request_id": request_id, "msg": msg}
+    entry.update(fields)
+    if exc:
+        entry["exc"] = exc
+    return json.dumps(entry, separators=(",", ":"), default=str)
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record):
-        entry = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-                  + f".{int(record.msecs):03d}Z",
-            "level": record.levelname,
-            "logger": record.name,
-            "request_id": getattr(record, "request_id", "-"),
-            "msg": record.getMessage(),
-        }
-        entry.update(getattr(record, "fields", {}))
-        if record.exc_text:
-            entry["exc"] = record.exc_text
-        return json.dumps(entry, separators=(",", ":"), default=str)
+        return json_line(
+            time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z", record.levelname, record.name,
+            getattr(record, "request_id", "-"), record.getMessage(),
+            getattr(record, "fields", {}), record.exc_text)
 
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s request_id=%(request_id)s %(message)s"
@@ -148,10 +150,7 @@ class _Lines:
         stamp, ms = self._time(time.time())
         rid = self._redact.clean_request_id(REQUEST_ID.get())
         if self._json:
-            entry = {"ts": f"{stamp}.{ms:03d}Z", "level": "INFO", "logger": ACCESS,
-                     "request_id": rid, "msg": message}
-            entry.update(fields)
-            line = json.dumps(entry, separators=(",", ":"), default=str)
+            line = json_line(f"{stamp}.{ms:03d}Z", "INFO", ACCESS, rid, message, fields)
         else:
             line = f"{stamp},{ms:03d} INFO {ACCESS} request_id={rid} {message}"
         handler = self.handler

@@ -330,6 +330,12 @@ def metrics_text(services, authorization):
     return 200, services.metrics.render().encode(), [("Content-Type", metrics.CONTENT_TYPE)]
 
 
+def ledger_unavailable(message):
+    """The 503 for a ledger that cannot be read or written, with Retry-After."""
+    return ServiceUnavailable(message, code="ledger_unavailable",
+                              headers=retry_after(RETRY_AFTER_UNAVAILABLE_S))
+
+
 def ledger_read(flow):
     """A flow that reads the ledger: a ledger that cannot be reached (a PostgreSQL server
     that is down) is 503 ledger_unavailable with Retry-After, never a 500."""
@@ -339,9 +345,7 @@ def ledger_read(flow):
             return flow(services, *args)
         except services.ledger.Error:
             log.exception("ledger unavailable route_flow=%s", flow.__name__)
-            raise ServiceUnavailable("the ledger cannot be reached; retry shortly",
-                                     code="ledger_unavailable",
-                                     headers=retry_after(RETRY_AFTER_UNAVAILABLE_S)) from None
+            raise ledger_unavailable("the ledger cannot be reached; retry shortly") from None
     return guarded
 
 
@@ -386,9 +390,7 @@ def _start_payment(services, note, caller, load_body, idempotency_key):
         wait = services.limiter.acquire(caller.owner)  # before idempotency, as Stripe does
     except services.ledger.Error:  # the fleet's buckets live in the ledger
         log.exception("ledger read failed for the rate limit")
-        raise ServiceUnavailable("the ledger cannot be reached; nothing was sent",
-                                 code="ledger_unavailable",
-                                 headers=retry_after(RETRY_AFTER_UNAVAILABLE_S)) from None
+        raise ledger_unavailable("the ledger cannot be reached; nothing was sent") from None
     if wait:
         raise TooManyRequests(f"at most {cfg.rate:g} payments per second per API key name",
                               headers=retry_after(wait))
@@ -407,9 +409,7 @@ def _start_payment(services, note, caller, load_body, idempotency_key):
             owner=caller.owner)
     except services.ledger.Error:
         log.exception("ledger write failed before push")
-        raise ServiceUnavailable("the ledger cannot be written; nothing was sent",
-                                 code="ledger_unavailable",
-                                 headers=retry_after(RETRY_AFTER_UNAVAILABLE_S)) from None
+        raise ledger_unavailable("the ledger cannot be written; nothing was sent") from None
     if begun.kind != "new":
         return answer_without_push(note, begun, caller)
     row = begun.row
@@ -532,11 +532,10 @@ def _refused(ledger, row, reason, exc, idem):
             row["id"], store.REJECTED, reason, exc.error_code, exc.error_message, release=idem))
     except ledger.Error:
         log.exception("ledger write failed after a refused push tx=%s", row["id"])
-        raise ServiceUnavailable(
+        raise ledger_unavailable(
             f"Daraja did not take the request, so nothing was sent, but the ledger could not"
             f" record it: transaction {row['id']} will show as unknown; do not retry with the"
-            " same Idempotency-Key", code="ledger_unavailable",
-            headers=retry_after(RETRY_AFTER_UNAVAILABLE_S)) from None
+            " same Idempotency-Key") from None
 
 
 @ledger_read
@@ -614,8 +613,7 @@ def receive_callback(services, note, tx_id, sig, environ, load_raw):
     except services.ledger.Error:
         # Not stored, so not acknowledged; the reconciler's query settles it if it never returns.
         log.exception("ledger write failed for callback tx=%s", tx_id)
-        raise ServiceUnavailable("the callback could not be stored", code="ledger_unavailable",
-                                 headers=retry_after(RETRY_AFTER_UNAVAILABLE_S)) from None
+        raise ledger_unavailable("the callback could not be stored") from None
     if row is not None:
         note.phone = row["phone"]
     services.metrics.callbacks.inc(name)

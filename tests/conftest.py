@@ -10,6 +10,7 @@ import shutil
 import socket
 import sqlite3
 import subprocess
+import threading
 import time
 
 import pytest
@@ -63,6 +64,27 @@ def self_signed_cert(folder, common_name):
                     "-subj", f"/CN={common_name}", "-keyout", str(key), "-out", str(cert)],
                    check=True, capture_output=True, timeout=60)
     return cert, key
+
+
+def at_once(count, work):
+    """Run work(n) on `count` threads released together; the results (or errors) by n."""
+    barrier = threading.Barrier(count)
+    results = {}
+
+    def run(n):
+        barrier.wait(60)
+        try:
+            results[n] = work(n)
+        except Exception as exc:  # noqa: BLE001 - the test looks at it
+            results[n] = exc
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(results) == count
+    return results
 
 
 def wait_for(predicate, timeout=5.0, interval=0.02):

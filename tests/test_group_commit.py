@@ -9,7 +9,7 @@ import time
 import pytest
 from webtest import TestApp
 
-from conftest import API_KEY, FakeClock, read_only
+from conftest import API_KEY, FakeClock, at_once, read_only
 from ledger import Ledger
 
 
@@ -18,27 +18,6 @@ def ledger(tmp_path):
     lg = Ledger(str(tmp_path / "group.db"), clock=FakeClock(1_790_000_000.0))
     yield lg
     lg.close()
-
-
-def at_once(count, work):
-    """Run work(n) on `count` threads released together; the results (or errors) by n."""
-    barrier = threading.Barrier(count)
-    results = {}
-
-    def run(n):
-        barrier.wait(60)
-        try:
-            results[n] = work(n)
-        except Exception as exc:  # noqa: BLE001 - the test looks at it
-            results[n] = exc
-
-    threads = [threading.Thread(target=run, args=(n,)) for n in range(count)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert len(results) == count
-    return results
 
 
 def new_row(ledger, n):

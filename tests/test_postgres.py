@@ -14,7 +14,7 @@ from webtest import TestApp
 import config
 import ledger as store
 import mpesa_wsgi
-from conftest import API_KEY, ROOT_DIR, base_env, wait_for
+from conftest import API_KEY, ROOT_DIR, at_once, base_env, wait_for
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -22,23 +22,9 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 def race(ledgers, action, per_ledger=8):
     """Run `action(ledger)` from `per_ledger` threads on each ledger (each its own pool,
     like two hosts), all released at once; the results."""
-    threads_total = per_ledger * len(ledgers)
-    barrier = threading.Barrier(threads_total)
-    results, lock = [], threading.Lock()
-
-    def run(lg):
-        barrier.wait(60)
-        result = action(lg)
-        with lock:
-            results.append(result)
-
-    threads = [threading.Thread(target=run, args=(lg,)) for lg in ledgers
-               for _ in range(per_ledger)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert len(results) == threads_total
+    results = list(at_once(per_ledger * len(ledgers),
+                           lambda n: action(ledgers[n % len(ledgers)])).values())
+    assert not [r for r in results if isinstance(r, Exception)]
     return results
 
 

@@ -1,14 +1,15 @@
-"""The command line: serve, demo, check-config, reconcile.
+"""The command line: serve, demo, check-config, reconcile, deliver, migrate, migrate-ledger.
 
-Owns `python mpesa_wsgi.py [serve | reconcile [--tx ID] | deliver | migrate]
-[--check-config | --demo]`:
-logging set up once, CPU pinning, the graceful waitress serving loop, the demo
-(simulator and gateway on loopback), and start-up errors as one clear message
-and exit status 2, never a traceback.  Only this module imports `mpesa_wsgi`.
+Owns `python mpesa_wsgi.py [serve | reconcile [--tx ID] | deliver | migrate |
+migrate-ledger --from A --to B] [--check-config | --demo]`: logging set up once, CPU
+pinning, the graceful waitress serving loop, the demo (simulator, receiver and gateway on
+loopback), the one-off commands (each builds only the services it needs, with no
+background thread), and start-up errors as one clear message and exit status 2, never a
+traceback. `mpesa_wsgi` hands it `create_app`; it never imports `mpesa_wsgi`, so that
+module is loaded once. The only importer of `mpesa_devtools`.
 """
 
 import argparse
-import dataclasses
 import logging
 import os
 import secrets
@@ -19,17 +20,14 @@ import threading
 import time
 
 import config as settings
-import ledger as store
-import ledger_move
-import logs
-import mpesa_wsgi
-import reconciler
-import webhooks
+import mpesa_ledger as store
+from mpesa_gateway import logs
+from mpesa_gateway.services import build_services
+from mpesa_ledger import move as ledger_move
 
 log = logging.getLogger("mpesa_wsgi")
 
 SHUTDOWN_POLL_S = 0.2  # how soon the serving loop notices SIGTERM
-DEMO_WEBHOOK_SECRET = "whsec_" + "ZGVtby13ZWJob29rLXNpZ25pbmctc2VjcmV0LTAxMjM="  # demo only
 # Besides client connections: the listener, waitress's wake-up pipe, the ledger's files,
 # Daraja sockets beyond the threads, the standard streams.
 FILES_BESIDES_CONNECTIONS = 64
@@ -43,10 +41,18 @@ def configure_logging(config):
     logs.configure(config.log_level, config.log_format, config.secret_values())
 
 
-def build_app(config):
+def build_app(create_app, config):
     """create_app, with a ledger that cannot be opened reported as one message."""
     try:
-        return mpesa_wsgi.create_app(config)
+        return create_app(config)
+    except store.LedgerOpenError as exc:
+        raise StartupError(str(exc)) from None
+
+
+def command_services(config):
+    """The services a one-off command runs over: no reconciler, no webhook sender thread."""
+    try:
+        return build_services(config, background=False)
     except store.LedgerOpenError as exc:
         raise StartupError(str(exc)) from None
 
@@ -127,7 +133,7 @@ def create_server(app, host, port, config):
                            f" {reason}") from None
 
 
-def serve(app, server, banner=None):
+def serve(services, server, banner=None):
     """Serve until SIGTERM or Ctrl-C, then shut down in order: stop accepting; let in-flight
     requests finish and their answers flush, and the reconciler's current query end (each
     bounded by the call policies); the caller then closes the app (ledger, pool)."""
@@ -157,118 +163,99 @@ def serve(app, server, banner=None):
     server.del_channel()  # stop listening: new connections are refused from here on
     server.socket.close()
     log.info("shutdown started: no new connections; finishing in-flight requests")
-    if app.reconciler is not None:
-        app.reconciler.request_stop()  # it finishes its current query meanwhile
-    deadline = time.monotonic() + app.daraja.longest_push_s
+    if services.reconciler is not None:
+        services.reconciler.request_stop()  # it finishes its current query meanwhile
+    deadline = time.monotonic() + services.daraja.longest_push_s
     dispatcher = server.task_dispatcher
     while time.monotonic() < deadline and (
             dispatcher.active_count or dispatcher.queue
             or any(ch.total_outbufs_len for ch in list(server.active_channels.values()))):
         server.asyncore.loop(timeout=0.05, map=server._map, count=1)
-    app.close_background()  # joins the reconciler, bounded by its longest query
+    services.close_background()  # joins the reconciler, bounded by its longest query
     dispatcher.shutdown(timeout=1)
     server.close()
     log.info("shutdown complete")
 
 
-def demo_environment(environ, port, sim_port, api_key, secret):
-    """The demo's settings: sandbox-like values, the simulator as Daraja, loopback only."""
-    import simulator
+def run_demo(create_app, environ):
+    """The gateway against the simulator on loopback, the demo's receiver printing each
+    signed event, until Ctrl-C."""
+    from mpesa_devtools import demo
 
-    env = {
-        "MPESA_CONSUMER_KEY": simulator.DEMO_CONSUMER_KEY,
-        "MPESA_CONSUMER_SECRET": simulator.DEMO_CONSUMER_SECRET,
-        "MPESA_SHORTCODE": simulator.SANDBOX_SHORTCODE,
-        "MPESA_PASSKEY": simulator.SANDBOX_PASSKEY,
-        "GATEWAY_DB": "mpesa_demo.db",
-        "GATEWAY_API_KEYS": api_key,
-        "GATEWAY_SECRET": secret,
-        # The demo's own merchant endpoint (GATEWAY_PORT + 2) prints each signed event.
-        "GATEWAY_WEBHOOK_URLS": f"default:http://127.0.0.1:{port + 2}/events",
-        "GATEWAY_WEBHOOK_SECRETS": "default:" + DEMO_WEBHOOK_SECRET,
-        "GATEWAY_WEBHOOK_ALLOW_PRIVATE": "on",
-    }
-    env.update({k: v for k, v in environ.items() if v})
-    # The demo never talks to Safaricom and never listens beyond loopback.
-    env.update({
-        "MPESA_ENVIRONMENT": "sandbox",
-        "MPESA_BASE_URL": f"http://127.0.0.1:{sim_port}",
-        "MPESA_CALLBACK_BASE_URL": f"http://127.0.0.1:{port}",
-        "GATEWAY_HOST": "127.0.0.1",
-        "GATEWAY_PORT": str(port),
-    })
-    return env
-
-
-def demo_port(environ):
-    try:
-        port = settings.port(environ.get("GATEWAY_PORT") or "8000")
-    except ValueError as exc:
-        raise settings.ConfigError([f"GATEWAY_PORT {exc}"]) from None
-    if port >= 65534:
-        raise settings.ConfigError(["GATEWAY_PORT must leave the next two ports for the"
-                                    " simulator and the demo's webhook receiver"])
-    return port
-
-
-def run_demo(environ):
-    import waitress
-
-    import simulator
-
-    port = demo_port(environ)  # the simulator takes the next port, the receiver the one after
-    sim_port = port + 1
+    port = demo.demo_port(environ)  # the simulator takes the next port, the receiver the next
     api_key = environ.get("GATEWAY_API_KEYS") or "demo_" + secrets.token_urlsafe(18)
-    env = demo_environment(environ, port, sim_port, api_key, secrets.token_urlsafe(24))
+    env = demo.demo_environment(environ, port, port + 1, api_key, secrets.token_urlsafe(24))
     config = settings.load_config(env)
     configure_logging(config)
+    sim = start_simulator(env, port + 1)
+    if config.webhook_urls == (("default", demo.receiver_url(port)),):
+        start_receiver(dict(config.webhook_secrets)["default"], port + 2)
+    try:
+        app = build_app(create_app, config)
+        try:
+            server = create_server(app, "127.0.0.1", port, config)
+            shown_key = (api_key if "GATEWAY_API_KEYS" not in environ
+                         else "<a key from GATEWAY_API_KEYS>")
+            serve(app.services, server, demo_banner(config, port, shown_key))
+        finally:
+            app.services.close()
+    finally:
+        sim.stop()
+
+
+def start_simulator(env, sim_port):
+    """The Daraja simulator on 127.0.0.1:`sim_port`, in a thread; returns it (to stop)."""
+    import waitress
+
+    from mpesa_devtools import simulator
+
     try:
         sim = simulator.Simulator(simulator.SimSettings.from_env(env))
     except ValueError as exc:  # a malformed MPESA_SIM_* value
         raise StartupError(f"simulator settings: {exc}") from None
     try:
-        sim_server = waitress.create_server(sim, host="127.0.0.1", port=sim_port, threads=4)
+        server = waitress.create_server(sim, host="127.0.0.1", port=sim_port, threads=4)
     except OSError as exc:
         sim.stop()
         raise StartupError(f"cannot listen on 127.0.0.1:{sim_port} for the simulator"
                            f" (GATEWAY_PORT + 1): {exc.strerror or exc}") from None
-    threading.Thread(target=sim_server.run, name="simulator", daemon=True).start()
-    receiver = None
-    if config.webhook_urls == (("default", f"http://127.0.0.1:{port + 2}/events"),):
-        try:
-            receiver = waitress.create_server(
-                webhooks.DemoReceiver(dict(config.webhook_secrets)["default"], sys.stdout),
-                host="127.0.0.1", port=port + 2, threads=2)
-        except OSError as exc:
-            raise StartupError(f"cannot listen on 127.0.0.1:{port + 2} for the demo's webhook"
-                               f" receiver (GATEWAY_PORT + 2): {exc.strerror or exc}") from None
-        threading.Thread(target=receiver.run, name="webhook-receiver", daemon=True).start()
-    app = build_app(config)
+    threading.Thread(target=server.run, name="simulator", daemon=True).start()
+    return sim
+
+
+def start_receiver(secret, receiver_port):
+    """The demo's webhook receiver on 127.0.0.1:`receiver_port`, in a thread."""
+    import waitress
+
+    from mpesa_devtools import receiver
+
     try:
-        server = create_server(app, "127.0.0.1", port, config)
-        shown_key = (api_key if "GATEWAY_API_KEYS" not in environ
-                     else "<a key from GATEWAY_API_KEYS>")
-        base = f"http://127.0.0.1:{port}"
-        banner = "\n".join([
-            f"mpesa-wsgi {settings.VERSION} demo: gateway {base}, Daraja simulator"
-            f" http://127.0.0.1:{sim_port}, ledger {settings.masked_url(config.db_path)}",
-            f"API key: {shown_key}",
-            "",
-            "Start a payment (any Safaricom-style number succeeds; see README for scenario"
-            " phones):",
-            f"  curl -s -X POST {base}/stkpush -H 'Authorization: Bearer {shown_key}'"
-            " -H 'Content-Type: application/json'"
-            " -d '{\"phone\":\"0712345678\",\"amount\":10,\"reference\":\"INV001\"}'",
-            "Then, with the id it returns (pending, then succeeded after the callback; the"
-            " signed webhook event is printed here as it arrives):",
-            f"  curl -s {base}/transactions/<id> -H 'Authorization: Bearer {shown_key}'",
-            f"  curl -s {base}/health",
-            "Ctrl-C stops the demo.",
-        ])
-        serve(app, server, banner)
-    finally:
-        sim.stop()
-        app.close()
+        server = waitress.create_server(receiver.DemoReceiver(secret, sys.stdout),
+                                        host="127.0.0.1", port=receiver_port, threads=2)
+    except OSError as exc:
+        raise StartupError(f"cannot listen on 127.0.0.1:{receiver_port} for the demo's webhook"
+                           f" receiver (GATEWAY_PORT + 2): {exc.strerror or exc}") from None
+    threading.Thread(target=server.run, name="webhook-receiver", daemon=True).start()
+
+
+def demo_banner(config, port, shown_key):
+    base = f"http://127.0.0.1:{port}"
+    return "\n".join([
+        f"mpesa-wsgi {settings.VERSION} demo: gateway {base}, Daraja simulator"
+        f" http://127.0.0.1:{port + 1}, ledger {settings.masked_url(config.db_path)}",
+        f"API key: {shown_key}",
+        "",
+        "Start a payment (any Safaricom-style number succeeds; see README for scenario"
+        " phones):",
+        f"  curl -s -X POST {base}/stkpush -H 'Authorization: Bearer {shown_key}'"
+        " -H 'Content-Type: application/json'"
+        " -d '{\"phone\":\"0712345678\",\"amount\":10,\"reference\":\"INV001\"}'",
+        "Then, with the id it returns (pending, then succeeded after the callback; the"
+        " signed webhook event is printed here as it arrives):",
+        f"  curl -s {base}/transactions/<id> -H 'Authorization: Bearer {shown_key}'",
+        f"  curl -s {base}/health",
+        "Ctrl-C stops the demo.",
+    ])
 
 
 def check_config(environ):
@@ -285,11 +272,9 @@ def check_config(environ):
 def reconcile_once(config, tx_id=None):
     """One reconciliation pass for cron / Task Scheduler (the same work the thread does),
     or, with `tx_id`, one query of that transaction now (an operator's tool)."""
-    app = build_app(dataclasses.replace(config, reconcile=False))
+    services = command_services(config)
     try:
-        worker = reconciler.Reconciler(app.ledger, app.daraja, config,
-                                       observer=app.metrics.reconcile.inc,
-                                       events=app.services.outbox.event_for)
+        worker = services.new_reconciler()
         if tx_id is not None:
             result, row = worker.check_now(tx_id)
             if row is None:
@@ -298,9 +283,9 @@ def reconcile_once(config, tx_id=None):
             print(f"reconcile tx={tx_id} result={result} status={row['status']}", flush=True)
             return 0
         results = worker.run_once()
-        app.ledger.prune_idempotency()
+        services.ledger.prune_idempotency()
     finally:
-        app.close()
+        services.close()
     summary = " ".join(f"{k}={v}" for k, v in sorted(results.items())) or "nothing due"
     print(f"reconcile {summary}", flush=True)
     return 0
@@ -308,11 +293,11 @@ def reconcile_once(config, tx_id=None):
 
 def deliver_once(config):
     """One webhook pass for cron / Task Scheduler: the same work the sender thread does."""
-    app = build_app(dataclasses.replace(config, reconcile=False, webhook_sender=False))
+    services = command_services(config)
     try:
-        results = webhooks.Sender(app.ledger, config).run_once()
+        results = services.new_sender().run_once()
     finally:
-        app.close()
+        services.close()
     summary = " ".join(f"{k}={v}" for k, v in sorted(results.items())) or "nothing due"
     print(f"deliver {summary}", flush=True)
     return 0
@@ -331,7 +316,8 @@ def migrate_ledger(source, target):
     return 0
 
 
-def main(argv=None):
+def main(create_app, argv=None):
+    """Run the command `argv` names; `create_app` (mpesa_wsgi's) builds the served app."""
     parser = argparse.ArgumentParser(prog="mpesa_wsgi.py", description="M-Pesa STK Push gateway")
     parser.add_argument("command", nargs="?",
                         choices=("serve", "reconcile", "deliver", "migrate", "migrate-ledger"),
@@ -360,7 +346,7 @@ def main(argv=None):
         return migrate_ledger(args.source, args.target)
     try:
         if args.demo:
-            run_demo(os.environ)
+            run_demo(create_app, os.environ)
             return 0
         config = settings.load_config(os.environ)
         configure_logging(config)
@@ -373,11 +359,11 @@ def main(argv=None):
         cpu = pin_cpu(config.cpu_affinity)  # before anything starts: a bad CPU stops here
         if cpu is not None:
             log.info("pinned to cpu=%d", cpu)
-        app = build_app(config)
+        app = build_app(create_app, config)
         try:
-            serve(app, create_server(app, config.host, config.port, config))
+            serve(app.services, create_server(app, config.host, config.port, config))
         finally:
-            app.close()
+            app.services.close()
     except (settings.ConfigError, StartupError) as exc:
         print(exc, file=sys.stderr)
         return 2

@@ -4,8 +4,8 @@ Owns the HTTP surface and nothing else: `create_app()` (builds the services once
 and wraps them), the request helpers (bounded body reading, strict JSON), the
 literal route table, the plain handler functions, and the small WSGI callable
 that routes, calls, renders errors in one shape and accounts for the request.
-The payment flows live in `payments.py`; the command line in `cli.py`
-(`python mpesa_wsgi.py …` reaches it).
+The payment flows live in `mpesa_gateway.payments`; the command line in `cli.py`,
+which `python mpesa_wsgi.py …` hands `create_app` to.
 
 Importing this module needs no environment; building the app does.
 """
@@ -15,26 +15,31 @@ import os
 import time
 
 import config as settings
-import logs
-import payments
-from errors import (
-    STATUS_LINES, ApiError, BadRequest, MethodNotAllowed, NotFound, PayloadTooLarge,
+from mpesa_gateway import logs, monitoring, payments
+from mpesa_gateway.services import build_services
+from mpesa_gateway.wire import (
+    STATUS_LINES,
+    ApiError,
+    BadRequest,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    Reply,
     UnsupportedMediaType,
+    decode_json,
+    dumps,
 )
 
 log = logging.getLogger("mpesa_wsgi")
 
 
 class Request:
-    """The WSGI environ plus what the access log should say about this request."""
+    """The WSGI environ, read the way the handlers need it."""
 
-    __slots__ = ("environ", "route", "tx_id", "phone")
+    __slots__ = ("environ",)
 
     def __init__(self, environ):
         self.environ = environ
-        self.route = None
-        self.tx_id = None
-        self.phone = None
 
     def header(self, name):
         return self.environ.get("HTTP_" + name.upper().replace("-", "_"))
@@ -61,14 +66,14 @@ class Request:
         ctype = self.environ.get("CONTENT_TYPE", "").split(";", 1)[0].strip().lower()
         if ctype != "application/json":
             raise UnsupportedMediaType()
-        return payments.decode_json(self.body(limit))
+        return decode_json(self.body(limit))
 
 
-# --- handlers: (req, services, *path params) -> (status, body[, headers]); errors raised ---
+# --- handlers: (req, services, *path params) -> a Reply; errors raised ----------------------
 
 
 def health(req, s):
-    return payments.health_status(s)
+    return s.health.answer()
 
 
 def metrics_page(req, s):
@@ -76,7 +81,7 @@ def metrics_page(req, s):
 
 
 def openapi(req, s):
-    return 200, s.openapi, [("Content-Type", "application/json")]
+    return Reply(200, s.openapi, (("Content-Type", "application/json"),))
 
 
 def list_transactions(req, s):
@@ -85,13 +90,13 @@ def list_transactions(req, s):
 
 
 def stk_push(req, s):
-    return payments.start_payment(s, req, req.header("Authorization"),
+    return payments.start_payment(s, req.header("Authorization"),
                                   lambda: req.json(s.config.max_body),
                                   req.header("Idempotency-Key"))
 
 
 def get_transaction(req, s, ref):
-    return payments.read_transaction(s, req, req.header("Authorization"), ref)
+    return payments.read_transaction(s, req.header("Authorization"), ref)
 
 
 def list_events(req, s):
@@ -110,7 +115,7 @@ def redeliver(req, s, event_id, action):
 
 
 def callback(req, s, tx_id, sig):
-    return payments.receive_callback(s, req, tx_id, sig, req.environ,
+    return payments.receive_callback(s, tx_id, sig, req.environ,
                                      lambda: req.body(s.config.max_body))
 
 
@@ -158,16 +163,6 @@ class Gateway:
     def __init__(self, services):
         self.services = services
 
-    # The parts tests and operators reach for, read-only.
-    config = property(lambda self: self.services.config)
-    ledger = property(lambda self: self.services.ledger)
-    daraja = property(lambda self: self.services.daraja)
-    metrics = property(lambda self: self.services.metrics)
-    reconciler = property(lambda self: self.services.reconciler)
-
-    def callback_url(self, tx_id):
-        return self.services.callback_url(tx_id)
-
     def __call__(self, environ, start_response):
         request_id = logs.request_id_from(environ.get("HTTP_X_REQUEST_ID"))
         token = logs.REQUEST_ID.set(request_id)  # every line of this request carries it
@@ -179,31 +174,25 @@ class Gateway:
     def wsgi_app(self, environ, start_response, request_id):
         """Route, call, render, account. Nothing else lives here."""
         started = time.monotonic()
-        req = Request(environ)
+        route = None
         try:
-            handler, req.route, params = match(environ["REQUEST_METHOD"],
-                                               environ.get("PATH_INFO", ""))
-            status, body, *extra = handler(req, self.services, *params)
-            headers = list(extra[0]) if extra else []
+            handler, route, params = match(environ["REQUEST_METHOD"],
+                                           environ.get("PATH_INFO", ""))
+            reply = handler(Request(environ), self.services, *params)
         except ApiError as exc:
-            status, body, headers = exc.status, exc.body(), list(exc.headers)
+            reply = Reply(exc.status, exc.body(), exc.headers, exc.tx_id, exc.phone)
         except Exception:
-            log.exception("unhandled error route=%s", req.route)
-            status, body, headers = 500, ApiError().body(), []
-        payload = body if isinstance(body, bytes) else payments.dumps(body)
+            log.exception("unhandled error route=%s", route)
+            reply = Reply(500, ApiError().body())
+        body, headers = reply.body, list(reply.headers)
+        payload = body if isinstance(body, bytes) else dumps(body)
         if not any(name == "Content-Type" for name, _ in headers):
             headers.append(("Content-Type", "application/json"))
         headers += [("Content-Length", str(len(payload))), ("X-Request-Id", request_id)]
-        start_response(STATUS_LINES[status], headers)
-        self.services.account(environ["REQUEST_METHOD"], req.route or "unmatched", status,
-                              time.monotonic() - started, req.tx_id, req.phone)
+        start_response(STATUS_LINES[reply.status], headers)
+        monitoring.account(self.services.metrics, environ["REQUEST_METHOD"], route or "unmatched",
+                           reply.status, time.monotonic() - started, reply.tx_id, reply.phone)
         return [payload]
-
-    def close_background(self):
-        self.services.close_background()
-
-    def close(self):
-        self.services.close()
 
 
 def create_app(config=None, *, clock=None):
@@ -215,12 +204,12 @@ def create_app(config=None, *, clock=None):
         config = settings.load_config(os.environ)
     if not logging.getLogger().handlers:
         logs.configure(config.log_level, config.log_format, config.secret_values())
-    return Gateway(payments.build_services(config, clock=clock))
+    return Gateway(build_services(config, clock=clock))
 
 
 if __name__ == "__main__":
     import sys
 
-    import cli  # the command line; imported here so there is no import cycle
+    import cli  # the command line; it never imports this module, so it is loaded once
 
-    sys.exit(cli.main())
+    sys.exit(cli.main(create_app))

@@ -6,7 +6,7 @@ by a `threading.Lock` with single flight: however many threads find the cache
 cold or stale, exactly one calls `fetch()` and the others wait for that same
 result (or that same failure), for at most `wait_s` (the longest the fetch can
 take under its call policy): a waiter never parks without a bound.  The clock
-is injectable for tests.
+and the way a waiter parks are injectable for tests.
 """
 
 import threading
@@ -45,10 +45,17 @@ class _Flight:
         self.error = None
 
 
+def _park(done, timeout):
+    return done.wait(timeout)
+
+
 class TokenCache:
-    def __init__(self, fetch, margin_s, clock=time.monotonic, wait_s=None):
+    def __init__(self, fetch, margin_s, clock=time.monotonic, wait_s=None, park=_park):
         self._fetch = fetch
         self._wait_s = wait_s  # None: as long as the fetch takes
+        # park(done, timeout): how a caller waits for another's fetch (a seam for tests,
+        # which count the callers parked there)
+        self._park = park
         self._margin = margin_s
         self._clock = clock
         self._lock = threading.Lock()
@@ -68,7 +75,7 @@ class TokenCache:
                 flight = self._flight = _Flight()
         if not leader:
             # The leader's fetch is bounded by its call policy; so is this wait.
-            if not flight.done.wait(self._wait_s):
+            if not self._park(flight.done, self._wait_s):
                 raise TokenWaitTimeout("the token fetch in flight took too long")
             if flight.error is not None:
                 raise flight.error

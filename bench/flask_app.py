@@ -2,8 +2,8 @@
 
 Same routes, bodies and status codes. Everything that is not the web layer is the
 gateway's own: config, validation, token cache, Daraja client, ledger, metrics and the
-payment flows of `payments` over its `Services` (plain values in, status and
-body out). Flask does the
+payment flows of `mpesa_gateway.payments` over its `Services` (plain values in, a
+`Reply` out). Flask does the
 routing, request parsing, response rendering and the per-request bookkeeping, in its
 own idiom: decorated views, `request.get_json()`, `jsonify`, error handlers and
 before/after-request hooks.
@@ -13,28 +13,27 @@ Serve: `waitress-serve --call bench.flask_app:create_app`.
 
 import logging
 import time
-from types import SimpleNamespace
 
 import flask
 from werkzeug.exceptions import HTTPException
 
-import logs
-import errors
-import payments as gw
+from mpesa_gateway import logs, monitoring, wire
+from mpesa_gateway import payments as gw
+from mpesa_gateway.services import build_services
 
 log = logging.getLogger(__name__)
 
 WERKZEUG_ERRORS = {  # Werkzeug's own HTTP errors, in the gateway's error shape
-    400: (errors.BadRequest, "invalid_json"),
-    404: (errors.NotFound, None),
-    405: (errors.MethodNotAllowed, None),
-    413: (errors.PayloadTooLarge, None),
-    415: (errors.UnsupportedMediaType, None),
+    400: (wire.BadRequest, "invalid_json"),
+    404: (wire.NotFound, None),
+    405: (wire.MethodNotAllowed, None),
+    413: (wire.PayloadTooLarge, None),
+    415: (wire.UnsupportedMediaType, None),
 }
 
 
 def create_app(config=None):
-    core = gw.build_services(config)  # the shared, non-web half: ledger, client, …
+    core = build_services(config)  # the shared, non-web half: ledger, client, …
     app = flask.Flask(__name__)
     app.json.sort_keys = False
     app.json.compact = True
@@ -42,12 +41,12 @@ def create_app(config=None):
     app.config["MAX_CONTENT_LENGTH"] = core.config.max_body
     app.extensions["mpesa_gateway"] = core
 
-    def respond(result):
-        status, body, *extra = result
-        headers = extra[0] if extra else []
-        if isinstance(body, bytes):
-            return flask.Response(body, status, headers)
-        return flask.jsonify(body), status, headers
+    def respond(reply):
+        flask.g.reply = reply  # what the access line names
+        headers = list(reply.headers)
+        if isinstance(reply.body, bytes):
+            return flask.Response(reply.body, reply.status, headers)
+        return flask.jsonify(reply.body), reply.status, headers
 
     def auth():
         return flask.request.headers.get("Authorization")
@@ -55,7 +54,6 @@ def create_app(config=None):
     @app.before_request
     def begin():
         flask.g.started = time.monotonic()
-        flask.g.note = SimpleNamespace(tx_id=None, phone=None)
         flask.g.request_id = logs.request_id_from(flask.request.headers.get("X-Request-Id"))
         flask.g.context = logs.REQUEST_ID.set(flask.g.request_id)
 
@@ -63,11 +61,11 @@ def create_app(config=None):
     def account(response):
         rule = flask.request.url_rule
         route = rule.rule.replace("<", "{").replace(">", "}") if rule else "unmatched"
-        note = flask.g.get("note") or SimpleNamespace(tx_id=None, phone=None)
+        reply = flask.g.get("reply")
         response.headers["X-Request-Id"] = flask.g.get("request_id", "-")
-        core.account(flask.request.method, route, response.status_code,
-                     time.monotonic() - flask.g.get("started", time.monotonic()),
-                     note.tx_id, note.phone)
+        monitoring.account(core.metrics, flask.request.method, route, response.status_code,
+                           time.monotonic() - flask.g.get("started", time.monotonic()),
+                           reply and reply.tx_id, reply and reply.phone)
         return response
 
     @app.teardown_request
@@ -76,13 +74,14 @@ def create_app(config=None):
         if context is not None:
             logs.REQUEST_ID.reset(context)
 
-    @app.errorhandler(errors.ApiError)
+    @app.errorhandler(wire.ApiError)
     def api_error(exc):
+        flask.g.reply = exc  # it names its transaction and phone too
         return flask.jsonify(exc.body()), exc.status, exc.headers
 
     @app.errorhandler(HTTPException)
     def http_error(exc):
-        kind, code = WERKZEUG_ERRORS.get(exc.code, (errors.ApiError, None))
+        kind, code = WERKZEUG_ERRORS.get(exc.code, (wire.ApiError, None))
         error = kind(code=code) if code else kind()
         headers = [(k, v) for k, v in exc.get_headers() if k == "Allow"]
         return flask.jsonify(error.body()), error.status, headers
@@ -90,15 +89,15 @@ def create_app(config=None):
     @app.errorhandler(Exception)
     def unhandled(exc):
         log.exception("unhandled error")
-        return flask.jsonify(errors.ApiError().body()), 500
+        return flask.jsonify(wire.ApiError().body()), 500
 
     @app.get("/health")
     def health():
-        return respond(gw.health_status(core))
+        return respond(core.health.answer())
 
     @app.post("/stkpush")
     def stk_push():
-        return respond(gw.start_payment(core, flask.g.note, auth(), flask.request.get_json,
+        return respond(gw.start_payment(core, auth(), flask.request.get_json,
                                         flask.request.headers.get("Idempotency-Key")))
 
     @app.get("/transactions")
@@ -108,11 +107,11 @@ def create_app(config=None):
 
     @app.get("/transactions/<ref>")
     def transaction(ref):
-        return respond(gw.read_transaction(core, flask.g.note, auth(), ref))
+        return respond(gw.read_transaction(core, auth(), ref))
 
     @app.post("/callback/<tx_id>/<sig>")
     def callback(tx_id, sig):
-        return respond(gw.receive_callback(core, flask.g.note, tx_id, sig,
+        return respond(gw.receive_callback(core, tx_id, sig,
                                            flask.request.environ, flask.request.get_data))
 
     @app.get("/events")

@@ -147,7 +147,7 @@ class Simulator:
         self.port = free_port()
         env = dict(os.environ, MPESA_SIM_LATENCY_MS=str(latency_ms),
                    MPESA_SIM_CALLBACK_DELAY_S=str(callback_delay_s))
-        cmd = [PY, os.path.join(ROOT, "simulator.py"), "--port", str(self.port),
+        cmd = [PY, "-m", "mpesa_devtools.simulator", "--port", str(self.port),
                "--threads", str(threads)]
         self.proc = subprocess.Popen(pinned(cmd, 1, mode), env=env, cwd=ROOT,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -11,13 +11,14 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import config  # noqa: E402
 import cli  # noqa: E402
+import config  # noqa: E402
 
 
 def factory(variant):
     if variant == "raw":
-        return cli.build_app  # the raw gateway, as `python mpesa_wsgi.py` builds it
+        import mpesa_wsgi
+        return mpesa_wsgi.create_app  # the raw gateway, as `python mpesa_wsgi.py` builds it
     if variant == "flask":
         from bench import flask_app
         return flask_app.create_app

@@ -1,139 +1,28 @@
-"""Shared fixtures: the Daraja simulator and the gateway, each on a real loopback socket."""
+"""Shared fixtures: the Daraja simulator and the gateway, each on a real loopback socket;
+the run's hooks (log hygiene, engines, soak figures). Helpers live in helpers.py."""
 
 import base64
-import contextlib
 import logging
 import os
-import pathlib
 import re
-import shutil
-import socket
-import sqlite3
-import subprocess
-import threading
-import time
 
 import pytest
-from webtest import TestApp
-from webtest.http import StopableWSGIServer
 
 import config
 import mpesa_wsgi
-import simulator
-
-ROOT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-API_KEY = "test-key-0123456789abcdef"
-OTHER_KEY = "other-key-0123456789abcdef"
-SECRET = "test-secret-0123456789abcdef"
-
-
-def serve(app, threads=8):
-    """Serve a WSGI app with waitress on 127.0.0.1 and an OS-chosen port."""
-    server = StopableWSGIServer.create(app, host="127.0.0.1", port=0, threads=threads,
-                                       expose_tracebacks=False)
-    return server, f"http://127.0.0.1:{server.effective_port}"
-
-
-def free_port(pair=False, span=None):
-    """A port free now (and, with pair, the next one too; with span, the next span - 1)
-    for a subprocess to bind."""
-    span = span or (2 if pair else 1)
-    for _ in range(50):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port + span - 1 > 65535:
-            continue
-        try:
-            for extra in range(1, span):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", port + extra))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no free run of ports")
-
-
-def self_signed_cert(folder, common_name):
-    """(cert, key) paths of a throwaway self-signed certificate, or skip without openssl."""
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("openssl is needed to make a self-signed certificate")
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                    "-subj", f"/CN={common_name}", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True, timeout=60)
-    return cert, key
-
-
-def at_once(count, work):
-    """Run work(n) on `count` threads released together; the results (or errors) by n."""
-    barrier = threading.Barrier(count)
-    results = {}
-
-    def run(n):
-        barrier.wait(60)
-        try:
-            results[n] = work(n)
-        except Exception as exc:  # noqa: BLE001 - the test looks at it
-            results[n] = exc
-
-    threads = [threading.Thread(target=run, args=(n,)) for n in range(count)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert len(results) == count
-    return results
-
-
-def wait_for(predicate, timeout=5.0, interval=0.02):
-    """Poll until predicate() is truthy; return its value or fail the test."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {timeout}s")
-        time.sleep(interval)
-
-
-class FakeClock:
-    """A clock the test moves by hand: callable (one reading), or as the app's clock
-    (`wall()` and `monotonic()` move together)."""
-
-    def __init__(self, start=1000.0):
-        self.now = start
-
-    def __call__(self):
-        return self.now
-
-    def wall(self):
-        return self.now
-
-    def monotonic(self):
-        return self.now
-
-    def advance(self, seconds):
-        self.now += seconds
-
-
-class OffsetClock:
-    """The real clocks, plus an offset the test adds to (time passes at once for every
-    part of the app that was given this clock)."""
-
-    def __init__(self):
-        self.offset = 0.0
-
-    def wall(self):
-        return time.time() + self.offset
-
-    def monotonic(self):
-        return time.monotonic() + self.offset
-
-    def advance(self, seconds):
-        self.offset += seconds
+from fake_daraja import FakeDaraja
+from helpers import (
+    API_KEY,
+    OTHER_KEY,
+    SECRET,
+    GatewayHandle,
+    Harness,
+    LateApp,
+    OffsetClock,
+    base_env,
+    serve,
+)
+from mpesa_devtools import simulator
 
 
 class SimHandle:
@@ -225,58 +114,11 @@ def sim(sim_settings):
     simulator_app.stop()
 
 
-def base_env(sim_url, db_path, callback_base="http://127.0.0.1:9"):
-    return {
-        "MPESA_CONSUMER_KEY": simulator.DEMO_CONSUMER_KEY,
-        "MPESA_CONSUMER_SECRET": simulator.DEMO_CONSUMER_SECRET,
-        "MPESA_SHORTCODE": simulator.SANDBOX_SHORTCODE,
-        "MPESA_PASSKEY": simulator.SANDBOX_PASSKEY,
-        "MPESA_CALLBACK_BASE_URL": callback_base,
-        "MPESA_BASE_URL": sim_url,
-        "MPESA_CONNECT_TIMEOUT": "1",
-        "MPESA_READ_TIMEOUT": "0.5",
-        "GATEWAY_DB": str(db_path),
-        "GATEWAY_API_KEYS": f"{API_KEY},other:{OTHER_KEY}",
-        "GATEWAY_SECRET": SECRET,
-        "GATEWAY_THREADS": "8",
-        "GATEWAY_RECONCILE": "off",
-    }
-
-
-class _LateApp:
-    """Bind the server first, then plug in the app whose config needs the server's port."""
-
-    app = None
-
-    def __call__(self, environ, start_response):
-        return self.app(environ, start_response)
-
-
-class GatewayHandle:
-    def __init__(self, app, url, server, clock):
-        self.app, self.url, self.server, self.clock = app, url, server, clock
-        self.testapp = TestApp(app, lint=True)
-        self.auth = {"Authorization": f"Bearer {API_KEY}"}
-
-    def push(self, body, status=202, **kwargs):
-        return self.testapp.post_json("/stkpush", body, headers=self.auth, status=status, **kwargs)
-
-    def get(self, ref, status=200):
-        return self.testapp.get(f"/transactions/{ref}", headers=self.auth, status=status)
-
-    def wait_status(self, tx_id, *statuses, timeout=5.0):
-        return wait_for(lambda: (r := self.get(tx_id).json)["status"] in statuses and r,
-                        timeout=timeout)
-
-
 @pytest.fixture
 def engine(request):
     """The ledger engine of the gateway fixtures: SQLite, unless the module says
     `ENGINES = BOTH_ENGINES`: then each of its tests that uses a gateway runs on both."""
     return getattr(request, "param", "sqlite")
-
-
-BOTH_ENGINES = ("sqlite", "postgresql")
 
 
 def pytest_generate_tests(metafunc):
@@ -297,25 +139,40 @@ def gateway_env(sim, tmp_path, engine, request):
 @pytest.fixture
 def gateway(gateway_env):
     """The gateway app (WebTest) and the same app on a real socket, for callbacks."""
-    late = _LateApp()
+    late = LateApp()
     server, url = serve(late)
     env = dict(gateway_env, MPESA_CALLBACK_BASE_URL=url)
     clock = OffsetClock()
     late.app = mpesa_wsgi.create_app(config.load_config(env), clock=clock)
     yield GatewayHandle(late.app, url, server, clock)
     server.shutdown()
-    late.app.close()
+    late.app.services.close()
+
+
+@pytest.fixture
+def harness(tmp_path):
+    """harness(**script): a Harness over a new FakeDaraja with that script; at the end, no
+    unscripted upstream call may have been made."""
+    made = []
+
+    def make(tls=None, **script):
+        fake = FakeDaraja(tls=tls, **script)
+        env = dict(base_env(fake.url, tmp_path / f"faults{len(made)}.db"),
+                   MPESA_CONNECT_TIMEOUT="0.3", MPESA_READ_TIMEOUT="0.3")
+        h = Harness(fake, mpesa_wsgi.create_app(config.load_config(env)))
+        made.append(h)
+        return h
+
+    yield make
+    for h in made:
+        h.app.services.close()
+        h.fake.close()
+        assert h.fake.unexpected == [], "the gateway made an unscripted upstream call"
 
 
 # --- soak figures and sizes (make soak) -----------------------------------------------
 
 _FIGURES = []  # summary lines tests report, printed at the end of the run
-
-
-def soak_examples(default):
-    """Examples per Hypothesis test: SOAK_EXAMPLES when set (make soak), else `default`."""
-    raw = os.environ.get("SOAK_EXAMPLES", "").strip()
-    return int(raw) if raw else default
 
 
 @pytest.fixture
@@ -329,19 +186,6 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("figures")
         for line in _FIGURES:
             terminalreporter.write_line(line)
-
-
-@contextlib.contextmanager
-def read_only(path):
-    """A separate read-only connection to a ledger file (what is really on disk), closed
-    on leaving the block."""
-    conn = sqlite3.connect(pathlib.Path(path).resolve().as_uri() + "?mode=ro", uri=True)
-    try:
-        yield conn
-    finally:
-        conn.close()
-
-
 
 
 # --- PostgreSQL: a throwaway cluster for the run, a fresh database per test -----------------

@@ -2,8 +2,10 @@
 
 Each request to a known path takes the next step scripted for that path; a step
 writes raw bytes (or sleeps, drips, resets the connection). Every request is
-logged, so a test can assert the exact number of upstream calls. An unscripted
-request is answered 500 and recorded in `unexpected`.
+logged, so a test can assert the exact number of upstream calls, and every step
+that has run to its end is counted, so a test can wait for a held answer to be over
+(`wait_done`) instead of sleeping. An unscripted request is answered 500 and
+recorded in `unexpected`.
 """
 
 import json
@@ -122,6 +124,8 @@ class FakeDaraja:
         self.requests = []  # (kind, method, path, headers, body)
         self.unexpected = []
         self._lock = threading.Lock()
+        self._done = {}  # kind → steps that ran to their end
+        self._step_ended = threading.Condition(self._lock)
         self._conns = []
         self._sock = socket.socket()
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -135,6 +139,13 @@ class FakeDaraja:
     def count(self, kind):
         with self._lock:
             return sum(1 for r in self.requests if r[0] == kind)
+
+    def wait_done(self, kind, steps, timeout=30.0):
+        """Wait until `steps` scripted steps for `kind` have run to their end (a held
+        answer is over); True if they did within `timeout`."""
+        with self._step_ended:
+            return self._step_ended.wait_for(lambda: self._done.get(kind, 0) >= steps,
+                                             timeout)
 
     def close(self):
         """Stop listening and drop every open connection (later connects are refused)."""
@@ -186,7 +197,13 @@ class FakeDaraja:
                         self.unexpected.append((method, path))
                     conn.sendall(raw_response(500, b"unscripted", content_type="text/plain"))
                     continue
-                if step(conn, request) == CLOSE:
+                try:
+                    outcome = step(conn, request)
+                finally:
+                    with self._step_ended:
+                        self._done[kind] = self._done.get(kind, 0) + 1
+                        self._step_ended.notify_all()
+                if outcome == CLOSE:
                     return
         except OSError:
             return

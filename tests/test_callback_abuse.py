@@ -13,11 +13,10 @@ from webtest import TestApp
 
 import config
 import mpesa_wsgi
-import simulator
-import sources
-from conftest import API_KEY
-from ledger import Ledger
-
+from helpers import API_KEY, callbacks_of
+from mpesa_devtools import simulator
+from mpesa_gateway import sources
+from mpesa_ledger import SqliteLedger
 
 
 @pytest.fixture
@@ -41,12 +40,12 @@ def make(gateway_env):
         testapp = TestApp(app, lint=True)
         tx = testapp.post_json("/stkpush", {"phone": "0712345678", "amount": 10}, headers={
             "Authorization": f"Bearer {API_KEY}"}, status=202).json
-        path = "/" + app.callback_url(tx["id"]).split("/", 3)[3]
+        path = "/" + app.services.signer.url(tx["id"]).split("/", 3)[3]
         return app, testapp, tx, path
 
     yield build
     for app in apps:
-        app.close()
+        app.services.close()
 
 
 def result(tx, code=0, amount=10.0, receipt="UKQ1234567"):
@@ -69,22 +68,22 @@ def test_source_outside_the_list_is_403_under_enforce_and_nothing_stored(make, c
     app, testapp, tx, path = make("enforce")
     res = send(testapp, path, result(tx), remote=OUTSIDER, status=403)
     assert res.json["error"]["code"] == "forbidden_source"
-    assert app.ledger.callbacks(tx["id"]) == []
-    assert app.ledger.get(tx["id"])["status"] == "pending"
+    assert callbacks_of(app.services.ledger, tx["id"]) == []
+    assert app.services.ledger.get(tx["id"])["status"] == "pending"
     assert any(OUTSIDER in r.getMessage() for r in caplog.records)
 
 
 def test_listed_source_is_accepted_under_enforce(make):
     app, testapp, tx, path = make("enforce")
     send(testapp, path, result(tx))
-    assert app.ledger.get(tx["id"])["status"] == "succeeded"
-    assert app.ledger.callbacks(tx["id"])[0]["remote_addr"] == SAFARICOM
+    assert app.services.ledger.get(tx["id"])["status"] == "succeeded"
+    assert callbacks_of(app.services.ledger, tx["id"])[0]["remote_addr"] == SAFARICOM
 
 
 def test_log_policy_accepts_but_logs_an_outsider(make, caplog):
     app, testapp, tx, path = make("log")
     send(testapp, path, result(tx), remote=OUTSIDER)
-    assert app.ledger.get(tx["id"])["status"] == "succeeded"
+    assert app.services.ledger.get(tx["id"])["status"] == "succeeded"
     assert any("source_not_allowed" in r.getMessage() and OUTSIDER in r.getMessage()
                for r in caplog.records)
 
@@ -92,7 +91,7 @@ def test_log_policy_accepts_but_logs_an_outsider(make, caplog):
 def test_spoofed_forwarded_for_from_an_untrusted_peer_is_ignored(make):
     app, testapp, tx, path = make("enforce")
     send(testapp, path, result(tx), remote=OUTSIDER, status=403, **{"X-Forwarded-For": SAFARICOM})
-    assert app.ledger.callbacks(tx["id"]) == []
+    assert callbacks_of(app.services.ledger, tx["id"]) == []
 
 
 def test_trusted_proxy_hop_is_believed_and_earlier_hops_are_not(make):
@@ -101,7 +100,7 @@ def test_trusted_proxy_hop_is_believed_and_earlier_hops_are_not(make):
     send(testapp, path, result(tx), remote=PROXY, status=403,
          **{"X-Forwarded-For": f"{SAFARICOM}, {OUTSIDER}"})
     send(testapp, path, result(tx), remote=PROXY, **{"X-Forwarded-For": f"{OUTSIDER}, {SAFARICOM}"})
-    assert app.ledger.get(tx["id"])["status"] == "succeeded"
+    assert app.services.ledger.get(tx["id"])["status"] == "succeeded"
 
 
 def test_client_address_rules():
@@ -128,15 +127,15 @@ def test_malformed_callbacks_are_stored_answered_400_and_applied_never(make, bod
     app, testapp, tx, path = make("off")
     res = send(testapp, path, body, status=400)
     assert res.json["error"]["code"] == "invalid_callback"
-    stored = app.ledger.callbacks(tx["id"])
+    stored = callbacks_of(app.services.ledger, tx["id"])
     assert [(c["outcome"], c["body"]) for c in stored] == [("malformed", body)]
-    assert app.ledger.get(tx["id"])["status"] == "pending"
+    assert app.services.ledger.get(tx["id"])["status"] == "pending"
 
 
 def test_oversized_callback_is_413_and_not_stored(make):
     app, testapp, tx, path = make("off")
     send(testapp, path, b'{"pad":"' + b"x" * 20_000 + b'"}', status=413)
-    assert app.ledger.callbacks(tx["id"]) == []
+    assert callbacks_of(app.services.ledger, tx["id"]) == []
 
 
 def test_wrong_signature_is_404_and_stores_nothing(make):
@@ -144,33 +143,35 @@ def test_wrong_signature_is_404_and_stores_nothing(make):
     bad = path[:-1] + ("0" if path[-1] != "0" else "1")
     res = send(testapp, bad, result(tx), status=404)
     assert res.json["error"]["code"] == "not_found"
-    assert app.ledger.callbacks(tx["id"]) == []
+    assert callbacks_of(app.services.ledger, tx["id"]) == []
 
 
 def test_failure_then_success_ends_succeeded(make):
     app, testapp, tx, path = make("off")
     send(testapp, path, result(tx, code=1032))
-    assert app.ledger.get(tx["id"])["status"] == "failed"
+    assert app.services.ledger.get(tx["id"])["status"] == "failed"
     send(testapp, path, result(tx))
-    row = app.ledger.get(tx["id"])
+    row = app.services.ledger.get(tx["id"])
     assert (row["status"], row["receipt"]) == ("succeeded", "UKQ1234567")
-    assert [c["outcome"] for c in app.ledger.callbacks(tx["id"])] == ["applied", "override"]
+    assert [c["outcome"] for c in callbacks_of(app.services.ledger, tx["id"])] == [
+        "applied", "override"]
 
 
 def test_success_then_failure_stays_succeeded(make):
     app, testapp, tx, path = make("off")
     send(testapp, path, result(tx))
     send(testapp, path, result(tx, code=1037))
-    assert app.ledger.get(tx["id"])["status"] == "succeeded"
-    assert [c["outcome"] for c in app.ledger.callbacks(tx["id"])] == ["applied", "ignored"]
+    assert app.services.ledger.get(tx["id"])["status"] == "succeeded"
+    assert [c["outcome"] for c in callbacks_of(app.services.ledger, tx["id"])] == [
+        "applied", "ignored"]
 
 
 @pytest.mark.parametrize("bad", [{"amount": 11.0}, {"receipt": None}])
 def test_success_that_does_not_verify_is_an_anomaly_not_a_payment(make, bad):
     app, testapp, tx, path = make("off")
     send(testapp, path, result(tx, **bad))
-    assert app.ledger.get(tx["id"])["status"] == "pending"
-    assert app.ledger.callbacks(tx["id"])[0]["outcome"] == "anomaly"
+    assert app.services.ledger.get(tx["id"])["status"] == "pending"
+    assert callbacks_of(app.services.ledger, tx["id"])[0]["outcome"] == "anomaly"
 
 
 def test_concurrent_duplicate_callbacks_apply_once(make):
@@ -186,15 +187,16 @@ def test_concurrent_duplicate_callbacks_apply_once(make):
         t.start()
     for t in threads:
         t.join(10)
-    outcomes = sorted(c["outcome"] for c in app.ledger.callbacks(tx["id"]))
+    outcomes = sorted(c["outcome"] for c in callbacks_of(app.services.ledger, tx["id"]))
     assert outcomes == ["applied"] + ["duplicate"] * 7
 
 
 def test_locked_ledger_answers_503_and_writes_nothing(make):
     app, testapp, tx, path = make("off")
-    app.ledger.close()
-    app.services.ledger = Ledger(app.config.db_path, busy_timeout_s=0.2)  # short busy wait
-    holder = sqlite3.connect(app.config.db_path, isolation_level=None)
+    app.services.ledger.close()
+    # A short busy wait
+    app.services.ledger = SqliteLedger(app.services.config.db_path, busy_timeout_s=0.2)
+    holder = sqlite3.connect(app.services.config.db_path, isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")  # another process holds the write lock
     try:
         res = send(testapp, path, result(tx), status=503)
@@ -203,7 +205,7 @@ def test_locked_ledger_answers_503_and_writes_nothing(make):
     finally:
         holder.execute("ROLLBACK")
         holder.close()
-    assert app.ledger.callbacks(tx["id"]) == []
-    assert app.ledger.get(tx["id"])["status"] == "pending"
+    assert callbacks_of(app.services.ledger, tx["id"]) == []
+    assert app.services.ledger.get(tx["id"])["status"] == "pending"
     send(testapp, path, result(tx))  # Safaricom's retry, if any, then succeeds
-    assert app.ledger.get(tx["id"])["status"] == "succeeded"
+    assert app.services.ledger.get(tx["id"])["status"] == "succeeded"

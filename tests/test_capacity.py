@@ -16,8 +16,8 @@ from webtest import TestApp
 import cli
 import config
 import mpesa_wsgi
-from conftest import API_KEY, base_env, wait_for
 from fake_daraja import FakeDaraja, accepted, raw_response, token
+from helpers import API_KEY, base_env, callbacks_of, wait_for
 
 AUTH = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
 
@@ -60,7 +60,7 @@ class Served:
 
     def close(self):
         self.server.close()
-        self.app.close()
+        self.app.services.close()
 
 
 @pytest.fixture
@@ -94,7 +94,7 @@ def test_a_push_without_a_free_slot_is_503_at_once_and_leaves_nothing(served):
             {"phone": "0712345679", "amount": 10}), dict(AUTH, **{"Idempotency-Key": "k2"}))
         assert (status, body["error"]["code"], headers["Retry-After"]) == (
             503, "gateway_busy", "1")
-        assert s.app.ledger.count_by_status() == {"pending": 1}  # no row for the busy one
+        assert s.app.services.ledger.count_by_status() == {"pending": 1}  # no row for the busy one
         health = s.request("GET", "/health")[2]["checks"]
         assert (health["push_slots"], health["push_slots_in_use"]) == (1, 1)
         assert "mpesa_gateway_push_busy_total 1.0" in s.request("GET", "/metrics")[2].decode()
@@ -138,7 +138,7 @@ def test_the_reserve_serves_health_reads_and_callbacks_while_every_slot_is_busy(
         callback = {"Body": {"stkCallback": {
             "MerchantRequestID": "m", "CheckoutRequestID": checkout(99), "ResultCode": 1032,
             "ResultDesc": "Request cancelled by user"}}}
-        path = "/" + s.app.callback_url(tx["id"]).split("/", 3)[3]
+        path = "/" + s.app.services.signer.url(tx["id"]).split("/", 3)[3]
         assert s.request("POST", path, json.dumps(callback),
                          {"Content-Type": "application/json"}, timeout=10)[0] == 200
         assert not release.is_set() and len(answers) == 8  # the held pushes still wait
@@ -218,9 +218,9 @@ def test_an_unsigned_callback_is_404_and_writes_no_warning(gateway_env, sig, cap
                               content_type="application/json",
                               extra_environ={"REMOTE_ADDR": "127.0.0.9"}, status=404)
         assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
-        assert app.ledger.callbacks("tx_0123456789abcdef01234567") == []
+        assert callbacks_of(app.services.ledger, "tx_0123456789abcdef01234567") == []
     finally:
-        app.close()
+        app.services.close()
 
 
 def test_push_slots_must_leave_a_reserve():

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from config import BASE_URLS, ConfigError, load_config
-from conftest import ROOT_DIR
+from helpers import ROOT_DIR
 
 SECRETS = {
     "MPESA_CONSUMER_KEY": "ck-very-secret-value-1",

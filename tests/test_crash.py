@@ -25,9 +25,9 @@ from urllib.parse import urlsplit
 import pytest
 
 import config
-import daraja
-import simulator
-from conftest import API_KEY, ROOT_DIR, base_env, free_port, wait_for
+from helpers import API_KEY, ROOT_DIR, base_env, free_port, wait_for
+from mpesa_devtools import simulator
+from mpesa_gateway import daraja
 
 CYCLES = int(os.environ.get("SOAK_CRASH_CYCLES", "").strip() or 20)
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))

@@ -7,10 +7,9 @@ from datetime import datetime, timezone
 import pytest
 
 import config
-import daraja
-import settlement
-import simulator
-from conftest import base_env, wait_for
+from helpers import base_env, wait_for
+from mpesa_devtools import simulator
+from mpesa_gateway import daraja, settlement
 
 CALLBACK = "http://127.0.0.1:9/callback/tx_1/abc"
 

@@ -4,58 +4,23 @@ One behaviour per test; each asserts the HTTP answer, the ledger row and the
 exact number of upstream calls.
 """
 
-import re
 import ssl
 import time
 
 import pytest
-from webtest import TestApp
 
-import config
-import mpesa_wsgi
-from conftest import API_KEY, base_env, self_signed_cert
 from fake_daraja import (
-    FakeDaraja, accepted, drip, error, oversized, reply, reset, sleep, token, truncated,
+    accepted,
+    drip,
+    error,
+    oversized,
+    reply,
+    reset,
+    sleep,
+    token,
+    truncated,
 )
-
-PUSH = {"phone": "0712345678", "amount": 10}
-
-
-class Harness:
-    def __init__(self, fake, app):
-        self.fake, self.app = fake, app
-        self.testapp = TestApp(app, lint=True)
-
-    def push(self, status, body=PUSH, **headers):
-        return self.testapp.post_json("/stkpush", body, status=status,
-                                      headers={"Authorization": f"Bearer {API_KEY}", **headers})
-
-    def row(self, res):
-        tx_id = res.json["id"] if "id" in res.json else re.search(
-            r"tx_[0-9a-f]+", res.json["error"]["message"]).group(0)
-        return self.app.ledger.get(tx_id)
-
-    def calls(self):
-        return self.fake.count("oauth"), self.fake.count("push")
-
-
-@pytest.fixture
-def harness(tmp_path):
-    made = []
-
-    def make(tls=None, **script):
-        fake = FakeDaraja(tls=tls, **script)
-        env = dict(base_env(fake.url, tmp_path / f"faults{len(made)}.db"),
-                   MPESA_CONNECT_TIMEOUT="0.3", MPESA_READ_TIMEOUT="0.3")
-        h = Harness(fake, mpesa_wsgi.create_app(config.load_config(env)))
-        made.append(h)
-        return h
-
-    yield make
-    for h in made:
-        h.app.close()
-        h.fake.close()
-        assert h.fake.unexpected == [], "the gateway made an unscripted upstream call"
+from helpers import self_signed_cert
 
 
 def test_oauth_connection_refused_is_503_and_no_push(harness):
@@ -85,7 +50,7 @@ def test_malformed_oauth_answer_is_503_nothing_cached_no_push(harness, bad):
     res = h.push(503)
     assert h.row(res)["status"] == "rejected"
     assert h.calls() == (1, 0)
-    assert h.app.daraja.tokens.age() is None
+    assert h.app.services.daraja.tokens.age() is None
 
 
 def test_oauth_refusal_is_502(harness):
@@ -106,7 +71,7 @@ def test_slow_oauth_is_bounded_then_503(harness):
 
 def test_push_connect_refused_is_503_rejected_and_nothing_sent(harness):
     h = harness(oauth=[token()])
-    h.app.daraja.tokens.get()
+    h.app.services.daraja.tokens.get()
     h.fake.close()
     res = h.push(503)
     assert (h.row(res)["status"], h.row(res)["reason"]) == ("rejected", "upstream_unavailable")
@@ -117,7 +82,7 @@ def test_push_read_timeout_is_unknown_and_never_resent(harness):
     h = harness(oauth=[token()], push=[sleep(1.0, then=accepted())])
     res = h.push(202)
     assert (res.json["status"], res.json["reason"]) == ("unknown", "read_timeout")
-    time.sleep(1.1)
+    assert h.fake.wait_done("push", 1)  # the held answer is over: a resend would be in by now
     assert h.calls() == (1, 1)
     assert h.row(res)["status"] == "unknown"
 
@@ -215,7 +180,7 @@ def test_slow_drip_answer_is_cut_by_the_deadline_and_unknown(harness):
     started = time.monotonic()
     res = h.push(202)
     # The push policy's deadline (2 × (connect + read) + backoff + read = 3.7 s), not 12 s.
-    assert time.monotonic() - started < h.app.daraja.policies["stk_push"].longest_s + 2
+    assert time.monotonic() - started < h.app.services.daraja.policies["stk_push"].longest_s + 2
     assert res.json["status"] == "unknown"
     assert h.calls() == (1, 1)
 

@@ -9,11 +9,19 @@ import pytest
 from webtest import TestApp
 
 import config
+import mpesa_ledger as store
 import mpesa_wsgi
-from conftest import API_KEY, GatewayHandle, SECRET, base_env, serve, wait_for
-import ledger as store
-from payments import callback_signature
-from conftest import BOTH_ENGINES
+from helpers import (
+    API_KEY,
+    BOTH_ENGINES,
+    SECRET,
+    GatewayHandle,
+    base_env,
+    callbacks_of,
+    serve,
+    wait_for,
+)
+from mpesa_gateway.auth import CallbackSigner
 
 ENGINES = BOTH_ENGINES  # on each ledger engine
 
@@ -43,7 +51,7 @@ def test_success_with_lost_callback_stays_pending(gateway, sim):
     res = gateway.push({"phone": "254711009999", "amount": 10})
     checkout = res.json["checkout_request_id"]
     # Daraja knows it was paid: only a query can tell (reconciliation settles it).
-    answer = wait_for(lambda: (a := gateway.app.daraja.stk_query(checkout)).pending is False
+    answer = wait_for(lambda: (a := gateway.services.daraja.stk_query(checkout)).pending is False
                       and a, timeout=30, interval=0.05)
     assert (answer.pending, answer.result_code) == (False, "0")
     assert sim.stats()["callbacks_scheduled"] == 0  # no callback is on its way
@@ -54,7 +62,7 @@ def test_callback_sent_twice_settles_once_and_records_both(gateway, sim):
     res = gateway.push({"phone": "254711000002", "amount": 25})
     final = gateway.wait_status(res.json["id"], *FINAL, timeout=30)
     wait_for(lambda: sim.stats()["callbacks_sent"] == 2, timeout=30)
-    outcomes = [c["outcome"] for c in gateway.app.ledger.callbacks(res.json["id"])]
+    outcomes = [c["outcome"] for c in callbacks_of(gateway.services.ledger, res.json["id"])]
     assert outcomes == ["applied", "duplicate"]
     assert gateway.get(res.json["id"]).json == final
 
@@ -85,11 +93,11 @@ def test_daraja_refusal_is_502_naming_the_error_code(gateway_env):
         assert "500.001.1001" in res.json["error"]["message"]
         assert "Wrong credentials" not in res.text  # no upstream payloads
         tx_id = re.search(r"tx_[0-9a-f]+", res.json["error"]["message"]).group(0)
-        row = app.ledger.get(tx_id)
+        row = app.services.ledger.get(tx_id)
         assert (row["status"], row["reason"], row["result_code"]) == (
             "rejected", "daraja_rejected", "500.001.1001")
     finally:
-        app.close()
+        app.services.close()
 
 
 # The answer comes 4 s after the push, past the 0.5 s read timeout; the callback at 3 s, well
@@ -111,7 +119,7 @@ def test_ledger_row_is_committed_before_daraja_is_called(gateway, sim):
     def on_push(payload):
         path = urlsplit(payload["CallBackURL"]).path
         tx_id = path.split("/")[2]
-        other = store.open_ledger(gateway.app.config.db_path)  # another connection
+        other = store.open_ledger(gateway.services.config.db_path)  # another connection
         row = other.get(tx_id)
         other.close()
         seen.append((path, (row["status"], row["amount"])))
@@ -137,35 +145,36 @@ def _post(url, data):
 def test_wrong_callback_signature_is_404_and_stores_nothing(gateway):
     res = gateway.push({"phone": "0712345002", "amount": 10})
     tx_id = res.json["id"]
-    good = callback_signature(SECRET, tx_id)
+    good = CallbackSigner(SECRET, "").signature(tx_id)
     for sig in ("0" * 32, good[:-1] + ("0" if good[-1] != "0" else "1"), good.upper(), "x"):
         status, body = _post(f"{gateway.url}/callback/{tx_id}/{sig}", b'{"Body":{}}')
         assert status == 404 and b"not_found" in body
     status, _ = _post(f"{gateway.url}/callback/tx_other/{good}", b"{}")
     assert status == 404
     gateway.wait_status(tx_id, *FINAL, timeout=30)  # the real callback landed
-    assert [c["outcome"] for c in gateway.app.ledger.callbacks(tx_id)] == ["applied"]
-    assert all(c["outcome"] != "malformed" for c in gateway.app.ledger.callbacks(tx_id))
-    assert gateway.app.ledger.callbacks("tx_other") == []
+    assert [c["outcome"] for c in callbacks_of(gateway.services.ledger, tx_id)] == ["applied"]
+    assert all(c["outcome"] != "malformed" for c in callbacks_of(gateway.services.ledger, tx_id))
+    assert callbacks_of(gateway.services.ledger, "tx_other") == []
 
 
 def test_replayed_callback_changes_nothing(gateway):
     res = gateway.push({"phone": "0712345003", "amount": 10})
     final = gateway.wait_status(res.json["id"], *FINAL, timeout=30)
-    stored = gateway.app.ledger.callbacks(res.json["id"])[0]["body"]
-    url = gateway.app.callback_url(res.json["id"])
+    stored = callbacks_of(gateway.services.ledger, res.json["id"])[0]["body"]
+    url = gateway.services.signer.url(res.json["id"])
     assert _post(url, stored) == (200, b'{"ResultCode":0,"ResultDesc":"Accepted"}')
     assert gateway.get(res.json["id"]).json == final
-    assert [c["outcome"] for c in gateway.app.ledger.callbacks(res.json["id"])] == [
+    assert [c["outcome"] for c in callbacks_of(gateway.services.ledger, res.json["id"])] == [
         "applied", "duplicate"]
 
 
 def test_malformed_callback_is_stored_and_answered_400(gateway):
     res = gateway.push({"phone": "0712345004", "amount": 10})
-    url = gateway.app.callback_url(res.json["id"])
+    url = gateway.services.signer.url(res.json["id"])
     status, body = _post(url, b'{"Body": "nope"}')
     assert status == 400 and b"invalid_callback" in body
-    stored = gateway.app.ledger.callbacks(res.json["id"])  # the real callback may be there too
+    # The real callback may be there too.
+    stored = callbacks_of(gateway.services.ledger, res.json["id"])
     mine = [c["outcome"] for c in stored if c["body"] == b'{"Body": "nope"}']
     assert mine == ["malformed"]
 
@@ -173,8 +182,8 @@ def test_malformed_callback_is_stored_and_answered_400(gateway):
 def test_payments_survive_closing_and_reopening_the_ledger(gateway):
     res = gateway.push({"phone": "0712345005", "amount": 77})
     final = gateway.wait_status(res.json["id"], *FINAL, timeout=30)
-    gateway.app.ledger.close()
-    reopened = store.open_ledger(gateway.app.config.db_path)
+    gateway.services.ledger.close()
+    reopened = store.open_ledger(gateway.services.config.db_path)
     row = reopened.get(res.json["checkout_request_id"])
     assert (row["id"], row["status"], row["amount"], row["receipt"]) == (
         final["id"], "succeeded", 77, final["receipt"])
@@ -207,7 +216,7 @@ def held_gateway(sim, tmp_path):
     yield GatewayHandle(app["gw"], url, server, None)
     server.shutdown()
     sim_server.shutdown()
-    app["gw"].close()
+    app["gw"].services.close()
 
 
 @pytest.mark.parametrize("sim_settings", [{"callback_delay_s": 0}], indirect=True)
@@ -217,5 +226,6 @@ def test_callback_that_beats_the_push_answer_is_kept(held_gateway, sim):
     assert res.json["status"] == "succeeded"
     row = held_gateway.get(res.json["id"]).json
     assert row["checkout_request_id"].startswith("ws_CO_") and row["receipt"]
-    assert [c["outcome"] for c in held_gateway.app.ledger.callbacks(row["id"])] == ["applied"]
+    stored = callbacks_of(held_gateway.services.ledger, row["id"])
+    assert [c["outcome"] for c in stored] == ["applied"]
     assert sim.stats()["pushes"] == 1

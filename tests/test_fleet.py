@@ -20,12 +20,12 @@ from collections import Counter
 
 import pytest
 from standardwebhooks import Webhook
-
-import ledger as store
-import simulator
-import webhooks
-from conftest import API_KEY, ROOT_DIR, base_env, free_port, serve, wait_for
 from test_nginx import NGINX, SITE, main_conf, render, request
+
+import mpesa_ledger as store
+from helpers import API_KEY, ROOT_DIR, base_env, events_of, free_port, serve, wait_for
+from mpesa_devtools import simulator
+from mpesa_devtools.receiver import request_headers
 
 pytestmark = [pytest.mark.slow, pytest.mark.crash]
 if NGINX is None:
@@ -51,7 +51,7 @@ class Receiver:
 
     def __call__(self, environ, start_response):
         body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
-        headers = webhooks.request_headers(environ)
+        headers = request_headers(environ)
         Webhook(SECRET).verify(body, headers)
         with self.lock:
             self.seen[headers["webhook-id"]] += 1
@@ -170,7 +170,7 @@ def test_two_hosts_behind_nginx_share_one_ledger_through_a_sigkill(sim, pg_url, 
 
         wait_for(settled, timeout=240, interval=0.5)
         rows = {r["id"]: r for r in ledger.list_page(limit=1000)[0]}
-        events = ledger.events()
+        events = events_of(ledger)
     finally:
         ledger.close()
         proxy.terminate()

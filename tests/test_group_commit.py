@@ -9,19 +9,19 @@ import time
 import pytest
 from webtest import TestApp
 
-from conftest import API_KEY, FakeClock, at_once, read_only
-from ledger import Ledger
+from helpers import API_KEY, FakeClock, at_once, read_only
+from mpesa_ledger import SqliteLedger
 
 
 @pytest.fixture
 def ledger(tmp_path):
-    lg = Ledger(str(tmp_path / "group.db"), clock=FakeClock(1_790_000_000.0))
+    lg = SqliteLedger(str(tmp_path / "group.db"), clock=FakeClock(1_790_000_000.0))
     yield lg
     lg.close()
 
 
 def new_row(ledger, n):
-    return ledger.create(phone=f"2547120{n:05d}", amount=10, reference="R", description="D")
+    return ledger.begin_push(phone=f"2547120{n:05d}", amount=10, reference="R", description="D").row
 
 
 def test_concurrent_writes_share_commits_and_every_one_is_durable(ledger):
@@ -45,7 +45,7 @@ def test_a_failing_write_fails_only_its_own_caller(ledger):
         def rules(row):
             if n == 3:
                 raise ValueError("this write's own bug")
-            from settlement import Decision
+            from mpesa_gateway.settlement import Decision
             return Decision("applied", {"status": "succeeded", "receipt": f"UKQ{n:07d}"})
         return rules
 
@@ -68,7 +68,7 @@ def test_a_failed_commit_fails_every_write_of_its_batch_and_the_next_batch_works
             "CREATE TEMP TABLE child (p INTEGER REFERENCES parent (id)"
             " DEFERRABLE INITIALLY DEFERRED);")
 
-    lg = Ledger(str(tmp_path / "fail.db"), on_connect=on_connect)
+    lg = SqliteLedger(str(tmp_path / "fail.db"), on_connect=on_connect)
     try:
         new_row(lg, 0)  # opens the writer
         opened[-1].execute("CREATE TEMP TRIGGER broken AFTER INSERT ON main.transactions"
@@ -86,7 +86,7 @@ def test_a_failed_commit_fails_every_write_of_its_batch_and_the_next_batch_works
 
 def test_a_keyed_payment_costs_two_commits_before_its_answer_and_one_per_callback(gateway,
                                                                                   sim):
-    ledger = gateway.app.ledger
+    ledger = gateway.services.ledger
     commits0, _ = ledger.commit_counts
     res = gateway.testapp.post_json("/stkpush", {"phone": "0712345678", "amount": 10},
                                     headers={"Authorization": f"Bearer {API_KEY}",
@@ -116,7 +116,7 @@ def test_an_error_that_ends_the_whole_transaction_fails_exactly_the_writes_it_un
     not one statement: every caller told "done" must be on disk, and every caller told
     it failed must not be."""
     opened = []
-    lg = Ledger(str(tmp_path / "interrupt.db"), on_connect=opened.append)
+    lg = SqliteLedger(str(tmp_path / "interrupt.db"), on_connect=opened.append)
     try:
         new_row(lg, 0)  # opens the writer
         writer = opened[-1]
@@ -125,7 +125,7 @@ def test_an_error_that_ends_the_whole_transaction_fails_exactly_the_writes_it_un
                        " WHEN NEW.phone = '254799999999' BEGIN SELECT boom(); END")
         for _ in range(3):
             results = at_once(12, lambda n: (
-                lg.create(phone="254799999999", amount=10, reference="R", description="D")
+                lg.begin_push(phone="254799999999", amount=10, reference="R", description="D").row
                 if n == 5 else new_row(lg, n)))
             assert isinstance(results[5], sqlite3.Error)
             with read_only(lg.path) as conn:
@@ -154,7 +154,7 @@ def test_a_write_inside_a_write_is_refused_at_once(ledger):
 
 
 def test_writers_waiting_for_a_lock_another_process_holds_fail_together(tmp_path):
-    lg = Ledger(str(tmp_path / "busy.db"), busy_timeout_s=2.0)
+    lg = SqliteLedger(str(tmp_path / "busy.db"), busy_timeout_s=2.0)
     holder = sqlite3.connect(lg.path, isolation_level=None)
     try:
         new_row(lg, 0)

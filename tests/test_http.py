@@ -6,12 +6,11 @@ import pytest
 from webtest import TestApp
 
 import config
-import daraja
-import metrics
 import mpesa_wsgi
-import payments
-from conftest import API_KEY, OTHER_KEY
-from ledger import Ledger
+from helpers import API_KEY, OTHER_KEY, new_row
+from mpesa_gateway import daraja, metrics
+from mpesa_gateway.services import Services
+from mpesa_ledger import SqliteLedger
 
 VALID = {"phone": "0712345678", "amount": 10}
 
@@ -142,13 +141,13 @@ def _broken_rows(cursor, row):
 def test_unhandled_errors_are_a_plain_500(gateway_env):
     cfg = config.load_config(gateway_env)
     connections = []  # every connection the ledger opens (its constructor's is this thread's)
-    ledger = Ledger(cfg.db_path, on_connect=connections.append)
-    services = payments.Services(cfg, ledger, daraja.DarajaClient(cfg, daraja.build_pool(cfg)),
-                                 metrics.GatewayMetrics(config.VERSION, lambda: {}))
+    ledger = SqliteLedger(cfg.db_path, on_connect=connections.append)
+    services = Services(cfg, ledger, daraja.DarajaClient(cfg, daraja.build_pool(cfg)),
+                        metrics.GatewayMetrics(config.VERSION, lambda: {}))
     app = TestApp(mpesa_wsgi.Gateway(services), lint=True)
     try:
         auth = {"Authorization": f"Bearer {API_KEY}"}
-        tx_id = ledger.create(phone="254712345678", amount=10, reference="R",
+        tx_id = new_row(ledger, phone="254712345678", amount=10, reference="R",
                               description="D")["id"]
         app.get(f"/transactions/{tx_id}", headers=auth, status=200)  # the store works...
         for conn in connections:

@@ -10,11 +10,11 @@ import pytest
 from webtest import TestApp
 
 import config
-import ledger as store
+import mpesa_ledger as store
 import mpesa_wsgi
-from conftest import API_KEY, BOTH_ENGINES, FakeClock, OTHER_KEY, ROOT_DIR, base_env
 from fake_daraja import FakeDaraja, accepted, sleep, token
-from ratelimit import RateLimiter
+from helpers import API_KEY, BOTH_ENGINES, OTHER_KEY, ROOT_DIR, FakeClock, base_env
+from mpesa_gateway.admission import RateLimiter
 
 BODY = {"phone": "0712345678", "amount": 10, "reference": "INV001"}
 ENGINES = BOTH_ENGINES  # the gateway's promises on each ledger engine
@@ -112,7 +112,7 @@ def test_replay_after_unknown_returns_unknown_and_does_not_resend(tmp_path):
         assert again.json == first.json and again.headers["Idempotent-Replayed"] == "true"
         assert fake.count("push") == 1
     finally:
-        app.close()
+        app.services.close()
         fake.close()
 
 
@@ -131,7 +131,7 @@ with open(out + ".tmp", "w") as f:
     json.dump({"status": res.status_int, "body": res.json, "started": started,
                "ended": ended}, f)
 os.replace(out + ".tmp", out)  # the answer appears whole
-app.close()
+app.services.close()
 """
 
 
@@ -185,7 +185,7 @@ def limited_gateway(gateway_env):
     app = mpesa_wsgi.create_app(config.load_config(dict(
         gateway_env, GATEWAY_RATE="1", GATEWAY_BURST=str(BURST))), clock=clock)
     yield app, clock
-    app.close()
+    app.services.close()
 
 
 # The per-process bucket on an injected clock; the fleet's bucket (PostgreSQL, the server's
@@ -229,6 +229,6 @@ def test_stored_keys_expire_after_the_retention_window(gateway, sim):
     gateway.wait_status(first.json["id"], "succeeded")
     assert keyed(gateway, "old-key").headers["Idempotent-Replayed"] == "true"
     gateway.clock.advance(store.IDEMPOTENCY_TTL_S + 1)  # a day later, for the whole app
-    assert gateway.app.ledger.prune_idempotency() == 1
+    assert gateway.services.ledger.prune_idempotency() == 1
     assert "Idempotent-Replayed" not in keyed(gateway, "old-key").headers
     assert sim.stats()["pushes"] == 2

@@ -6,12 +6,11 @@ import threading
 
 import pytest
 
-import ledger as store
-from conftest import FakeClock, read_only
-import settlement
-from ledger import Ledger
-from settlement import CallbackRecord, Outcome
-
+import mpesa_ledger as store
+from helpers import FakeClock, callbacks_of, new_row, read_only
+from mpesa_gateway import settlement
+from mpesa_gateway.settlement import CallbackRecord, Outcome
+from mpesa_ledger import SqliteLedger
 
 
 @pytest.fixture
@@ -24,10 +23,6 @@ def ledger(ledger_target, clock):
     lg = store.open_ledger(ledger_target, clock=clock)
     yield lg
     lg.close()
-
-
-def new_row(ledger, phone="254712345678", amount=10):
-    return ledger.create(phone=phone, amount=amount, reference="INV001", description="Payment")
 
 
 def record(ledger, tx_id, body, source, outcome):
@@ -48,7 +43,7 @@ def failure(code="1032", reason="cancelled", checkout="ws_CO_1"):
 def test_wal_and_full_sync_on_every_connection(tmp_path, clock):
     path = str(tmp_path / "pragmas.db")
     opened = []  # every connection the ledger opens, as it opens it
-    lg = Ledger(path, clock=clock, busy_timeout_s=7.5, on_connect=opened.append)
+    lg = SqliteLedger(path, clock=clock, busy_timeout_s=7.5, on_connect=opened.append)
     try:
         writers = [threading.Thread(target=new_row, args=(lg, f"25471234500{n}"))
                    for n in range(2)]
@@ -81,14 +76,14 @@ def test_new_row_is_submitting_and_found_by_either_id(ledger):
 
 def test_rows_survive_closing_and_reopening(tmp_path, clock):
     path = str(tmp_path / "reopen.db")
-    first = Ledger(path, clock=clock)
+    first = SqliteLedger(path, clock=clock)
     row = new_row(first)
     first.mark_accepted(row["id"], "ws_CO_1", "m-1")
     record(first, row["id"], b"{}", "127.0.0.1", success())
     first.close()
-    second = Ledger(path, clock=clock)
+    second = SqliteLedger(path, clock=clock)
     assert second.get(row["id"])["status"] == "succeeded"
-    assert len(second.callbacks(row["id"])) == 1
+    assert len(callbacks_of(second, row["id"])) == 1
     second.close()
 
 
@@ -123,7 +118,7 @@ def test_duplicate_callback_changes_nothing_but_is_recorded(ledger):
     before = ledger.get(row["id"])
     assert record(ledger, row["id"], b"2", None, success())[0] == "duplicate"
     assert ledger.get(row["id"]) == before
-    assert [c["outcome"] for c in ledger.callbacks(row["id"])] == ["applied", "duplicate"]
+    assert [c["outcome"] for c in callbacks_of(ledger, row["id"])] == ["applied", "duplicate"]
 
 
 def test_failure_after_success_never_unsettles(ledger):
@@ -151,7 +146,7 @@ def test_unverifiable_success_is_stored_as_anomaly_and_not_applied(ledger, outco
     ledger.mark_accepted(row["id"], "ws_CO_1", "m-1")
     assert record(ledger, row["id"], b"x", None, outcome)[0] == "anomaly"
     assert ledger.get(row["id"])["status"] == "pending"
-    assert ledger.callbacks(row["id"])[0]["body"] == b"x"
+    assert callbacks_of(ledger, row["id"])[0]["body"] == b"x"
 
 
 def test_unknown_row_is_settled_by_a_late_result(ledger):
@@ -167,8 +162,8 @@ def test_malformed_and_orphan_callbacks_are_still_stored(ledger):
     assert record(ledger, row["id"], b"garbage", None, None)[0] == "malformed"
     assert record(ledger, "tx_gone", b"{}", None, success()) == ("unknown_transaction",
                                                                         None)
-    assert ledger.callbacks(row["id"])[0]["body"] == b"garbage"
-    assert ledger.callbacks("tx_gone")[0]["outcome"] == "unknown_transaction"
+    assert callbacks_of(ledger, row["id"])[0]["body"] == b"garbage"
+    assert callbacks_of(ledger, "tx_gone")[0]["outcome"] == "unknown_transaction"
 
 
 def test_concurrent_writers_from_many_threads_lose_nothing(ledger, ledger_target):
@@ -194,8 +189,8 @@ def test_concurrent_writers_from_many_threads_lose_nothing(ledger, ledger_target
 
 def _open_and_write(path, barrier):
     barrier.wait(60)  # all processes open the brand-new file at the same moment
-    opened = Ledger(path)
-    opened.create(phone="254712345678", amount=1, reference="R", description="D")
+    opened = SqliteLedger(path)
+    new_row(opened, phone="254712345678", amount=1)
     opened.close()
 
 
@@ -219,16 +214,16 @@ def test_processes_opening_a_new_ledger_at_once_all_succeed(tmp_path):
 def test_events_of_a_payment_are_delivered_in_written_order_whatever_the_clocks(
         ledger_target):
     clock = FakeClock(2000.0)
-    ledger = store.open_ledger(ledger_target, clock=clock)
-    row = ledger.create(phone="254712345678", amount=10, reference="R", description="D")
-    ledger.mark_accepted(row["id"], "ws_CO_1", "m")
 
     def event(before, after, outcome):
-        return store.NewEvent(row["id"], "default", after["status"], b"{}")
+        return store.NewEvent(after["id"], "default", after["status"], b"{}")
 
-    settlement.apply(ledger, row["id"], failure("1032"), events=event)
+    ledger = store.open_ledger(ledger_target, clock=clock, events=event)
+    row = new_row(ledger, phone="254712345678")
+    ledger.mark_accepted(row["id"], "ws_CO_1", "m")
+    settlement.apply(ledger, row["id"], failure("1032"))
     clock.now = 1900.0  # the late success is written by a process whose clock lags
-    settlement.apply(ledger, row["id"], success(), events=event)
+    settlement.apply(ledger, row["id"], success())
     clock.now = 2100.0
     first = ledger.claim_event(60)
     assert first["type"] == "failed"

@@ -19,15 +19,20 @@ import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
-    Bundle, RuleBasedStateMachine, invariant, multiple, precondition, rule,
+    Bundle,
+    RuleBasedStateMachine,
+    invariant,
+    multiple,
+    precondition,
+    rule,
 )
 
-from conftest import FakeClock, read_only, soak_examples
-import ledger as store
+import mpesa_ledger as store
 import postgres_server
-import settlement
-from ledger import FINAL, REJECTED, Idempotency, Ledger
-from settlement import CallbackRecord, Outcome
+from helpers import FakeClock, read_only, soak_examples
+from mpesa_gateway import settlement
+from mpesa_gateway.settlement import CallbackRecord, Outcome
+from mpesa_ledger import FINAL, REJECTED, Idempotency, SqliteLedger
 
 PHONES = ["254712000001", "254712000002", "254712000003"]
 KEYS = ["k1", "k2", "k3", None]
@@ -48,7 +53,7 @@ class LedgerMachine(RuleBasedStateMachine):
         self.key_tx = {}  # idempotency key → the one transaction it started
 
     def open_ledger(self):
-        return Ledger(f"{self.dir.name}/state.db", clock=self.clock)
+        return SqliteLedger(f"{self.dir.name}/state.db", clock=self.clock)
 
     def keys_on_disk(self):
         """The idempotency keys as committed, seen from outside the ledger."""

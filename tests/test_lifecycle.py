@@ -11,9 +11,9 @@ import threading
 
 import pytest
 
-from conftest import ROOT_DIR, base_env
 from fake_daraja import FakeDaraja, accepted, reply, sleep, token
-from ledger import Ledger
+from helpers import ROOT_DIR, base_env
+from mpesa_ledger import SqliteLedger
 
 
 def child_env(**env):
@@ -93,7 +93,7 @@ class FailingCommit:
 
 
 def new_row(ledger, phone="254712345678"):
-    return ledger.create(phone=phone, amount=10, reference="R", description="D")
+    return ledger.begin_push(phone=phone, amount=10, reference="R", description="D").row
 
 
 def count_rows(path):
@@ -103,7 +103,7 @@ def count_rows(path):
 
 def test_a_failed_commit_is_rolled_back_and_the_error_kept(tmp_path):
     failing, path = FailingCommit(), str(tmp_path / "c.db")
-    ledger = Ledger(path, on_connect=failing)
+    ledger = SqliteLedger(path, on_connect=failing)
     try:
         new_row(ledger, phone="254712345670")  # opens the writing connection (group commit)
         failing.arm()  # on the newest connection: the writer
@@ -119,7 +119,7 @@ def test_a_failed_commit_is_rolled_back_and_the_error_kept(tmp_path):
 
 def test_a_connection_that_cannot_roll_back_is_discarded(tmp_path, caplog):
     failing, path = FailingCommit(refuse_rollback=True), str(tmp_path / "d.db")
-    ledger = Ledger(path, on_connect=failing)
+    ledger = SqliteLedger(path, on_connect=failing)
     try:
         new_row(ledger, phone="254712345670")  # opens the writing connection (group commit)
         failing.arm()
@@ -149,7 +149,7 @@ CHILD = textwrap.dedent("""
     tx = TestApp(app).post_json("/stkpush", {"phone": "0712345678", "amount": 10},
                                 headers={"Authorization": "Bearer " + sys.argv[1]}).json
     deadline = time.monotonic() + 30
-    while app.ledger.get(tx["id"])["claimed_until"] == 0 and time.monotonic() < deadline:
+    while app.services.ledger.get(tx["id"])["claimed_until"] == 0 and time.monotonic() < deadline:
         time.sleep(0.05)  # until the reconciler has claimed the row and is querying
     print(tx["id"], flush=True)
     sys.exit(0)  # no close(): the process just ends, mid-query
@@ -163,13 +163,13 @@ def test_the_reconcilers_query_finishes_when_the_process_exits(tmp_path):
     env = child_env(**dict(base_env(fake.url, tmp_path / "x.db"), GATEWAY_RECONCILE="on",
                            MPESA_RECONCILE_AFTER_S="0", MPESA_RECONCILE_BACKOFF_S="0.1",
                            MPESA_READ_TIMEOUT="3"))
-    from conftest import API_KEY
+    from helpers import API_KEY
     try:
         proc = subprocess.run([sys.executable, "-c", CHILD, API_KEY], cwd=ROOT_DIR, env=env,
                               capture_output=True, text=True, timeout=90)
         assert proc.returncode == 0, proc.stderr
         tx_id = proc.stdout.strip()
-        ledger = Ledger(str(tmp_path / "x.db"))
+        ledger = SqliteLedger(str(tmp_path / "x.db"))
         assert ledger.get(tx_id)["status"] == "succeeded"  # settled before the exit
         ledger.close()
         assert fake.count("query") == 1
@@ -178,10 +178,11 @@ def test_the_reconcilers_query_finishes_when_the_process_exits(tmp_path):
 
 
 def test_closing_the_app_lets_the_current_query_settle_first(tmp_path):
+    from webtest import TestApp
+
     import config
     import mpesa_wsgi
-    from conftest import API_KEY, wait_for
-    from webtest import TestApp
+    from helpers import API_KEY, wait_for
 
     checkout = "ws_CO_26112026120000000712345670"
     fake = FakeDaraja(oauth=[token()], push=[accepted(checkout)],
@@ -194,10 +195,10 @@ def test_closing_the_app_lets_the_current_query_settle_first(tmp_path):
         tx = TestApp(app).post_json("/stkpush", {"phone": "0712345670", "amount": 10},
                                     headers={"Authorization": f"Bearer {API_KEY}"}).json
         wait_for(lambda: fake.count("query") == 1, timeout=30)  # the query is in flight
-        closer = threading.Thread(target=app.close)
+        closer = threading.Thread(target=app.services.close)
         closer.start()
         closer.join(60)
-        ledger = Ledger(str(tmp_path / "y.db"))
+        ledger = SqliteLedger(str(tmp_path / "y.db"))
         assert ledger.get(tx["id"])["status"] == "succeeded"
         ledger.close()
     finally:
@@ -225,7 +226,7 @@ def test_a_callers_request_id_is_scrubbed_like_any_message():
     import io
     import logging
 
-    import logs
+    from mpesa_gateway import logs
 
     stream = io.StringIO()
     handler = logs.configure("INFO", "json", ["attack-key-0123456789abcdef"], stream=stream)
@@ -245,7 +246,7 @@ def test_a_callers_request_id_is_scrubbed_like_any_message():
 
 
 def test_redaction_leaves_transaction_ids_whole():
-    import logs
+    from mpesa_gateway import logs
 
     scrub = logs.RedactFilter().scrub
     assert scrub("tx=tx_01a21962ba0728533716dbb5 phone=254712345678") == (
@@ -270,7 +271,7 @@ def test_a_ledger_from_before_owners_is_migrated_in_place(tmp_path):
     path = str(tmp_path / "old.db")
     with sqlite3.connect(path) as conn:
         conn.executescript(OLD_SCHEMA)
-    ledger = Ledger(path)
+    ledger = SqliteLedger(path)
     try:
         row = ledger.get("tx_01a2000000000000000000aa")
         assert (row["status"], row["owner"]) == ("succeeded", None)  # kept, and unowned
@@ -281,13 +282,13 @@ def test_a_ledger_from_before_owners_is_migrated_in_place(tmp_path):
         assert [r["id"] for r in rows] == ["tx_01a2000000000000000000aa"]
     finally:
         ledger.close()
-    Ledger(path).close()  # a second start finds nothing to do
+    SqliteLedger(path).close()  # a second start finds nothing to do
 
 
 @pytest.mark.parametrize("checkout", ["ws_CO_260520211133524545712345678",
                                       "ws_CO_23052022122137653708374149"])
 def test_checkout_request_ids_are_masked_in_any_log_line(checkout):
-    import logs
+    from mpesa_gateway import logs
 
     clean = logs.RedactFilter().scrub(f"query {checkout} failed")
     assert checkout not in clean and clean.endswith("******" + checkout[-3:] + " failed")

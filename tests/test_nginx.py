@@ -16,12 +16,19 @@ import sys
 
 import pytest
 
-import simulator
-from conftest import (
-    API_KEY, ROOT_DIR, SECRET, base_env, free_port, self_signed_cert, wait_for,
+from helpers import (
+    API_KEY,
+    ROOT_DIR,
+    SECRET,
+    base_env,
+    free_port,
+    new_row,
+    self_signed_cert,
+    wait_for,
 )
-from ledger import Ledger
-from payments import callback_signature
+from mpesa_devtools import simulator
+from mpesa_gateway.auth import CallbackSigner
+from mpesa_ledger import SqliteLedger
 
 SITE = os.path.join(ROOT_DIR, "deploy", "nginx", "mpesa-wsgi.conf")
 NGINX = shutil.which("nginx") or next(
@@ -137,7 +144,7 @@ def test_the_callback_policy_sees_the_address_nginx_forwarded(stack):
     port, log_path, _ = stack
     _, tx = request("POST", port, "/stkpush", json.dumps({"phone": "0712345679", "amount": 10}),
                     AUTH)
-    sig = callback_signature(SECRET, tx["id"])
+    sig = CallbackSigner(SECRET, "").signature(tx["id"])
     # A caller at 127.0.0.5 claims to be the allowed 127.0.0.1; nginx appends the truth.
     status, body = request("POST", port, f"/callback/{tx['id']}/{sig}", b"{}",
                            {"Content-Type": "application/json", "X-Forwarded-For": "127.0.0.1"},
@@ -162,7 +169,7 @@ def test_no_log_holds_a_callback_signature_after_a_413_or_a_502(stack, tmp_path)
     port, log_path, gateway = stack
     _, tx = request("POST", port, "/stkpush", json.dumps({"phone": "0712345680", "amount": 10}),
                     AUTH)
-    sig = callback_signature(SECRET, tx["id"])
+    sig = CallbackSigner(SECRET, "").signature(tx["id"])
     path = f"/callback/{tx['id']}/{sig}"
     # Read by CheckoutRequestID: it ends with the customer's phone digits.
     assert request("GET", port, f"/transactions/{tx['checkout_request_id']}",
@@ -189,9 +196,9 @@ def test_no_log_holds_a_callback_signature_after_a_413_or_a_502(stack, tmp_path)
 
 def test_listing_pages_arrive_gzipped_and_decode_to_the_same_json(stack, tmp_path):
     port, *_ = stack
-    ledger = Ledger(str(tmp_path / "nginx.db"))
+    ledger = SqliteLedger(str(tmp_path / "nginx.db"))
     for n in range(200):  # rows from before owners: the default key's
-        ledger.create(phone=f"2547{n:08d}", amount=10, reference="INV", description="Payment")
+        new_row(ledger, phone=f"2547{n:08d}", amount=10, reference="INV", description="Payment")
     ledger.close()
     plain = raw_get(port, "/transactions?limit=200", AUTH)
     packed = raw_get(port, "/transactions?limit=200", dict(AUTH, **{"Accept-Encoding": "gzip"}))

@@ -13,14 +13,16 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
-    content_type_conformance, response_headers_conformance, response_schema_conformance,
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
     status_code_conformance,
 )
 
 import config
 import mpesa_wsgi
-import simulator
-from conftest import API_KEY, base_env, soak_examples
+from helpers import API_KEY, base_env, soak_examples
+from mpesa_devtools import simulator
 
 CONFORMANCE = [status_code_conformance, content_type_conformance,
                response_headers_conformance, response_schema_conformance]
@@ -50,7 +52,7 @@ def app(sim, tmp_path):
                GATEWAY_BURST="100000", GATEWAY_PHONE_LOCK_S="0")
     gateway = mpesa_wsgi.create_app(config.load_config(env))
     yield gateway
-    gateway.close()
+    gateway.services.close()
 
 
 def test_every_response_conforms_and_none_is_a_5xx(app, report_figures):

@@ -12,11 +12,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from webtest import TestApp
 
 import config
-import logs
 import mpesa_wsgi
-import payments
-import simulator
-from conftest import API_KEY, ROOT_DIR, base_env, wait_for
+from helpers import API_KEY, ROOT_DIR, base_env, wait_for
+from mpesa_devtools import simulator
+from mpesa_gateway import logs, monitoring
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 METRICS_TOKEN = "metrics-token-0123456789"
@@ -97,17 +96,17 @@ def test_reconcile_queries_are_counted(gateway_env, sim):
     try:
         TestApp(app).post_json("/stkpush", {"phone": "254711009999", "amount": 10}, headers=AUTH,
                                status=202)
-        import reconciler
-        rec = reconciler.Reconciler(app.ledger, app.daraja, app.config,
-                                    observer=app.metrics.reconcile.inc)
+        from mpesa_gateway import reconciler
+        rec = reconciler.Reconciler(app.services.ledger, app.services.daraja, app.services.config,
+                                    observer=app.services.metrics.reconcile.inc)
         # "not_yet" or, on a slow machine past the simulator's 0.2 s, "succeeded": either
         # way the one query is counted under the result the pass reports.
         results = rec.run_once()
         assert sum(results.values()) == 1, results
         for result, n in results.items():
-            assert app.metrics.reconcile.value(result) == n
+            assert app.services.metrics.reconcile.value(result) == n
     finally:
-        app.close()
+        app.services.close()
 
 
 def test_metrics_token_is_required_when_set(gateway_env, sim):
@@ -121,7 +120,7 @@ def test_metrics_token_is_required_when_set(gateway_env, sim):
         assert res.content_type == "text/plain"
         assert res.headers["Content-Type"].startswith("text/plain; version=0.0.4")
     finally:
-        app.close()
+        app.services.close()
 
 
 @pytest.fixture
@@ -148,7 +147,7 @@ def test_json_lines_carry_the_callers_request_id_which_is_echoed(gateway, json_l
     assert access[0]["route"] == "/stkpush" and access[0]["status"] == 202
     assert access[0]["tx"] == res.json["id"] and access[0]["phone"] == "2547******002"
     assert isinstance(access[0]["ms"], float)
-    assert any(e["logger"] == "daraja" and "stk_push" in e["msg"] for e in entries)
+    assert any(e["logger"] == "mpesa_gateway.daraja" and "stk_push" in e["msg"] for e in entries)
 
 
 @pytest.mark.parametrize("sent", [None, "", "x" * 65, "bad id", "ok;rm", "ü"])
@@ -163,7 +162,7 @@ def test_a_missing_or_insane_request_id_is_replaced(gateway, json_log, sent):
 def test_callback_log_lines_have_the_route_template_not_the_signature(gateway, json_log):
     res = gateway.push({"phone": "0712300003", "amount": 10})
     gateway.wait_status(res.json["id"], "succeeded", timeout=30)
-    sig = gateway.app.callback_url(res.json["id"]).rsplit("/", 1)[1]
+    sig = gateway.services.signer.url(res.json["id"]).rsplit("/", 1)[1]
     # The access line is written after the answer went out on the real socket: wait for it.
     wait_for(lambda: "/callback/{tx_id}/{sig}" in json_log.getvalue(), timeout=30)
     assert sig not in json_log.getvalue()
@@ -178,7 +177,7 @@ def test_redaction_filter_scrubs_what_slips_through():
 
 def test_health_reports_checks(gateway):
     gateway.push({"phone": "0712300004", "amount": 10})
-    gateway.clock.advance(payments.HEALTH_CHECK_EVERY_S)  # past the 1 s cache
+    gateway.clock.advance(monitoring.HEALTH_CHECK_EVERY_S)  # past the 1 s cache
     body = gateway.testapp.get("/health", status=200).json
     assert body["status"] == "ok"
     checks = body["checks"]
@@ -202,16 +201,16 @@ def _make_read_only(paths):
 
 
 def test_health_is_503_degraded_when_the_ledger_cannot_be_written(gateway):
-    db = gateway.app.config.db_path
+    db = gateway.services.config.db_path
     gateway.testapp.get("/health", status=200)
     undo = _make_read_only([db, db + "-wal"])  # not -shm: it is memory-mapped
     try:
-        gateway.clock.advance(payments.HEALTH_CHECK_EVERY_S)  # past the 1 s cache
+        gateway.clock.advance(monitoring.HEALTH_CHECK_EVERY_S)  # past the 1 s cache
         body = gateway.testapp.get("/health", status=503).json
         assert body["status"] == "degraded" and body["checks"]["ledger_writable"] is False
     finally:
         undo()
-    gateway.clock.advance(payments.HEALTH_CHECK_EVERY_S)
+    gateway.clock.advance(monitoring.HEALTH_CHECK_EVERY_S)
     assert gateway.testapp.get("/health", status=200).json["status"] == "ok"
 
 
@@ -225,7 +224,7 @@ def listing(gateway):
     for n in range(35):
         phone = "254711001032" if n % 7 == 0 else f"07123{n:05d}"
         ids.append(gateway.push({"phone": phone, "amount": 10 + n}).json["id"])
-    wait_for(lambda: gateway.app.ledger.count_by_status().get("pending", 0) == 0, timeout=60)
+    wait_for(lambda: gateway.services.ledger.count_by_status().get("pending", 0) == 0, timeout=60)
     return ids
 
 
@@ -293,7 +292,7 @@ def test_openapi_document_is_served_and_lists_every_route(gateway):
 
 FAST_AND_SLOW = """
 import logging, sys
-import logs
+from mpesa_gateway import logs
 logs.configure("INFO", sys.argv[1], ())
 token = logs.REQUEST_ID.set("caller-0712345678")  # a caller's id holding a phone number
 fields = {"method": "GET", "route": "/health", "status": 200, "ms": 0.4, "tx": None,

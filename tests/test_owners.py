@@ -10,10 +10,9 @@ import pytest
 from webtest import TestApp
 
 import config
-import ledger as store
+import mpesa_ledger as store
 import mpesa_wsgi
-from conftest import ROOT_DIR, base_env
-from conftest import BOTH_ENGINES
+from helpers import BOTH_ENGINES, ROOT_DIR, base_env, new_row
 
 ENGINES = BOTH_ENGINES  # on each ledger engine
 
@@ -32,7 +31,7 @@ def app(gateway_env):
                GATEWAY_ADMIN_KEYS=ADMIN, GATEWAY_PHONE_LOCK_S="60")
     gateway = mpesa_wsgi.create_app(config.load_config(env))
     yield gateway
-    gateway.close()
+    gateway.services.close()
 
 
 def push(testapp, key, phone, status=202, **headers):
@@ -76,12 +75,12 @@ def test_the_phone_lock_spans_owners_without_naming_a_foreign_payment(app):
 def test_admin_keys_read_but_never_start_a_payment(app):
     res = push(TestApp(app, lint=True), ADMIN, "0712000041", status=403)
     assert res.json["error"]["code"] == "admin_key"
-    assert app.ledger.count_by_status() == {}
+    assert app.services.ledger.count_by_status() == {}
 
 
 def test_rows_from_before_owners_belong_to_default_and_admins(app):
     t = TestApp(app, lint=True)
-    old = app.ledger.create(phone="254712000051", amount=10, reference="R", description="D")
+    old = new_row(app.services.ledger, phone="254712000051")
     assert old["owner"] is None
     assert t.get(f"/transactions/{old['id']}", headers=auth(LEGACY)).status_int == 200
     assert t.get(f"/transactions/{old['id']}", headers=auth(ADMIN)).status_int == 200
@@ -109,7 +108,7 @@ def test_idempotency_and_the_rate_limit_belong_to_the_name(gateway_env):
         push(t, SHOP_NEW, "0712000063", status=429)
         push(t, POS, "0712000064")
     finally:
-        app.close()
+        app.services.close()
 
 
 def test_keys_stored_before_names_are_found_after_the_upgrade(gateway_env, sim):
@@ -120,8 +119,9 @@ def test_keys_stored_before_names_are_found_after_the_upgrade(gateway_env, sim):
     begun = ledger.begin_push(phone="254712000071", amount=10, reference="Payment",
                               description="Payment",
                               idempotency=store.Idempotency(legacy_scope, "order-9", request_hash))
-    ledger.store_response(store.Idempotency(legacy_scope, "order-9", request_hash), 202,
-                          b'{"id":"%s","status":"pending"}' % begun.row["id"].encode())
+    ledger.mark_accepted(begun.row["id"], "ws_CO_legacy", "m", pin=store.PinnedAnswer(
+        store.Idempotency(legacy_scope, "order-9", request_hash), 202,
+        b'{"id":"%s","status":"pending"}' % begun.row["id"].encode()))
     ledger.close()
     app = mpesa_wsgi.create_app(config.load_config(dict(
         gateway_env, GATEWAY_API_KEYS=f"shop:{SHOP}")))
@@ -130,7 +130,7 @@ def test_keys_stored_before_names_are_found_after_the_upgrade(gateway_env, sim):
         assert res.json["id"] == begun.row["id"] and res.headers["Idempotent-Replayed"] == "true"
         assert sim.stats()["pushes"] == 0  # no second prompt across the upgrade
     finally:
-        app.close()
+        app.services.close()
 
 
 @pytest.mark.parametrize("raw, message", [

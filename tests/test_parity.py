@@ -10,7 +10,7 @@ from webtest import TestApp
 import config
 import mpesa_wsgi
 from bench import falcon_app, flask_app
-from conftest import API_KEY, serve, wait_for
+from helpers import API_KEY, LateApp, callbacks_of, serve, wait_for
 
 FACTORIES = {"raw": mpesa_wsgi.create_app, "flask": flask_app.create_app,
              "falcon": falcon_app.create_app}
@@ -18,20 +18,14 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
 def core_of(app):
-    return getattr(app, "mpesa_gateway", None) or getattr(app, "extensions", {}).get(
-        "mpesa_gateway") or app
-
-
-class _Late:
-    app = None
-
-    def __call__(self, environ, start_response):
-        return self.app(environ, start_response)
+    """The services under a variant: the raw app's, Falcon's attribute, Flask's extension."""
+    return getattr(app, "services", None) or getattr(app, "mpesa_gateway", None) or getattr(
+        app, "extensions", {}).get("mpesa_gateway")
 
 
 def served(name, env):
     """One variant on a real loopback socket: (WebTest app, its services, shut down)."""
-    late = _Late()
+    late = LateApp()
     server, url = serve(late)
     late.app = FACTORIES[name](config.load_config(dict(env, MPESA_CALLBACK_BASE_URL=url)))
 
@@ -132,8 +126,8 @@ def test_callbacks_signature_and_duplicates(variant):
     res = t.post_json("/stkpush", {"phone": "0712000010", "amount": 10}, headers=AUTH,
                       status=202)
     done = final(t, res.json["id"])
-    stored = core.ledger.callbacks(res.json["id"])[0]["body"]
-    path = "/" + core.callback_url(res.json["id"]).split("/", 3)[3]
+    stored = callbacks_of(core.ledger, res.json["id"])[0]["body"]
+    path = "/" + core.signer.url(res.json["id"]).split("/", 3)[3]
     assert t.post(path, stored, content_type="application/json", status=200).json == {
         "ResultCode": 0, "ResultDesc": "Accepted"}
     assert t.get(f"/transactions/{res.json['id']}", headers=AUTH).json == done
@@ -154,7 +148,7 @@ def test_health_listing_metrics_and_openapi(variant):
 
 
 def test_owners_admin_keys_and_busy_answers_are_the_same_in_every_variant(variant):
-    from conftest import OTHER_KEY
+    from helpers import OTHER_KEY
 
     t, core = variant
     tx = t.post_json("/stkpush", {"phone": "0712345688", "amount": 10}, headers=AUTH,
@@ -175,7 +169,7 @@ def test_owners_admin_keys_and_busy_answers_are_the_same_in_every_variant(varian
 
 
 def test_the_operator_api_for_events_is_the_same_in_every_variant(hooked_variant):
-    from conftest import OTHER_KEY
+    from helpers import OTHER_KEY
 
     t = hooked_variant
     tx = t.post_json("/stkpush", {"phone": "0712345690", "amount": 10}, headers=AUTH).json

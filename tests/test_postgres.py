@@ -12,9 +12,9 @@ import pytest
 from webtest import TestApp
 
 import config
-import ledger as store
+import mpesa_ledger as store
 import mpesa_wsgi
-from conftest import API_KEY, ROOT_DIR, at_once, base_env, wait_for
+from helpers import API_KEY, ROOT_DIR, at_once, base_env, callbacks_of, events_of, new_row, wait_for
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -62,7 +62,7 @@ def test_one_phone_gets_one_prompt_across_hosts(two_hosts):
 
 def test_claims_across_hosts_take_each_row_once(two_hosts):
     for n in range(40):
-        row = two_hosts[0].create(phone=f"2547120100{n:02d}", amount=10, reference="R",
+        row = new_row(two_hosts[0], phone=f"2547120100{n:02d}", amount=10, reference="R",
                                   description="D")
         two_hosts[0].mark_accepted(row["id"], f"ws_CO_{n}", "m")
 
@@ -85,7 +85,7 @@ def test_a_server_restart_is_503_while_down_and_heals_without_a_gateway_restart(
         tx = t.post_json("/stkpush", {"phone": "0712000003", "amount": 10}, headers=AUTH,
                          status=202).json
         pushes = sim.stats()["pushes"]
-        callback = "/" + app.callback_url(tx["id"]).split("/", 3)[3]
+        callback = "/" + app.services.signer.url(tx["id"]).split("/", 3)[3]
         pg_cluster.stop()
         try:
             res = t.post_json("/stkpush", {"phone": "0712000004", "amount": 10}, headers=AUTH,
@@ -108,7 +108,7 @@ def test_a_server_restart_is_503_while_down_and_heals_without_a_gateway_restart(
         t.post_json("/stkpush", {"phone": "0712000005", "amount": 10}, headers=AUTH,
                     status=202)
     finally:
-        app.close()
+        app.services.close()
 
 
 def _cli(env, *args):
@@ -152,11 +152,11 @@ def test_migrate_ledger_copies_a_ledger_made_by_the_gateway_and_verifies_it(
             sim.sim.set_weather(push="internal")  # ends unknown: a payment.unknown event
         ids.append(t.post_json("/stkpush", {"phone": phone, "amount": 10 + n}, headers=dict(
             AUTH, **{"Idempotency-Key": f"order-{n}"})).json["id"])
-    path = "/" + app.callback_url(ids[0]).split("/", 3)[3]
+    path = "/" + app.services.signer.url(ids[0]).split("/", 3)[3]
     t.post(path, b'{"Body": "nope"}', content_type="application/json", status=400)  # stored
-    before = {i: app.ledger.get(i) for i in ids}
-    events_before = app.ledger.events()
-    app.close()
+    before = {i: app.services.ledger.get(i) for i in ids}
+    events_before = events_of(app.services.ledger)
+    app.services.close()
     proc = _cli({}, "migrate-ledger", "--from", source, "--to", pg_url)
     assert proc.returncode == 0, proc.stderr
     assert len(events_before) == 1  # the unknown push's event
@@ -166,9 +166,9 @@ def test_migrate_ledger_copies_a_ledger_made_by_the_gateway_and_verifies_it(
     moved = store.open_ledger(pg_url)
     try:
         assert {i: moved.get(i) for i in ids} == before
-        assert [(e["id"], e["type"], e["body"]) for e in moved.events()] == [
+        assert [(e["id"], e["type"], e["body"]) for e in events_of(moved)] == [
             (e["id"], e["type"], e["body"]) for e in events_before]
-        assert len(moved.callbacks(ids[0])) == 1
+        assert len(callbacks_of(moved, ids[0])) == 1
     finally:
         moved.close()
     again = _cli({}, "migrate-ledger", "--from", source, "--to", pg_url)
@@ -193,7 +193,7 @@ def two_gateways(pg_url, sim):
 
     yield both
     for app in made:
-        app.close()
+        app.services.close()
 
 
 def test_the_fleet_makes_one_oauth_call_for_a_cold_rush_on_two_hosts(two_gateways, sim):
@@ -215,12 +215,12 @@ def test_a_token_daraja_called_invalid_is_dropped_for_the_whole_fleet(two_gatewa
     first, second = two_gateways()
     TestApp(first).post_json("/stkpush", {"phone": "0712000401", "amount": 10},
                              headers=AUTH, status=202)
-    token = first.daraja.tokens.get()
-    first.ledger.drop_token(token)  # as after Daraja's "Invalid Access Token"
+    token = first.services.daraja.tokens.get()
+    first.services.ledger.drop_token(token)  # as after Daraja's "Invalid Access Token"
     TestApp(second).post_json("/stkpush", {"phone": "0712000402", "amount": 10},
                               headers=AUTH, status=202)
     assert sim.stats()["tokens_issued"] == 2  # the second host fetched a new one
-    assert second.daraja.tokens.get() != token
+    assert second.services.daraja.tokens.get() != token
 
 
 def test_two_hosts_together_allow_the_configured_rate_not_twice_it(two_gateways):

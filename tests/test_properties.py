@@ -13,10 +13,14 @@ from webtest import TestApp
 
 import config
 import mpesa_wsgi
-import simulator
-from conftest import API_KEY, soak_examples
+from helpers import API_KEY, soak_examples
+from mpesa_devtools import simulator
 from validation import (
-    ValidationError, normalize_phone, parse_amount, parse_stk_callback, validate_push,
+    ValidationError,
+    normalize_phone,
+    parse_amount,
+    parse_stk_callback,
+    validate_push,
 )
 
 CANONICAL = re.compile(r"254[17][0-9]{8}")
@@ -97,7 +101,7 @@ def app(gateway_env):
     app = mpesa_wsgi.create_app(config.load_config(dict(
         gateway_env, GATEWAY_RATE="100000", GATEWAY_BURST="100000", GATEWAY_PHONE_LOCK_S="0")))
     yield app
-    app.close()
+    app.services.close()
 
 
 push_bodies = st.one_of(json_values, st.dictionaries(
@@ -132,7 +136,7 @@ def test_no_callback_body_yields_a_5xx(app, body):
     testapp = TestApp(app)
     tx = testapp.post_json("/stkpush", {"phone": "0712345678", "amount": 10},
                            headers={"Authorization": f"Bearer {API_KEY}"}, status=202).json
-    path = "/" + app.callback_url(tx["id"]).split("/", 3)[3]
+    path = "/" + app.services.signer.url(tx["id"]).split("/", 3)[3]
     res = testapp.post(path, json.dumps(body), content_type="application/json",
                        status="*")
     assert res.status_int in (200, 400)

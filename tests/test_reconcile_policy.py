@@ -13,11 +13,10 @@ from webtest import TestApp
 
 import config
 import mpesa_wsgi
-import reconciler as rec_module
-from conftest import API_KEY, ROOT_DIR, FakeClock, base_env
 from fake_daraja import FakeDaraja, accepted, error, reply, reset, sleep, token
-from reconciler import Reconciler
-from conftest import BOTH_ENGINES
+from helpers import API_KEY, BOTH_ENGINES, ROOT_DIR, FakeClock, base_env
+from mpesa_gateway import reconciler as rec_module
+from mpesa_gateway.reconciler import Reconciler
 
 ENGINES = BOTH_ENGINES  # on each ledger engine
 
@@ -52,14 +51,15 @@ class Setup:
                     for _ in range(payments)]
 
     def reconciler(self, **kwargs):
-        return Reconciler(self.app.ledger, self.app.daraja, self.app.config, clock=self.clock,
+        services = self.app.services
+        return Reconciler(services.ledger, services.daraja, services.config, clock=self.clock,
                           wait=self.waits.append, **kwargs)
 
     def row(self, i=0):
-        return self.app.ledger.get(self.ids[i])
+        return self.app.services.ledger.get(self.ids[i])
 
     def close(self):
-        self.app.close()
+        self.app.services.close()
         self.fake.close()
 
 
@@ -154,14 +154,14 @@ def test_refusals_show_in_metrics_and_health(tmp_path):
         testapp = TestApp(app)
         testapp.post_json("/stkpush", {"phone": "0712345678", "amount": 10}, headers=AUTH,
                           status=202)
-        from conftest import wait_for
-        wait_for(lambda: app.metrics.reconcile_refusals.value() == 1, timeout=15)
+        from helpers import wait_for
+        wait_for(lambda: app.services.metrics.reconcile_refusals.value() == 1, timeout=15)
         text = testapp.get("/metrics").text
         assert "mpesa_gateway_reconcile_query_refusals_total 1.0" in text
         wait_for(lambda: testapp.get("/health").json["checks"]["reconcile_query_refusals"] == 1,
                  timeout=15)
     finally:
-        app.close()
+        app.services.close()
         fake.close()
 
 
@@ -178,15 +178,16 @@ def test_a_pass_is_paced_and_ends_early_on_spike_arrest(setup):
 def test_each_claim_is_one_row_leased_for_one_query(setup):
     s = setup(payments=2)
     s.clock.advance(120)
-    claim = dict(older_than_s=60, lease_s=s.app.daraja.longest_query_s, unknown_window_s=3600)
-    first = s.app.ledger.claim_next(**claim)
-    assert first["claimed_until"] == s.clock.now + s.app.daraja.longest_query_s  # the lease
-    assert s.app.ledger.get(first["id"])["claimed_until"] == first["claimed_until"]
-    second = s.app.ledger.claim_next(**claim)
+    lease_s = s.app.services.daraja.longest_query_s
+    claim = dict(older_than_s=60, lease_s=lease_s, unknown_window_s=3600)
+    first = s.app.services.ledger.claim_next(**claim)
+    assert first["claimed_until"] == s.clock.now + lease_s  # the lease
+    assert s.app.services.ledger.get(first["id"])["claimed_until"] == first["claimed_until"]
+    second = s.app.services.ledger.claim_next(**claim)
     assert second["id"] != first["id"]
-    assert s.app.ledger.claim_next(**claim) is None
-    s.clock.advance(s.app.daraja.longest_query_s + 1)  # a crashed holder's lease lapses
-    assert s.app.ledger.claim_next(**claim) is not None
+    assert s.app.services.ledger.claim_next(**claim) is None
+    s.clock.advance(s.app.services.daraja.longest_query_s + 1)  # a crashed holder's lease lapses
+    assert s.app.services.ledger.claim_next(**claim) is not None
 
 
 def test_two_reconcilers_on_one_ledger_never_query_a_row_twice_even_when_daraja_is_slow(setup):
@@ -211,7 +212,7 @@ def test_reconcile_tx_queries_one_row_now(tmp_path):
     app = mpesa_wsgi.create_app(config.load_config(env))
     tx = TestApp(app).post_json("/stkpush", {"phone": "0712345678", "amount": 10}, headers=AUTH,
                                 status=202).json
-    app.close()
+    app.services.close()
     child = {k: v for k, v in os.environ.items() if not k.startswith(("MPESA_", "GATEWAY_"))}
     child.update(env)  # MPESA_RECONCILE_AFTER_S stays 60: --tx does not wait for the schedule
     try:
@@ -245,7 +246,7 @@ def echo_final(then=None):
 def test_a_daraja_slower_than_a_batch_cannot_make_two_processes_query_one_row(setup):
     s = setup(payments=6)
     s.clock.advance(120)
-    lease = s.app.daraja.longest_query_s
+    lease = s.app.services.daraja.longest_query_s
     other = s.reconciler()
     slow = []
 
@@ -264,7 +265,7 @@ def test_a_daraja_slower_than_a_batch_cannot_make_two_processes_query_one_row(se
 
 def test_reconcile_tx_does_not_query_a_row_another_process_holds(setup):
     s = setup(query=[final(0)])
-    held = s.app.ledger.claim(s.ids[0], 60)
+    held = s.app.services.ledger.claim(s.ids[0], 60)
     assert held is not None
     assert s.reconciler().check_now(s.ids[0])[0] == "busy"
     assert s.fake.count("query") == 0
@@ -274,10 +275,10 @@ def test_reconcile_tx_does_not_query_a_row_another_process_holds(setup):
 
 def test_a_lapsed_lease_cannot_release_or_reschedule_the_new_holders_claim(setup):
     s = setup()
-    first = s.app.ledger.claim(s.ids[0], 30)
+    first = s.app.services.ledger.claim(s.ids[0], 30)
     s.clock.advance(31)
-    second = s.app.ledger.claim(s.ids[0], 30)
-    s.app.ledger.reschedule(s.ids[0], s.clock.now + 999, first["claimed_until"])
+    second = s.app.services.ledger.claim(s.ids[0], 30)
+    s.app.services.ledger.reschedule(s.ids[0], s.clock.now + 999, first["claimed_until"])
     row = s.row()
     assert (row["claimed_until"], row["check_attempts"]) == (second["claimed_until"], 0)
-    assert s.app.ledger.give_up(s.ids[0], 0, first["claimed_until"]) is False
+    assert s.app.services.ledger.give_up(s.ids[0], 0, first["claimed_until"]) is False

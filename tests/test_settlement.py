@@ -6,9 +6,9 @@ import re
 
 import pytest
 
-import settlement
-from settlement import Outcome
-from conftest import BOTH_ENGINES
+from helpers import BOTH_ENGINES, callbacks_of, new_row
+from mpesa_gateway import settlement
+from mpesa_gateway.settlement import Outcome
 
 ENGINES = BOTH_ENGINES  # on each ledger engine
 
@@ -16,7 +16,7 @@ FINAL = ("succeeded", "failed", "rejected", "unknown")
 
 
 def send_callback(gateway, tx, body, status=200):
-    path = "/" + gateway.app.callback_url(tx["id"]).split("/", 3)[3]
+    path = "/" + gateway.services.signer.url(tx["id"]).split("/", 3)[3]
     return gateway.testapp.post(path, body if isinstance(body, bytes) else json.dumps(body),
                                 content_type="application/json", status=status)
 
@@ -80,7 +80,7 @@ def test_a_signed_success_never_moves_a_rejected_row(gateway):
     send_callback(gateway, tx, stk(tx, 0, paid(10.0)))
     row = gateway.get(tx_id).json
     assert (row["status"], row["receipt"]) == ("rejected", None)
-    assert [c["outcome"] for c in gateway.app.ledger.callbacks(tx_id)] == ["anomaly"]
+    assert [c["outcome"] for c in callbacks_of(gateway.services.ledger, tx_id)] == ["anomaly"]
 
 
 @pytest.mark.parametrize("sim_settings", [{"callback_delay_s": 60}], indirect=True)
@@ -103,7 +103,7 @@ def test_callback_amount_is_a_number_or_a_plain_decimal_string(gateway, amount, 
     send_callback(gateway, tx, stk(tx, 0, paid(amount)))
     assert gateway.get(tx["id"]).json["status"] == status
     expected = "applied" if status == "succeeded" else "anomaly"
-    assert [c["outcome"] for c in gateway.app.ledger.callbacks(tx["id"])] == [expected]
+    assert [c["outcome"] for c in callbacks_of(gateway.services.ledger, tx["id"])] == [expected]
 
 
 def test_rules_are_one_pure_function_for_callbacks_and_queries():
@@ -124,7 +124,7 @@ def test_maintenance_weather_is_503_and_nothing_is_left_pending(gateway, sim):
     sim.sim.set_weather(push="maintenance")
     res = gateway.push({"phone": "0712340003", "amount": 10}, status=503)
     assert res.json["error"]["code"] == "upstream_unavailable"
-    assert gateway.app.ledger.count_by_status() == {"rejected": 1}
+    assert gateway.services.ledger.count_by_status() == {"rejected": 1}
     assert sim.stats()["pushes_accepted"] == 0
 
 
@@ -146,14 +146,14 @@ def test_an_internal_error_push_is_unknown_until_its_signed_callback_settles_it(
 
 
 def test_a_push_interrupted_by_a_crash_blocks_the_phone_like_a_pending_one(gateway, sim):
-    row = gateway.app.ledger.create(phone="254712340006", amount=10, reference="R",
+    row = new_row(gateway.services.ledger, phone="254712340006", amount=10, reference="R",
                                     description="D")
-    gateway.app.ledger.recover_interrupted(older_than_s=0)
-    assert gateway.app.ledger.get(row["id"])["status"] == "unknown"
+    gateway.services.ledger.recover_interrupted(older_than_s=0)
+    assert gateway.services.ledger.get(row["id"])["status"] == "unknown"
     res = gateway.push({"phone": "0712340006", "amount": 10}, status=409)
     assert res.json["error"]["code"] == "payment_in_progress"
     assert sim.stats()["pushes"] == 0  # no second prompt
-    gateway.clock.advance(gateway.app.config.phone_lock_s + 1)
+    gateway.clock.advance(gateway.services.config.phone_lock_s + 1)
     assert gateway.push({"phone": "0712340006", "amount": 10}).json["status"] == "pending"
 
 

@@ -15,8 +15,8 @@ from datetime import datetime
 import pytest
 import urllib3
 
-import simulator
-from conftest import serve, wait_for
+from helpers import serve, wait_for
+from mpesa_devtools import simulator
 
 PHONE = "254712345678"  # no scenario: succeeds
 # urllib3 never reads proxy variables; no retries, so every request the test makes is one request.

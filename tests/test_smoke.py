@@ -14,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from conftest import API_KEY, ROOT_DIR, base_env, free_port, wait_for
+from helpers import API_KEY, ROOT_DIR, base_env, free_port, wait_for
 
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -51,9 +51,22 @@ def stop(proc):
 
 
 def test_import_needs_no_environment():
-    proc = subprocess.run([sys.executable, "-c", "import mpesa_wsgi, simulator"], cwd=ROOT_DIR,
-                          env=clean_env(), capture_output=True, text=True, timeout=30)
+    proc = subprocess.run([sys.executable, "-c", "import mpesa_wsgi, mpesa_devtools.simulator"],
+                          cwd=ROOT_DIR, env=clean_env(), capture_output=True, text=True,
+                          timeout=30)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_running_the_module_loads_it_once():
+    """`python mpesa_wsgi.py …` hands create_app to the command line, which never imports
+    mpesa_wsgi back: the module runs once, as __main__, with no second copy beside it."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", "mpesa_wsgi.py", "--check-config"],
+                          cwd=ROOT_DIR, env=clean_env(), capture_output=True, text=True,
+                          timeout=60)
+    imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert {"cli", "mpesa_gateway.services", "mpesa_ledger"} <= imported  # the trace works
+    assert "mpesa_wsgi" not in imported
 
 
 def test_demo_takes_a_payment_to_succeeded_and_stops_on_sigterm(tmp_path):
@@ -142,8 +155,8 @@ def test_sigterm_lets_the_in_flight_push_finish_then_closes(tmp_path, sim, then)
         if then is not None:
             time.sleep(0.2)
             proc.send_signal(then)  # an impatient second Ctrl-C must not abandon the push
-        time.sleep(0.6)
-        assert http("GET", f"{base}/health")[0] is None  # no new connections
+        # No new connections once the signal has landed (the push is still in flight).
+        wait_for(lambda: http("GET", f"{base}/health")[0] is None, timeout=10, interval=0.05)
         client.join(10)
     finally:
         code = stop(proc)

@@ -3,15 +3,14 @@
 OAuth calls are counted at the simulator, over a real loopback socket.
 """
 
-import sys
 import threading
 import time
 
 import pytest
 
 import config
-import daraja
-from conftest import FakeClock, base_env, serve, wait_for
+from helpers import FakeClock, base_env, serve, wait_for
+from mpesa_gateway import daraja
 from token_cache import TokenCache, TokenError, TokenWaitTimeout, expires_in_seconds
 
 THREADS = 64
@@ -22,13 +21,20 @@ def clock():
     return FakeClock()
 
 
+class Gate:
+    """Set: the simulator answers OAuth at once; cleared: OAuth answers wait for it.
+    `held`: how many OAuth requests have reached the gate."""
+
+    def __init__(self):
+        self.open, self.held = threading.Event(), 0
+        self.open.set()
+
+
 @pytest.fixture
 def oauth_gate():
-    """Set: the simulator answers OAuth at once; cleared: OAuth answers wait for it."""
-    gate = threading.Event()
-    gate.set()
+    gate = Gate()
     yield gate
-    gate.set()  # never leave a server thread parked
+    gate.open.set()  # never leave a server thread parked
 
 
 @pytest.fixture
@@ -37,7 +43,8 @@ def sim_url(sim, oauth_gate):
 
     def gated(environ, start_response):
         if environ.get("PATH_INFO", "").startswith("/oauth"):
-            oauth_gate.wait(60)
+            oauth_gate.held += 1
+            oauth_gate.open.wait(60)
         return sim.sim(environ, start_response)
 
     server, url = serve(gated, threads=THREADS + 4)
@@ -52,24 +59,6 @@ def client(sim_url, tmp_path, clock):
     c = daraja.DarajaClient(cfg, daraja.build_pool(cfg), clock=clock)
     yield c
     c.close()
-
-
-def _role_in_get(thread):
-    """'waiter' while `thread` is parked in TokenCache.get on another caller's fetch,
-    'fetcher' while it runs the fetch itself inside TokenCache.get, else None."""
-    frame, callee = sys._current_frames().get(thread.ident), None
-    while frame is not None:
-        if frame.f_code is TokenCache.get.__code__:
-            if callee is not None and callee.f_code is threading.Event.wait.__code__:
-                return "waiter"
-            return "fetcher" if callee is not None else None
-        frame, callee = frame.f_back, frame
-    return None
-
-
-def _all_but_one_parked(threads):
-    roles = [_role_in_get(t) for t in threads]
-    return roles.count("waiter") == len(threads) - 1 and roles.count("fetcher") == 1
 
 
 def _run_together(n, call):
@@ -92,10 +81,18 @@ def _run_together(n, call):
 
 
 def test_64_threads_on_a_cold_cache_make_one_oauth_call(client, sim, oauth_gate):
-    oauth_gate.clear()  # hold the one OAuth answer until every other thread is waiting
-    threads, tokens, errors = _run_together(THREADS, client.tokens.get)
-    wait_for(lambda: _all_but_one_parked(threads), timeout=30)
-    oauth_gate.set()
+    oauth_gate.open.clear()  # hold the one OAuth answer until every thread has asked
+    asked = []
+
+    def get():
+        asked.append(1)
+        return client.tokens.get()
+
+    threads, tokens, errors = _run_together(THREADS, get)
+    # The first fetch is at Daraja and every thread has asked: the others are waiting on
+    # that fetch (or, if one is slow to get there, will find its token cached).
+    wait_for(lambda: oauth_gate.held == 1 and len(asked) == THREADS, timeout=30)
+    oauth_gate.open.set()
     for t in threads:
         t.join(30)
     assert errors == []
@@ -143,9 +140,15 @@ def test_a_failed_fetch_is_shared_by_its_waiters_and_not_cached(clock):
             raise answer
         return answer
 
-    cache = TokenCache(fetch, 300, clock=clock)
+    parked = []
+
+    def park(done, timeout):
+        parked.append(1)
+        return done.wait(timeout)
+
+    cache = TokenCache(fetch, 300, clock=clock, park=park)
     threads, tokens, errors = _run_together(16, cache.get)
-    wait_for(lambda: _all_but_one_parked(threads), timeout=30)
+    wait_for(lambda: len(parked) == 15, timeout=30)  # all but the fetching caller
     release.set()
     for t in threads:
         t.join(30)

@@ -10,15 +10,13 @@ import pytest
 from webtest import TestApp
 
 import config
-import daraja
-import ledger as store
-import metrics
+import mpesa_ledger as store
 import mpesa_wsgi
-import payments
-from conftest import API_KEY, base_env, wait_for
 from fake_daraja import FakeDaraja, accepted, error, reply, reset, sleep, token
-from ledger import Ledger
-from test_daraja_faults import Harness, harness  # noqa: F401 - the fixture
+from helpers import API_KEY, base_env, wait_for
+from mpesa_gateway import daraja, metrics
+from mpesa_gateway.services import Services
+from mpesa_ledger import SqliteLedger
 
 PUSH = {"phone": "0712345678", "amount": 10}
 KEY = {"Idempotency-Key": "order-1"}
@@ -80,7 +78,7 @@ def test_oauth_makes_exactly_the_policys_attempts(harness):
     # urllib3's per-kind counters plus one.
     h = harness(oauth=[reset(), reset(), reply(500, b"x", content_type="text/plain"), token()])
     res = h.push(503)
-    assert h.app.daraja.policies["oauth"].attempts == 3
+    assert h.app.services.daraja.policies["oauth"].attempts == 3
     assert h.calls() == (3, 0)
     assert h.row(res)["status"] == "rejected"
     h.fake.script["oauth"].clear()  # the fourth step was never asked for
@@ -100,14 +98,14 @@ def test_an_upstream_retry_after_is_never_slept_on(harness):
     answers = []
     worker = threading.Thread(target=lambda: answers.append(h.push(202)), daemon=True)
     worker.start()
-    worker.join(h.app.daraja.policies["oauth"].longest_s)  # not the hour Daraja asked for
+    worker.join(h.app.services.daraja.policies["oauth"].longest_s)  # not the hour Daraja asked for
     assert answers and answers[0].json["status"] == "pending"
     assert h.calls() == (2, 1)
 
 
 def test_every_bound_is_derived_from_the_call_policies(harness):
     h = harness()
-    client = h.app.daraja
+    client = h.app.services.daraja
     oauth, push, query = (client.policies[k] for k in ("oauth", "stk_push", "stk_query"))
     assert (push.attempts, push.retry_read, push.retry_statuses) == (2, False, ())
     # A token fetch and the push, then after "Invalid Access Token" a second fetch and
@@ -154,11 +152,11 @@ def test_token_waiters_give_up_after_the_oauth_deadline_with_503(tmp_path):
                                      headers=headers, status=503)
         waited = time.monotonic() - started
         assert res.json["error"]["code"] == "upstream_unavailable"
-        assert app.daraja.policies["oauth"].longest_s <= waited < 6.5  # bounded, not 7 s
+        assert app.services.daraja.policies["oauth"].longest_s <= waited < 6.5  # bounded, not 7 s
         assert fake.count("oauth") == 1  # the waiter never fetched a second token
     finally:
         leader.join(30)
-        app.close()
+        app.services.close()
         fake.close()
 
 
@@ -168,9 +166,9 @@ def test_token_waiters_give_up_after_the_oauth_deadline_with_503(tmp_path):
 def _app_with_ledger(tmp_path, fake, on_connect):
     env = dict(base_env(fake.url, tmp_path / "c.db"), MPESA_READ_TIMEOUT="0.3")
     cfg = config.load_config(env)
-    ledger = Ledger(cfg.db_path, on_connect=on_connect)
+    ledger = SqliteLedger(cfg.db_path, on_connect=on_connect)
     client = daraja.DarajaClient(cfg, daraja.build_pool(cfg))
-    services = payments.Services(cfg, ledger, client, metrics.GatewayMetrics("t", lambda: {}))
+    services = Services(cfg, ledger, client, metrics.GatewayMetrics("t", lambda: {}))
     return mpesa_wsgi.Gateway(services)
 
 
@@ -204,7 +202,7 @@ def test_failing_to_store_the_idempotent_answer_still_answers_202(tmp_path, capl
         assert again.json["id"] == res.json["id"]
         assert fake.count("push") == 1
     finally:
-        app.close()
+        app.services.close()
         fake.close()
 
 
@@ -221,9 +219,9 @@ def test_failing_to_record_unknown_still_answers_202_unknown(tmp_path, caplog):
                    for r in caplog.records)
         switch.clear()
         # The ledger still says `submitting`: recovery makes it unknown, never re-sent.
-        assert app.ledger.get(res.json["id"])["status"] == store.SUBMITTING
+        assert app.services.ledger.get(res.json["id"])["status"] == store.SUBMITTING
     finally:
-        app.close()
+        app.services.close()
         fake.close()
 
 
@@ -236,17 +234,17 @@ def test_an_unexpected_error_after_the_push_may_have_gone_is_202_unknown(tmp_pat
             raise RuntimeError("a bug in the metrics, after the push was sent")
 
     client = daraja.DarajaClient(cfg, daraja.build_pool(cfg), observer=broken_observer)
-    services = payments.Services(cfg, Ledger(cfg.db_path), client,
-                                 metrics.GatewayMetrics("t", lambda: {}))
+    services = Services(cfg, SqliteLedger(cfg.db_path), client,
+                        metrics.GatewayMetrics("t", lambda: {}))
     app = mpesa_wsgi.Gateway(services)
     try:
         res = TestApp(app).post_json("/stkpush", PUSH, status=202, headers={
             "Authorization": f"Bearer {API_KEY}"})
         assert (res.json["status"], res.json["reason"]) == ("unknown", "internal_error")
-        assert app.ledger.get(res.json["id"])["status"] == "unknown"  # never re-sent
+        assert app.services.ledger.get(res.json["id"])["status"] == "unknown"  # never re-sent
         assert fake.count("push") == 1
     finally:
-        app.close()
+        app.services.close()
         fake.close()
 
 
@@ -267,5 +265,5 @@ def test_a_refusal_the_ledger_cannot_record_says_so_and_keeps_the_key(tmp_path):
         assert again.json["error"]["code"] == "idempotency_key_in_use"
         assert fake.count("push") == 1
     finally:
-        app.close()
+        app.services.close()
         fake.close()

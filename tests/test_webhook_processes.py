@@ -17,12 +17,12 @@ import pytest
 from standardwebhooks import Webhook
 
 import config
-import settlement
-import webhooks
-from conftest import API_KEY, ROOT_DIR, base_env, free_port, serve, wait_for
-import ledger as store
-from ledger import Ledger
-from settlement import Outcome
+import mpesa_ledger as store
+from helpers import API_KEY, ROOT_DIR, base_env, events_of, free_port, new_row, serve, wait_for
+from mpesa_devtools.receiver import request_headers
+from mpesa_gateway import settlement, webhooks
+from mpesa_gateway.settlement import Outcome
+from mpesa_ledger import SqliteLedger
 
 SECRET = "whsec_" + base64.b64encode(b"merchant-signing-secret-0123456789").decode()
 
@@ -35,7 +35,7 @@ class Receiver:
 
     def __call__(self, environ, start_response):
         body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
-        headers = webhooks.request_headers(environ)
+        headers = request_headers(environ)
         Webhook(SECRET).verify(body, headers)  # every delivery is signed right
         time.sleep(self.delay_s)
         with self.lock:
@@ -70,15 +70,14 @@ def env_for(db, url, **extra):
 def settled_events(db, url, count):
     """`count` payments settled by their callbacks, each leaving one event in the outbox."""
     cfg = config.load_config(env_for(db, url))
-    ledger, outbox = store.open_ledger(str(db)), webhooks.Outbox(cfg)
+    ledger = store.open_ledger(str(db), events=webhooks.Outbox(cfg).event_for)
     for n in range(count):
-        row = ledger.create(phone=f"2547120{n:05d}", amount=10, reference="R", description="D")
+        row = new_row(ledger, phone=f"2547120{n:05d}")
         checkout = f"ws_CO_2611202612000000{n:03d}712000000"
         ledger.mark_accepted(row["id"], checkout, "m")
         settlement.apply(ledger, row["id"], Outcome(
-            "succeeded", None, "0", "ok", checkout, receipt=f"UKQ{n:07d}", amount=10),
-            events=outbox.event_for)
-    ids = [e["id"] for e in ledger.events()]
+            "succeeded", None, "0", "ok", checkout, receipt=f"UKQ{n:07d}", amount=10))
+    ids = [e["id"] for e in events_of(ledger)]
     ledger.close()
     return ids
 
@@ -125,8 +124,8 @@ def test_an_event_committed_before_a_sigkill_is_delivered_after_the_restart(tmp_
     finally:
         first.send_signal(signal.SIGKILL)  # the status and its event are committed; not sent
         first.wait(10)
-    ledger = Ledger(str(db))
-    [event] = ledger.events(tx["id"])
+    ledger = SqliteLedger(str(db))
+    [event] = events_of(ledger, tx["id"])
     ledger.close()
     assert event["status"] == "pending" and r.ids == []
     second = subprocess.Popen([sys.executable, "mpesa_wsgi.py"], cwd=ROOT_DIR,
@@ -175,11 +174,11 @@ def one_attempt(tmp_path, url, **sender):
     """Deliver one settled event to `url`; (results, seconds taken, the event after)."""
     settled_events(tmp_path / "one.db", url, 1)
     cfg = config.load_config(env_for(tmp_path / "one.db", url))
-    ledger = Ledger(str(tmp_path / "one.db"))
+    ledger = SqliteLedger(str(tmp_path / "one.db"))
     try:
         started = time.monotonic()
         results = webhooks.Sender(ledger, cfg, **sender).run_once()
-        return results, time.monotonic() - started, ledger.events()[0]
+        return results, time.monotonic() - started, events_of(ledger)[0]
     finally:
         ledger.close()
 

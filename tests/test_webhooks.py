@@ -4,6 +4,7 @@ least once with backoff, never to a private address unless allowed. Receivers ar
 WSGI servers on 127.0.0.1."""
 
 import base64
+import dataclasses
 import json
 import threading
 import time
@@ -15,9 +16,19 @@ from webtest import TestApp
 import cli
 import config
 import mpesa_wsgi
-import webhooks
-from conftest import API_KEY, OffsetClock, _LateApp, free_port, serve, wait_for
-from conftest import BOTH_ENGINES
+from helpers import (
+    API_KEY,
+    BOTH_ENGINES,
+    LateApp,
+    OffsetClock,
+    events_of,
+    free_port,
+    new_row,
+    serve,
+    wait_for,
+)
+from mpesa_devtools.receiver import request_headers
+from mpesa_gateway import webhooks
 
 ENGINES = BOTH_ENGINES  # on each ledger engine
 
@@ -36,7 +47,7 @@ class Receiver:
 
     def __call__(self, environ, start_response):
         body = environ["wsgi.input"].read(int(environ.get("CONTENT_LENGTH") or 0))
-        headers = webhooks.request_headers(environ)
+        headers = request_headers(environ)
         with self.lock:
             self.got.append((headers, body))
         if self.script is not None:
@@ -62,7 +73,7 @@ def hooked(gateway_env, receiver):
     made = []
 
     def make(clock=None, **env):
-        late = _LateApp()
+        late = LateApp()
         server, url = serve(late)  # the simulator's callbacks reach the app here
         settings = {**gateway_env, "MPESA_CALLBACK_BASE_URL": url,
                     "GATEWAY_WEBHOOK_URLS": f"default:{receiver.url}/events",
@@ -76,7 +87,7 @@ def hooked(gateway_env, receiver):
     yield make
     for app, server in made:
         server.shutdown()
-        app.close()
+        app.services.close()
 
 
 def verified(receiver):
@@ -92,15 +103,16 @@ def verified(receiver):
 def test_a_settled_payment_sends_one_signed_event(hooked, receiver, phone, event_type, status):
     app, cfg = hooked()
     tx = TestApp(app).post_json("/stkpush", {"phone": phone, "amount": 10}, headers=AUTH).json
-    wait_for(lambda: app.ledger.get(tx["id"])["status"] == status, timeout=30)
-    [event] = app.ledger.events(tx["id"])  # written with the status change, not yet sent
+    wait_for(lambda: app.services.ledger.get(tx["id"])["status"] == status, timeout=30)
+    # Written with the status change, not yet sent.
+    [event] = events_of(app.services.ledger, tx["id"])
     assert (event["type"], event["status"]) == (event_type, "pending")
-    assert webhooks.Sender(app.ledger, cfg).run_once() == {"delivered": 1}
+    assert webhooks.Sender(app.services.ledger, cfg).run_once() == {"delivered": 1}
     [(msg_id, payload)] = verified(receiver)
     assert msg_id == event["id"]
     assert payload["type"] == event_type and payload["data"]["id"] == tx["id"]
     assert payload["data"]["status"] == status and "******" in payload["data"]["phone"]
-    assert webhooks.Sender(app.ledger, cfg).run_once() == {}  # delivered once
+    assert webhooks.Sender(app.services.ledger, cfg).run_once() == {}  # delivered once
 
 
 def test_a_push_that_ends_unknown_sends_payment_unknown_then_its_outcome(hooked, receiver,
@@ -110,8 +122,8 @@ def test_a_push_that_ends_unknown_sends_payment_unknown_then_its_outcome(hooked,
     tx = TestApp(app).post_json("/stkpush", {"phone": "0712345670", "amount": 10},
                                 headers=AUTH).json
     assert tx["status"] == "unknown"
-    wait_for(lambda: app.ledger.get(tx["id"])["status"] == "succeeded", timeout=30)
-    assert webhooks.Sender(app.ledger, cfg).run_once() == {"delivered": 2}
+    wait_for(lambda: app.services.ledger.get(tx["id"])["status"] == "succeeded", timeout=30)
+    assert webhooks.Sender(app.services.ledger, cfg).run_once() == {"delivered": 2}
     payloads = [p for _, p in verified(receiver)]
     assert [(p["type"], p["data"]["status"]) for p in payloads] == [
         ("payment.unknown", "unknown"), ("payment.succeeded", "succeeded")]
@@ -121,11 +133,12 @@ def test_a_push_that_ends_unknown_sends_payment_unknown_then_its_outcome(hooked,
 def test_a_push_cut_off_by_a_crash_sends_payment_unknown_from_recovery(hooked, receiver):
     clock = OffsetClock()
     app, cfg = hooked(clock=clock)
-    row = app.ledger.create(phone="254712345671", amount=10, reference="R", description="D")
-    clock.advance(app.daraja.longest_push_s + 1)
+    row = new_row(app.services.ledger, phone="254712345671")
+    clock.advance(app.services.daraja.longest_push_s + 1)
     hooked(clock=clock)  # a restart: recovery finds the row left `submitting`
-    assert app.ledger.get(row["id"])["status"] == "unknown"
-    assert webhooks.Sender(app.ledger, cfg, clock=clock.wall).run_once() == {"delivered": 1}
+    assert app.services.ledger.get(row["id"])["status"] == "unknown"
+    sender = webhooks.Sender(app.services.ledger, cfg, clock=clock.wall)
+    assert sender.run_once() == {"delivered": 1}
     [(_, payload)] = verified(receiver)
     assert (payload["type"], payload["data"]["id"], payload["data"]["reason"]) == (
         "payment.unknown", row["id"], "interrupted")
@@ -135,15 +148,15 @@ def test_a_late_success_after_a_failure_says_what_it_overrides(hooked, receiver)
     app, cfg = hooked()
     t = TestApp(app)
     tx = t.post_json("/stkpush", {"phone": "254711001032", "amount": 10}, headers=AUTH).json
-    wait_for(lambda: app.ledger.get(tx["id"])["status"] == "failed", timeout=30)
+    wait_for(lambda: app.services.ledger.get(tx["id"])["status"] == "failed", timeout=30)
     success = {"Body": {"stkCallback": {
         "MerchantRequestID": "m", "CheckoutRequestID": tx["checkout_request_id"],
         "ResultCode": 0, "ResultDesc": "ok", "CallbackMetadata": {"Item": [
             {"Name": "Amount", "Value": 10}, {"Name": "MpesaReceiptNumber",
                                               "Value": "UKQ7777777"}]}}}}
-    path = "/" + app.callback_url(tx["id"]).split("/", 3)[3]
+    path = "/" + app.services.signer.url(tx["id"]).split("/", 3)[3]
     t.post(path, json.dumps(success), content_type="application/json", status=200)
-    assert webhooks.Sender(app.ledger, cfg).run_once() == {"delivered": 2}
+    assert webhooks.Sender(app.services.ledger, cfg).run_once() == {"delivered": 2}
     payloads = [p for _, p in verified(receiver)]
     assert [p["type"] for p in payloads] == ["payment.failed", "payment.succeeded"]  # in order
     assert payloads[1]["data"]["previous_status"] == "failed"
@@ -156,20 +169,21 @@ def test_a_receiver_down_then_up_gets_the_event_once_on_the_backoff_schedule(hoo
     app, cfg = hooked(clock=clock)
     tx = TestApp(app).post_json("/stkpush", {"phone": "0712345679", "amount": 10},
                                 headers=AUTH).json
-    wait_for(lambda: app.ledger.get(tx["id"])["status"] == "succeeded", timeout=30)
-    sender = webhooks.Sender(app.ledger, cfg, clock=clock.wall, rng=lambda: 0.5)  # no jitter
+    wait_for(lambda: app.services.ledger.get(tx["id"])["status"] == "succeeded", timeout=30)
+    sender = webhooks.Sender(app.services.ledger, cfg, clock=clock.wall,
+                             rng=lambda: 0.5)  # no jitter
     receiver.status = 503
     waits = []
     for _ in range(3):
         assert sender.run_once() == {"pending": 1}
-        event = app.ledger.events(tx["id"])[0]
+        event = events_of(app.services.ledger, tx["id"])[0]
         waits.append(round(event["next_attempt_at"] - clock.wall()))
         assert sender.run_once() == {}  # not due yet
         clock.advance(waits[-1])
     assert waits == [5, 30, 120]
     receiver.status = 200
     assert sender.run_once() == {"delivered": 1}
-    event = app.ledger.events(tx["id"])[0]
+    event = events_of(app.services.ledger, tx["id"])[0]
     assert (event["status"], event["attempts"]) == ("delivered", 4)
     assert [a["status_code"] for a in event["attempts_log"]] == [503, 503, 503, 200]
     assert len({h["webhook-id"] for h, _ in receiver.got}) == 1  # one event, four tries
@@ -180,11 +194,11 @@ def test_a_non_2xx_answer_or_a_redirect_is_not_delivery(hooked, receiver, answer
     app, cfg = hooked()
     tx = TestApp(app).post_json("/stkpush", {"phone": "0712345670", "amount": 10},
                                 headers=AUTH).json
-    wait_for(lambda: app.ledger.get(tx["id"])["status"] == "succeeded", timeout=30)
+    wait_for(lambda: app.services.ledger.get(tx["id"])["status"] == "succeeded", timeout=30)
     receiver.status = answer
-    assert webhooks.Sender(app.ledger, cfg).run_once() == {"pending": 1}
+    assert webhooks.Sender(app.services.ledger, cfg).run_once() == {"pending": 1}
     assert len(receiver.got) == 1  # the redirect was not followed
-    assert app.ledger.events(tx["id"])[0]["attempts_log"][0]["status_code"] == answer
+    assert events_of(app.services.ledger, tx["id"])[0]["attempts_log"][0]["status_code"] == answer
 
 
 def test_three_days_of_failures_make_the_event_dead(hooked, receiver):
@@ -192,21 +206,18 @@ def test_three_days_of_failures_make_the_event_dead(hooked, receiver):
     app, cfg = hooked(clock=clock, GATEWAY_WEBHOOK_URLS="default:http://127.0.0.1:9/refused")
     tx = TestApp(app).post_json("/stkpush", {"phone": "0712345671", "amount": 10},
                                 headers=AUTH).json
-    wait_for(lambda: app.ledger.get(tx["id"])["status"] == "succeeded", timeout=30)
+    wait_for(lambda: app.services.ledger.get(tx["id"])["status"] == "succeeded", timeout=30)
     clock.advance(webhooks.GIVE_UP_AFTER_S)
-    assert webhooks.Sender(app.ledger, cfg, clock=clock.wall).run_once() == {"dead": 1}
-    event = app.ledger.events(tx["id"])[0]
+    assert webhooks.Sender(app.services.ledger, cfg, clock=clock.wall).run_once() == {"dead": 1}
+    event = events_of(app.services.ledger, tx["id"])[0]
     assert event["attempts_log"][0]["error"]  # connection refused, recorded
 
 
-def unknown_events(app, cfg, owner, count):
+def unknown_events(app, owner, count):
     """`count` payments of `owner` ended `unknown`, each leaving one event in the outbox."""
-    outbox = webhooks.Outbox(cfg)
     for _ in range(count):
-        row = app.ledger.begin_push(phone="254712000000", amount=10, reference="R",
-                                    description="D", owner=owner).row
-        app.ledger.mark_not_accepted(row["id"], "unknown", "read_timeout",
-                                     event=outbox.event_for)
+        row = new_row(app.services.ledger, phone="254712000000", owner=owner)
+        app.services.ledger.mark_not_accepted(row["id"], "unknown", "read_timeout")
 
 
 def test_a_dead_endpoint_costs_the_other_merchants_one_attempt_per_pass(hooked, receiver):
@@ -215,11 +226,11 @@ def test_a_dead_endpoint_costs_the_other_merchants_one_attempt_per_pass(hooked, 
     app, cfg = hooked(clock=clock, GATEWAY_API_KEYS=f"dead:{'d' * 32},live:{'l' * 32}",
                       GATEWAY_WEBHOOK_URLS=f"dead:{dead},live:{receiver.url}/events",
                       GATEWAY_WEBHOOK_SECRETS=f"dead:{SECRET},live:{SECRET}")
-    unknown_events(app, cfg, "dead", 5)
-    unknown_events(app, cfg, "live", 5)
-    sender = webhooks.Sender(app.ledger, cfg, clock=clock.wall, rng=lambda: 0.5)
+    unknown_events(app, "dead", 5)
+    unknown_events(app, "live", 5)
+    sender = webhooks.Sender(app.services.ledger, cfg, clock=clock.wall, rng=lambda: 0.5)
     assert sender.run_once() == {"pending": 1, "delivered": 5}
-    assert sum(e["attempts"] for e in app.ledger.events() if e["owner"] == "dead") == 1
+    assert sum(e["attempts"] for e in events_of(app.services.ledger) if e["owner"] == "dead") == 1
     assert sender.run_once() == {}  # the dead endpoint rests; nothing else is due
     clock.advance(webhooks.REST_S)
     assert sender.run_once() == {"pending": 1}  # one more try, not four
@@ -233,49 +244,65 @@ def test_a_dead_endpoint_costs_the_other_merchants_one_attempt_per_pass(hooked, 
 def test_delivered_and_dead_events_are_forgotten_after_30_days(hooked, receiver):
     clock = OffsetClock()
     app, cfg = hooked(clock=clock)
-    unknown_events(app, cfg, "default", 2)
-    sender = webhooks.Sender(app.ledger, cfg, clock=clock.wall)
+    unknown_events(app, "default", 2)
+    sender = webhooks.Sender(app.services.ledger, cfg, clock=clock.wall)
     assert sender.run_once() == {"delivered": 2}
     clock.advance(webhooks.KEEP_S - 60)
-    unknown_events(app, cfg, "default", 1)  # a newer one, still pending
+    unknown_events(app, "default", 1)  # a newer one, still pending
     receiver.status = 503
     assert sender.run_once() == {"pending": 1}
-    assert len(app.ledger.events()) == 3  # nothing is 30 days old yet
-    newer = app.ledger.events()[-1]["id"]
+    assert len(events_of(app.services.ledger)) == 3  # nothing is 30 days old yet
+    newer = events_of(app.services.ledger)[-1]["id"]
     clock.advance(120)
     sender.run_once()  # the newer one fails again; the two delivered ones are gone
-    assert [(e["id"], e["status"]) for e in app.ledger.events()] == [(newer, "pending")]
+    assert [(e["id"], e["status"]) for e in events_of(app.services.ledger)] == [(newer, "pending")]
 
 
 def test_the_cron_reconciler_writes_the_event_with_the_status(hooked, receiver):
     app, cfg = hooked(MPESA_RECONCILE_AFTER_S="0")
     tx = TestApp(app).post_json("/stkpush", {"phone": "254711009999", "amount": 10},
                                 headers=AUTH).json  # its callback never comes
-    wait_for(lambda: not app.daraja.stk_query(tx["checkout_request_id"]).pending, timeout=30)
+    wait_for(lambda: not app.services.daraja.stk_query(tx["checkout_request_id"]).pending,
+             timeout=30)
     assert cli.reconcile_once(cfg) == 0  # `python mpesa_wsgi.py reconcile`, from cron
-    assert app.ledger.get(tx["id"])["status"] == "succeeded"
-    [event] = app.ledger.events(tx["id"])
+    assert app.services.ledger.get(tx["id"])["status"] == "succeeded"
+    [event] = events_of(app.services.ledger, tx["id"])
     assert event["type"] == "payment.succeeded"
+
+
+def test_a_cron_pass_starts_no_background_thread(hooked, receiver):
+    """`reconcile` and `deliver` from cron do their one pass on the calling thread: no
+    reconciler thread and no webhook sender, whatever the serving settings say."""
+    app, cfg = hooked()
+    serving = dataclasses.replace(cfg, reconcile=True, webhook_sender=True)
+    started = set()  # the name of every thread that starts meanwhile
+    threading.setprofile(lambda *_: started.add(threading.current_thread().name))
+    try:
+        assert cli.reconcile_once(serving) == 0
+        assert cli.deliver_once(serving) == 0
+    finally:
+        threading.setprofile(None)
+    assert not {"reconciler", "webhooks"} & started
 
 
 def test_a_redelivery_asked_for_during_an_attempt_still_happens(hooked, receiver):
     clock = OffsetClock()
     app, cfg = hooked(clock=clock)
-    unknown_events(app, cfg, "default", 1)
-    [event] = app.ledger.events()
+    unknown_events(app, "default", 1)
+    [event] = events_of(app.services.ledger)
     asked = threading.Event()
 
     def redeliver_mid_attempt(environ, start_response):
-        app.ledger.redeliver(event["id"])  # the operator clicks while the POST is out
+        app.services.ledger.redeliver(event["id"])  # the operator clicks while the POST is out
         asked.set()
         start_response("503 X", [("Content-Length", "0")])
         return [b""]
 
     receiver.status = None
     receiver.script = redeliver_mid_attempt
-    sender = webhooks.Sender(app.ledger, cfg, clock=clock.wall)
+    sender = webhooks.Sender(app.services.ledger, cfg, clock=clock.wall)
     assert sender.run_once() == {"pending": 1} and asked.is_set()
-    after = app.ledger.event(event["id"])
+    after = app.services.ledger.event(event["id"])
     assert after["next_attempt_at"] <= clock.wall()  # due now, not in 5 s of backoff
     assert after["attempts"] == 1  # the backoff starts again from its first step
     receiver.script = None
@@ -292,14 +319,14 @@ def test_the_sender_connects_to_the_addresses_it_checked_with_the_endpoints_host
     port = v6.effective_port
     try:
         app, cfg = hooked(GATEWAY_WEBHOOK_URLS=f"default:http://merchant.example:{port}/x")
-        unknown_events(app, cfg, "default", 1)
+        unknown_events(app, "default", 1)
         looked_up = []
 
         def resolve(host):  # the name has both; nothing answers on 127.0.0.1 at that port
             looked_up.append(host)
             return ["::1", "127.0.0.1"]
 
-        assert webhooks.Sender(app.ledger, cfg, resolve=resolve).run_once() == {
+        assert webhooks.Sender(app.services.ledger, cfg, resolve=resolve).run_once() == {
             "delivered": 1}  # 127.0.0.1 refused, so the other checked address
         assert looked_up == ["merchant.example"]  # one lookup: no second one to be fooled by
         [(headers, _)] = receiver.got
@@ -311,8 +338,8 @@ def test_the_sender_connects_to_the_addresses_it_checked_with_the_endpoints_host
 def test_an_endpoint_with_user_and_password_gets_basic_auth(hooked, receiver):
     user_url = receiver.url.replace("http://", "http://shop:p%40ss@") + "/events"
     app, cfg = hooked(GATEWAY_WEBHOOK_URLS=f"default:{user_url}")
-    unknown_events(app, cfg, "default", 1)
-    assert webhooks.Sender(app.ledger, cfg).run_once() == {"delivered": 1}
+    unknown_events(app, "default", 1)
+    assert webhooks.Sender(app.services.ledger, cfg).run_once() == {"delivered": 1}
     [(headers, _)] = receiver.got
     assert base64.b64decode(headers["authorization"].split()[1]) == b"shop:p@ss"
 
@@ -328,9 +355,9 @@ def test_the_whole_backoff_schedule_with_its_jitter():
 def test_an_event_is_retried_until_three_days_then_dead(hooked, receiver):
     clock = OffsetClock()
     app, cfg = hooked(clock=clock)
-    unknown_events(app, cfg, "default", 2)
+    unknown_events(app, "default", 2)
     receiver.status = 503
-    sender = webhooks.Sender(app.ledger, cfg, clock=clock.wall)
+    sender = webhooks.Sender(app.services.ledger, cfg, clock=clock.wall)
     clock.advance(3 * 24 * 3600 - 60)
     assert sender.run_once() == {"pending": 1}  # a minute short of three days: once more
     clock.advance(120)
@@ -356,27 +383,27 @@ def test_an_endpoint_that_resolves_to_a_private_address_is_never_called(hooked, 
     app, cfg = hooked(GATEWAY_WEBHOOK_ALLOW_PRIVATE="off")
     tx = TestApp(app).post_json("/stkpush", {"phone": "0712345672", "amount": 10},
                                 headers=AUTH).json
-    wait_for(lambda: app.ledger.get(tx["id"])["status"] == "succeeded", timeout=30)
-    assert webhooks.Sender(app.ledger, cfg).run_once() == {"pending": 1}
+    wait_for(lambda: app.services.ledger.get(tx["id"])["status"] == "succeeded", timeout=30)
+    assert webhooks.Sender(app.services.ledger, cfg).run_once() == {"pending": 1}
     assert receiver.got == []
-    assert "private" in app.ledger.events(tx["id"])[0]["attempts_log"][0]["error"]
+    assert "private" in events_of(app.services.ledger, tx["id"])[0]["attempts_log"][0]["error"]
 
 
 def test_no_endpoint_no_events(gateway):
     tx = gateway.push({"phone": "0712345673", "amount": 10}).json
     gateway.wait_status(tx["id"], "succeeded", timeout=30)
-    assert gateway.app.ledger.events(tx["id"]) == []  # nothing written nobody would read
+    assert events_of(gateway.services.ledger, tx["id"]) == []  # nothing written nobody would read
 
 
 def test_operators_list_read_and_redeliver_their_own_events(hooked, receiver):
-    from conftest import OTHER_KEY
+    from helpers import OTHER_KEY
 
     app, cfg = hooked()
     t = TestApp(app, lint=True)
     tx = t.post_json("/stkpush", {"phone": "0712345674", "amount": 10}, headers=AUTH).json
-    wait_for(lambda: app.ledger.get(tx["id"])["status"] == "succeeded", timeout=30)
+    wait_for(lambda: app.services.ledger.get(tx["id"])["status"] == "succeeded", timeout=30)
     receiver.status = 500
-    webhooks.Sender(app.ledger, cfg).run_once()
+    webhooks.Sender(app.services.ledger, cfg).run_once()
     page = t.get("/events?status=pending", headers=AUTH).json
     [event] = page["data"]
     assert (event["type"], event["transaction_id"], event["attempts"]) == (
@@ -392,10 +419,10 @@ def test_operators_list_read_and_redeliver_their_own_events(hooked, receiver):
     receiver.status = 204
     assert t.post(f"/events/{event['id']}/redeliver", headers=AUTH,
                   status=202).json["status"] == "pending"
-    assert webhooks.Sender(app.ledger, cfg).run_once() == {"delivered": 1}
+    assert webhooks.Sender(app.services.ledger, cfg).run_once() == {"delivered": 1}
     assert t.get(f"/events/{event['id']}", headers=AUTH).json["status"] == "delivered"
     t.post(f"/events/{event['id']}/redeliver", headers=AUTH, status=202)  # delivered: again
-    assert webhooks.Sender(app.ledger, cfg).run_once() == {"delivered": 1}
+    assert webhooks.Sender(app.services.ledger, cfg).run_once() == {"delivered": 1}
     assert len({h["webhook-id"] for h, _ in receiver.got}) == 1  # the same webhook-id
     t.get("/events?status=sent", headers=AUTH, status=400)
     t.get("/events/msg_nope", headers=AUTH, status=404)
@@ -407,7 +434,7 @@ def test_the_backlog_shows_in_health_and_metrics(hooked, receiver):
     app, cfg = hooked(clock=clock)
     t = TestApp(app)
     tx = t.post_json("/stkpush", {"phone": "0712345675", "amount": 10}, headers=AUTH).json
-    wait_for(lambda: app.ledger.get(tx["id"])["status"] == "succeeded", timeout=30)
+    wait_for(lambda: app.services.ledger.get(tx["id"])["status"] == "succeeded", timeout=30)
     clock.advance(90)  # the event has waited a minute and a half (also past /health's cache)
     checks = t.get("/health").json["checks"]
     assert checks["webhook_backlog"] == 1 and checks["webhook_oldest_s"] >= 90
@@ -415,8 +442,8 @@ def test_the_backlog_shows_in_health_and_metrics(hooked, receiver):
     oldest = float(next(line.split()[1] for line in text.splitlines()
                         if line.startswith("mpesa_gateway_webhook_oldest_undelivered_seconds ")))
     assert oldest >= 90
-    webhooks.Sender(app.ledger, cfg, clock=clock.wall,
-                    observer=app.metrics.webhook_deliveries.inc).run_once()
+    webhooks.Sender(app.services.ledger, cfg, clock=clock.wall,
+                    observer=app.services.metrics.webhook_deliveries.inc).run_once()
     assert 'mpesa_gateway_webhook_deliveries_total{outcome="delivered"} 1.0' in t.get(
         "/metrics").text
     clock.advance(2)

@@ -5,7 +5,7 @@ state shown as `pending`) and the body of a webhook event built around it, so th
 API and the events can never disagree about what a payment looks like.
 """
 
-import ledger as store
+import mpesa_ledger as store
 import validation
 
 

@@ -1,10 +1,10 @@
-"""The payment ledger: its contract in SQL both engines run, and the SQLite engine.
+"""The ledger contract: every call a ledger answers, its SQL written once for both engines.
 
-Owns the schema, the SQLite connections (a reading one per thread; one writing
-connection whose transactions group_commit shares among concurrent writes; WAL,
-synchronous=FULL, a busy timeout, `BEGIN IMMEDIATE`), the life of a transaction
-row, the append-only callback log and the webhook outbox (ledger_postgres supplies
-the PostgreSQL engine). The rules that keep money safe live here:
+Owns the life of a payment row, the append-only callback log, idempotency keys and the
+webhook outbox, as SQL that SQLite and PostgreSQL both run. An engine (`sqlite`,
+`postgres`) supplies only what is declared below as a hook: connections and
+transactions, how names are serialised, its `Dialect`, and what its failures raise.
+The rules that keep money safe live here:
 
 - a row is committed in state `submitting` *before* Daraja is called;
 - a callback's raw body is stored and applied in one committed transaction;
@@ -13,330 +13,105 @@ the PostgreSQL engine). The rules that keep money safe live here:
   applied once whoever brings it;
 - on startup, rows left in `submitting` become `unknown`, never re-sent;
 - an idempotency key is claimed, the per-phone lock checked and the row written
-  in one write transaction, so the guarantees hold across threads and across
-  processes sharing the file;
+  in one write transaction, so the guarantees hold across threads, processes and
+  hosts;
 - a push's outcome and its idempotent answer are one commit;
-- reconciliation claims one row at a time with a lease, so two processes never
+- a status change and its webhook event (the `events` hook given when the ledger is
+  built) are one commit;
+- reconciliation claims one row at a time with a lease, so two claimers never
   query the same row at once;
-- a write returns only once its COMMIT is durable; a failed COMMIT is rolled
-  back; a connection that cannot be rolled back is discarded.
+- a write returns only once its COMMIT is durable.
 """
-import calendar
+
 import logging
-import secrets
-import sqlite3
-import threading
 import time
 from dataclasses import dataclass
 
-import group_commit
+from mpesa_ledger.states import (
+    IDEMPOTENCY_TTL_S,
+    PENDING,
+    SUBMITTING,
+    UNKNOWN,
+    Begun,
+    Start,
+    iso_utc,
+    new_tx_id,
+)
 
 log = logging.getLogger(__name__)
-
-SUBMITTING = "submitting"  # written, Daraja not answered yet (shown to merchants as pending)
-PENDING, SUCCEEDED, FAILED, REJECTED, UNKNOWN = (
-    "pending", "succeeded", "failed", "rejected", "unknown")
-FINAL = frozenset({SUCCEEDED, FAILED, REJECTED})  # unknown is not final: a result may still come
-BUSY_TIMEOUT_S = 5.0
-IDEMPOTENCY_TTL_S = 24 * 3600  # keys are kept at least this long (Stripe's window)
-SCHEMA_VERSION = 2  # 1: the tables below; 2: transactions.owner (added by _migrate)
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS transactions (
-    id                  TEXT PRIMARY KEY,
-    checkout_request_id TEXT UNIQUE,
-    merchant_request_id TEXT,
-    status              TEXT NOT NULL,
-    reason              TEXT,
-    phone               TEXT NOT NULL,
-    amount              INTEGER NOT NULL,
-    reference           TEXT NOT NULL,
-    description         TEXT NOT NULL,
-    result_code         TEXT,
-    result_desc         TEXT,
-    receipt             TEXT,
-    created_at          TEXT NOT NULL,
-    updated_at          TEXT NOT NULL,
-    -- reconciliation: when to query next, how often we did, who holds the row until when
-    next_check_at       REAL NOT NULL DEFAULT 0,
-    check_attempts      INTEGER NOT NULL DEFAULT 0,
-    claimed_until       REAL NOT NULL DEFAULT 0,
-    owner               TEXT  -- the API key name that made it; NULL on rows from before owners
-);
-CREATE INDEX IF NOT EXISTS transactions_status ON transactions (status, next_check_at);
-CREATE INDEX IF NOT EXISTS transactions_phone ON transactions (phone, created_at);
-CREATE INDEX IF NOT EXISTS transactions_created ON transactions (created_at, id);
-CREATE TABLE IF NOT EXISTS heartbeat (
-    id INTEGER PRIMARY KEY CHECK (id = 1),
-    at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS idempotency_keys (
-    scope        TEXT NOT NULL,  -- fingerprint of the API key: keys are per merchant
-    key          TEXT NOT NULL,
-    request_hash TEXT NOT NULL,
-    tx_id        TEXT NOT NULL,
-    status_code  INTEGER,        -- NULL while the first request is in flight
-    body         BLOB,
-    created_at   REAL NOT NULL,
-    PRIMARY KEY (scope, key)
-);
-CREATE INDEX IF NOT EXISTS idempotency_created ON idempotency_keys (created_at);
-CREATE TABLE IF NOT EXISTS callbacks (
-    id          INTEGER PRIMARY KEY AUTOINCREMENT,
-    tx_id       TEXT NOT NULL,
-    received_at TEXT NOT NULL,
-    remote_addr TEXT,
-    outcome     TEXT NOT NULL,
-    body        BLOB NOT NULL
-);
-CREATE INDEX IF NOT EXISTS callbacks_tx ON callbacks (tx_id);
--- the webhook outbox: written in the commit that changes a payment's status
-CREATE TABLE IF NOT EXISTS events (
-    id              TEXT PRIMARY KEY,  -- the webhook-id; pages sort by it (creation time)
-    tx_id           TEXT NOT NULL,
-    owner           TEXT NOT NULL,
-    type            TEXT NOT NULL,
-    body            BLOB NOT NULL,     -- the JSON sent, fixed when the event is made
-    status          TEXT NOT NULL,     -- pending | delivered | dead
-    attempts        INTEGER NOT NULL DEFAULT 0,
-    next_attempt_at REAL NOT NULL,
-    claimed_until   REAL NOT NULL DEFAULT 0,
-    created_at      REAL NOT NULL,
-    delivered_at    REAL
-);
-CREATE INDEX IF NOT EXISTS events_due ON events (status, next_attempt_at);
-CREATE INDEX IF NOT EXISTS events_tx ON events (tx_id);
-CREATE INDEX IF NOT EXISTS events_owner ON events (owner, id);
--- a claim looks for an earlier pending event of the same payment: one probe, not a scan
-CREATE INDEX IF NOT EXISTS events_pending_tx ON events (tx_id) WHERE status = 'pending';
-CREATE TABLE IF NOT EXISTS event_attempts (
-    id          INTEGER PRIMARY KEY AUTOINCREMENT,
-    event_id    TEXT NOT NULL,
-    at          REAL NOT NULL,
-    status_code INTEGER,
-    duration_ms REAL NOT NULL,
-    error       TEXT
-);
-CREATE INDEX IF NOT EXISTS event_attempts_event ON event_attempts (event_id);
-"""
-
-
-def iso_utc(epoch):
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
-
-
-def epoch(iso):
-    return calendar.timegm(time.strptime(iso, "%Y-%m-%dT%H:%M:%SZ"))
-
-
-def new_tx_id(epoch_s, prefix="tx_"):
-    """tx_ + 12 hex digits of creation milliseconds + 12 random: ids sort by creation."""
-    return f"{prefix}{int(epoch_s * 1000):012x}{secrets.token_hex(6)}"
 
 
 class LedgerOpenError(Exception):
     """The ledger cannot be opened (or its driver is missing): one message for startup."""
 
 
-def is_postgres(target):
-    return target.startswith(("postgresql://", "postgres://"))
-
-
-def open_ledger(target, *, clock=time.time, pool_size=8, migrate=True, wait_s=5.0):
-    """The ledger GATEWAY_DB names: a postgresql:// URL (ledger_postgres, pooled to
-    `pool_size` connections, a caller waiting at most `wait_s` for one), or a SQLite
-    file path. Raises LedgerOpenError."""
-    if is_postgres(target):
-        import ledger_postgres  # only here: SQLite users never import the driver
-
-        return ledger_postgres.PostgresLedger(target, clock=clock, pool_size=pool_size,
-                                              migrate=migrate, wait_s=wait_s)
-    try:
-        return Ledger(target, clock=clock)
-    except sqlite3.Error as exc:
-        raise LedgerOpenError(f"GATEWAY_DB cannot be opened as a SQLite ledger ({target}):"
-                              f" {exc}") from None
-
-
 @dataclass(frozen=True)
-class NewEvent:
-    """A webhook event to write in the same commit as the status change it reports."""
+class Dialect:
+    """Where the engines' SQL differs, as text the contract's statements splice in."""
 
-    tx_id: str
-    owner: str
-    type: str
-    body: bytes
-
-
-@dataclass(frozen=True)
-class Idempotency:
-    scope: str
-    key: str
-    request_hash: str
-
-
-@dataclass(frozen=True)
-class Begun:
-    """What begin_push decided: `kind` is new, replay, in_flight, reused or phone_busy."""
-
-    kind: str
-    row: dict | None = None
-    status_code: int | None = None
-    body: bytes | None = None
+    seq: str  # the outbox's written order
+    for_update: str  # lock a row read to be changed (SQLite: BEGIN IMMEDIATE locks all)
+    skip_locked: str  # a claim passes over rows another claimer is locking
 
 
 class Ledger:
-    """The SQLite ledger, and the contract every ledger keeps: its methods are written once,
-    in SQL both engines run; a backend (ledger_postgres) changes only what is marked
-    "backend" below: connections and transactions, row locks and the outbox's sequence."""
+    """The contract. Engines subclass it, set up their own state, call `__init__` for the
+    contract's, and implement every hook (each raises NotImplementedError here)."""
 
-    Error = sqlite3.Error  # backend: what a failed ledger call raises
-    SEQ = "rowid"  # backend: the outbox's written order
-    FOR_UPDATE = ""  # backend: lock a row read to be changed (BEGIN IMMEDIATE locks all)
-    SKIP_LOCKED = ""  # backend: a claim passes over rows another claimer is locking
-    FLEET = False  # backend: keeps the fleet's token and rate buckets (ledger_postgres)
+    Error = Exception  # hook: the engine's failure type (a failed call raises it)
+    dialect = None  # hook: the engine's Dialect
+    # Capability: the engine keeps state every process on every host shares (the fleet's
+    # OAuth token and rate buckets); the gateway then keeps them there, not in memory.
+    shared_by_hosts = False
 
-    def __init__(self, path, *, clock=time.time, busy_timeout_s=BUSY_TIMEOUT_S, on_connect=None):
-        self.path = path
+    def __init__(self, *, clock=time.time, events=None):
         self._clock = clock
-        self._on_connect = on_connect  # test shim: sees each new connection (e.g. an authorizer)
-        self._busy_timeout_s = busy_timeout_s
-        self._local = threading.local()
-        self._all = []  # every connection opened, so close() can reach them
-        self._all_lock = threading.Lock()
-        self._group = group_commit.GroupCommit(self._writer_conn, self._rollback, sqlite3.Error)
-        self.migrate()
+        # events(before, after, outcome) → a NewEvent or None: the webhook event a status
+        # change produces, written in the commit that makes the change. None: no events.
+        self._events = events
 
-    def migrate(self):
-        """Create the schema or bring a ledger made by an older version up to it; returns
-        the schema version (PRAGMA user_version). Each step is idempotent, since ledgers
-        from before versioning say 0 whatever they hold."""
-        conn = self._conn()
-        self._when_unlocked(lambda: conn.executescript(SCHEMA))
-        return self._when_unlocked(lambda: self._migrate(conn))
-
-    @staticmethod
-    def _migrate(conn):
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            # 2: the owner of each row (API key names)
-            columns = {r[1] for r in conn.execute("PRAGMA table_info(transactions)")}
-            if "owner" not in columns:
-                conn.execute("ALTER TABLE transactions ADD COLUMN owner TEXT")
-            conn.execute("CREATE INDEX IF NOT EXISTS transactions_owner"
-                         " ON transactions (owner, created_at, id)")
-            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        return SCHEMA_VERSION
-
-    # --- connections --------------------------------------------------------
-
-    def _conn(self):
-        """This thread's reading connection (and the schema's)."""
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._local.conn = self._open()
-            with self._all_lock:
-                self._all.append(conn)
-        return conn
-
-    def _open(self):
-        # check_same_thread=False: the writer is used by one thread at a time (group
-        # commit), and close() ends every connection.
-        conn = sqlite3.connect(self.path, timeout=self._busy_timeout_s, isolation_level=None,
-                               check_same_thread=False)
-        conn.row_factory = sqlite3.Row
-        # WAL is a property of the file: switch only if needed, since switching takes an
-        # exclusive lock that another process opening a new ledger may hold right now.
-        if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-            self._when_unlocked(lambda: conn.execute("PRAGMA journal_mode=WAL"))
-        conn.execute("PRAGMA synchronous=FULL")  # a commit we acknowledged survives power loss
-        if self._on_connect is not None:
-            self._on_connect(conn)
-        return conn
-
-    def _when_unlocked(self, action):
-        """Run a schema-level statement, waiting out another process's lock.
-
-        SQLite answers "locked" at once, without its busy handler, when two connections
-        would deadlock (both opening a brand-new file); so wait here instead.
-        """
-        deadline = time.monotonic() + self._busy_timeout_s
-        while True:
-            try:
-                return action()
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
+    # --- hooks: each engine implements these -------------------------------------
 
     def _write(self):
-        """One write, in the group commit's current transaction (taken with BEGIN
-        IMMEDIATE: no mid-way SQLITE_BUSY); returns once it is durable."""
-        return self._group.write()
+        """hook: a context manager giving a connection inside one write transaction; the
+        transaction is durable when the block ends (or raises the failure)."""
+        raise NotImplementedError
 
-    def _writer_conn(self):
-        """The one connection the group commit writes with."""
-        conn = self._open()
-        with self._all_lock:
-            self._all.append(conn)
-        return conn
+    def _read(self, sql, args=()):
+        """hook: the rows of one query, as dicts."""
+        raise NotImplementedError
 
-    def _rollback(self, conn):
-        """End a failed transaction (a failed COMMIT leaves it open); a connection that
-        cannot be rolled back is discarded (False), so the next write starts clean."""
-        try:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            return True
-        except sqlite3.Error:
-            log.error("ledger rollback_failed action=discard_connection")
-            with self._all_lock:
-                if conn in self._all:
-                    self._all.remove(conn)
-            try:
-                conn.close()
-            except sqlite3.Error:
-                pass
-            return False
+    def _serialize(self, conn, names):
+        """hook: hold these names' locks until the write transaction ends."""
+        raise NotImplementedError
+
+    def migrate(self):
+        """hook: create or upgrade the schema; returns its version."""
+        raise NotImplementedError
+
+    def writable(self):
+        """hook: can a write be committed right now?"""
+        raise NotImplementedError
 
     @property
     def commit_counts(self):
-        """(writes made durable, COMMITs that did it): batching, for /metrics."""
-        return self._group.commits, self._group.batches
+        """hook: (writes made durable, COMMITs that did it), for /metrics."""
+        raise NotImplementedError
 
-    def _read(self, sql, args=()):
-        """backend: rows of one query, as dicts."""
-        return [dict(r) for r in self._conn().execute(sql, args)]
+    def close(self):
+        """hook: end every connection."""
+        raise NotImplementedError
+
+    # --- shared helpers ------------------------------------------------------------
 
     def _read_one(self, sql, args=()):
         rows = self._read(sql, args)
         return rows[0] if rows else None
 
-    def _serialize(self, conn, names):
-        """backend: hold these names' locks until the transaction ends (here the file's
-        write lock, taken by BEGIN IMMEDIATE, already serialises every writer)."""
-
-    def close(self):
-        self._group.close()
-        with self._all_lock:
-            conns, self._all = self._all, []
-        for conn in conns:
-            conn.close()
-        self._local = threading.local()
-
     def _now(self):
         return iso_utc(self._clock())
 
     # --- transactions -------------------------------------------------------
-
-    def create(self, *, phone, amount, reference, description):
-        """Commit a new row in `submitting`; return it. Call before Daraja."""
-        return self.begin_push(phone=phone, amount=amount, reference=reference,
-                               description=description).row
 
     def begin_push(self, *, phone, amount, reference, description, idempotency=None,
                    phone_lock_s=0.0, owner=None):
@@ -366,7 +141,7 @@ class Ledger:
                     (phone, iso_utc(now - phone_lock_s), SUBMITTING, PENDING,
                      UNKNOWN)).fetchone()
                 if busy is not None:
-                    return Begun("phone_busy", dict(busy))
+                    return Begun(Start.PHONE_BUSY, dict(busy))
             stamp = iso_utc(now)
             row = dict(id=new_tx_id(now), status=SUBMITTING, phone=phone, amount=amount,
                        reference=reference, description=description, created_at=stamp,
@@ -381,24 +156,17 @@ class Ledger:
                     "INSERT INTO idempotency_keys (scope, key, request_hash, tx_id, created_at)"
                     " VALUES (?, ?, ?, ?, ?)", (idempotency.scope, idempotency.key,
                                                 idempotency.request_hash, row["id"], now))
-        return Begun("new", row)
+        return Begun(Start.NEW, row)
 
     @staticmethod
     def _existing_key(conn, found, idempotency):
         if found["request_hash"] != idempotency.request_hash:
-            return Begun("reused")
+            return Begun(Start.REUSED)
         row = conn.execute("SELECT * FROM transactions WHERE id = ?",
                            (found["tx_id"],)).fetchone()
         if found["status_code"] is not None:
-            return Begun("replay", dict(row), found["status_code"], found["body"])
-        return Begun("in_flight", dict(row))
-
-    def store_response(self, idempotency, status_code, body):
-        """Pin the key to the answer the first request got."""
-        with self._write() as conn:
-            conn.execute(
-                "UPDATE idempotency_keys SET status_code = ?, body = ? WHERE scope = ? AND key = ?",
-                (status_code, body, idempotency.scope, idempotency.key))
+            return Begun(Start.REPLAY, dict(row), found["status_code"], found["body"])
+        return Begun(Start.IN_FLIGHT, dict(row))
 
     def rename_scope(self, old, new):
         """Move idempotency keys stored under `old` (an API key's hash, before owner names)
@@ -417,53 +185,63 @@ class Ledger:
                                (self._clock() - IDEMPOTENCY_TTL_S,))
         return cur.rowcount
 
-    def mark_accepted(self, tx_id, checkout_request_id, merchant_request_id, pin=None):
-        """Daraja queued the prompt. A result that already arrived is kept. `pin`: an
-        (Idempotency, answer(row) → (status, body)) whose answer is stored in the same
-        commit, so a keyed payment costs no extra commit."""
+    def mark_accepted(self, tx_id, checkout_request_id, merchant_request_id, *, at=None,
+                      pin=None):
+        """Daraja queued the prompt: `submitting` becomes `pending` with Daraja's ids, dated
+        `at` (epoch; default now). A result that already arrived is kept (its ids are
+        learnt if unset). `pin`: a PinnedAnswer stored in the same commit when the row
+        went from `submitting` to `pending` here, the row its bytes were made from; when a
+        result came first, nothing is pinned and a retry is answered from the row."""
+        stamp = iso_utc(self._clock() if at is None else at)
         with self._write() as conn:
             row = conn.execute(
-                "UPDATE transactions SET status = CASE status WHEN ? THEN ? ELSE status END,"
+                "UPDATE transactions SET status = ?,"
                 " checkout_request_id = COALESCE(checkout_request_id, ?),"
                 " merchant_request_id = COALESCE(merchant_request_id, ?), updated_at = ?"
-                " WHERE id = ? RETURNING *",
-                (SUBMITTING, PENDING, checkout_request_id, merchant_request_id, self._now(),
-                 tx_id)).fetchone()
-            if row is not None and pin is not None:
-                self._pin(conn, pin, dict(row))
+                " WHERE id = ? AND status = ? RETURNING *",
+                (PENDING, checkout_request_id, merchant_request_id, stamp, tx_id,
+                 SUBMITTING)).fetchone()
+            if row is not None:
+                self._pin(conn, pin)
+            else:  # a result beat the push's answer: keep it, learn the ids
+                row = conn.execute(
+                    "UPDATE transactions SET checkout_request_id = COALESCE(checkout_request_id,"
+                    " ?), merchant_request_id = COALESCE(merchant_request_id, ?),"
+                    " updated_at = ? WHERE id = ? RETURNING *",
+                    (checkout_request_id, merchant_request_id, stamp, tx_id)).fetchone()
         return dict(row) if row is not None else None
 
     @staticmethod
-    def _pin(conn, pin, row):
-        idempotency, answer = pin
-        status_code, body = answer(row)
-        conn.execute(
-            "UPDATE idempotency_keys SET status_code = ?, body = ? WHERE scope = ? AND key = ?",
-            (status_code, body, idempotency.scope, idempotency.key))
+    def _pin(conn, pin):
+        if pin is not None:
+            conn.execute(
+                "UPDATE idempotency_keys SET status_code = ?, body = ? WHERE scope = ? AND"
+                " key = ?", (pin.status_code, pin.body, pin.idempotency.scope,
+                             pin.idempotency.key))
 
-    def mark_not_accepted(self, tx_id, status, reason, result_code=None, result_desc=None,
-                          release=None, event=None, pin=None):
-        """The push was refused (`rejected`) or its fate is unknown (`unknown`).
+    def mark_not_accepted(self, tx_id, status, reason, result_code=None, result_desc=None, *,
+                          at=None, release=None, pin=None):
+        """The push was refused (`rejected`) or its fate is unknown (`unknown`), dated `at`
+        (epoch; default now), with its webhook event, in one commit.
 
         `release`: an Idempotency whose key is freed in the same commit, because
         nothing reached the customer and the merchant may retry with that key.
-        `event(before, after, "not_accepted")`: the webhook event written in the same commit;
-        `pin`: the idempotent answer too (as for mark_accepted).
+        `pin`: the idempotent answer, stored when the row was still `submitting` (as for
+        mark_accepted).
         """
+        stamp = iso_utc(self._clock() if at is None else at)
         with self._write() as conn:
             row = conn.execute(
                 "UPDATE transactions SET status = ?, reason = ?, result_code = ?, result_desc = ?,"
                 " updated_at = ? WHERE id = ? AND status = ? RETURNING *",
-                (status, reason, result_code, result_desc, self._now(), tx_id,
+                (status, reason, result_code, result_desc, stamp, tx_id,
                  SUBMITTING)).fetchone()
-            if row is not None and event is not None:
-                self._add_event(conn, event(dict(row, status=SUBMITTING), dict(row),
-                                            "not_accepted"))
-            if row is None:  # a result beat the push's answer: the row as it is now
+            if row is not None:
+                self._add_event(conn, dict(row, status=SUBMITTING), dict(row), "not_accepted")
+                self._pin(conn, pin)
+            else:  # a result beat the push's answer: the row as it is now
                 row = conn.execute("SELECT * FROM transactions WHERE id = ?",
                                    (tx_id,)).fetchone()
-            if row is not None and pin is not None:
-                self._pin(conn, pin, dict(row))  # the answer the caller gets: this row
             if release is not None:
                 conn.execute("DELETE FROM idempotency_keys WHERE scope = ? AND key = ?",
                              (release.scope, release.key))
@@ -475,18 +253,17 @@ class Ledger:
             "SELECT * FROM transactions WHERE id = ? UNION ALL"
             " SELECT * FROM transactions WHERE checkout_request_id = ? LIMIT 1", (ref, ref))
 
-    def recover_interrupted(self, older_than_s, event=None):
+    def recover_interrupted(self, older_than_s):
         """Rows stuck in `submitting` (the process died mid-push) become `unknown`, each
-        with its webhook event `event(before, after, "interrupted")` in the same commit."""
+        with its webhook event in the same commit."""
         cutoff = iso_utc(self._clock() - older_than_s)
         with self._write() as conn:
             rows = conn.execute(
                 "UPDATE transactions SET status = ?, reason = 'interrupted', updated_at = ?"
                 " WHERE status = ? AND created_at <= ? RETURNING *",
                 (UNKNOWN, self._now(), SUBMITTING, cutoff)).fetchall()
-            for row in sorted(rows, key=lambda r: r["id"]) if event is not None else ():
-                self._add_event(conn, event(dict(row, status=SUBMITTING), dict(row),
-                                            "interrupted"))
+            for row in sorted(rows, key=lambda r: r["id"]):
+                self._add_event(conn, dict(row, status=SUBMITTING), dict(row), "interrupted")
         if rows:
             log.warning("ledger recovered_interrupted=%d status=unknown", len(rows))
         return len(rows)
@@ -510,7 +287,7 @@ class Ledger:
                 "SELECT id FROM transactions WHERE checkout_request_id IS NOT NULL"
                 " AND next_check_at <= ? AND claimed_until <= ?"
                 " AND ((status = ? AND created_at <= ?) OR (status = ? AND created_at >= ?))"
-                f" ORDER BY next_check_at, created_at LIMIT 1{self.SKIP_LOCKED}",
+                f" ORDER BY next_check_at, created_at LIMIT 1{self.dialect.skip_locked}",
                 (due_by, now, PENDING, iso_utc(now - older_than_s), UNKNOWN,
                  iso_utc(now - unknown_window_s))).fetchone()
             if row is not None:
@@ -537,20 +314,21 @@ class Ledger:
                 " claimed_until = 0 WHERE id = ? AND claimed_until = ?",
                 (next_check_at, tx_id, lease))
 
-    def give_up(self, tx_id, next_check_at, lease, event=None):
+    def give_up(self, tx_id, next_check_at, lease):
         """No final result before the deadline: `unknown`, reason no_final_result; still
-        queried now and then (from `next_check_at`) in case the result turns up. The
-        webhook event `event(before, after, "gave_up")` is written in the same commit."""
+        queried now and then (from `next_check_at`) in case the result turns up. Its
+        webhook event is written in the same commit."""
         with self._write() as conn:
-            before = conn.execute(f"SELECT * FROM transactions WHERE id = ?{self.FOR_UPDATE}",
-                                  (tx_id,)).fetchone()
+            before = conn.execute(
+                f"SELECT * FROM transactions WHERE id = ?{self.dialect.for_update}",
+                (tx_id,)).fetchone()
             row = conn.execute(
                 "UPDATE transactions SET status = ?, reason = 'no_final_result', claimed_until = 0,"
                 " next_check_at = ?, check_attempts = check_attempts + 1, updated_at = ?"
                 " WHERE id = ? AND status = ? AND claimed_until = ? RETURNING *",
                 (UNKNOWN, next_check_at, self._now(), tx_id, PENDING, lease)).fetchone()
-            if row is not None and event is not None:
-                self._add_event(conn, event(dict(before), dict(row), "gave_up"))
+            if row is not None:
+                self._add_event(conn, dict(before), dict(row), "gave_up")
         return row is not None
 
     def list_page(self, *, status=None, since=None, after=None, limit=50, owner=None,
@@ -581,21 +359,6 @@ class Ledger:
         rows = self._read(sql, (*args, limit + 1))
         return rows[:limit], len(rows) > limit
 
-    def writable(self):
-        """Can a new connection commit a write right now? (A fresh one: an open connection
-        keeps working on a file whose permissions changed under it.)"""
-        try:
-            conn = sqlite3.connect(self.path, timeout=1.0, isolation_level=None)
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                conn.execute("INSERT OR REPLACE INTO heartbeat (id, at) VALUES (1, ?)",
-                             (self._clock(),))
-                conn.execute("COMMIT")
-            finally:
-                conn.close()
-        except sqlite3.Error:
-            return False
-        return True
 
     def count_by_status(self):
         """Counts by public status: `submitting` is shown as `pending`, as in the API."""
@@ -610,18 +373,18 @@ class Ledger:
     SETTLE_COLUMNS = ("status", "reason", "result_code", "result_desc", "receipt",
                       "checkout_request_id", "merchant_request_id")
 
-    def settle(self, tx_id, rules, *, callback=None, release_claim=None, event=None):
+    def settle(self, tx_id, rules, *, callback=None, release_claim=None):
         """In one write transaction: read the row, let `rules(row)` decide (a Decision
         from settlement; None: the callback is malformed), apply its changes, store the
         raw `callback` (a settlement.CallbackRecord) if given, end the lease
-        `release_claim` if the row is still held under it, and write the webhook event
-        `event(before, after, outcome)` returns (a NewEvent or None), all in one commit.
+        `release_claim` if the row is still held under it, and write the webhook event of a
+        status change, all in one commit.
 
         Returns (outcome, row after): outcome is the decision's, or malformed or
         unknown_transaction; row is None for an unknown transaction.
         """
         with self._write() as conn:
-            row = conn.execute(f"SELECT * FROM transactions WHERE id = ?{self.FOR_UPDATE}",
+            row = conn.execute(f"SELECT * FROM transactions WHERE id = ?{self.dialect.for_update}",
                                (tx_id,)).fetchone()
             if row is None:
                 outcome = "unknown_transaction"
@@ -633,8 +396,8 @@ class Ledger:
                 outcome = decision.outcome
                 if decision.changes:
                     row = dict(self._update(conn, tx_id, decision.changes))
-                    if event is not None and row["status"] != before["status"]:
-                        self._add_event(conn, event(before, row, outcome))
+                    if row["status"] != before["status"]:
+                        self._add_event(conn, before, row, outcome)
             if callback is not None:
                 conn.execute(
                     "INSERT INTO callbacks (tx_id, received_at, remote_addr, outcome, body)"
@@ -667,7 +430,9 @@ class Ledger:
         return conn.execute(f"UPDATE transactions SET {', '.join(sets)} WHERE id = :id"
                             " RETURNING *", args).fetchone()
 
-    def _add_event(self, conn, new):
+    def _add_event(self, conn, before, after, outcome):
+        """The webhook event of a status change (the `events` hook's), in this commit."""
+        new = self._events(before, after, outcome) if self._events is not None else None
         if new is None:
             return
         now = self._clock()
@@ -686,13 +451,13 @@ class Ledger:
         now = self._clock()
         skip = (f" AND owner NOT IN ({','.join('?' * len(skip_owners))})" if skip_owners
                 else "")
-        seq = self.SEQ
+        seq = self.dialect.seq
         with self._write() as conn:
             row = conn.execute(
                 "SELECT id FROM events e WHERE status = 'pending' AND next_attempt_at <= ?"
                 f" AND claimed_until <= ?{skip} AND NOT EXISTS (SELECT 1 FROM events o"
                 f" WHERE o.tx_id = e.tx_id AND o.status = 'pending' AND o.{seq} < e.{seq})"
-                f" ORDER BY next_attempt_at, {seq} LIMIT 1{self.SKIP_LOCKED}",
+                f" ORDER BY next_attempt_at, {seq} LIMIT 1{self.dialect.skip_locked}",
                 (now, now, *skip_owners)).fetchone()
             if row is not None:
                 row = conn.execute("UPDATE events SET claimed_until = ? WHERE id = ?"
@@ -777,16 +542,3 @@ class Ledger:
                 conn.execute(f"DELETE FROM event_attempts WHERE event_id IN ({marks})", ids)
                 conn.execute(f"DELETE FROM events WHERE id IN ({marks})", ids)
         return len(ids)
-
-    def events(self, tx_id=None):
-        """Events (of one transaction), oldest first, each with its attempts."""
-        rows = self._read("SELECT * FROM events" + (" WHERE tx_id = ?" if tx_id else "")
-                          + f" ORDER BY {self.SEQ}", (tx_id,) if tx_id else ())
-        for row in rows:
-            row["attempts_log"] = self._read(
-                "SELECT * FROM event_attempts WHERE event_id = ? ORDER BY id", (row["id"],))
-        return rows
-
-    def callbacks(self, tx_id):
-        """The stored callbacks of one transaction, oldest first."""
-        return self._read("SELECT * FROM callbacks WHERE tx_id = ? ORDER BY id", (tx_id,))

@@ -18,10 +18,9 @@ per event.
 import base64
 import contextlib
 import hashlib
-import http.client
 import hmac
+import http.client
 import ipaddress
-import json
 import logging
 import random
 import socket
@@ -30,9 +29,8 @@ import threading
 import time
 from urllib.parse import unquote, urlsplit
 
-
-import ledger as store
-import resources
+import mpesa_ledger as store
+from mpesa_gateway import resources, wire
 
 log = logging.getLogger(__name__)
 
@@ -70,35 +68,6 @@ def verify(secret, headers, body, now, tolerance_s=300):
     if not any(hmac.compare_digest(expected, s) for s in offered):
         raise ValueError("signature does not match")
     return msg_id
-
-
-def request_headers(environ):
-    """A receiver's request headers by lower-case name (`webhook-id`, ...) from a WSGI
-    environ: what a verifier needs."""
-    return {k[5:].replace("_", "-").lower(): v for k, v in environ.items()
-            if k.startswith("HTTP_")}
-
-
-class DemoReceiver:
-    """The demo's merchant endpoint: verifies each event and prints it as it arrives."""
-
-    def __init__(self, secret, out, clock=time.time):
-        self._secret, self._out, self._clock = secret, out, clock
-
-    def __call__(self, environ, start_response):
-        body = environ["wsgi.input"].read(min(int(environ.get("CONTENT_LENGTH") or 0), 65536))
-        headers = request_headers(environ)
-        try:
-            verify(self._secret, headers, body, self._clock())
-            event = json.loads(body)
-            print(f"webhook {event['type']} {event['data']['id']} status="
-                  f"{event['data']['status']} (signature verified)", file=self._out, flush=True)
-            status = "204 No Content"
-        except (ValueError, KeyError, TypeError):
-            print("webhook refused: signature did not verify", file=self._out, flush=True)
-            status = "400 Bad Request"
-        start_response(status, [("Content-Length", "0")])
-        return [b""]
 
 
 def address_allowed(address, allow_private=False):
@@ -142,7 +111,7 @@ class Outbox:
             return None
         previous = before["status"] if outcome == "override" else None
         body = resources.event_body(event_type, after, after["updated_at"], previous)
-        data = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+        data = wire.dumps(body)
         return store.NewEvent(tx_id=after["id"], owner=owner, type=event_type, body=data)
 
 

@@ -34,7 +34,7 @@ characters are refused at submit time (`strict_lengths`, on by default).  Real
 Daraja is not known to do this; SDKs enforce the limits client-side.
 
 It imports nothing from the gateway: it is Safaricom's side of the wire.
-Run alone: `python simulator.py --port 8001`.
+Run alone: `python -m mpesa_devtools.simulator --port 8001`.
 """
 
 import argparse
@@ -51,7 +51,7 @@ import secrets
 import threading
 import time
 import urllib.request
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, make_dataclass, replace
 from datetime import datetime, timedelta, timezone
 from urllib.parse import parse_qs, urlsplit
 
@@ -183,23 +183,39 @@ def _from_env(environ, name, convert, default):
         raise ValueError(f"{name} {exc} (got {raw[:40]!r})") from None
 
 
-@dataclass
-class SimSettings:
-    consumer_key: str = DEMO_CONSUMER_KEY
-    consumer_secret: str = DEMO_CONSUMER_SECRET
-    shortcode: str = SANDBOX_SHORTCODE
-    passkey: str = SANDBOX_PASSKEY
-    callback_delay_s: float = 2.0  # push accepted → result decided and callback sent
-    latency_ms: float = 0.0  # added to every Daraja answer (real Daraja: ~1000)
-    token_ttl_s: int = 3599
-    slow_answer_s: float = 20.0  # the 254711000408 push answers this late (> read timeout)
-    max_amount: int = 250_000
-    lock_subscriber: bool = True  # a second push to a phone with an open prompt is refused
-    callback_workers: int = 4
-    record_deliveries: bool = False  # keep (url, body) of each callback answered 2xx (tests)
-    query_pending: str = "4999"  # prompt open: "4999" (HTTP 200), or HTTP 500 "processing"/"empty"
-    query_not_found_s: float = 0.0  # a push this young is unknown to the query (~30 s observed)
-    strict_lengths: bool = True  # simulator policy: AccountReference ≤ 12, TransactionDesc ≤ 13
+# The simulator's settings, each named once: (field, environment variable or None,
+# converter, default, what it does). MPESA_* credentials default to the public sandbox's.
+SETTINGS = (
+    ("consumer_key", "MPESA_CONSUMER_KEY", str, DEMO_CONSUMER_KEY, "OAuth Basic user"),
+    ("consumer_secret", "MPESA_CONSUMER_SECRET", str, DEMO_CONSUMER_SECRET,
+     "OAuth Basic password"),
+    ("shortcode", "MPESA_SHORTCODE", str, SANDBOX_SHORTCODE, "the merchant's shortcode"),
+    ("passkey", "MPESA_PASSKEY", str, SANDBOX_PASSKEY, "the Lipa na M-Pesa passkey"),
+    ("callback_delay_s", "MPESA_SIM_CALLBACK_DELAY_S", _non_negative, 2.0,
+     "push accepted → result decided and callback sent"),
+    ("latency_ms", "MPESA_SIM_LATENCY_MS", _non_negative, 0.0,
+     "added to every Daraja answer (real Daraja: ~1000)"),
+    ("token_ttl_s", "MPESA_SIM_TOKEN_TTL_S", _count, 3599, "a token's life"),
+    ("slow_answer_s", "MPESA_SIM_SLOW_ANSWER_S", _non_negative, 20.0,
+     "the 254711000408 push answers this late (> read timeout)"),
+    ("query_pending", "MPESA_SIM_QUERY_PENDING", _query_pending, "4999",
+     'prompt open: "4999" (HTTP 200), or HTTP 500 "processing"/"empty"'),
+    ("query_not_found_s", "MPESA_SIM_QUERY_NOT_FOUND_S", _non_negative, 0.0,
+     "a push this young is unknown to the query (~30 s observed)"),
+    ("strict_lengths", "MPESA_SIM_STRICT_LENGTHS", _on_off, True,
+     "simulator policy: AccountReference ≤ 12, TransactionDesc ≤ 13"),
+    ("max_amount", None, _count, 250_000, "largest amount a push may ask for"),
+    ("lock_subscriber", None, _on_off, True,
+     "a second push to a phone with an open prompt is refused"),
+    ("callback_workers", None, _count, 4, "threads that send callbacks"),
+    ("record_deliveries", None, _on_off, False,
+     "keep (url, body) of each callback answered 2xx (tests)"),
+)
+SIM_ENV = tuple(env for _, env, *_ in SETTINGS if env and env.startswith("MPESA_SIM_"))
+
+
+class _SimSettingsChecks:
+    """What every SimSettings checks and how it is read from the environment."""
 
     def __post_init__(self):
         # Checked here too, so a typo fails when the simulator is built, not at the first query.
@@ -218,25 +234,15 @@ class SimSettings:
         if unknown:
             raise ValueError(f"{', '.join(unknown)}: not a simulator setting; known:"
                              f" {', '.join(SIM_ENV)}")
-        get = environ.get
-        return cls(
-            consumer_key=get("MPESA_CONSUMER_KEY") or DEMO_CONSUMER_KEY,
-            consumer_secret=get("MPESA_CONSUMER_SECRET") or DEMO_CONSUMER_SECRET,
-            shortcode=get("MPESA_SHORTCODE") or SANDBOX_SHORTCODE,
-            passkey=get("MPESA_PASSKEY") or SANDBOX_PASSKEY,
-            callback_delay_s=_from_env(environ, "MPESA_SIM_CALLBACK_DELAY_S", _non_negative, 2.0),
-            latency_ms=_from_env(environ, "MPESA_SIM_LATENCY_MS", _non_negative, 0.0),
-            token_ttl_s=_from_env(environ, "MPESA_SIM_TOKEN_TTL_S", _count, 3599),
-            slow_answer_s=_from_env(environ, "MPESA_SIM_SLOW_ANSWER_S", _non_negative, 20.0),
-            query_pending=_from_env(environ, "MPESA_SIM_QUERY_PENDING", _query_pending, "4999"),
-            query_not_found_s=_from_env(environ, "MPESA_SIM_QUERY_NOT_FOUND_S", _non_negative, 0.0),
-            strict_lengths=_from_env(environ, "MPESA_SIM_STRICT_LENGTHS", _on_off, True),
-        )
+        return cls(**{name: _from_env(environ, env, convert, default)
+                      for name, env, convert, default, _ in SETTINGS if env})
 
 
-SIM_ENV = ("MPESA_SIM_CALLBACK_DELAY_S", "MPESA_SIM_LATENCY_MS", "MPESA_SIM_TOKEN_TTL_S",
-           "MPESA_SIM_SLOW_ANSWER_S", "MPESA_SIM_QUERY_PENDING", "MPESA_SIM_QUERY_NOT_FOUND_S",
-           "MPESA_SIM_STRICT_LENGTHS")
+SimSettings = make_dataclass(
+    "SimSettings", [(name, type(default), field(default=default))
+                    for name, _, _, default, _ in SETTINGS], bases=(_SimSettingsChecks,))
+SimSettings.__module__ = __name__
+SimSettings.__doc__ = "The simulator's settings: one field per row of SETTINGS."
 
 
 @dataclass(frozen=True)

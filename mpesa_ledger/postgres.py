@@ -1,9 +1,9 @@
-"""The PostgreSQL ledger: the same contract as the SQLite one, for several hosts.
+"""The PostgreSQL engine of the ledger: the same contract as SQLite's, for several hosts.
 
 Owns the PostgreSQL side of the ledger: the connection pool (psycopg 3 and
 psycopg_pool, an optional install: requirements-postgres.txt), the schema and its
-versioned migrations, and the engine's own means for the promises `ledger.Ledger`
-states once in SQL:
+versioned migrations, the state the fleet shares (one OAuth token, the rate buckets),
+and the engine's own means for the promises `contract.Ledger` states once in SQL:
 
 - every write is one transaction on one pooled connection, committed before the
   call returns (the server's `synchronous_commit = on` makes that durable);
@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from functools import lru_cache
 
 import config
-import ledger as store
+from mpesa_ledger.contract import Dialect, Ledger, LedgerOpenError
 
 try:
     import psycopg
@@ -158,20 +158,18 @@ class _Tx:
         return self.conn.execute(_sql(sql), args)
 
 
-class PostgresLedger(store.Ledger):
+class PostgresLedger(Ledger):
     Error = psycopg.Error if psycopg is not None else OSError
-    SEQ = "seq"
-    FOR_UPDATE = " FOR UPDATE"
-    SKIP_LOCKED = " FOR UPDATE SKIP LOCKED"
-    FLEET = True
+    dialect = Dialect(seq="seq", for_update=" FOR UPDATE", skip_locked=" FOR UPDATE SKIP LOCKED")
+    shared_by_hosts = True
 
-    def __init__(self, url, *, clock, pool_size=8, migrate=True, wait_s=5.0):
+    def __init__(self, url, *, clock, events=None, pool_size=8, migrate=True, wait_s=5.0):
         if psycopg is None:
-            raise store.LedgerOpenError(
+            raise LedgerOpenError(
                 "GATEWAY_DB is a PostgreSQL URL but psycopg is not installed:"
                 " pip install -r requirements-postgres.txt")
+        super().__init__(clock=clock, events=events)
         self.path = config.masked_url(url)
-        self._clock = clock
         self._commits, self._count_lock = 0, threading.Lock()
         self._pool = ConnectionPool(
             # wait_s: a request waits this long for a connection, then 503 ledger_unavailable
@@ -189,7 +187,7 @@ class PostgresLedger(store.Ledger):
                 self.migrate()
         except Exception as exc:
             self._pool.close()
-            raise store.LedgerOpenError(
+            raise LedgerOpenError(
                 f"the PostgreSQL ledger {self.path} cannot be opened: {exc}") from None
 
     def migrate(self):

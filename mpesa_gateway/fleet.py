@@ -58,7 +58,7 @@ class SharedTokens:
 
 
 class SharedRateLimiter:
-    """ratelimit.RateLimiter's interface, with the buckets in the PostgreSQL ledger."""
+    """admission.RateLimiter's interface, with the buckets in the PostgreSQL ledger."""
 
     def __init__(self, ledger, rate, burst):
         self._ledger, self._rate, self._burst = ledger, float(rate), float(burst)

@@ -22,7 +22,7 @@ The rules, in order:
 import logging
 from dataclasses import dataclass
 
-import ledger as store
+import mpesa_ledger as store
 
 log = logging.getLogger(__name__)
 
@@ -142,10 +142,10 @@ class CallbackRecord:
     remote_addr: str | None
 
 
-def apply(ledger, tx_id, outcome, *, callback=None, release_claim=None, events=None):
+def apply(ledger, tx_id, outcome, *, callback=None, release_claim=None):
     """Apply `outcome` (None: an unparsable callback, stored but applied never) to `tx_id`
-    in one ledger transaction, with the webhook event (from `events(before, after,
-    outcome)`) when the status changes; return (outcome name, row after or None)."""
+    in one ledger transaction, with the webhook event when the status changes; return
+    (outcome name, row after or None)."""
     decisions = []
 
     def rules(row):
@@ -154,7 +154,7 @@ def apply(ledger, tx_id, outcome, *, callback=None, release_claim=None, events=N
         return decision
 
     name, row = ledger.settle(tx_id, rules if outcome is not None else None,
-                              callback=callback, release_claim=release_claim, event=events)
+                              callback=callback, release_claim=release_claim)
     if decisions and decisions[0].anomaly is not None:
         log.error("anomaly tx=%s reason=%s result_code=%s source=%s", tx_id,
                   decisions[0].anomaly, outcome.result_code, outcome.source)

@@ -1,17 +1,35 @@
-"""HTTP errors: exceptions that carry their status, code and headers; status lines.
+"""The wire: the JSON codec and the HTTP errors, as every web layer speaks them.
 
-Owns the error classes the flows raise and the one shape they render to
-(`{"error":{"code","message","field"?}}`, SPEC §2).  Handlers return only
-success; anything else is raised and turned into a response in one place by
-each web layer.
+Owns the strict JSON decoder and the compact encoder, the error classes the flows
+raise (each carrying its status, code and headers) and the one shape they render to
+(`{"error":{"code","message","field"?}}`, SPEC §2), and the status lines. Handlers
+return only success; anything else is raised and turned into a response in one place
+by each web layer.
 """
 
+import json
+from dataclasses import dataclass
 from http import HTTPStatus
 
 STATUS_LINES = {s.value: f"{s.value} {s.phrase}" for s in HTTPStatus}
 
 
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A flow's success: status, body (a dict to encode, or bytes as they are), headers,
+    and what the access line should say about it (the transaction and the phone)."""
+
+    status: int
+    body: object
+    headers: tuple = ()
+    tx_id: str | None = None
+    phone: str | None = None
+
+
 class ApiError(Exception):
+    """An answer other than success, raised: status, code, message, headers, and (like a
+    Reply) the transaction and phone the access line should name, once known."""
+
     status = 500
     code = "internal_error"
     message = "the gateway failed to handle the request"
@@ -22,6 +40,14 @@ class ApiError(Exception):
         self.code = code or self.code
         self.field = field
         self.headers = list(headers)
+        self.tx_id = None
+        self.phone = None
+
+    def about(self, tx_id=None, phone=None):
+        """Name the transaction and phone this answer concerns (those not named yet)."""
+        self.tx_id = self.tx_id or tx_id
+        self.phone = self.phone or phone
+        return self
 
     def body(self):
         error = {"code": self.code, "message": self.message}
@@ -81,3 +107,23 @@ class ServiceUnavailable(ApiError):
 def retry_after(seconds):
     """A Retry-After header for `seconds`, rounded up to a whole second (at least 1)."""
     return [("Retry-After", str(max(1, int(-(-seconds // 1)))))]
+
+
+# --- the JSON codec -------------------------------------------------------------------
+
+
+def _reject_constant(name):
+    raise ValueError(f"{name} is not JSON")
+
+
+def decode_json(raw):
+    """Strict UTF-8 JSON (no NaN/Infinity); any failure is 400 invalid_json."""
+    try:
+        return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise BadRequest("the body is not valid UTF-8 JSON", code="invalid_json") from None
+
+
+def dumps(body):
+    """Compact UTF-8 JSON, the bytes every answer and webhook body is sent as."""
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")

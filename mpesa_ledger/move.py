@@ -13,7 +13,7 @@ import pathlib
 import sqlite3
 
 import config
-import ledger as store
+from mpesa_ledger import is_postgres, open_ledger
 
 # (table, order of writing, columns the target numbers itself)
 TABLES = (
@@ -45,7 +45,7 @@ def move(source, target):
     with target._write() as tx:
         for table, order, generated in TABLES:
             rows = source._read(f"SELECT * FROM {table} ORDER BY "
-                                + order.format(seq=source.SEQ))
+                                + order.format(seq=source.dialect.seq))
             for row in rows:
                 columns = [c for c in row if c not in generated]
                 tx.execute(f"INSERT INTO {table} ({', '.join(columns)}) VALUES"
@@ -78,14 +78,14 @@ def _plain(value):
 def run(source_target, to_target):
     """The command: open both, copy, print the totals; MoveError/LedgerOpenError raised."""
     source_target, to_target = (config.ledger_target(t) for t in (source_target, to_target))
-    if not store.is_postgres(to_target) and source_target == to_target:
+    if not is_postgres(to_target) and source_target == to_target:
         raise MoveError("--from and --to name the same ledger")
-    if not store.is_postgres(source_target) and not _is_sqlite_ledger(source_target):
+    if not is_postgres(source_target) and not _is_sqlite_ledger(source_target):
         raise MoveError(f"--from {source_target}: no gateway ledger there (a mistyped path"
                         " would otherwise copy nothing and say so)")
-    source = store.open_ledger(source_target)
+    source = open_ledger(source_target)
     try:
-        target = store.open_ledger(to_target)
+        target = open_ledger(to_target)
         try:
             counts, amount = move(source, target)
         finally:

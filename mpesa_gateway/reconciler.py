@@ -25,9 +25,8 @@ import threading
 import time
 from collections import Counter
 
-import daraja
-import ledger as store
-import settlement
+import mpesa_ledger as store
+from mpesa_gateway import daraja, settlement
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +38,8 @@ MAX_ROWS_PER_PASS = 1000  # a pass ends; the next one carries on
 
 class Reconciler:
     def __init__(self, ledger, client, config, *, clock=time.time, observer=None,
-                 on_refusal=None, wait=None, events=None):
+                 on_refusal=None, wait=None):
         self._ledger = ledger
-        self._events = events  # webhooks.Outbox.event_for: events in the settling commit
         self._client = client
         self._observer = observer or (lambda result: None)
         self._on_refusal = on_refusal or (lambda: None)
@@ -67,8 +65,7 @@ class Reconciler:
         refusals = Counter()  # (error_code, message) → rows
         # Rows abandoned mid-push by a process that died (this one or another sharing the
         # ledger) become `unknown` without waiting for a restart.
-        results["interrupted"] = self._ledger.recover_interrupted(self._client.longest_push_s,
-                                                                   event=self._events)
+        results["interrupted"] = self._ledger.recover_interrupted(self._client.longest_push_s)
         started = self._clock()  # rows rescheduled during this pass wait for the next one
         for n in range(MAX_ROWS_PER_PASS):
             if n:
@@ -132,15 +129,14 @@ class Reconciler:
         if not answer.pending:
             outcome = settlement.from_query(answer.checkout_request_id, answer.result_code,
                                             answer.result_desc, answer.merchant_request_id)
-            name, _ = settlement.apply(self._ledger, row["id"], outcome, release_claim=lease,
-                                       events=self._events)
+            name, _ = settlement.apply(self._ledger, row["id"], outcome, release_claim=lease)
             log.info("reconcile tx=%s outcome=%s status=%s", row["id"], name, outcome.status)
             return outcome.status, None
         now = self._clock()
         past_deadline = now >= store.epoch(row["created_at"]) + self._deadline_s
         if row["status"] == store.PENDING and past_deadline:
             # Only a definite "not yet" may end a row: Daraja answered, and had no result.
-            if self._ledger.give_up(row["id"], now + UNKNOWN_RECHECK_S, lease, self._events):
+            if self._ledger.give_up(row["id"], now + UNKNOWN_RECHECK_S, lease):
                 log.error("reconcile tx=%s status=unknown reason=no_final_result attempts=%d",
                           row["id"], row["check_attempts"] + 1)
             return "expired", None

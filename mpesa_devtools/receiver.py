@@ -1,0 +1,40 @@
+"""The demo's merchant endpoint: a small WSGI app that verifies each webhook and prints it.
+
+Owns what `python mpesa_wsgi.py --demo` starts on GATEWAY_PORT + 2, and the reading of a
+webhook request's headers that it and the tests' receivers share. A merchant would use
+a Standard Webhooks library; this one checks with the gateway's own `verify`.
+"""
+
+import json
+import time
+
+from mpesa_gateway.webhooks import verify
+
+
+def request_headers(environ):
+    """A receiver's request headers by lower-case name (`webhook-id`, ...) from a WSGI
+    environ: what a verifier needs."""
+    return {k[5:].replace("_", "-").lower(): v for k, v in environ.items()
+            if k.startswith("HTTP_")}
+
+
+class DemoReceiver:
+    """The demo's merchant endpoint: verifies each event and prints it as it arrives."""
+
+    def __init__(self, secret, out, clock=time.time):
+        self._secret, self._out, self._clock = secret, out, clock
+
+    def __call__(self, environ, start_response):
+        body = environ["wsgi.input"].read(min(int(environ.get("CONTENT_LENGTH") or 0), 65536))
+        headers = request_headers(environ)
+        try:
+            verify(self._secret, headers, body, self._clock())
+            event = json.loads(body)
+            print(f"webhook {event['type']} {event['data']['id']} status="
+                  f"{event['data']['status']} (signature verified)", file=self._out, flush=True)
+            status = "204 No Content"
+        except (ValueError, KeyError, TypeError):
+            print("webhook refused: signature did not verify", file=self._out, flush=True)
+            status = "400 Bad Request"
+        start_response(status, [("Content-Length", "0")])
+        return [b""]

@@ -1,0 +1,92 @@
+"""What operators watch: the /health checks and answer, and each request's accounting.
+
+Owns the health checks (ledger writable, token age, pending and unknown counts, push
+slots, reconciler refusals, webhook backlog; refreshed at most once a second, since
+/health may be hit thousands of times a second) with the answer rendered once per
+second, and the per-request accounting every web layer calls: the request metrics and
+the one access line (route template, never the raw callback path; phone masked).
+"""
+
+import config as settings
+import mpesa_ledger as store
+import validation
+from mpesa_gateway import logs
+from mpesa_gateway.wire import Reply, dumps
+
+HEALTH_CHECK_EVERY_S = 1.0
+JSON = (("Content-Type", "application/json"),)
+# Every method the API serves; metrics and access lines say `other` for any other, so an
+# invented method can never add a label value (or megabytes of one).
+API_METHODS = frozenset({"GET", "POST"})
+
+
+class Health:
+    """The checks and the rendered answer of one gateway; each replaced whole, so readers
+    on other threads never see half of one."""
+
+    def __init__(self, services):
+        self._services = services
+        self._checks = (float("-inf"), None)  # (checked at, checks)
+        self._answer = None  # (second, checks, Reply)
+
+    def checks(self):
+        """Ledger writable, token age, pending/unknown counts, push slots, reconciler
+        refusals, webhook backlog; refreshed at most once a second."""
+        s = self._services
+        checked_at, checks = self._checks
+        now = s.clock.monotonic()
+        if checks is None or now - checked_at >= HEALTH_CHECK_EVERY_S:
+            writable = s.ledger.writable()
+            try:  # a ledger that cannot be written may still be read (SQLite) or not (a
+                #     PostgreSQL server that is down): then its counts are unknown
+                counts = s.ledger.count_by_status() if writable else None
+            except s.ledger.Error:
+                counts = None
+            age = s.daraja.tokens.age()
+            checks = {
+                "ledger_writable": writable,
+                "token_age_s": None if age is None else round(age, 1),
+                "pending": None if counts is None else counts.get(store.PENDING, 0),
+                "unknown": None if counts is None else counts.get(store.UNKNOWN, 0),
+                "push_slots": s.slots.total,
+                "push_slots_in_use": s.slots.in_use(),
+            }
+            if s.reconciler is not None:
+                checks["reconcile_query_refusals"] = s.reconciler.refusals
+            if s.config.webhook_urls:
+                backlog, oldest = s.ledger.outbox_backlog() if counts is not None else (
+                    None, None)
+                checks["webhook_backlog"] = backlog
+                checks["webhook_oldest_s"] = (None if oldest is None
+                                              else round(s.clock.wall() - oldest, 1))
+            self._checks = (now, checks)
+        return checks
+
+    def answer(self):
+        """GET /health: the checks and the time to the second, so the answer is the same
+        bytes for a whole second: rendered once."""
+        checks = self.checks()
+        second = int(self._services.clock.wall())
+        cached = self._answer
+        if cached is None or cached[0] != second or cached[1] is not checks:
+            ok = checks["ledger_writable"]
+            body = dumps({"status": "ok" if ok else "degraded",
+                          "timestamp": store.iso_utc(second),
+                          "version": settings.VERSION, "checks": checks})
+            cached = self._answer = (second, checks, Reply(200 if ok else 503, body, JSON))
+        return cached[2]
+
+
+def account(registry, method, route, status, elapsed, tx_id=None, phone=None):
+    """Metrics and the one access line of a request: route template, never the raw
+    callback path; a method the API does not serve is `other`."""
+    if method not in API_METHODS:
+        method = "other"
+    registry.requests.inc(route, method, str(status))
+    registry.request_seconds.observe(elapsed, route)
+    masked = validation.mask_phone(phone) if phone else "-"
+    ms = elapsed * 1000
+    logs.access(f"request method={method} route={route} status={status} ms={ms:.1f}"
+                f" tx={tx_id or '-'} phone={masked}",
+                {"method": method, "route": route, "status": status,
+                 "ms": round(ms, 1), "tx": tx_id, "phone": masked})

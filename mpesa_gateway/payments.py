@@ -1,0 +1,377 @@
+"""The payment flows: what each API call does, over the services it is given.
+
+Owns the flows every web layer calls: start a payment, read one, list them, the
+webhook events an owner reads and redelivers, receive a callback, and /metrics.
+Flows take plain values and return a `wire.Reply` (status, body, headers and what the
+access line should name); anything else is raised as a `wire.ApiError`. The raw WSGI
+app and the Flask and Falcon versions in bench/ call the same flows over the same
+`Services`, so only routing, parsing and rendering differ between them.
+
+The order of a payment is the promise: the row is committed before Daraja is
+called, and once a prompt may have been sent no path answers 500: the merchant
+gets `202` with the transaction id and the status as far as it is known.
+"""
+
+import functools
+import json
+import logging
+import time
+
+import config as settings
+import mpesa_ledger as store
+import validation
+from mpesa_gateway import daraja, metrics, resources, settlement, sources
+from mpesa_gateway.auth import authenticate, idempotency_for, token_matches
+from mpesa_gateway.resources import transaction_resource
+from mpesa_gateway.wire import (
+    ApiError,
+    BadRequest,
+    Conflict,
+    Forbidden,
+    NotFound,
+    Reply,
+    ServiceUnavailable,
+    TooManyRequests,
+    Unauthorized,
+    Unprocessable,
+    UpstreamRejected,
+    decode_json,
+    dumps,
+    retry_after,
+)
+
+log = logging.getLogger(__name__)
+
+CALLBACK_ACK = {"ResultCode": 0, "ResultDesc": "Accepted"}
+RETRY_AFTER_BUSY_S = 60  # Daraja: wait at least a minute after "unable to lock subscriber"
+RETRY_AFTER_UNAVAILABLE_S = 30
+RETRY_AFTER_GATEWAY_BUSY_S = 1
+MAX_ID_LENGTH = 64
+REPLAYED = (("Idempotent-Replayed", "true"),)
+LEDGER_RETRIES_S = (0.05, 0.25)  # a lock that outlasted the busy timeout rarely lasts longer
+
+
+def metrics_text(services, authorization):
+    """GET /metrics: open, or behind GATEWAY_METRICS_TOKEN."""
+    token = services.config.metrics_token
+    if token is not None and not token_matches(authorization, token):
+        raise Unauthorized("GET /metrics needs 'Authorization: Bearer <GATEWAY_METRICS_TOKEN>'",
+                           headers=[("WWW-Authenticate", 'Bearer realm="metrics"')])
+    return Reply(200, services.metrics.render().encode(),
+                 (("Content-Type", metrics.CONTENT_TYPE),))
+
+
+def ledger_unavailable(message):
+    """The 503 for a ledger that cannot be read or written, with Retry-After."""
+    return ServiceUnavailable(message, code="ledger_unavailable",
+                              headers=retry_after(RETRY_AFTER_UNAVAILABLE_S))
+
+
+def ledger_read(flow):
+    """A flow that reads the ledger: a ledger that cannot be reached (a PostgreSQL server
+    that is down) is 503 ledger_unavailable with Retry-After, never a 500."""
+    @functools.wraps(flow)
+    def guarded(services, *args):
+        try:
+            return flow(services, *args)
+        except services.ledger.Error:
+            log.exception("ledger unavailable route_flow=%s", flow.__name__)
+            raise ledger_unavailable("the ledger cannot be reached; retry shortly") from None
+    return guarded
+
+
+@ledger_read
+def transactions_page(services, authorization, query_string):
+    caller = authenticate(authorization, services.config)
+    try:
+        query = validation.parse_list_query(query_string)
+    except validation.ValidationError as exc:
+        raise BadRequest(exc.message, code=exc.code, field=exc.field) from None
+    owner = None if caller.admin else caller.owner
+    rows, more = services.ledger.list_page(
+        status=query.status, since=query.since, after=query.after, limit=query.limit,
+        owner=owner, with_unowned=owner == settings.DEFAULT_OWNER)
+    cursor = validation.encode_cursor(rows[-1]["created_at"], rows[-1]["id"]) if more else None
+    return Reply(200, {"data": [transaction_resource(r) for r in rows], "next_cursor": cursor})
+
+
+def start_payment(services, authorization, load_body, idempotency_key):
+    """POST /stkpush: `load_body()` returns the decoded JSON body (or raises 413/415/400)."""
+    cfg = services.config
+    caller = authenticate(authorization, cfg)
+    if caller.admin:
+        raise Forbidden("admin keys read payments; start one with a merchant key",
+                        code="admin_key")
+    if not services.slots.try_acquire():
+        # Refused at once, like 429: nothing sent, no row, no key. The reserve threads stay
+        # free for callbacks, reads and health.
+        services.metrics.busy.inc()
+        raise ServiceUnavailable("every push slot is taken; retry in a second; nothing was"
+                                 " sent", code="gateway_busy",
+                                 headers=retry_after(RETRY_AFTER_GATEWAY_BUSY_S))
+    try:
+        return _start_payment(services, caller, load_body, idempotency_key)
+    finally:
+        services.slots.release()
+
+
+def _start_payment(services, caller, load_body, idempotency_key):
+    cfg = services.config
+    try:
+        wait = services.limiter.acquire(caller.owner)  # before idempotency, as Stripe does
+    except services.ledger.Error:  # the fleet's buckets live in the ledger
+        log.exception("ledger read failed for the rate limit")
+        raise ledger_unavailable("the ledger cannot be reached; nothing was sent") from None
+    if wait:
+        raise TooManyRequests(f"at most {cfg.rate:g} payments per second per API key name",
+                              headers=retry_after(wait))
+    try:
+        push = validation.validate_push(load_body(), cfg.max_amount,
+                                        cfg.default_reference, cfg.default_description)
+    except validation.ValidationError as exc:
+        raise BadRequest(exc.message, code=exc.code, field=exc.field) from None
+    try:
+        return _push(services, caller, push, idempotency_key)
+    except ApiError as exc:
+        raise exc.about(phone=push.phone)
+
+
+def _push(services, caller, push, idempotency_key):
+    cfg = services.config
+    idem = idempotency_for(idempotency_key, caller.owner, push)  # never for a 400
+    try:
+        # Committed before Daraja is called: a crash from here on leaves a trace.
+        begun = services.ledger.begin_push(
+            phone=push.phone, amount=push.amount, reference=push.reference,
+            description=push.description, idempotency=idem, phone_lock_s=cfg.phone_lock_s,
+            owner=caller.owner)
+    except services.ledger.Error:
+        log.exception("ledger write failed before push")
+        raise ledger_unavailable("the ledger cannot be written; nothing was sent") from None
+    if begun.kind != store.Start.NEW:
+        return answer_without_push(begun, caller, push.phone)
+    row = begun.row
+    try:
+        return _after_row(services, row, push, idem)
+    except ApiError as exc:
+        raise exc.about(tx_id=row["id"])
+
+
+def _after_row(services, row, push, idem):
+    try:
+        accepted = services.daraja.stk_push(
+            phone=push.phone, amount=push.amount, reference=push.reference,
+            description=push.description, callback_url=services.signer.url(row["id"]))
+    except daraja.DarajaError as exc:
+        return push_not_accepted(services, row, exc, idem)
+    except Exception:  # noqa: BLE001 - a bug after the row: the push may have gone out
+        log.exception("push failed unexpectedly tx=%s", row["id"])
+        return push_not_accepted(
+            services, row, daraja.DarajaError("stk_push", daraja.UNKNOWN, "internal_error"), idem)
+    at = services.clock.wall()
+    expected = dict(row, status=store.PENDING, checkout_request_id=accepted.checkout_request_id,
+                    merchant_request_id=accepted.merchant_request_id,
+                    updated_at=store.iso_utc(at))
+    try:
+        row = record_outcome(services.ledger, row["id"], idem, expected, lambda pin: (
+            services.ledger.mark_accepted(row["id"], accepted.checkout_request_id,
+                                          accepted.merchant_request_id, at=at, pin=pin)))
+    except Exception:  # noqa: BLE001 - the prompt is out: never a 500 from here on
+        # The row stays `submitting`, so recovery makes it `unknown` and its signed callback
+        # URL still finds it; a retry with the key finds the row itself. Tell the merchant
+        # what we know.
+        log.exception("ledger write failed after push tx=%s", row["id"])
+        row = dict(expected, updated_at=row["updated_at"])
+    return Reply(202, transaction_resource(row), tx_id=row["id"], phone=push.phone)
+
+
+LEDGER_RETRIES_S = (0.05, 0.25)  # a lock that outlasted the busy timeout rarely lasts longer
+
+
+def with_retries(ledger, write):
+    """Run a ledger write that must not be lost (a push has been answered), retrying a
+    failure twice; the last failure is raised."""
+    for pause in LEDGER_RETRIES_S:
+        try:
+            return write()
+        except ledger.Error:
+            log.warning("ledger write failed; retrying in %.2f s", pause)
+            time.sleep(pause)
+    return write()
+
+
+def record_outcome(ledger, tx_id, idem, expected, write):
+    """`write(pin)` records a push's outcome; with a key, the 202 answer (made here from
+    `expected`, the row as that write leaves it) is stored in the same commit. If that
+    fails, the outcome alone: a retry with the key then finds the row itself."""
+    if idem is not None:
+        pin = store.PinnedAnswer(idem, 202, dumps(transaction_resource(expected)))
+        try:
+            return with_retries(ledger, lambda: write(pin))
+        except Exception:  # noqa: BLE001 - the outcome still has to be recorded
+            log.exception("ledger write failed storing the idempotent answer tx=%s", tx_id)
+    return with_retries(ledger, lambda: write(None))
+
+
+def answer_without_push(begun, caller, phone):
+    """The ledger decided no new push is needed: replay, conflict, or phone lock."""
+    if begun.kind == store.Start.REUSED:
+        raise Unprocessable("this Idempotency-Key was used with a different request",
+                            code="idempotency_key_reused")
+    if begun.kind == store.Start.PHONE_BUSY:
+        # The lock spans every owner (it protects the customer); the id is named only to
+        # the merchant who owns it.
+        which = f"transaction {begun.row['id']}" if caller.sees(begun.row) else "a payment"
+        raise Conflict(f"{which} for this phone may still have a prompt open; wait for its"
+                       " result", code="payment_in_progress")
+    tx_id = begun.row["id"]
+    if begun.kind == store.Start.REPLAY:
+        return Reply(begun.status_code, json.loads(begun.body), REPLAYED, tx_id, phone)
+    if begun.row["status"] == store.SUBMITTING:  # in flight: the first request is still at Daraja
+        raise Conflict("a request with this Idempotency-Key is still in progress; retry shortly",
+                       code="idempotency_key_in_use", headers=retry_after(1)).about(tx_id)
+    # In flight on paper, but its row moved on (its answer was not pinned): say so.
+    return Reply(202, transaction_resource(begun.row), REPLAYED, tx_id, phone)
+
+
+def push_not_accepted(services, row, exc, idem):
+    """Record a push Daraja did not accept, then answer per SPEC §2 outcomes."""
+    ledger = services.ledger
+    if exc.outcome == daraja.UNKNOWN:
+        # It may have reached the customer: never resend; the callback or a query settles it.
+        at = services.clock.wall()
+        expected = dict(row, status=store.UNKNOWN, reason=exc.reason, result_code=None,
+                        result_desc=None, updated_at=store.iso_utc(at))
+        try:
+            row = record_outcome(ledger, row["id"], idem, expected, lambda pin: (
+                ledger.mark_not_accepted(row["id"], store.UNKNOWN, exc.reason, at=at, pin=pin)))
+        except Exception:  # noqa: BLE001 - it may have reached the customer: never a 500
+            # Still `submitting` in the ledger, so recovery makes it `unknown` too.
+            log.exception("ledger write failed after an unanswered push tx=%s", row["id"])
+            row = dict(row, status=store.UNKNOWN, reason=exc.reason)
+        return Reply(202, transaction_resource(row), tx_id=row["id"], phone=row["phone"])
+    # Nothing reached the customer: the idempotency key is released with the row's update,
+    # so the merchant may retry with the same key.
+    if exc.outcome == daraja.REJECTED and exc.subscriber_locked:
+        _refused(ledger, row, "subscriber_busy", exc, idem)
+        raise Conflict(f"the customer has another M-Pesa prompt open; transaction {row['id']}"
+                       " was not sent", code="subscriber_busy",
+                       headers=retry_after(RETRY_AFTER_BUSY_S))
+    if exc.outcome == daraja.REJECTED and exc.reason == "wrong_base_url":
+        _refused(ledger, row, "daraja_rejected", exc, idem)
+        raise UpstreamRejected("Daraja's address answered with an HTML page, not the STK"
+                               " service: the base URL (MPESA_BASE_URL or MPESA_ENVIRONMENT)"
+                               f" looks wrong; transaction {row['id']} is rejected")
+    if exc.outcome == daraja.REJECTED:
+        _refused(ledger, row, "daraja_rejected", exc, idem)
+        raise UpstreamRejected(f"Daraja refused the request ({exc.error_code}); transaction"
+                               f" {row['id']} is rejected")
+    _refused(ledger, row, "upstream_unavailable", exc, idem)
+    raise ServiceUnavailable(f"Daraja is unavailable ({exc.reason}); transaction {row['id']}"
+                             " was not sent", headers=retry_after(RETRY_AFTER_UNAVAILABLE_S))
+
+
+def _refused(ledger, row, reason, exc, idem):
+    """Mark a push that reached no customer `rejected` and free its key, in one commit.
+
+    If the ledger cannot record it even after retries, the row stays `submitting` (so
+    recovery will call it `unknown`) and the key stays taken: say exactly that, rather
+    than promise a retry with the same key that would be refused."""
+    try:
+        with_retries(ledger, lambda: ledger.mark_not_accepted(
+            row["id"], store.REJECTED, reason, exc.error_code, exc.error_message, release=idem))
+    except ledger.Error:
+        log.exception("ledger write failed after a refused push tx=%s", row["id"])
+        raise ledger_unavailable(
+            f"Daraja did not take the request, so nothing was sent, but the ledger could not"
+            f" record it: transaction {row['id']} will show as unknown; do not retry with the"
+            " same Idempotency-Key") from None
+
+
+@ledger_read
+def events_page(services, authorization, query_string):
+    """GET /events: the caller's webhook events, newest first (admin keys: everyone's)."""
+    caller = authenticate(authorization, services.config)
+    try:
+        status, limit, after = validation.parse_events_query(query_string)
+    except validation.ValidationError as exc:
+        raise BadRequest(exc.message, code=exc.code, field=exc.field) from None
+    rows, more = services.ledger.event_page(owner=None if caller.admin else caller.owner,
+                                            status=status, after=after, limit=limit)
+    return Reply(200, {"data": [resources.event_resource(r) for r in rows],
+                       "next_cursor": rows[-1]["id"] if more else None})
+
+
+def _own_event(services, caller, event_id):
+    row = services.ledger.event(event_id) if validation.event_id_ok(event_id) else None
+    if row is None or not (caller.admin or row["owner"] == caller.owner):
+        raise NotFound("no such event")  # another owner's event does not exist here
+    return row
+
+
+@ledger_read
+def read_event(services, authorization, event_id):
+    """GET /events/<id>: one event with its delivery attempts."""
+    caller = authenticate(authorization, services.config)
+    return Reply(200, resources.event_resource(_own_event(services, caller, event_id), True))
+
+
+@ledger_read
+def redeliver_event(services, authorization, event_id):
+    """POST /events/<id>/redeliver: send it again at the sender's next pass."""
+    caller = authenticate(authorization, services.config)
+    _own_event(services, caller, event_id)
+    row = services.ledger.redeliver(event_id)
+    return Reply(202, resources.event_resource(row))
+
+
+@ledger_read
+def read_transaction(services, authorization, ref):
+    caller = authenticate(authorization, services.config)
+    row = services.ledger.get(ref) if 0 < len(ref) <= MAX_ID_LENGTH else None
+    if row is None or not caller.sees(row):  # another owner's payment does not exist here
+        raise NotFound("no transaction with that id or CheckoutRequestID")
+    return Reply(200, transaction_resource(row), tx_id=row["id"], phone=row["phone"])
+
+
+def receive_callback(services, tx_id, sig, environ, load_raw):
+    """Safaricom's STK result: stored and applied in one commit, then acknowledged.
+    `load_raw()` returns the raw body, bounded (or raises 413)."""
+    if not services.signer.verify(tx_id, sig):
+        # First, before anything is logged: a scanner's request is just an unknown path.
+        raise NotFound()
+    cfg = services.config
+    source = sources.client_address(environ, cfg.trusted_proxies)
+    policy = cfg.callback_ip_policy
+    if policy != "off" and not sources.within(source, cfg.callback_ips):
+        log.warning("callback source_not_allowed tx=%s ip=%s policy=%s", tx_id, source, policy)
+        if policy == "enforce":
+            raise Forbidden("callbacks are accepted from Safaricom's addresses only",
+                            code="forbidden_source")
+    try:
+        return _store_callback(services, tx_id, source, load_raw())
+    except ApiError as exc:
+        raise exc.about(tx_id)
+
+
+def _store_callback(services, tx_id, source, raw):
+    try:
+        result = validation.parse_stk_callback(decode_json(raw))
+    except (BadRequest, validation.ValidationError):
+        result = None
+    outcome = settlement.from_callback(result) if result is not None else None
+    try:
+        name, row = settlement.apply(services.ledger, tx_id, outcome,
+                                     callback=settlement.CallbackRecord(raw, source))
+    except services.ledger.Error:
+        # Not stored, so not acknowledged; the reconciler's query settles it if it never returns.
+        log.exception("ledger write failed for callback tx=%s", tx_id)
+        raise ledger_unavailable("the callback could not be stored") from None
+    phone = row["phone"] if row is not None else None
+    services.metrics.callbacks.inc(name)
+    log.info("callback tx=%s outcome=%s result_code=%s", tx_id, name,
+             result.result_code if result else None)
+    if result is None:
+        raise BadRequest("the callback is not a valid STK result (it was stored)",
+                         code="invalid_callback").about(tx_id, phone)
+    return Reply(200, CALLBACK_ACK, tx_id=tx_id, phone=phone)

@@ -1,0 +1,252 @@
+"""The SQLite engine of the ledger: one file on local disk, for one host.
+
+Owns the SQLite schema (its version in PRAGMA user_version), the connections (a reading
+one per thread; one writing connection whose transactions group commit shares among
+concurrent writes; WAL, synchronous=FULL, a busy timeout, `BEGIN IMMEDIATE`) and the
+hooks of the contract: a write is one savepoint of a shared transaction and returns
+only once its COMMIT is durable; a failed COMMIT is rolled back; a connection that
+cannot be rolled back is discarded. The file's write lock serialises every writer, so
+no other lock is needed.
+"""
+
+import logging
+import sqlite3
+import threading
+import time
+
+from mpesa_ledger import group_commit
+from mpesa_ledger.contract import Dialect, Ledger
+
+log = logging.getLogger(__name__)
+
+BUSY_TIMEOUT_S = 5.0
+SCHEMA_VERSION = 2  # 1: the tables below; 2: transactions.owner (added by _migrate)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS transactions (
+    id                  TEXT PRIMARY KEY,
+    checkout_request_id TEXT UNIQUE,
+    merchant_request_id TEXT,
+    status              TEXT NOT NULL,
+    reason              TEXT,
+    phone               TEXT NOT NULL,
+    amount              INTEGER NOT NULL,
+    reference           TEXT NOT NULL,
+    description         TEXT NOT NULL,
+    result_code         TEXT,
+    result_desc         TEXT,
+    receipt             TEXT,
+    created_at          TEXT NOT NULL,
+    updated_at          TEXT NOT NULL,
+    -- reconciliation: when to query next, how often we did, who holds the row until when
+    next_check_at       REAL NOT NULL DEFAULT 0,
+    check_attempts      INTEGER NOT NULL DEFAULT 0,
+    claimed_until       REAL NOT NULL DEFAULT 0,
+    owner               TEXT  -- the API key name that made it; NULL on rows from before owners
+);
+CREATE INDEX IF NOT EXISTS transactions_status ON transactions (status, next_check_at);
+CREATE INDEX IF NOT EXISTS transactions_phone ON transactions (phone, created_at);
+CREATE INDEX IF NOT EXISTS transactions_created ON transactions (created_at, id);
+CREATE TABLE IF NOT EXISTS heartbeat (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS idempotency_keys (
+    scope        TEXT NOT NULL,  -- fingerprint of the API key: keys are per merchant
+    key          TEXT NOT NULL,
+    request_hash TEXT NOT NULL,
+    tx_id        TEXT NOT NULL,
+    status_code  INTEGER,        -- NULL while the first request is in flight
+    body         BLOB,
+    created_at   REAL NOT NULL,
+    PRIMARY KEY (scope, key)
+);
+CREATE INDEX IF NOT EXISTS idempotency_created ON idempotency_keys (created_at);
+CREATE TABLE IF NOT EXISTS callbacks (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    tx_id       TEXT NOT NULL,
+    received_at TEXT NOT NULL,
+    remote_addr TEXT,
+    outcome     TEXT NOT NULL,
+    body        BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS callbacks_tx ON callbacks (tx_id);
+-- the webhook outbox: written in the commit that changes a payment's status
+CREATE TABLE IF NOT EXISTS events (
+    id              TEXT PRIMARY KEY,  -- the webhook-id; pages sort by it (creation time)
+    tx_id           TEXT NOT NULL,
+    owner           TEXT NOT NULL,
+    type            TEXT NOT NULL,
+    body            BLOB NOT NULL,     -- the JSON sent, fixed when the event is made
+    status          TEXT NOT NULL,     -- pending | delivered | dead
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    claimed_until   REAL NOT NULL DEFAULT 0,
+    created_at      REAL NOT NULL,
+    delivered_at    REAL
+);
+CREATE INDEX IF NOT EXISTS events_due ON events (status, next_attempt_at);
+CREATE INDEX IF NOT EXISTS events_tx ON events (tx_id);
+CREATE INDEX IF NOT EXISTS events_owner ON events (owner, id);
+-- a claim looks for an earlier pending event of the same payment: one probe, not a scan
+CREATE INDEX IF NOT EXISTS events_pending_tx ON events (tx_id) WHERE status = 'pending';
+CREATE TABLE IF NOT EXISTS event_attempts (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id    TEXT NOT NULL,
+    at          REAL NOT NULL,
+    status_code INTEGER,
+    duration_ms REAL NOT NULL,
+    error       TEXT
+);
+CREATE INDEX IF NOT EXISTS event_attempts_event ON event_attempts (event_id);
+"""
+
+
+
+class SqliteLedger(Ledger):
+    Error = sqlite3.Error
+    dialect = Dialect(seq="rowid", for_update="", skip_locked="")
+
+    def __init__(self, path, *, clock=time.time, events=None, busy_timeout_s=BUSY_TIMEOUT_S,
+                 on_connect=None):
+        super().__init__(clock=clock, events=events)
+        self.path = path
+        self._on_connect = on_connect  # test shim: sees each new connection (e.g. an authorizer)
+        self._busy_timeout_s = busy_timeout_s
+        self._local = threading.local()
+        self._all = []  # every connection opened, so close() can reach them
+        self._all_lock = threading.Lock()
+        self._group = group_commit.GroupCommit(self._writer_conn, self._rollback, sqlite3.Error)
+        self.migrate()
+
+    def migrate(self):
+        """Create the schema or bring a ledger made by an older version up to it; returns
+        the schema version (PRAGMA user_version). Each step is idempotent, since ledgers
+        from before versioning say 0 whatever they hold."""
+        conn = self._conn()
+        self._when_unlocked(lambda: conn.executescript(SCHEMA))
+        return self._when_unlocked(lambda: self._migrate(conn))
+
+    @staticmethod
+    def _migrate(conn):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            # 2: the owner of each row (API key names)
+            columns = {r[1] for r in conn.execute("PRAGMA table_info(transactions)")}
+            if "owner" not in columns:
+                conn.execute("ALTER TABLE transactions ADD COLUMN owner TEXT")
+            conn.execute("CREATE INDEX IF NOT EXISTS transactions_owner"
+                         " ON transactions (owner, created_at, id)")
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return SCHEMA_VERSION
+
+    # --- connections --------------------------------------------------------
+
+    def _conn(self):
+        """This thread's reading connection (and the schema's)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = self._open()
+            with self._all_lock:
+                self._all.append(conn)
+        return conn
+
+    def _open(self):
+        # check_same_thread=False: the writer is used by one thread at a time (group
+        # commit), and close() ends every connection.
+        conn = sqlite3.connect(self.path, timeout=self._busy_timeout_s, isolation_level=None,
+                               check_same_thread=False)
+        conn.row_factory = sqlite3.Row
+        # WAL is a property of the file: switch only if needed, since switching takes an
+        # exclusive lock that another process opening a new ledger may hold right now.
+        if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            self._when_unlocked(lambda: conn.execute("PRAGMA journal_mode=WAL"))
+        conn.execute("PRAGMA synchronous=FULL")  # a commit we acknowledged survives power loss
+        if self._on_connect is not None:
+            self._on_connect(conn)
+        return conn
+
+    def _when_unlocked(self, action):
+        """Run a schema-level statement, waiting out another process's lock.
+
+        SQLite answers "locked" at once, without its busy handler, when two connections
+        would deadlock (both opening a brand-new file); so wait here instead.
+        """
+        deadline = time.monotonic() + self._busy_timeout_s
+        while True:
+            try:
+                return action()
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
+
+    def _write(self):
+        """One write, in the group commit's current transaction (taken with BEGIN
+        IMMEDIATE: no mid-way SQLITE_BUSY); returns once it is durable."""
+        return self._group.write()
+
+    def _writer_conn(self):
+        """The one connection the group commit writes with."""
+        conn = self._open()
+        with self._all_lock:
+            self._all.append(conn)
+        return conn
+
+    def _rollback(self, conn):
+        """End a failed transaction (a failed COMMIT leaves it open); a connection that
+        cannot be rolled back is discarded (False), so the next write starts clean."""
+        try:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            return True
+        except sqlite3.Error:
+            log.error("ledger rollback_failed action=discard_connection")
+            with self._all_lock:
+                if conn in self._all:
+                    self._all.remove(conn)
+            try:
+                conn.close()
+            except sqlite3.Error:
+                pass
+            return False
+
+    @property
+    def commit_counts(self):
+        """(writes made durable, COMMITs that did it): batching, for /metrics."""
+        return self._group.commits, self._group.batches
+
+    def _read(self, sql, args=()):
+        return [dict(r) for r in self._conn().execute(sql, args)]
+
+    def _serialize(self, conn, names):
+        """The file's write lock, taken by BEGIN IMMEDIATE, already serialises every writer."""
+
+    def close(self):
+        self._group.close()
+        with self._all_lock:
+            conns, self._all = self._all, []
+        for conn in conns:
+            conn.close()
+        self._local = threading.local()
+
+
+    def writable(self):
+        """Can a new connection commit a write right now? (A fresh one: an open connection
+        keeps working on a file whose permissions changed under it.)"""
+        try:
+            conn = sqlite3.connect(self.path, timeout=1.0, isolation_level=None)
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute("INSERT OR REPLACE INTO heartbeat (id, at) VALUES (1, ?)",
+                             (self._clock(),))
+                conn.execute("COMMIT")
+            finally:
+                conn.close()
+        except sqlite3.Error:
+            return False
+        return True

@@ -1,0 +1,81 @@
+"""The ledger's vocabulary: payment statuses, ids, times, and the values its calls trade.
+
+Owns what both engines and the gateway agree a ledger row means: the statuses a
+payment passes through (`submitting` is internal, shown to merchants as `pending`),
+how ids and timestamps are made, and the small frozen values the ledger's calls
+take and return (`Idempotency`, `Begun`, `NewEvent`, `PinnedAnswer`).
+"""
+
+import calendar
+import enum
+import secrets
+import time
+from dataclasses import dataclass
+
+SUBMITTING = "submitting"  # written, Daraja not answered yet (shown to merchants as pending)
+PENDING, SUCCEEDED, FAILED, REJECTED, UNKNOWN = (
+    "pending", "succeeded", "failed", "rejected", "unknown")
+FINAL = frozenset({SUCCEEDED, FAILED, REJECTED})  # unknown is not final: a result may still come
+IDEMPOTENCY_TTL_S = 24 * 3600  # keys are kept at least this long (Stripe's window)
+
+
+def iso_utc(epoch):
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+
+
+def epoch(iso):
+    return calendar.timegm(time.strptime(iso, "%Y-%m-%dT%H:%M:%SZ"))
+
+
+def new_tx_id(epoch_s, prefix="tx_"):
+    """tx_ + 12 hex digits of creation milliseconds + 12 random: ids sort by creation."""
+    return f"{prefix}{int(epoch_s * 1000):012x}{secrets.token_hex(6)}"
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    """A webhook event to write in the same commit as the status change it reports."""
+
+    tx_id: str
+    owner: str
+    type: str
+    body: bytes
+
+
+@dataclass(frozen=True)
+class Idempotency:
+    scope: str
+    key: str
+    request_hash: str
+
+
+class Start(str, enum.Enum):
+    """What begin_push decided about a push."""
+
+    NEW = "new"  # a new `submitting` row: call Daraja
+    REPLAY = "replay"  # the key's first request was answered: replay that answer
+    IN_FLIGHT = "in_flight"  # the key's first request has no pinned answer (yet)
+    REUSED = "reused"  # the key was used with a different request
+    PHONE_BUSY = "phone_busy"  # the phone may still have a prompt open
+
+
+@dataclass(frozen=True)
+class Begun:
+    """What begin_push decided (`kind`), with the row it concerns and, for a replay, the
+    stored answer."""
+
+    kind: Start
+    row: dict | None = None
+    status_code: int | None = None
+    body: bytes | None = None
+
+
+
+@dataclass(frozen=True)
+class PinnedAnswer:
+    """The answer a keyed request got (status and the body's bytes, made by the payment
+    flow), stored with the outcome it reports so a retry with the key replays it."""
+
+    idempotency: Idempotency
+    status_code: int
+    body: bytes

@@ -1,0 +1,255 @@
+"""Test helpers: constants, clocks, servers, pollers and ledger readers the tests share.
+
+Fixtures live in conftest.py; everything a test imports by name lives here.
+"""
+
+import contextlib
+import os
+import pathlib
+import re
+import shutil
+import socket
+import sqlite3
+import subprocess
+import threading
+import time
+
+import pytest
+from webtest import TestApp
+from webtest.http import StopableWSGIServer
+
+from mpesa_devtools import simulator
+
+ROOT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+API_KEY = "test-key-0123456789abcdef"
+OTHER_KEY = "other-key-0123456789abcdef"
+SECRET = "test-secret-0123456789abcdef"
+
+
+def serve(app, threads=8):
+    """Serve a WSGI app with waitress on 127.0.0.1 and an OS-chosen port."""
+    server = StopableWSGIServer.create(app, host="127.0.0.1", port=0, threads=threads,
+                                       expose_tracebacks=False)
+    return server, f"http://127.0.0.1:{server.effective_port}"
+
+
+def free_port(pair=False, span=None):
+    """A port free now (and, with pair, the next one too; with span, the next span - 1)
+    for a subprocess to bind."""
+    span = span or (2 if pair else 1)
+    for _ in range(50):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port + span - 1 > 65535:
+            continue
+        try:
+            for extra in range(1, span):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port + extra))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free run of ports")
+
+
+def self_signed_cert(folder, common_name):
+    """(cert, key) paths of a throwaway self-signed certificate, or skip without openssl."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is needed to make a self-signed certificate")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", f"/CN={common_name}", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+def at_once(count, work):
+    """Run work(n) on `count` threads released together; the results (or errors) by n."""
+    barrier = threading.Barrier(count)
+    results = {}
+
+    def run(n):
+        barrier.wait(60)
+        try:
+            results[n] = work(n)
+        except Exception as exc:  # noqa: BLE001 - the test looks at it
+            results[n] = exc
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(results) == count
+    return results
+
+
+def wait_for(predicate, timeout=5.0, interval=0.02):
+    """Poll until predicate() is truthy; return its value or fail the test."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition not met within {timeout}s")
+        time.sleep(interval)
+
+
+class FakeClock:
+    """A clock the test moves by hand: callable (one reading), or as the app's clock
+    (`wall()` and `monotonic()` move together)."""
+
+    def __init__(self, start=1000.0):
+        self.now = start
+
+    def __call__(self):
+        return self.now
+
+    def wall(self):
+        return self.now
+
+    def monotonic(self):
+        return self.now
+
+    def advance(self, seconds):
+        self.now += seconds
+
+
+class OffsetClock:
+    """The real clocks, plus an offset the test adds to (time passes at once for every
+    part of the app that was given this clock)."""
+
+    def __init__(self):
+        self.offset = 0.0
+
+    def wall(self):
+        return time.time() + self.offset
+
+    def monotonic(self):
+        return time.monotonic() + self.offset
+
+    def advance(self, seconds):
+        self.offset += seconds
+
+
+BOTH_ENGINES = ("sqlite", "postgresql")
+
+
+
+def base_env(sim_url, db_path, callback_base="http://127.0.0.1:9"):
+    return {
+        "MPESA_CONSUMER_KEY": simulator.DEMO_CONSUMER_KEY,
+        "MPESA_CONSUMER_SECRET": simulator.DEMO_CONSUMER_SECRET,
+        "MPESA_SHORTCODE": simulator.SANDBOX_SHORTCODE,
+        "MPESA_PASSKEY": simulator.SANDBOX_PASSKEY,
+        "MPESA_CALLBACK_BASE_URL": callback_base,
+        "MPESA_BASE_URL": sim_url,
+        "MPESA_CONNECT_TIMEOUT": "1",
+        "MPESA_READ_TIMEOUT": "0.5",
+        "GATEWAY_DB": str(db_path),
+        "GATEWAY_API_KEYS": f"{API_KEY},other:{OTHER_KEY}",
+        "GATEWAY_SECRET": SECRET,
+        "GATEWAY_THREADS": "8",
+        "GATEWAY_RECONCILE": "off",
+    }
+
+
+class LateApp:
+    """Bind the server first, then plug in the app whose config needs the server's port."""
+
+    app = None
+
+    def __call__(self, environ, start_response):
+        return self.app(environ, start_response)
+
+
+class GatewayHandle:
+    def __init__(self, app, url, server, clock):
+        self.app, self.url, self.server, self.clock = app, url, server, clock
+        self.services = app.services
+        self.testapp = TestApp(app, lint=True)
+        self.auth = {"Authorization": f"Bearer {API_KEY}"}
+
+    def push(self, body, status=202, **kwargs):
+        return self.testapp.post_json("/stkpush", body, headers=self.auth, status=status, **kwargs)
+
+    def get(self, ref, status=200):
+        return self.testapp.get(f"/transactions/{ref}", headers=self.auth, status=status)
+
+    def wait_status(self, tx_id, *statuses, timeout=5.0):
+        return wait_for(lambda: (r := self.get(tx_id).json)["status"] in statuses and r,
+                        timeout=timeout)
+
+
+def soak_examples(default):
+    """Examples per Hypothesis test: SOAK_EXAMPLES when set (make soak), else `default`."""
+    raw = os.environ.get("SOAK_EXAMPLES", "").strip()
+    return int(raw) if raw else default
+
+
+@contextlib.contextmanager
+def read_only(path):
+    """A separate read-only connection to a ledger file (what is really on disk), closed
+    on leaving the block."""
+    conn = sqlite3.connect(pathlib.Path(path).resolve().as_uri() + "?mode=ro", uri=True)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+PUSH = {"phone": "0712345678", "amount": 10}
+
+
+class Harness:
+    """A gateway in front of a scripted fake Daraja: pushes, rows and upstream calls."""
+
+    def __init__(self, fake, app):
+        self.fake, self.app = fake, app
+        self.testapp = TestApp(app, lint=True)
+
+    def push(self, status, body=PUSH, **headers):
+        return self.testapp.post_json("/stkpush", body, status=status,
+                                      headers={"Authorization": f"Bearer {API_KEY}", **headers})
+
+    def row(self, res):
+        tx_id = res.json["id"] if "id" in res.json else re.search(
+            r"tx_[0-9a-f]+", res.json["error"]["message"]).group(0)
+        return self.app.services.ledger.get(tx_id)
+
+    def calls(self):
+        return self.fake.count("oauth"), self.fake.count("push")
+
+
+# --- reading a ledger as a test does: what is stored, not what the API shows -------------
+
+
+def new_row(ledger, phone="254712345678", amount=10, reference="R", description="D",
+            **kw):
+    """Commit a new `submitting` row, as a push does before Daraja is called; the row."""
+    return ledger.begin_push(phone=phone, amount=amount, reference=reference,
+                             description=description, **kw).row
+
+
+def events_of(ledger, tx_id=None):
+    """A ledger's webhook events (of one transaction), in written order, each with its
+    attempts."""
+    rows = ledger._read("SELECT * FROM events" + (" WHERE tx_id = ?" if tx_id else "")
+                        + f" ORDER BY {ledger.dialect.seq}", (tx_id,) if tx_id else ())
+    for row in rows:
+        row["attempts_log"] = ledger._read(
+            "SELECT * FROM event_attempts WHERE event_id = ? ORDER BY id", (row["id"],))
+    return rows
+
+
+def callbacks_of(ledger, tx_id):
+    """The stored callbacks of one transaction, oldest first."""
+    return ledger._read("SELECT * FROM callbacks WHERE tx_id = ? ORDER BY id", (tx_id,))
+
+
+def callback_path(services, tx_id):
+    """The path of a transaction's signed callback URL (what Safaricom POSTs to)."""
+    return "/" + services.signer.url(tx_id).split("/", 3)[3]

@@ -1,17 +1,19 @@
 """Gateway configuration: read once from the environment, validated, frozen.
 
-This module owns the table of every setting (environment name, converter,
-default or required), the one pass that turns an environment mapping into a
-frozen `Config`, and the values derived from it (Daraja base URL, the OAuth
-Basic header, till vs paybill).  Every missing or invalid variable is reported
-in one `ConfigError`; secret values are never echoed, in errors or in `repr`.
+This module owns the table of every setting (environment name, Config field,
+converter, default or required, secret or not), the frozen `Config` made from that
+table (like waitress's `Adjustments`, each name is written once), the one pass that
+turns an environment mapping into a `Config`, and the values derived from it (Daraja
+base URL, the OAuth Basic header, till vs paybill). Every missing or invalid variable
+is reported in one `ConfigError`; secret values are never echoed, in errors or in
+`repr`.
 """
 
 import base64
 import ipaddress
 import os
 import re
-from dataclasses import dataclass, fields
+from dataclasses import fields, make_dataclass
 from urllib.parse import urlsplit
 
 VERSION = "0.1.0"
@@ -137,27 +139,36 @@ _OWNER = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 DEFAULT_OWNER = "default"
 
 
+def named_values(raw, bad_name):
+    """`name:value,…` → ((name, value), ...); a bare value (no `name:`, or a URL's own
+    `scheme://`) is named `default`. `bad_name`: the sentence for a name that is not 1 to
+    32 characters of a-z 0-9 _ -. The values are the caller's to check."""
+    pairs = []
+    for item in (i.strip() for i in raw.split(",")):
+        if not item:
+            continue
+        name, sep, value = item.partition(":")
+        if not sep or value.startswith("//"):
+            name, value = DEFAULT_OWNER, item
+        if not _OWNER.fullmatch(name.strip()):
+            raise ValueError(bad_name)
+        pairs.append((name.strip(), value.strip()))
+    return tuple(pairs)
+
+
 def named_keys(raw):
     """`name:KEY,name:KEY` (a bare KEY is named `default`) → ((name, key), ...).
 
     The name owns the payments made with the key; two keys with one name share them
     (key rotation)."""
-    pairs = []
-    for item in (i.strip() for i in raw.split(",")):
-        if not item:
-            continue
-        name, sep, key = item.partition(":")
-        name, key = (name.strip(), key.strip()) if sep else (DEFAULT_OWNER, item)
-        if not _OWNER.fullmatch(name):
-            raise ValueError("names must be 1 to 32 characters of a-z 0-9 _ - (name:KEY)")
-        if len(key) < 16:
-            raise ValueError("each key must be at least 16 characters")
-        pairs.append((name, key))
+    pairs = named_values(raw, "names must be 1 to 32 characters of a-z 0-9 _ - (name:KEY)")
     if not pairs:
         raise ValueError("must list at least one key (comma-separated, name:KEY or KEY)")
+    if any(len(key) < 16 for _, key in pairs):
+        raise ValueError("each key must be at least 16 characters")
     if len({key for _, key in pairs}) != len(pairs):
         raise ValueError("must not list the same key twice")
-    return tuple(pairs)
+    return pairs
 
 
 def endpoint_url(raw):
@@ -208,29 +219,18 @@ def ledger_target(raw):
 
 def owner_urls(raw):
     """`name:https://…,…` (a bare URL is named `default`) → ((name, url), ...)."""
-    pairs = []
-    for item in (i.strip() for i in raw.split(",")):
-        if not item:
-            continue
-        name, url = ((DEFAULT_OWNER, item) if item.startswith(("http://", "https://"))
-                     else item.split(":", 1) if ":" in item else ("", item))
-        if not _OWNER.fullmatch(name.strip()):
-            raise ValueError("must be name:URL pairs (names a-z 0-9 _ -)")
-        pairs.append((name.strip(), endpoint_url(url)))
+    pairs = tuple((name, endpoint_url(url)) for name, url in named_values(
+        raw, "must be name:URL pairs (names a-z 0-9 _ -)"))
     if len({n for n, _ in pairs}) != len(pairs):
         raise ValueError("must name each owner once")
-    return tuple(pairs)
+    return pairs
 
 
 def webhook_secrets(raw):
     """`name:whsec_<base64>,…` (Standard Webhooks secrets) → ((name, secret), ...)."""
-    pairs = []
-    for item in (i.strip() for i in raw.split(",")):
-        if not item:
-            continue
-        name, _, secret = item.rpartition(":") if item.count(":") else ("", "", item)
-        name = name or DEFAULT_OWNER
-        if not _OWNER.fullmatch(name) or not secret.startswith("whsec_"):
+    pairs = named_values(raw, "must be name:whsec_<base64> pairs")
+    for _, secret in pairs:
+        if not secret.startswith("whsec_"):
             raise ValueError("must be name:whsec_<base64> pairs")
         try:
             key = base64.b64decode(secret[len("whsec_"):], validate=True)
@@ -238,8 +238,7 @@ def webhook_secrets(raw):
             raise ValueError("each secret must be whsec_ and base64") from None
         if len(key) < 24:
             raise ValueError("each secret must hold at least 24 random bytes")
-        pairs.append((name, secret))
-    return tuple(pairs)
+    return pairs
 
 
 def key_list(raw):
@@ -395,55 +394,12 @@ SETTINGS = (
 SECRET_FIELDS = frozenset(f for _, f, _, _, secret in SETTINGS if secret) | {"oauth_header"}
 
 
-@dataclass(frozen=True)
-class Config:
-    consumer_key: str
-    consumer_secret: str
-    shortcode: str
-    passkey: str
-    callback_base_url: str
-    environment: str
-    base_url: str
-    transaction_type: str
-    party_b: str
-    connect_timeout: float
-    read_timeout: float
-    token_margin_s: float
-    max_amount: int
-    default_reference: str
-    default_description: str
-    host: str
-    port: int
-    threads: int
-    push_slots: int
-    connection_limit: int
-    channel_timeout: int
-    db_path: str
-    db_wait_s: float
-    api_keys: tuple
-    admin_keys: tuple
-    webhook_urls: tuple
-    webhook_secrets: tuple
-    webhook_allow_private: bool
-    webhook_sender: bool
-    secret: str
-    max_body: int
-    phone_lock_s: float
-    rate: float
-    burst: int
-    reconcile: bool
-    reconcile_after_s: float
-    reconcile_deadline_s: float
-    reconcile_backoff_s: float
-    reconcile_qps: float
-    callback_ip_policy: str
-    callback_ips: tuple
-    trusted_proxies: tuple
-    cpu_affinity: object
-    metrics_token: str | None
-    log_level: str
-    log_format: str
-    oauth_header: str  # derived: "Basic base64(key:secret)"
+# Values _derive computes from the settings: (Config field, what it holds).
+DERIVED = (("oauth_header", '"Basic base64(key:secret)" for Daraja\'s OAuth call'),)
+
+
+class _ConfigViews:
+    """What a Config shows of itself: masked, its secrets for the log filter, its repr."""
 
     def masked(self):
         """The settings as a dict, secrets replaced by a mask (safe to print or log)."""
@@ -477,6 +433,13 @@ class Config:
         return f"Config({inner})"
 
     __str__ = __repr__
+
+
+Config = make_dataclass(
+    "Config", [field for _, field, *_ in SETTINGS] + [field for field, _ in DERIVED],
+    bases=(_ConfigViews,), frozen=True, repr=False)  # repr: _ConfigViews's, secrets masked
+Config.__module__ = __name__
+Config.__doc__ = "The gateway's settings: one field per row of SETTINGS, plus DERIVED."
 
 
 def load_config(environ):

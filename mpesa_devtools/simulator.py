@@ -864,7 +864,8 @@ def _callback_body(push, decided):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Daraja simulator (loopback only)")
+    parser = argparse.ArgumentParser(prog="python -m mpesa_devtools.simulator",
+                                     description="Daraja simulator (loopback only)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
     parser.add_argument("--threads", type=int, default=16)

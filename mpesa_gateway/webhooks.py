@@ -103,7 +103,7 @@ class Outbox:
         self._owners = {name for name, _ in config.webhook_urls}
 
     def event_for(self, before, after, outcome):
-        """A ledger.NewEvent for a payment's new status, or None (no endpoint, or a status
+        """An mpesa_ledger.NewEvent for a payment's new status, or None (no endpoint, or a status
         merchants are not told about)."""
         owner = after.get("owner") or "default"
         event_type = EVENT_TYPES.get(after["status"])

@@ -70,7 +70,6 @@ class Begun:
     body: bytes | None = None
 
 
-
 @dataclass(frozen=True)
 class PinnedAnswer:
     """The answer a keyed request got (status and the body's bytes, made by the payment

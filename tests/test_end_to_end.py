@@ -28,7 +28,6 @@ ENGINES = BOTH_ENGINES  # on each ledger engine
 FINAL = ("succeeded", "failed", "rejected", "unknown")
 
 
-
 @pytest.mark.parametrize("phone, status, reason, result_code", [
     ("0712345678", "succeeded", None, "0"),
     ("254708374149", "failed", "unreachable", "1037"),

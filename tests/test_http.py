@@ -15,7 +15,6 @@ from mpesa_ledger import SqliteLedger
 VALID = {"phone": "0712345678", "amount": 10}
 
 
-
 def assert_error_shape(res, code, field=None):
     assert res.content_type == "application/json"
     error = res.json["error"]

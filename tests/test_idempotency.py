@@ -20,7 +20,6 @@ BODY = {"phone": "0712345678", "amount": 10, "reference": "INV001"}
 ENGINES = BOTH_ENGINES  # the gateway's promises on each ledger engine
 
 
-
 def keyed(gateway, key, body=BODY, status=202, api_key=API_KEY):
     return gateway.testapp.post_json("/stkpush", body, status=status, headers={
         "Authorization": f"Bearer {api_key}", "Idempotency-Key": key})

@@ -38,7 +38,6 @@ PHONES = ["254712000001", "254712000002", "254712000003"]
 KEYS = ["k1", "k2", "k3", None]
 
 
-
 class LedgerMachine(RuleBasedStateMachine):
     txs = Bundle("txs")
 

@@ -40,7 +40,6 @@ def upstream_answer(response):
         return False
 
 
-
 @pytest.fixture
 def sim_settings():
     return simulator.SimSettings(callback_delay_s=60, lock_subscriber=False)

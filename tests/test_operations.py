@@ -21,7 +21,6 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 METRICS_TOKEN = "metrics-token-0123456789"
 
 
-
 @pytest.fixture
 def sim_settings():
     return simulator.SimSettings(callback_delay_s=0.2, lock_subscriber=False)

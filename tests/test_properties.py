@@ -34,7 +34,6 @@ APP_SETTINGS = settings(max_examples=soak_examples(150), deadline=None,
                         suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
-
 @PURE_SETTINGS
 @given(st.one_of(st.text(max_size=40), json_values))
 def test_normalize_phone_returns_canonical_or_raises(value):

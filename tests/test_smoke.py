@@ -134,7 +134,7 @@ def test_sigterm_lets_the_in_flight_push_finish_then_closes(tmp_path, sim, then)
 
     def hold(payload):
         entered.set()
-        release.wait(1.0)  # Daraja is slow: the push is in flight when SIGTERM lands
+        release.wait(30)  # Daraja is slow: the push is in flight until the test lets it go
 
     sim.sim.on_push = hold
     port = free_port()
@@ -155,10 +155,13 @@ def test_sigterm_lets_the_in_flight_push_finish_then_closes(tmp_path, sim, then)
         if then is not None:
             time.sleep(0.2)
             proc.send_signal(then)  # an impatient second Ctrl-C must not abandon the push
-        # No new connections once the signal has landed (the push is still in flight).
+        # No new connections once the signal has landed, while the push is still in flight.
         wait_for(lambda: http("GET", f"{base}/health")[0] is None, timeout=10, interval=0.05)
+        assert client.is_alive()
+        release.set()
         client.join(10)
     finally:
+        release.set()
         code = stop(proc)
         _, err = proc.communicate(timeout=5)
     status, body = answer["r"]

@@ -21,20 +21,13 @@ def clock():
     return FakeClock()
 
 
-class Gate:
-    """Set: the simulator answers OAuth at once; cleared: OAuth answers wait for it.
-    `held`: how many OAuth requests have reached the gate."""
-
-    def __init__(self):
-        self.open, self.held = threading.Event(), 0
-        self.open.set()
-
-
 @pytest.fixture
 def oauth_gate():
-    gate = Gate()
+    """Set: the simulator answers OAuth at once; cleared: OAuth answers wait for it."""
+    gate = threading.Event()
+    gate.set()
     yield gate
-    gate.open.set()  # never leave a server thread parked
+    gate.set()  # never leave a server thread parked
 
 
 @pytest.fixture
@@ -43,8 +36,7 @@ def sim_url(sim, oauth_gate):
 
     def gated(environ, start_response):
         if environ.get("PATH_INFO", "").startswith("/oauth"):
-            oauth_gate.held += 1
-            oauth_gate.open.wait(60)
+            oauth_gate.wait(60)
         return sim.sim(environ, start_response)
 
     server, url = serve(gated, threads=THREADS + 4)
@@ -59,6 +51,18 @@ def client(sim_url, tmp_path, clock):
     c = daraja.DarajaClient(cfg, daraja.build_pool(cfg), clock=clock)
     yield c
     c.close()
+
+
+class Parked:
+    """TokenCache's park seam: counts the callers waiting on another's fetch."""
+
+    def __init__(self):
+        self.count, self._lock = 0, threading.Lock()
+
+    def __call__(self, done, timeout):
+        with self._lock:
+            self.count += 1
+        return done.wait(timeout)
 
 
 def _run_together(n, call):
@@ -80,19 +84,13 @@ def _run_together(n, call):
     return threads, results, errors
 
 
-def test_64_threads_on_a_cold_cache_make_one_oauth_call(client, sim, oauth_gate):
-    oauth_gate.open.clear()  # hold the one OAuth answer until every thread has asked
-    asked = []
-
-    def get():
-        asked.append(1)
-        return client.tokens.get()
-
-    threads, tokens, errors = _run_together(THREADS, get)
-    # The first fetch is at Daraja and every thread has asked: the others are waiting on
-    # that fetch (or, if one is slow to get there, will find its token cached).
-    wait_for(lambda: oauth_gate.held == 1 and len(asked) == THREADS, timeout=30)
-    oauth_gate.open.set()
+def test_64_threads_on_a_cold_cache_make_one_oauth_call(client, sim, oauth_gate, clock):
+    oauth_gate.clear()  # hold the one OAuth answer until every other thread is waiting
+    parked = Parked()
+    cache = TokenCache(client.fetch_token, 300, clock=clock, park=parked)  # the client's fetch
+    threads, tokens, errors = _run_together(THREADS, cache.get)
+    wait_for(lambda: parked.count == THREADS - 1, timeout=30)  # all but the fetching one
+    oauth_gate.set()
     for t in threads:
         t.join(30)
     assert errors == []
@@ -140,15 +138,10 @@ def test_a_failed_fetch_is_shared_by_its_waiters_and_not_cached(clock):
             raise answer
         return answer
 
-    parked = []
-
-    def park(done, timeout):
-        parked.append(1)
-        return done.wait(timeout)
-
-    cache = TokenCache(fetch, 300, clock=clock, park=park)
+    parked = Parked()
+    cache = TokenCache(fetch, 300, clock=clock, park=parked)
     threads, tokens, errors = _run_together(16, cache.get)
-    wait_for(lambda: len(parked) == 15, timeout=30)  # all but the fetching caller
+    wait_for(lambda: parked.count == 15, timeout=30)  # all but the fetching caller
     release.set()
     for t in threads:
         t.join(30)

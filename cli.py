@@ -1,7 +1,8 @@
 """The command line: serve, demo, check-config, reconcile, deliver, migrate, migrate-ledger.
 
-Owns `python mpesa_wsgi.py [serve | reconcile [--tx ID] | deliver | migrate |
-migrate-ledger --from A --to B] [--check-config | --demo]`: logging set up once, CPU
+Owns `python mpesa_wsgi.py [serve | reconcile [--tx ID [--checkout-request-id C]] |
+deliver | migrate | migrate-ledger --from A --to B | spool [--dir D]]
+[--check-config | --demo]`: logging set up once, CPU
 pinning, the graceful waitress serving loop, the demo (simulator, receiver and gateway on
 loopback), the one-off commands (each builds only the services it needs, with no
 background thread), and start-up errors as one clear message and exit status 2, never a
@@ -269,12 +270,19 @@ def check_config(environ):
     return 0
 
 
-def reconcile_once(config, tx_id=None):
+def reconcile_once(config, tx_id=None, checkout_request_id=None):
     """One reconciliation pass for cron / Task Scheduler (the same work the thread does),
-    or, with `tx_id`, one query of that transaction now (an operator's tool)."""
+    or, with `tx_id` (a gateway id or a CheckoutRequestID), one query of that transaction
+    now (an operator's tool). `checkout_request_id`: teach a row that never learnt it
+    (the merchant's 202 carried it) before the query."""
     services = command_services(config)
     try:
         worker = services.new_reconciler()
+        if checkout_request_id is not None:
+            if services.ledger.learn_checkout_request_id(tx_id, checkout_request_id) is None:
+                print(f"reconcile tx={tx_id}: not learnt (no such row, final, already has a"
+                      " CheckoutRequestID, or another row holds that one)", file=sys.stderr)
+                return 1
         if tx_id is not None:
             result, row = worker.check_now(tx_id)
             if row is None:
@@ -303,6 +311,28 @@ def deliver_once(config):
     return 0
 
 
+def show_spools(directory):
+    """Print every spool in `directory` with its entries, phones and CheckoutRequestIDs
+    masked (an operator's tool; it changes nothing)."""
+    from mpesa_gateway import logs, recording
+    from mpesa_ledger import spool
+
+    mask = logs.RedactFilter().scrub
+    paths = spool.spool_files(directory)
+    if not paths:
+        print(f"spool {directory}: empty", flush=True)
+    for path in paths:
+        try:
+            entries = spool.read_entries(path)
+        except OSError as exc:  # Windows: a live process holds it
+            print(f"spool {path}: unreadable ({exc.strerror or exc})", flush=True)
+            continue
+        print(f"spool {path}: entries={len(entries)}", flush=True)
+        for entry in entries:
+            print(mask(recording.describe(entry)), flush=True)
+    return 0
+
+
 def migrate_ledger(source, target):
     """Copy a ledger into an empty one and verify it (ledger_move); exit 2 if refused."""
     try:
@@ -320,12 +350,19 @@ def main(create_app, argv=None):
     """Run the command `argv` names; `create_app` (mpesa_wsgi's) builds the served app."""
     parser = argparse.ArgumentParser(prog="mpesa_wsgi.py", description="M-Pesa STK Push gateway")
     parser.add_argument("command", nargs="?",
-                        choices=("serve", "reconcile", "deliver", "migrate", "migrate-ledger"),
+                        choices=("serve", "reconcile", "deliver", "migrate", "migrate-ledger",
+                                 "spool"),
                         default="serve", help="serve (default), or run one reconciliation"
                         " pass or one webhook delivery pass, or create or upgrade the"
-                        " ledger's schema, and exit")
+                        " ledger's schema, or show the local spool, and exit")
     parser.add_argument("--tx", metavar="ID",
-                        help="with reconcile: query this one transaction now")
+                        help="with reconcile: query this one transaction (its id or"
+                        " CheckoutRequestID) now")
+    parser.add_argument("--checkout-request-id", metavar="ws_CO_…",
+                        help="with reconcile --tx: the CheckoutRequestID the row never learnt"
+                        " (the merchant's 202 carried it)")
+    parser.add_argument("--dir", metavar="DIR",
+                        help="with spool: the spool folder (default: GATEWAY_SPOOL_DIR's)")
     parser.add_argument("--from", dest="source", metavar="LEDGER",
                         help="with migrate-ledger: the ledger to copy (a SQLite path)")
     parser.add_argument("--to", dest="target", metavar="LEDGER",
@@ -338,6 +375,8 @@ def main(create_app, argv=None):
     args = parser.parse_args(argv)
     if args.tx is not None and args.command != "reconcile":
         parser.error("--tx goes with the reconcile command")
+    if args.checkout_request_id is not None and args.tx is None:
+        parser.error("--checkout-request-id goes with reconcile --tx")
     if args.check_config:
         return check_config(os.environ)
     if args.command == "migrate-ledger":
@@ -348,10 +387,14 @@ def main(create_app, argv=None):
         if args.demo:
             run_demo(create_app, os.environ)
             return 0
+        if args.command == "spool" and args.dir is not None:
+            return show_spools(args.dir)
         config = settings.load_config(os.environ)
         configure_logging(config)
         if args.command == "reconcile":
-            return reconcile_once(config, args.tx)
+            return reconcile_once(config, args.tx, args.checkout_request_id)
+        if args.command == "spool":
+            return show_spools(config.spool_dir)
         if args.command == "deliver":
             return deliver_once(config)
         if args.command == "migrate":

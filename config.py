@@ -139,21 +139,25 @@ _OWNER = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 DEFAULT_OWNER = "default"
 
 
-def named_values(raw, bad_name):
-    """`name:value,…` → ((name, value), ...); a bare value (no `name:`, or a URL's own
-    `scheme://`) is named `default`. `bad_name`: the sentence for a name that is not 1 to
-    32 characters of a-z 0-9 _ -. The values are the caller's to check."""
+def named_values(raw, split, bad_name):
+    """`name:value,…` → ((name, value), ...): empty items skipped, each item cut in two by
+    `split(item)` (each list has its own rule for a bare value, named `default`), each name
+    1 to 32 characters of a-z 0-9 _ - (else ValueError(`bad_name`)). The values are the
+    caller's to check."""
     pairs = []
     for item in (i.strip() for i in raw.split(",")):
-        if not item:
-            continue
-        name, sep, value = item.partition(":")
-        if not sep or value.startswith("//"):
-            name, value = DEFAULT_OWNER, item
-        if not _OWNER.fullmatch(name.strip()):
-            raise ValueError(bad_name)
-        pairs.append((name.strip(), value.strip()))
+        if item:
+            name, value = split(item)
+            if not _OWNER.fullmatch(name):
+                raise ValueError(bad_name)
+            pairs.append((name, value))
     return tuple(pairs)
+
+
+def _key_item(item):
+    """`name:KEY` (a key may hold colons after the first), or a bare KEY."""
+    name, sep, key = item.partition(":")
+    return (name.strip(), key.strip()) if sep else (DEFAULT_OWNER, item)
 
 
 def named_keys(raw):
@@ -161,7 +165,8 @@ def named_keys(raw):
 
     The name owns the payments made with the key; two keys with one name share them
     (key rotation)."""
-    pairs = named_values(raw, "names must be 1 to 32 characters of a-z 0-9 _ - (name:KEY)")
+    pairs = named_values(raw, _key_item,
+                         "names must be 1 to 32 characters of a-z 0-9 _ - (name:KEY)")
     if not pairs:
         raise ValueError("must list at least one key (comma-separated, name:KEY or KEY)")
     if any(len(key) < 16 for _, key in pairs):
@@ -217,18 +222,32 @@ def ledger_target(raw):
     return raw
 
 
+def _url_item(item):
+    """`name:https://…`, or a bare URL (its own scheme's colon is no name's)."""
+    if item.startswith(("http://", "https://")):
+        return DEFAULT_OWNER, item
+    name, _, url = item.partition(":") if ":" in item else ("", "", item)
+    return name.strip(), url
+
+
 def owner_urls(raw):
     """`name:https://…,…` (a bare URL is named `default`) → ((name, url), ...)."""
     pairs = tuple((name, endpoint_url(url)) for name, url in named_values(
-        raw, "must be name:URL pairs (names a-z 0-9 _ -)"))
+        raw, _url_item, "must be name:URL pairs (names a-z 0-9 _ -)"))
     if len({n for n, _ in pairs}) != len(pairs):
         raise ValueError("must name each owner once")
     return pairs
 
 
+def _secret_item(item):
+    """`name:whsec_…` (cut at the last colon), or a bare secret; an empty name is default."""
+    name, _, secret = item.rpartition(":") if ":" in item else ("", "", item)
+    return name or DEFAULT_OWNER, secret
+
+
 def webhook_secrets(raw):
     """`name:whsec_<base64>,…` (Standard Webhooks secrets) → ((name, secret), ...)."""
-    pairs = named_values(raw, "must be name:whsec_<base64> pairs")
+    pairs = named_values(raw, _secret_item, "must be name:whsec_<base64> pairs")
     for _, secret in pairs:
         if not secret.startswith("whsec_"):
             raise ValueError("must be name:whsec_<base64> pairs")
@@ -341,9 +360,12 @@ SETTINGS = (
     # The ledger: a SQLite file on local disk (a path or sqlite:///path), or
     # postgresql://user:password@host:5432/db for several processes on several hosts.
     ("GATEWAY_DB", "db_path", ledger_target, "mpesa_gateway.db", False),
-    # PostgreSQL: seconds a request waits for a ledger connection before 503
-    # ledger_unavailable (the server is down or every pooled connection is busy).
+    # Seconds a ledger call waits before it fails: SQLite, for another process's lock on
+    # the file; PostgreSQL, for a pooled connection (the server is down or every one busy).
     ("GATEWAY_DB_WAIT_S", "db_wait_s", positive_float, 5.0, False),
+    # Where this process's spool lives: what Daraja already did, kept while the ledger
+    # cannot take it. None: beside a SQLite ledger; ./spool for PostgreSQL.
+    ("GATEWAY_SPOOL_DIR", "spool_dir", text, None, False),
     # Bearer keys of the merchant systems: name:KEY,… (a bare KEY is named default).
     ("GATEWAY_API_KEYS", "api_keys", named_keys, REQUIRED, True),
     # Operator keys that read every owner's payments (never start one). None: no admins.
@@ -473,6 +495,10 @@ def _derive(values):
     problems = []
     if values["base_url"] is None:
         values["base_url"] = BASE_URLS[values["environment"]]
+    if values["spool_dir"] is None:
+        values["spool_dir"] = (os.path.abspath("spool") if values["db_path"].startswith(
+            ("postgresql://", "postgres://")) else os.path.dirname(
+            os.path.abspath(values["db_path"])))
     if values["callback_ips"] is None:
         values["callback_ips"] = address_list(",".join(SAFARICOM_CALLBACK_IPS))
     reserve = max(MIN_RESERVE_THREADS, values["threads"] // 4)

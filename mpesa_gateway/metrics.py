@@ -113,7 +113,7 @@ class GatewayMetrics:
     """Every metric the gateway exports; one instance lives on the app."""
 
     def __init__(self, version, transactions_by_status, slots=None, outbox=None,
-                 commit_counts=None):
+                 commit_counts=None, spool=None):
         p = "mpesa_gateway_"
         self.requests = Counter(p + "http_requests_total", "HTTP requests handled.",
                                 ("route", "method", "status"))
@@ -157,12 +157,20 @@ class GatewayMetrics:
             p + "ledger_batches_total",
             "Ledger COMMITs (fsyncs) that made them so: fewer than writes when concurrent"
             " writes share one (group commit).", (), lambda: {(): counts()[1]})
+        self.spool_entries = Gauge(
+            p + "spool_entries",
+            "Entries in the local spool the ledger has not taken yet (what Daraja did while"
+            " the ledger was away).", (), lambda: {(): spool.depth() if spool else 0})
+        self.spool_oldest = Gauge(
+            p + "spool_oldest_seconds",
+            "Age of the oldest entry in the local spool (0: none).", (),
+            lambda: _one((spool.oldest_age() if spool else None) or 0.0))
         self._families = (self.requests, self.request_seconds, self.daraja_calls,
                           self.daraja_seconds, self.token_fetches, self.callbacks,
                           self.reconcile, self.reconcile_refusals, self.transactions,
                           self.slots_in_use, self.slots_total, self.busy,
                           self.webhook_deliveries, self.webhook_oldest, self.ledger_commits,
-                          self.ledger_batches, self.build)
+                          self.ledger_batches, self.spool_entries, self.spool_oldest, self.build)
 
     def daraja_call(self, api, outcome, seconds):
         """The Daraja client's observer: one call finished with `outcome`."""

@@ -30,8 +30,9 @@ class Health:
         self._answer = None  # (second, checks, Reply)
 
     def checks(self):
-        """Ledger writable, token age, pending/unknown counts, push slots, reconciler
-        refusals, webhook backlog; refreshed at most once a second."""
+        """Ledger writable, token age, pending/unknown counts, push slots, the spool's depth
+        and oldest entry, reconciler refusals, webhook backlog; refreshed at most once a
+        second."""
         s = self._services
         checked_at, checks = self._checks
         now = s.clock.monotonic()
@@ -50,6 +51,9 @@ class Health:
                 "unknown": None if counts is None else counts.get(store.UNKNOWN, 0),
                 "push_slots": s.slots.total,
                 "push_slots_in_use": s.slots.in_use(),
+                "spool_depth": s.spool.depth(),
+                "spool_oldest_s": None if (age := s.spool.oldest_age()) is None
+                else round(age, 1),
             }
             if s.reconciler is not None:
                 checks["reconcile_query_refusals"] = s.reconciler.refusals

@@ -20,7 +20,7 @@ import time
 import config as settings
 import mpesa_ledger as store
 import validation
-from mpesa_gateway import daraja, metrics, resources, settlement, sources
+from mpesa_gateway import daraja, metrics, recording, resources, settlement, sources
 from mpesa_gateway.auth import authenticate, idempotency_for, token_matches
 from mpesa_gateway.resources import transaction_resource
 from mpesa_gateway.wire import (
@@ -168,24 +168,15 @@ def _after_row(services, row, push, idem):
         log.exception("push failed unexpectedly tx=%s", row["id"])
         return push_not_accepted(
             services, row, daraja.DarajaError("stk_push", daraja.UNKNOWN, "internal_error"), idem)
+    tx_id, cid, mid = row["id"], accepted.checkout_request_id, accepted.merchant_request_id
     at = services.clock.wall()
-    expected = dict(row, status=store.PENDING, checkout_request_id=accepted.checkout_request_id,
-                    merchant_request_id=accepted.merchant_request_id,
-                    updated_at=store.iso_utc(at))
-    try:
-        row = record_outcome(services.ledger, row["id"], idem, expected, lambda pin: (
-            services.ledger.mark_accepted(row["id"], accepted.checkout_request_id,
-                                          accepted.merchant_request_id, at=at, pin=pin)))
-    except Exception:  # noqa: BLE001 - the prompt is out: never a 500 from here on
-        # The row stays `submitting`, so recovery makes it `unknown` and its signed callback
-        # URL still finds it; a retry with the key finds the row itself. Tell the merchant
-        # what we know.
-        log.exception("ledger write failed after push tx=%s", row["id"])
-        row = dict(expected, updated_at=row["updated_at"])
-    return Reply(202, transaction_resource(row), tx_id=row["id"], phone=push.phone)
-
-
-LEDGER_RETRIES_S = (0.05, 0.25)  # a lock that outlasted the busy timeout rarely lasts longer
+    expected = dict(row, status=store.PENDING, checkout_request_id=cid,
+                    merchant_request_id=mid, updated_at=store.iso_utc(at))
+    body = record_outcome(
+        services, idem, expected,
+        lambda pin: services.ledger.mark_accepted(tx_id, cid, mid, at=at, pin=pin),
+        lambda pin: recording.accepted(tx_id, cid, mid, at, pin))
+    return Reply(202, body, tx_id=tx_id, phone=push.phone)
 
 
 def with_retries(ledger, write):
@@ -200,17 +191,47 @@ def with_retries(ledger, write):
     return write()
 
 
-def record_outcome(ledger, tx_id, idem, expected, write):
-    """`write(pin)` records a push's outcome; with a key, the 202 answer (made here from
-    `expected`, the row as that write leaves it) is stored in the same commit. If that
-    fails, the outcome alone: a retry with the key then finds the row itself."""
-    if idem is not None:
-        pin = store.PinnedAnswer(idem, 202, dumps(transaction_resource(expected)))
+def record_outcome(services, idem, expected, write, entry):
+    """Record what Daraja answered to a push, and return the 202's body. Never raises: the
+    prompt may be out, so the merchant is told what is known.
+
+    `write(pin)` records it; with a key, the answer, made here from `expected` (the row as
+    that write leaves it when nothing came first), is stored in the same commit. When a
+    result came first the write pins nothing, and the answer made from the row as it is
+    is pinned instead (one more commit, in that race only), so a retry gets what the first
+    request got. If the answer cannot be stored, the outcome alone is; if the ledger
+    cannot take the outcome either, `entry(pin)` (a recording entry) goes to the spool,
+    fsynced before the merchant is answered, and is applied when the ledger is back."""
+    ledger, tx_id = services.ledger, expected["id"]
+    view = transaction_resource(expected)
+    pin = None if idem is None else store.PinnedAnswer(idem, 202, dumps(view))
+    try:
         try:
-            return with_retries(ledger, lambda: write(pin))
+            row = with_retries(ledger, lambda: write(pin))
         except Exception:  # noqa: BLE001 - the outcome still has to be recorded
+            if pin is None:
+                raise
             log.exception("ledger write failed storing the idempotent answer tx=%s", tx_id)
-    return with_retries(ledger, lambda: write(None))
+            row = with_retries(ledger, lambda: write(None))
+    except Exception:  # noqa: BLE001 - the prompt may be out: never a 500 from here on
+        log.exception("ledger write failed after push tx=%s", tx_id)
+        if services.record(entry(pin)):
+            log.warning("push outcome spooled tx=%s: the ledger takes it when it is back",
+                        tx_id)
+        else:
+            # Still `submitting` in the ledger, so recovery makes it `unknown`; its signed
+            # callback URL still finds it.
+            log.error("push outcome not recorded tx=%s: neither the ledger nor the spool"
+                      " could take it", tx_id)
+        return view
+    answer = transaction_resource(row)
+    if pin is not None and answer != view:  # a result came first: pin what is answered
+        try:
+            with_retries(ledger, lambda: ledger.pin_answer(
+                store.PinnedAnswer(idem, 202, dumps(answer))))
+        except Exception:  # noqa: BLE001 - a retry is then answered from the row
+            log.exception("ledger write failed storing the idempotent answer tx=%s", tx_id)
+    return answer
 
 
 def answer_without_push(begun, caller, phone):
@@ -239,53 +260,60 @@ def push_not_accepted(services, row, exc, idem):
     ledger = services.ledger
     if exc.outcome == daraja.UNKNOWN:
         # It may have reached the customer: never resend; the callback or a query settles it.
-        at = services.clock.wall()
+        tx_id, at = row["id"], services.clock.wall()
         expected = dict(row, status=store.UNKNOWN, reason=exc.reason, result_code=None,
                         result_desc=None, updated_at=store.iso_utc(at))
-        try:
-            row = record_outcome(ledger, row["id"], idem, expected, lambda pin: (
-                ledger.mark_not_accepted(row["id"], store.UNKNOWN, exc.reason, at=at, pin=pin)))
-        except Exception:  # noqa: BLE001 - it may have reached the customer: never a 500
-            # Still `submitting` in the ledger, so recovery makes it `unknown` too.
-            log.exception("ledger write failed after an unanswered push tx=%s", row["id"])
-            row = dict(row, status=store.UNKNOWN, reason=exc.reason)
-        return Reply(202, transaction_resource(row), tx_id=row["id"], phone=row["phone"])
+        body = record_outcome(
+            services, idem, expected,
+            lambda pin: ledger.mark_not_accepted(tx_id, store.UNKNOWN, exc.reason, at=at,
+                                                 pin=pin),
+            lambda pin: recording.not_accepted(tx_id, store.UNKNOWN, exc.reason, at, pin=pin))
+        return Reply(202, body, tx_id=tx_id, phone=row["phone"])
     # Nothing reached the customer: the idempotency key is released with the row's update,
     # so the merchant may retry with the same key.
     if exc.outcome == daraja.REJECTED and exc.subscriber_locked:
-        _refused(ledger, row, "subscriber_busy", exc, idem)
+        _refused(services, row, "subscriber_busy", exc, idem)
         raise Conflict(f"the customer has another M-Pesa prompt open; transaction {row['id']}"
                        " was not sent", code="subscriber_busy",
                        headers=retry_after(RETRY_AFTER_BUSY_S))
     if exc.outcome == daraja.REJECTED and exc.reason == "wrong_base_url":
-        _refused(ledger, row, "daraja_rejected", exc, idem)
+        _refused(services, row, "daraja_rejected", exc, idem)
         raise UpstreamRejected("Daraja's address answered with an HTML page, not the STK"
                                " service: the base URL (MPESA_BASE_URL or MPESA_ENVIRONMENT)"
                                f" looks wrong; transaction {row['id']} is rejected")
     if exc.outcome == daraja.REJECTED:
-        _refused(ledger, row, "daraja_rejected", exc, idem)
+        _refused(services, row, "daraja_rejected", exc, idem)
         raise UpstreamRejected(f"Daraja refused the request ({exc.error_code}); transaction"
                                f" {row['id']} is rejected")
-    _refused(ledger, row, "upstream_unavailable", exc, idem)
+    _refused(services, row, "upstream_unavailable", exc, idem)
     raise ServiceUnavailable(f"Daraja is unavailable ({exc.reason}); transaction {row['id']}"
                              " was not sent", headers=retry_after(RETRY_AFTER_UNAVAILABLE_S))
 
 
-def _refused(ledger, row, reason, exc, idem):
+def _refused(services, row, reason, exc, idem):
     """Mark a push that reached no customer `rejected` and free its key, in one commit.
 
-    If the ledger cannot record it even after retries, the row stays `submitting` (so
-    recovery will call it `unknown`) and the key stays taken: say exactly that, rather
-    than promise a retry with the same key that would be refused."""
+    If the ledger cannot record it even after retries, the refusal goes to the spool
+    (applied, and the key freed, when the ledger is back). If the spool cannot take it
+    either, the row stays `submitting` (so recovery will call it `unknown`) and the key
+    stays taken: say exactly that, rather than promise a retry with the same key that
+    would be refused."""
+    ledger, tx_id = services.ledger, row["id"]
     try:
         with_retries(ledger, lambda: ledger.mark_not_accepted(
-            row["id"], store.REJECTED, reason, exc.error_code, exc.error_message, release=idem))
+            tx_id, store.REJECTED, reason, exc.error_code, exc.error_message, release=idem))
+        return
     except ledger.Error:
-        log.exception("ledger write failed after a refused push tx=%s", row["id"])
-        raise ledger_unavailable(
-            f"Daraja did not take the request, so nothing was sent, but the ledger could not"
-            f" record it: transaction {row['id']} will show as unknown; do not retry with the"
-            " same Idempotency-Key") from None
+        log.exception("ledger write failed after a refused push tx=%s", tx_id)
+    if services.record(recording.not_accepted(
+            tx_id, store.REJECTED, reason, services.clock.wall(), result_code=exc.error_code,
+            result_desc=exc.error_message, release=idem)):
+        log.warning("push refusal spooled tx=%s: the ledger takes it when it is back", tx_id)
+        return
+    raise ledger_unavailable(
+        "Daraja did not take the request, so nothing was sent, but the ledger could not"
+        f" record it: transaction {tx_id} may show as unknown; do not retry with the same"
+        " Idempotency-Key")
 
 
 @ledger_read
@@ -364,9 +392,11 @@ def _store_callback(services, tx_id, source, raw):
         name, row = settlement.apply(services.ledger, tx_id, outcome,
                                      callback=settlement.CallbackRecord(raw, source))
     except services.ledger.Error:
-        # Not stored, so not acknowledged; the reconciler's query settles it if it never returns.
         log.exception("ledger write failed for callback tx=%s", tx_id)
-        raise ledger_unavailable("the callback could not be stored") from None
+        if not services.record(recording.callback(tx_id, raw, source, services.clock.wall())):
+            # Not stored, so not acknowledged.
+            raise ledger_unavailable("the callback could not be stored") from None
+        name, row = "spooled", None  # stored: applied when the ledger is back
     phone = row["phone"] if row is not None else None
     services.metrics.callbacks.inc(name)
     log.info("callback tx=%s outcome=%s result_code=%s", tx_id, name,

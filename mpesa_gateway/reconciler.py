@@ -38,8 +38,11 @@ MAX_ROWS_PER_PASS = 1000  # a pass ends; the next one carries on
 
 class Reconciler:
     def __init__(self, ledger, client, config, *, clock=time.time, observer=None,
-                 on_refusal=None, wait=None):
+                 on_refusal=None, wait=None, before_pass=None):
         self._ledger = ledger
+        # Run first in every pass (the spool's replay): what Daraja already did is in the
+        # ledger before recovery or a claim looks at a row.
+        self._before_pass = before_pass or (lambda: None)
         self._client = client
         self._observer = observer or (lambda result: None)
         self._on_refusal = on_refusal or (lambda: None)
@@ -63,6 +66,7 @@ class Reconciler:
         """Query every due row once, one claim at a time; return counts by result."""
         results = Counter()
         refusals = Counter()  # (error_code, message) → rows
+        self._before_pass()
         # Rows abandoned mid-push by a process that died (this one or another sharing the
         # ledger) become `unknown` without waiting for a restart.
         results["interrupted"] = self._ledger.recover_interrupted(self._client.longest_push_s)
@@ -100,7 +104,7 @@ class Reconciler:
             return "not_found", None
         if row["checkout_request_id"] is None or row["status"] in store.FINAL:
             return "nothing_to_query", row
-        row = self._ledger.claim(tx_id, self._lease_s)
+        row = self._ledger.claim(row["id"], self._lease_s)  # `tx_id` may be its checkout id
         if row is None:
             return "busy", self._ledger.get(tx_id)
         result, error = self._check(row)

@@ -1,10 +1,12 @@
 """The services: everything the flows run over, built once, in named steps.
 
-Owns `Services` (config, ledger, Daraja client, metrics, admission, signer, clock and the
-background workers) and `build_services`, which builds them in order: the webhook outbox,
-the ledger (given the outbox, so a status change and its event are one commit), the
-metrics, the Daraja client and the rate limit (the fleet's, when the ledger is shared by
-hosts), start-up repairs, then, if asked, the reconciler and webhook sender threads. The
+Owns `Services` (config, ledger, spool, Daraja client, metrics, admission, signer, clock
+and the background workers) and `build_services`, which builds them in order: the webhook
+outbox, the ledger (given the outbox, so a status change and its event are one commit),
+the spool (adopting and replaying what processes that died left in theirs), the metrics,
+the Daraja client and the rate limit (the fleet's, when the ledger is shared by hosts),
+start-up repairs, then, if asked, the spool replayer, reconciler and webhook sender
+threads. The
 raw WSGI app, the command line and the Flask and Falcon versions in bench/ all build
 their services here.
 """
@@ -15,9 +17,19 @@ import os
 
 import config as settings
 import mpesa_ledger as store
-from mpesa_gateway import admission, daraja, fleet, metrics, monitoring, reconciler, webhooks
+from mpesa_gateway import (
+    admission,
+    daraja,
+    fleet,
+    metrics,
+    monitoring,
+    reconciler,
+    recording,
+    webhooks,
+)
 from mpesa_gateway.auth import CallbackSigner, legacy_scope
 from mpesa_gateway.clock import SystemClock
+from mpesa_ledger.spool import Spool
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +40,10 @@ class Services:
     """Everything the flows need, built once by `build_services` and passed in."""
 
     def __init__(self, config, ledger, client, metrics_registry, *, clock=None, slots=None,
-                 limiter=None):
+                 limiter=None, spool=None):
         self.config = config
         self.ledger = ledger
+        self.spool = spool or Spool(config.spool_dir)
         self.daraja = client
         self.metrics = metrics_registry
         self.clock = clock or SystemClock()
@@ -42,13 +55,27 @@ class Services:
             self.openapi = f.read()
         self.reconciler = None  # the background workers, once started
         self.sender = None
+        self.replayer = None
         self.health = monitoring.Health(self)  # /health's checks and its answer
 
+    def record(self, entry):
+        """Keep what Daraja did (a recording entry) in the spool because the ledger cannot
+        take it now; True once it is durable. The replayer puts it in the ledger."""
+        durable = self.spool.append(entry)
+        if self.replayer is not None:
+            self.replayer.wake()
+        return durable
+
+    def replay_spool(self):
+        return recording.replay(self.spool, self.ledger)
+
     def new_reconciler(self, **seams):
-        """A reconciler over these services (a thread's, or one pass's for cron)."""
+        """A reconciler over these services (a thread's, or one pass's for cron); each
+        pass first replays the spool, so no claim sees a row the spool would change."""
         return reconciler.Reconciler(self.ledger, self.daraja, self.config,
                                      clock=self.clock.wall, observer=self.metrics.reconcile.inc,
-                                     on_refusal=self.metrics.reconcile_refusals.inc, **seams)
+                                     on_refusal=self.metrics.reconcile_refusals.inc,
+                                     before_pass=self.replay_spool, **seams)
 
     def new_sender(self):
         """A webhook sender over these services (a thread's, or one pass's for cron)."""
@@ -56,9 +83,11 @@ class Services:
                                observer=self.metrics.webhook_deliveries.inc)
 
     def start_background(self):
-        """The reconciler and the webhook sender threads, as configured. Under
-        waitress-serve --call or gunicorn nobody calls close(): they are stopped (the
-        current query or delivery finishes) when the process exits."""
+        """The spool replayer, and the reconciler and the webhook sender threads as
+        configured. Under waitress-serve --call or gunicorn nobody calls close(): they are
+        stopped (the current query or delivery finishes) when the process exits."""
+        self.replayer = recording.Replayer(self.spool, self.ledger)
+        self.replayer.start()
         if self.config.reconcile:
             self.reconciler = self.new_reconciler()
             self.reconciler.start()
@@ -74,10 +103,17 @@ class Services:
             self.reconciler.stop()
         if self.sender is not None:
             self.sender.stop()
+        if self.replayer is not None:
+            self.replayer.stop()
 
     def close(self):
         self.close_background()
         atexit.unregister(self.close_background)
+        try:
+            self.replay_spool()  # the last chance this process has; what is left stays on disk
+        except Exception:  # noqa: BLE001 - closing must go on: the spool file keeps them
+            log.exception("spool replay at close failed")
+        self.spool.close()
         self.ledger.close()
         self.daraja.close()
 
@@ -92,7 +128,16 @@ def open_ledger(config, clock, outbox):
                              pool_size=config.threads + 4, wait_s=config.db_wait_s)
 
 
-def gateway_metrics(ledger, clock, slots):
+def open_spool(config, ledger, clock):
+    """This process's spool; what processes that died left in theirs is adopted and
+    replayed now, before crash recovery and before any reconcile claim."""
+    spool = Spool(config.spool_dir, clock=clock.wall)
+    if spool.adopt_orphans():
+        recording.replay(spool, ledger)
+    return spool
+
+
+def gateway_metrics(ledger, clock, slots, spool):
     """The metrics registry, with the gauges read from the ledger at scrape time."""
 
     def by_status():  # no series while the ledger cannot be read
@@ -111,7 +156,7 @@ def gateway_metrics(ledger, clock, slots):
         return 0.0 if oldest is None else max(0.0, clock.wall() - oldest)
 
     return metrics.GatewayMetrics(settings.VERSION, by_status, slots, oldest_undelivered_s,
-                                  commit_counts=lambda: ledger.commit_counts)
+                                  commit_counts=lambda: ledger.commit_counts, spool=spool)
 
 
 def daraja_client(config, ledger, registry, clock):
@@ -155,13 +200,14 @@ def build_services(config=None, *, clock=None, background=True):
     clock = clock or SystemClock()
     outbox = webhooks.Outbox(config)
     ledger = open_ledger(config, clock, outbox)
+    spool = open_spool(config, ledger, clock)
     slots = admission.PushSlots(config.push_slots)
-    registry = gateway_metrics(ledger, clock, slots)
+    registry = gateway_metrics(ledger, clock, slots, spool)
     client = daraja_client(config, ledger, registry, clock)
     repair_on_start(config, ledger, client)
     warn_about(config)
     services = Services(config, ledger, client, registry, clock=clock, slots=slots,
-                        limiter=rate_limiter(config, ledger, clock))
+                        limiter=rate_limiter(config, ledger, clock), spool=spool)
     if background:
         services.start_background()
     return services

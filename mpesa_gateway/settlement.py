@@ -11,6 +11,8 @@ stores its raw body, so a result is applied exactly once whoever brings it.
 The rules, in order:
 - a CheckoutRequestID other than the stored one is an anomaly (never applied);
 - a `rejected` row was never sent: any result for it is an anomaly;
+- a receipt another payment already holds is an anomaly, never money (a receipt pays
+  once; the ledger keeps receipts unique);
 - a success from a callback must carry a receipt and the stored amount, else it
   is an anomaly and the reconciler's query decides;
 - a final state never changes, except that a success with a receipt overrides
@@ -99,14 +101,17 @@ def from_query(checkout_request_id, result_code, result_desc, merchant_request_i
                    merchant_request_id=merchant_request_id, source="query")
 
 
-def decide(row, o):
-    """The rules (module docstring): what outcome `o` does to `row`. Pure."""
+def decide(row, o, receipt_holder=None):
+    """The rules (module docstring): what outcome `o` does to `row`, when the payment
+    `receipt_holder` (or nobody) already holds the outcome's receipt. Pure."""
     stored_id = row["checkout_request_id"]
     if stored_id is not None and stored_id != o.checkout_request_id:
         return Decision("anomaly", anomaly="checkout_request_id_mismatch")
     current = row["status"]
     if current == store.REJECTED:
         return Decision("anomaly", anomaly="result_for_rejected")  # nothing was ever sent
+    if receipt_holder is not None and receipt_holder != row["id"]:
+        return Decision("anomaly", anomaly="receipt_reused")
     if o.status == store.SUCCEEDED and o.source == "callback":
         if o.receipt is None or o.amount != row["amount"]:
             # Not proof of payment: keep the row as it is; a query decides.
@@ -140,24 +145,26 @@ class CallbackRecord:
 
     body: bytes
     remote_addr: str | None
+    received_at: float | None = None  # epoch; None: now (a spooled callback keeps its own)
 
 
-def apply(ledger, tx_id, outcome, *, callback=None, release_claim=None):
+def apply(ledger, tx_id, outcome, *, callback=None, release_claim=None, once=None):
     """Apply `outcome` (None: an unparsable callback, stored but applied never) to `tx_id`
     in one ledger transaction, with the webhook event when the status changes; return
-    (outcome name, row after or None)."""
+    (outcome name, row after or None). `once`: the id of the spool entry this replays."""
     decisions = []
 
-    def rules(row):
-        decision = decide(row, outcome)
+    def rules(row, receipt_holder):
+        decision = decide(row, outcome, receipt_holder)
         decisions.append(decision)
         return decision
 
     name, row = ledger.settle(tx_id, rules if outcome is not None else None,
-                              callback=callback, release_claim=release_claim)
-    if decisions and decisions[0].anomaly is not None:
+                              receipt=outcome.receipt if outcome is not None else None,
+                              callback=callback, release_claim=release_claim, once=once)
+    if decisions and decisions[-1].anomaly is not None:
         log.error("anomaly tx=%s reason=%s result_code=%s source=%s", tx_id,
-                  decisions[0].anomaly, outcome.result_code, outcome.source)
+                  decisions[-1].anomaly, outcome.result_code, outcome.source)
     if name in ("applied", "override") and outcome.reason == "misconfigured":
         log.error("settle tx=%s reason=misconfigured result_code=%s: Daraja says the"
                   " TransactionType does not fit PartyB; check MPESA_TRANSACTION_TYPE"

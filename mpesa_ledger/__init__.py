@@ -45,7 +45,8 @@ def is_postgres(target):
 def open_ledger(target, *, clock=time.time, events=None, pool_size=8, migrate=True,
                 wait_s=5.0):
     """The ledger GATEWAY_DB names: a postgresql:// URL (pooled to `pool_size` connections,
-    a caller waiting at most `wait_s` for one), or a SQLite file path. `events(before,
+    a caller waiting at most `wait_s` for one), or a SQLite file path (a write waiting at
+    most `wait_s` for another process's lock). `events(before,
     after, outcome)`: the webhook event of a status change, written in its commit.
     Raises LedgerOpenError."""
     if is_postgres(target):
@@ -54,7 +55,7 @@ def open_ledger(target, *, clock=time.time, events=None, pool_size=8, migrate=Tr
         return postgres.PostgresLedger(target, clock=clock, events=events, pool_size=pool_size,
                                        migrate=migrate, wait_s=wait_s)
     try:
-        return SqliteLedger(target, clock=clock, events=events)
+        return SqliteLedger(target, clock=clock, events=events, busy_timeout_s=wait_s)
     except SqliteLedger.Error as exc:
         raise LedgerOpenError(f"GATEWAY_DB cannot be opened as a SQLite ledger ({target}):"
                               f" {exc}") from None

@@ -40,6 +40,8 @@ from mpesa_ledger.states import (
 
 log = logging.getLogger(__name__)
 
+APPLIED_KEEP_S = 30 * 24 * 3600  # a spool entry's mark outlives any replay of it
+
 
 class LedgerOpenError(Exception):
     """The ledger cannot be opened (or its driver is missing): one message for startup."""
@@ -58,13 +60,15 @@ class Ledger:
     """The contract. Engines subclass it, set up their own state, call `__init__` for the
     contract's, and implement every hook (each raises NotImplementedError here)."""
 
-    Error = Exception  # hook: the engine's failure type (a failed call raises it)
+    Error = None  # hook: the engine's failure type (a failed call raises it)
     dialect = None  # hook: the engine's Dialect
     # Capability: the engine keeps state every process on every host shares (the fleet's
     # OAuth token and rate buckets); the gateway then keeps them there, not in memory.
     shared_by_hosts = False
 
     def __init__(self, *, clock=time.time, events=None):
+        if self.Error is None or self.dialect is None:
+            raise NotImplementedError(f"{type(self).__name__} must set Error and dialect")
         self._clock = clock
         # events(before, after, outcome) → a NewEvent or None: the webhook event a status
         # change produces, written in the commit that makes the change. None: no events.
@@ -100,6 +104,31 @@ class Ledger:
 
     def close(self):
         """hook: end every connection."""
+        raise NotImplementedError
+
+    # --- the fleet's shared state: only engines that are `shared_by_hosts` ---------------
+
+    def fleet_token(self, margin_s):
+        """(token, seconds left) of the fleet's OAuth token, if it has more than `margin_s`."""
+        raise NotImplementedError
+
+    def take_token_lease(self, lease_s, margin_s):
+        """Become the fleet's one token fetcher for `lease_s`; True if this caller did."""
+        raise NotImplementedError
+
+    def put_token(self, token, expires_in):
+        """The lease holder's new token, for every process; the lease ends."""
+        raise NotImplementedError
+
+    def release_token_lease(self):
+        raise NotImplementedError
+
+    def drop_token(self, token):
+        """Daraja called `token` invalid: nobody uses it again (unless already replaced)."""
+        raise NotImplementedError
+
+    def take_rate_token(self, key, rate, burst):
+        """Take one token of `key`'s bucket: 0.0 if allowed, else seconds until one is."""
         raise NotImplementedError
 
     # --- shared helpers ------------------------------------------------------------
@@ -179,21 +208,31 @@ class Ledger:
         return cur.rowcount
 
     def prune_idempotency(self):
-        """Forget keys older than the retention window; the payments themselves stay."""
+        """Forget keys older than the retention window, and the marks of spool entries
+        applied more than APPLIED_KEEP_S ago (their spools were emptied long since); the
+        payments themselves stay."""
         with self._write() as conn:
             cur = conn.execute("DELETE FROM idempotency_keys WHERE created_at < ?",
                                (self._clock() - IDEMPOTENCY_TTL_S,))
+            conn.execute("DELETE FROM applied_entries WHERE applied_at < ?",
+                         (self._clock() - APPLIED_KEEP_S,))
         return cur.rowcount
 
     def mark_accepted(self, tx_id, checkout_request_id, merchant_request_id, *, at=None,
-                      pin=None):
+                      pin=None, once=None):
         """Daraja queued the prompt: `submitting` becomes `pending` with Daraja's ids, dated
         `at` (epoch; default now). A result that already arrived is kept (its ids are
         learnt if unset). `pin`: a PinnedAnswer stored in the same commit when the row
         went from `submitting` to `pending` here, the row its bytes were made from; when a
-        result came first, nothing is pinned and a retry is answered from the row."""
+        result came first, nothing is pinned and a retry is answered from the row.
+
+        Recorded late (from the spool, `once` its entry's id) on a row that recovery has
+        meanwhile called `unknown`/`interrupted`: the row learns its ids and is named for
+        what happened (`ledger_unavailable`), so the reconciler can query it."""
         stamp = iso_utc(self._clock() if at is None else at)
         with self._write() as conn:
+            if not self._first_time(conn, once):
+                return self._row(conn, tx_id)
             row = conn.execute(
                 "UPDATE transactions SET status = ?,"
                 " checkout_request_id = COALESCE(checkout_request_id, ?),"
@@ -207,9 +246,26 @@ class Ledger:
                 row = conn.execute(
                     "UPDATE transactions SET checkout_request_id = COALESCE(checkout_request_id,"
                     " ?), merchant_request_id = COALESCE(merchant_request_id, ?),"
+                    " reason = CASE WHEN status = ? AND reason = 'interrupted'"
+                    " AND checkout_request_id IS NULL THEN 'ledger_unavailable' ELSE reason END,"
                     " updated_at = ? WHERE id = ? RETURNING *",
-                    (checkout_request_id, merchant_request_id, stamp, tx_id)).fetchone()
+                    (checkout_request_id, merchant_request_id, UNKNOWN, self._now(),
+                     tx_id)).fetchone()
         return dict(row) if row is not None else None
+
+    @staticmethod
+    def _row(conn, tx_id):
+        row = conn.execute("SELECT * FROM transactions WHERE id = ?", (tx_id,)).fetchone()
+        return dict(row) if row is not None else None
+
+    def pin_answer(self, pin):
+        """Store a keyed request's answer (a PinnedAnswer) unless its key has one already:
+        for a push whose row a result reached before Daraja's answer was recorded."""
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE idempotency_keys SET status_code = ?, body = ? WHERE scope = ? AND"
+                " key = ? AND status_code IS NULL", (pin.status_code, pin.body,
+                                                     pin.idempotency.scope, pin.idempotency.key))
 
     @staticmethod
     def _pin(conn, pin):
@@ -220,17 +276,20 @@ class Ledger:
                              pin.idempotency.key))
 
     def mark_not_accepted(self, tx_id, status, reason, result_code=None, result_desc=None, *,
-                          at=None, release=None, pin=None):
+                          at=None, release=None, pin=None, once=None):
         """The push was refused (`rejected`) or its fate is unknown (`unknown`), dated `at`
         (epoch; default now), with its webhook event, in one commit.
 
         `release`: an Idempotency whose key is freed in the same commit, because
         nothing reached the customer and the merchant may retry with that key.
         `pin`: the idempotent answer, stored when the row was still `submitting` (as for
-        mark_accepted).
+        mark_accepted). Recorded late (from the spool, `once` its entry's id) on a row that
+        recovery called `unknown`/`interrupted` meanwhile: the row takes what happened.
         """
         stamp = iso_utc(self._clock() if at is None else at)
         with self._write() as conn:
+            if not self._first_time(conn, once):
+                return self._row(conn, tx_id)
             row = conn.execute(
                 "UPDATE transactions SET status = ?, reason = ?, result_code = ?, result_desc = ?,"
                 " updated_at = ? WHERE id = ? AND status = ? RETURNING *",
@@ -239,12 +298,33 @@ class Ledger:
             if row is not None:
                 self._add_event(conn, dict(row, status=SUBMITTING), dict(row), "not_accepted")
                 self._pin(conn, pin)
-            else:  # a result beat the push's answer: the row as it is now
-                row = conn.execute("SELECT * FROM transactions WHERE id = ?",
-                                   (tx_id,)).fetchone()
+            else:  # a result (or recovery) beat the push's answer
+                row = self._row(conn, tx_id)
+                if row is not None and (row["status"], row["reason"]) == (UNKNOWN, "interrupted"):
+                    # Recovery guessed; this is what happened.
+                    before, row = row, dict(conn.execute(
+                        "UPDATE transactions SET status = ?, reason = ?, result_code = ?,"
+                        " result_desc = ?, updated_at = ? WHERE id = ? RETURNING *",
+                        (status, reason, result_code, result_desc, self._now(),
+                         tx_id)).fetchone())
+                    if row["status"] != before["status"]:
+                        self._add_event(conn, before, row, "not_accepted")
             if release is not None:
                 conn.execute("DELETE FROM idempotency_keys WHERE scope = ? AND key = ?",
                              (release.scope, release.key))
+        return dict(row) if row is not None else None
+
+    def learn_checkout_request_id(self, tx_id, checkout_request_id):
+        """An operator's fix for a row whose push Daraja accepted but whose CheckoutRequestID
+        the ledger never learnt (the merchant's 202 carried it): learn it, if the row is not
+        final, has none, and no other row holds it. The row after, or None."""
+        with self._write() as conn:
+            row = conn.execute(
+                "UPDATE transactions SET checkout_request_id = ?, updated_at = ? WHERE id = ?"
+                " AND checkout_request_id IS NULL AND status IN (?, ?, ?) AND NOT EXISTS"
+                " (SELECT 1 FROM transactions o WHERE o.checkout_request_id = ?) RETURNING *",
+                (checkout_request_id, self._now(), tx_id, SUBMITTING, PENDING, UNKNOWN,
+                 checkout_request_id)).fetchone()
         return dict(row) if row is not None else None
 
     def get(self, ref):
@@ -373,40 +453,75 @@ class Ledger:
     SETTLE_COLUMNS = ("status", "reason", "result_code", "result_desc", "receipt",
                       "checkout_request_id", "merchant_request_id")
 
-    def settle(self, tx_id, rules, *, callback=None, release_claim=None):
-        """In one write transaction: read the row, let `rules(row)` decide (a Decision
-        from settlement; None: the callback is malformed), apply its changes, store the
-        raw `callback` (a settlement.CallbackRecord) if given, end the lease
-        `release_claim` if the row is still held under it, and write the webhook event of a
-        status change, all in one commit.
+    def settle(self, tx_id, rules, *, receipt=None, callback=None, release_claim=None,
+               once=None):
+        """In one write transaction: read the row and which payment already holds `receipt`
+        (the outcome's M-Pesa receipt, if any), let `rules(row, holder)` decide (a Decision
+        from settlement; None: the callback is malformed), apply its changes (a receipt it
+        sets is taken for this payment: a receipt pays once), store the raw `callback` (its
+        body, remote_addr and received_at) if given, end the lease `release_claim` if the
+        row is still held under it, and write the webhook event of a status change, all in one
+        commit. `once`: a spool entry's id; if it was applied already, nothing is done.
 
-        Returns (outcome, row after): outcome is the decision's, or malformed or
-        unknown_transaction; row is None for an unknown transaction.
+        Returns (outcome, row after): outcome is the decision's, or malformed,
+        unknown_transaction or already_applied; row is None for an unknown transaction.
         """
         with self._write() as conn:
             row = conn.execute(f"SELECT * FROM transactions WHERE id = ?{self.dialect.for_update}",
                                (tx_id,)).fetchone()
+            if not self._first_time(conn, once):
+                return "already_applied", (dict(row) if row is not None else None)
             if row is None:
                 outcome = "unknown_transaction"
             elif rules is None:
                 outcome = "malformed"
             else:
                 row = before = dict(row)
-                decision = rules(row)
+                decision = rules(row, self._receipt_holder(conn, receipt))
+                if decision.changes and decision.changes.get("receipt") is not None \
+                        and not self._take_receipt(conn, decision.changes["receipt"], tx_id):
+                    # Taken by another payment since it was read (PostgreSQL, two hosts):
+                    # decide again knowing who holds it.
+                    decision = rules(row, self._receipt_holder(conn, receipt))
                 outcome = decision.outcome
                 if decision.changes:
                     row = dict(self._update(conn, tx_id, decision.changes))
                     if row["status"] != before["status"]:
                         self._add_event(conn, before, row, outcome)
             if callback is not None:
+                received = getattr(callback, "received_at", None)
                 conn.execute(
                     "INSERT INTO callbacks (tx_id, received_at, remote_addr, outcome, body)"
                     " VALUES (?, ?, ?, ?, ?)",
-                    (tx_id, self._now(), callback.remote_addr, outcome, callback.body))
+                    (tx_id, self._now() if received is None else iso_utc(received),
+                     callback.remote_addr, outcome, callback.body))
             if release_claim is not None and row is not None:
                 conn.execute("UPDATE transactions SET claimed_until = 0 WHERE id = ?"
                              " AND claimed_until = ?", (tx_id, release_claim))
         return outcome, (dict(row) if row is not None else None)
+
+    @staticmethod
+    def _receipt_holder(conn, receipt):
+        """The payment that holds `receipt` (None: nobody, or no receipt)."""
+        if receipt is None:
+            return None
+        row = conn.execute("SELECT tx_id FROM receipts WHERE receipt = ?", (receipt,)).fetchone()
+        return row["tx_id"] if row is not None else None
+
+    def _take_receipt(self, conn, receipt, tx_id):
+        """Take `receipt` for `tx_id` (True), or find it taken by another payment (False)."""
+        conn.execute("INSERT INTO receipts (receipt, tx_id, kind, created_at) VALUES"
+                     " (?, ?, 'stk', ?) ON CONFLICT (receipt) DO NOTHING",
+                     (receipt, tx_id, self._clock()))
+        return self._receipt_holder(conn, receipt) == tx_id
+
+    def _first_time(self, conn, once):
+        """Record spool entry `once` as applied in this commit; False if it already was."""
+        if once is None:
+            return True
+        return conn.execute("INSERT INTO applied_entries (id, applied_at) VALUES (?, ?)"
+                            " ON CONFLICT (id) DO NOTHING RETURNING id",
+                            (once, self._clock())).fetchone() is not None
 
     def _update(self, conn, tx_id, changes):
         sets, args = [], {"id": tx_id, "updated_at": self._now()}

@@ -136,6 +136,23 @@ CREATE TABLE rate_buckets (
     (3, """
 CREATE INDEX events_pending_tx ON events (tx_id, seq) WHERE status = 'pending';
 """),
+    # A receipt pays once (receipts already in the ledger are taken, the oldest payment
+    # keeping each); a spooled entry is applied once.
+    (4, """
+CREATE TABLE receipts (
+    receipt    TEXT PRIMARY KEY,
+    tx_id      TEXT NOT NULL,
+    kind       TEXT NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL
+);
+INSERT INTO receipts (receipt, tx_id, kind, created_at)
+    SELECT receipt, id, 'stk', 0 FROM transactions WHERE receipt IS NOT NULL
+    ORDER BY created_at, id ON CONFLICT (receipt) DO NOTHING;
+CREATE TABLE applied_entries (
+    id         TEXT PRIMARY KEY,
+    applied_at DOUBLE PRECISION NOT NULL
+);
+"""),
 )
 # The server's clock: every host reads the same one for token expiry, leases and buckets.
 NOW = "EXTRACT(EPOCH FROM clock_timestamp())::double precision"

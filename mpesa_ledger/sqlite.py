@@ -20,7 +20,9 @@ from mpesa_ledger.contract import Dialect, Ledger
 log = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_S = 5.0
-SCHEMA_VERSION = 2  # 1: the tables below; 2: transactions.owner (added by _migrate)
+# 1: the first tables; 2: transactions.owner (added by _migrate); 3: receipts and
+# applied_entries (a receipt pays once; a spooled entry is applied once)
+SCHEMA_VERSION = 3
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS transactions (
@@ -99,8 +101,19 @@ CREATE TABLE IF NOT EXISTS event_attempts (
     error       TEXT
 );
 CREATE INDEX IF NOT EXISTS event_attempts_event ON event_attempts (event_id);
+-- every M-Pesa receipt the ledger has accepted, once: one namespace for all its kinds
+CREATE TABLE IF NOT EXISTS receipts (
+    receipt    TEXT PRIMARY KEY,
+    tx_id      TEXT NOT NULL,
+    kind       TEXT NOT NULL,  -- stk
+    created_at REAL NOT NULL
+);
+-- the spool entries already applied: a replay cut short by a crash never applies one twice
+CREATE TABLE IF NOT EXISTS applied_entries (
+    id         TEXT PRIMARY KEY,
+    applied_at REAL NOT NULL
+);
 """
-
 
 
 class SqliteLedger(Ledger):
@@ -109,6 +122,8 @@ class SqliteLedger(Ledger):
 
     def __init__(self, path, *, clock=time.time, events=None, busy_timeout_s=BUSY_TIMEOUT_S,
                  on_connect=None):
+        """`busy_timeout_s`: how long a write waits for another process's lock on the file
+        before it fails (GATEWAY_DB_WAIT_S)."""
         super().__init__(clock=clock, events=events)
         self.path = path
         self._on_connect = on_connect  # test shim: sees each new connection (e.g. an authorizer)
@@ -137,6 +152,11 @@ class SqliteLedger(Ledger):
                 conn.execute("ALTER TABLE transactions ADD COLUMN owner TEXT")
             conn.execute("CREATE INDEX IF NOT EXISTS transactions_owner"
                          " ON transactions (owner, created_at, id)")
+            # 3: receipts already in the ledger are taken (the oldest payment keeps each)
+            if conn.execute("PRAGMA user_version").fetchone()[0] < 3:
+                conn.execute("INSERT OR IGNORE INTO receipts (receipt, tx_id, kind, created_at)"
+                             " SELECT receipt, id, 'stk', 0 FROM transactions"
+                             " WHERE receipt IS NOT NULL ORDER BY created_at, id")
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             conn.execute("COMMIT")
         except BaseException:

@@ -133,7 +133,7 @@ def pytest_generate_tests(metafunc):
 def gateway_env(sim, tmp_path, engine, request):
     target = (tmp_path / "ledger.db" if engine == "sqlite"
               else request.getfixturevalue("pg_url"))
-    return base_env(sim.url, target)
+    return base_env(sim.url, target, spool_dir=tmp_path / "spool")
 
 
 @pytest.fixture

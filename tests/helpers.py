@@ -11,6 +11,7 @@ import shutil
 import socket
 import sqlite3
 import subprocess
+import tempfile
 import threading
 import time
 
@@ -138,8 +139,11 @@ class OffsetClock:
 BOTH_ENGINES = ("sqlite", "postgresql")
 
 
-
-def base_env(sim_url, db_path, callback_base="http://127.0.0.1:9"):
+def base_env(sim_url, db_path, callback_base="http://127.0.0.1:9", spool_dir=None):
+    """A gateway's environment for tests. A PostgreSQL ledger's spool goes to a new
+    temporary folder unless `spool_dir` says where (a SQLite one's sits beside the file)."""
+    if spool_dir is None and str(db_path).startswith("postgresql://"):
+        spool_dir = tempfile.mkdtemp(prefix="mpesa-spool-")
     return {
         "MPESA_CONSUMER_KEY": simulator.DEMO_CONSUMER_KEY,
         "MPESA_CONSUMER_SECRET": simulator.DEMO_CONSUMER_SECRET,
@@ -154,6 +158,7 @@ def base_env(sim_url, db_path, callback_base="http://127.0.0.1:9"):
         "GATEWAY_SECRET": SECRET,
         "GATEWAY_THREADS": "8",
         "GATEWAY_RECONCILE": "off",
+        **({"GATEWAY_SPOOL_DIR": str(spool_dir)} if spool_dir is not None else {}),
     }
 
 

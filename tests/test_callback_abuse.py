@@ -13,10 +13,9 @@ from webtest import TestApp
 
 import config
 import mpesa_wsgi
-from helpers import API_KEY, callbacks_of
+from helpers import API_KEY, callbacks_of, wait_for
 from mpesa_devtools import simulator
 from mpesa_gateway import sources
-from mpesa_ledger import SqliteLedger
 
 
 @pytest.fixture
@@ -191,21 +190,37 @@ def test_concurrent_duplicate_callbacks_apply_once(make):
     assert outcomes == ["applied"] + ["duplicate"] * 7
 
 
-def test_locked_ledger_answers_503_and_writes_nothing(make):
-    app, testapp, tx, path = make("off")
-    app.services.ledger.close()
-    # A short busy wait
-    app.services.ledger = SqliteLedger(app.services.config.db_path, busy_timeout_s=0.2)
+def test_a_callback_while_the_ledger_is_locked_is_spooled_acknowledged_then_applied(make):
+    app, testapp, tx, path = make("off", GATEWAY_DB_WAIT_S="0.2")  # a short busy wait
     holder = sqlite3.connect(app.services.config.db_path, isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")  # another process holds the write lock
     try:
-        res = send(testapp, path, result(tx), status=503)
+        res = send(testapp, path, result(tx))  # stored (in the spool): acknowledged
+        assert res.json == {"ResultCode": 0, "ResultDesc": "Accepted"}
+        assert app.services.spool.depth() == 1
+        assert callbacks_of(app.services.ledger, tx["id"]) == []  # not in the ledger yet
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    wait_for(lambda: app.services.ledger.get(tx["id"])["status"] == "succeeded", timeout=30)
+    assert [c["outcome"] for c in callbacks_of(app.services.ledger, tx["id"])] == ["applied"]
+    assert app.services.spool.depth() == 0
+
+
+def test_a_callback_neither_the_ledger_nor_the_spool_can_take_is_503(make, tmp_path):
+    (tmp_path / "a-file").write_text("not a directory")
+    app, testapp, tx, path = make("off", GATEWAY_DB_WAIT_S="0.2",
+                                  GATEWAY_SPOOL_DIR=str(tmp_path / "a-file" / "spool"))
+    holder = sqlite3.connect(app.services.config.db_path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        res = send(testapp, path, result(tx), status=503)  # not stored: not acknowledged
         assert res.json["error"]["code"] == "ledger_unavailable"
         assert int(res.headers["Retry-After"]) > 0
     finally:
         holder.execute("ROLLBACK")
         holder.close()
-    assert callbacks_of(app.services.ledger, tx["id"]) == []
-    assert app.services.ledger.get(tx["id"])["status"] == "pending"
-    send(testapp, path, result(tx))  # Safaricom's retry, if any, then succeeds
-    assert app.services.ledger.get(tx["id"])["status"] == "succeeded"
+    # Kept in this process's memory meanwhile (said loudly): applied once the file is free.
+    wait_for(lambda: app.services.ledger.get(tx["id"])["status"] == "succeeded", timeout=30)
+    assert [c["outcome"] for c in callbacks_of(app.services.ledger, tx["id"])] == ["applied"]
+

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+import config
 from config import BASE_URLS, ConfigError, load_config
 from helpers import ROOT_DIR
 
@@ -164,3 +165,25 @@ def test_a_postgresql_password_is_masked_wherever_the_url_holds_it(url):
     assert cfg.db_path == url  # kept exactly, for the driver
     assert "s3cret-pw" not in repr(cfg) and "s3cret-pw" not in str(cfg.masked())
     assert "s3cret-pw" in cfg.secret_values()  # so the log filter redacts it too
+
+
+@pytest.mark.parametrize("parse, raw, expected", [
+    # API keys: cut at the first colon; a key may look like a URL
+    (config.named_keys, "shop://K" + "a" * 20, (("shop", "//K" + "a" * 20),)),
+    (config.named_keys, "k" * 20 + ", ,shop:" + "s" * 20, (("default", "k" * 20),
+                                                          ("shop", "s" * 20))),
+    # webhook secrets: cut at the last colon; an empty name is default
+    (config.webhook_secrets, ":whsec_" + "A" * 32, (("default", "whsec_" + "A" * 32),)),
+    (config.webhook_secrets, " a : whsec_" + "A" * 32, ValueError),
+    # webhook URLs: a bare URL is default's; the scheme's colon is no name's
+    (config.owner_urls, "https://e.example/h?x=1:2", (("default", "https://e.example/h?x=1:2"),)),
+    (config.owner_urls, "shop:http://127.0.0.1:8080/e", (("shop", "http://127.0.0.1:8080/e"),)),
+    (config.owner_urls, "HTTPS://host/x", ValueError),
+    (config.owner_urls, "host", ValueError),
+])
+def test_each_name_value_list_cuts_its_items_by_its_own_rule(parse, raw, expected):
+    if expected is ValueError:
+        with pytest.raises(ValueError):
+            parse(raw)
+    else:
+        assert parse(raw) == expected

@@ -42,7 +42,7 @@ def test_a_failing_write_fails_only_its_own_caller(ledger):
         ledger.mark_accepted(row["id"], f"ws_CO_{row['id']}", "m")
 
     def rules_for(n):
-        def rules(row):
+        def rules(row, receipt_holder):
             if n == 3:
                 raise ValueError("this write's own bug")
             from mpesa_gateway.settlement import Decision
@@ -145,7 +145,7 @@ def test_an_error_that_ends_the_whole_transaction_fails_exactly_the_writes_it_un
 def test_a_write_inside_a_write_is_refused_at_once(ledger):
     row = new_row(ledger, 1)
 
-    def rules(current):
+    def rules(current, receipt_holder):
         new_row(ledger, 2)  # a write from inside a write's statements
 
     with pytest.raises(RuntimeError, match="inside another write"):

@@ -2,6 +2,7 @@
 fake Daraja on loopback: definite refusals are `rejected` and free the key, every wait is
 bounded by one call policy, and a push that may have been sent never answers 500."""
 
+import re
 import sqlite3
 import threading
 import time
@@ -163,8 +164,8 @@ def test_token_waiters_give_up_after_the_oauth_deadline_with_503(tmp_path):
 # --- 2c: once a prompt may have been sent, no 500 ------------------------------------------
 
 
-def _app_with_ledger(tmp_path, fake, on_connect):
-    env = dict(base_env(fake.url, tmp_path / "c.db"), MPESA_READ_TIMEOUT="0.3")
+def _app_with_ledger(tmp_path, fake, on_connect, **env):
+    env = dict(base_env(fake.url, tmp_path / "c.db"), MPESA_READ_TIMEOUT="0.3", **env)
     cfg = config.load_config(env)
     ledger = SqliteLedger(cfg.db_path, on_connect=on_connect)
     client = daraja.DarajaClient(cfg, daraja.build_pool(cfg))
@@ -248,11 +249,39 @@ def test_an_unexpected_error_after_the_push_may_have_gone_is_202_unknown(tmp_pat
         fake.close()
 
 
-def test_a_refusal_the_ledger_cannot_record_says_so_and_keeps_the_key(tmp_path):
+def test_a_refusal_the_ledger_cannot_record_is_spooled_and_frees_the_key_once_recorded(
+        tmp_path):
+    switch = threading.Event()
+    fake = FakeDaraja(oauth=[token()], push=[
+        error(500, "500.003.02", "Error Occurred: Spike Arrest Violation"), accepted()])
+    app = _app_with_ledger(tmp_path, fake, deny(sqlite3.SQLITE_UPDATE, "transactions", switch))
+    auth = {"Authorization": f"Bearer {API_KEY}", **KEY}
+    try:
+        switch.set()
+        res = TestApp(app).post_json("/stkpush", PUSH, status=503, headers=auth)
+        assert res.json["error"]["code"] == "upstream_unavailable"  # what Daraja said
+        assert app.services.spool.depth() == 1
+        again = TestApp(app).post_json("/stkpush", PUSH, status=409, headers=auth)
+        assert again.json["error"]["code"] == "idempotency_key_in_use"  # not recorded yet
+        switch.clear()
+        assert app.services.replay_spool() == 1  # the replayer's work, done here
+        row = app.services.ledger.get(re.search(r"tx_[0-9a-f]+", res.json["error"]["message"])[0])
+        assert (row["status"], row["reason"]) == ("rejected", "upstream_unavailable")
+        TestApp(app).post_json("/stkpush", PUSH, status=202, headers=auth)  # the key is free
+        assert fake.count("push") == 2
+    finally:
+        app.services.close()
+        fake.close()
+
+
+def test_a_refusal_neither_the_ledger_nor_the_spool_can_record_says_so_and_keeps_the_key(
+        tmp_path):
     switch = threading.Event()
     fake = FakeDaraja(oauth=[token()], push=[
         error(500, "500.003.02", "Error Occurred: Spike Arrest Violation")])
-    app = _app_with_ledger(tmp_path, fake, deny(sqlite3.SQLITE_UPDATE, "transactions", switch))
+    (tmp_path / "a-file").write_text("not a directory")
+    app = _app_with_ledger(tmp_path, fake, deny(sqlite3.SQLITE_UPDATE, "transactions", switch),
+                           GATEWAY_SPOOL_DIR=str(tmp_path / "a-file" / "spool"))
     try:
         switch.set()
         res = TestApp(app).post_json("/stkpush", PUSH, status=503, headers={

@@ -481,7 +481,7 @@ class WebhookReceiver:
 def cold_start_ms(workdir):
     code = ("import time; t=time.perf_counter(); import mpesa_wsgi, config, os; "
             "app=mpesa_wsgi.create_app(config.load_config(os.environ)); "
-            "print((time.perf_counter()-t)*1000); app.close()")
+            "print((time.perf_counter()-t)*1000); app.services.close()")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MPESA_", "GATEWAY_"))}
     env.update({"MPESA_CONSUMER_KEY": "k", "MPESA_CONSUMER_SECRET": "s", "MPESA_SHORTCODE": "174379",
                 "MPESA_PASSKEY": "p", "MPESA_CALLBACK_BASE_URL": "http://127.0.0.1:9",

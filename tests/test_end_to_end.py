@@ -1,5 +1,6 @@
 """Gateway and simulator on real loopback sockets: every scenario phone, end to end."""
 
+import json
 import re
 import time
 import urllib.request
@@ -227,4 +228,26 @@ def test_callback_that_beats_the_push_answer_is_kept(held_gateway, sim):
     assert row["checkout_request_id"].startswith("ws_CO_") and row["receipt"]
     stored = callbacks_of(held_gateway.services.ledger, row["id"])
     assert [c["outcome"] for c in stored] == ["applied"]
+    assert sim.stats()["pushes"] == 1
+
+
+@pytest.mark.parametrize("sim_settings", [{"callback_delay_s": 0}], indirect=True)
+def test_a_retry_with_the_key_replays_the_answer_a_callback_that_came_first_shaped(
+        held_gateway, sim):
+    headers = dict(held_gateway.auth, **{"Idempotency-Key": "order-6"})
+    push = {"phone": "254711001032", "amount": 10}  # the simulator's "cancelled" phone
+    first = held_gateway.testapp.post_json("/stkpush", push, headers=headers, status=202)
+    assert first.json["status"] == "failed"  # its callback came before Daraja's answer
+    # Then money moves after all: a signed success overrides the failure.
+    body = {"Body": {"stkCallback": {
+        "MerchantRequestID": first.json["merchant_request_id"],
+        "CheckoutRequestID": first.json["checkout_request_id"], "ResultCode": 0,
+        "ResultDesc": "ok", "CallbackMetadata": {"Item": [
+            {"Name": "Amount", "Value": 10}, {"Name": "MpesaReceiptNumber", "Value": "UKQ6666666"}]}}}}
+    path = "/" + held_gateway.services.signer.url(first.json["id"]).split("/", 3)[3]
+    held_gateway.testapp.post(path, json.dumps(body), content_type="application/json")
+    assert held_gateway.get(first.json["id"]).json["status"] == "succeeded"
+    again = held_gateway.testapp.post_json("/stkpush", push, headers=headers, status=202)
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert again.body == first.body  # exactly what the first request got
     assert sim.stats()["pushes"] == 1

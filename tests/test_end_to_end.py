@@ -243,7 +243,8 @@ def test_a_retry_with_the_key_replays_the_answer_a_callback_that_came_first_shap
         "MerchantRequestID": first.json["merchant_request_id"],
         "CheckoutRequestID": first.json["checkout_request_id"], "ResultCode": 0,
         "ResultDesc": "ok", "CallbackMetadata": {"Item": [
-            {"Name": "Amount", "Value": 10}, {"Name": "MpesaReceiptNumber", "Value": "UKQ6666666"}]}}}}
+            {"Name": "Amount", "Value": 10},
+            {"Name": "MpesaReceiptNumber", "Value": "UKQ6666666"}]}}}}
     path = "/" + held_gateway.services.signer.url(first.json["id"]).split("/", 3)[3]
     held_gateway.testapp.post(path, json.dumps(body), content_type="application/json")
     assert held_gateway.get(first.json["id"]).json["status"] == "succeeded"

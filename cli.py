@@ -22,7 +22,7 @@ import time
 
 import config as settings
 import mpesa_ledger as store
-from mpesa_gateway import logs
+from mpesa_gateway import logs, serving
 from mpesa_gateway.services import build_services
 from mpesa_ledger import move as ledger_move
 
@@ -127,11 +127,12 @@ def create_server(app, host, port, config):
 
     check_open_files(config)
     try:
-        return waitress.create_server(app, host=host, port=port, **waitress_settings(config))
+        server = waitress.create_server(app, host=host, port=port, **waitress_settings(config))
     except (OSError, ValueError) as exc:  # ValueError: waitress found no such host
         reason = getattr(exc, "strerror", None) or exc
         raise StartupError(f"cannot listen on {host}:{port} (GATEWAY_HOST, GATEWAY_PORT):"
                            f" {reason}") from None
+    return serving.bound_headers(server, config.header_timeout)
 
 
 def serve(services, server, banner=None):
@@ -280,15 +281,17 @@ def reconcile_once(config, tx_id=None, checkout_request_id=None):
         worker = services.new_reconciler()
         if checkout_request_id is not None:
             if services.ledger.learn_checkout_request_id(tx_id, checkout_request_id) is None:
-                print(f"reconcile tx={tx_id}: not learnt (no such row, final, already has a"
-                      " CheckoutRequestID, or another row holds that one)", file=sys.stderr)
+                print(f"reconcile tx={tx_id}: not learnt (no such row, not unknown, already"
+                      " has a CheckoutRequestID, or another row holds that one)",
+                      file=sys.stderr)
                 return 1
         if tx_id is not None:
             result, row = worker.check_now(tx_id)
             if row is None:
                 print(f"reconcile tx={tx_id} not found", file=sys.stderr)
                 return 1
-            print(f"reconcile tx={tx_id} result={result} status={row['status']}", flush=True)
+            print(f"reconcile tx={row['id']} result={result} status={row['status']}",
+                  flush=True)
             return 0
         results = worker.run_once()
         services.ledger.prune_idempotency()
@@ -319,6 +322,9 @@ def show_spools(directory):
 
     mask = logs.RedactFilter().scrub
     paths = spool.spool_files(directory)
+    quarantine = os.path.join(directory, spool.QUARANTINE)
+    if os.path.exists(quarantine):
+        paths.append(quarantine)  # entries set aside: an operator decides
     if not paths:
         print(f"spool {directory}: empty", flush=True)
     for path in paths:

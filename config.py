@@ -103,6 +103,21 @@ def non_negative_float(raw):
     return value
 
 
+def at_most(convert, limit):
+    """`convert`, then a ceiling: an absurd value (a typo, an extra digit) fails at
+    start-up, naming the allowed range, instead of sizing something by it."""
+    allowed = {positive_int: "from 1 to", positive_float: "more than 0 and at most",
+               non_negative_float: "from 0 to"}[convert]
+
+    def bounded(raw):
+        value = convert(raw)
+        if value > limit:
+            raise ValueError(f"must be {allowed} {limit:,}".replace(",", "_"))
+        return value
+
+    return bounded
+
+
 def one_of(*choices):
     def convert(raw):
         value = raw.strip()
@@ -333,13 +348,13 @@ SETTINGS = (
     # Paybill: the shortcode (the default). Till: the till number.
     ("MPESA_PARTY_B", "party_b", shortcode, None, False),
     # Seconds to open a connection to Daraja; nothing is sent before it succeeds.
-    ("MPESA_CONNECT_TIMEOUT", "connect_timeout", positive_float, 5.0, False),
+    ("MPESA_CONNECT_TIMEOUT", "connect_timeout", at_most(positive_float, 60), 5.0, False),
     # Seconds to wait for Daraja's answer; past it a push becomes "unknown".
-    ("MPESA_READ_TIMEOUT", "read_timeout", positive_float, 15.0, False),
+    ("MPESA_READ_TIMEOUT", "read_timeout", at_most(positive_float, 120), 15.0, False),
     # Refresh the OAuth token this many seconds before it expires (55 min of 3599 s).
-    ("MPESA_TOKEN_MARGIN_S", "token_margin_s", non_negative_float, 300.0, False),
+    ("MPESA_TOKEN_MARGIN_S", "token_margin_s", at_most(non_negative_float, 3000), 300.0, False),
     # Largest amount accepted, whole KES (Daraja's per-transaction limit).
-    ("MPESA_MAX_AMOUNT", "max_amount", positive_int, 250_000, False),
+    ("MPESA_MAX_AMOUNT", "max_amount", at_most(positive_int, 1_000_000), 250_000, False),
     # AccountReference / TransactionDesc when the merchant sends none (customer-visible).
     ("MPESA_DEFAULT_REFERENCE", "default_reference", short_text(12), "Payment", False),
     ("MPESA_DEFAULT_DESCRIPTION", "default_description", short_text(13), "Payment", False),
@@ -348,21 +363,24 @@ SETTINGS = (
     ("GATEWAY_PORT", "port", port, 8000, False),
     # Worker threads; also the size of the Daraja connection pool. Each push holds one for
     # Daraja's whole answer (~1 s): threads ≈ peak pushes/s × latency + reserve.
-    ("GATEWAY_THREADS", "threads", positive_int, 32, False),
+    ("GATEWAY_THREADS", "threads", at_most(positive_int, 1024), 32, False),
     # Pushes at Daraja at once; the rest of the threads stay free for callbacks, reads and
     # health. None: GATEWAY_THREADS minus a reserve (a quarter, at least 4).
-    ("GATEWAY_PUSH_SLOTS", "push_slots", positive_int, None, False),
+    ("GATEWAY_PUSH_SLOTS", "push_slots", at_most(positive_int, 1024), None, False),
     # Open client connections waitress keeps (each is a file descriptor; on Windows
     # waitress's select() handles at most 512 sockets in all).
-    ("GATEWAY_CONNECTION_LIMIT", "connection_limit", positive_int, 250, False),
+    ("GATEWAY_CONNECTION_LIMIT", "connection_limit", at_most(positive_int, 100_000), 250, False),
+    # Seconds a request's line and headers may take to arrive, from their first byte, when
+    # waitress serves directly (a client trickling them is cut off; nginx: client_header_timeout).
+    ("GATEWAY_HEADER_TIMEOUT", "header_timeout", at_most(positive_float, 300), 20.0, False),
     # Seconds an idle or half-sent connection is kept before waitress closes it.
-    ("GATEWAY_CHANNEL_TIMEOUT", "channel_timeout", positive_int, 30, False),
+    ("GATEWAY_CHANNEL_TIMEOUT", "channel_timeout", at_most(positive_int, 3600), 30, False),
     # The ledger: a SQLite file on local disk (a path or sqlite:///path), or
     # postgresql://user:password@host:5432/db for several processes on several hosts.
     ("GATEWAY_DB", "db_path", ledger_target, "mpesa_gateway.db", False),
     # Seconds a ledger call waits before it fails: SQLite, for another process's lock on
     # the file; PostgreSQL, for a pooled connection (the server is down or every one busy).
-    ("GATEWAY_DB_WAIT_S", "db_wait_s", positive_float, 5.0, False),
+    ("GATEWAY_DB_WAIT_S", "db_wait_s", at_most(positive_float, 300), 5.0, False),
     # Where this process's spool lives: what Daraja already did, kept while the ledger
     # cannot take it. None: beside a SQLite ledger; ./spool for PostgreSQL.
     ("GATEWAY_SPOOL_DIR", "spool_dir", text, None, False),
@@ -381,22 +399,25 @@ SETTINGS = (
     # Key of the HMAC that signs each transaction's callback URL.
     ("GATEWAY_SECRET", "secret", secret_key, REQUIRED, True),
     # Largest request body in bytes; larger bodies get 413.
-    ("GATEWAY_MAX_BODY", "max_body", positive_int, 16_384, False),
+    ("GATEWAY_MAX_BODY", "max_body", at_most(positive_int, 10 * 1024 * 1024), 16_384, False),
     # A second push to a phone with a pending payment younger than this → 409.
-    ("GATEWAY_PHONE_LOCK_S", "phone_lock_s", non_negative_float, 60.0, False),
+    ("GATEWAY_PHONE_LOCK_S", "phone_lock_s", at_most(non_negative_float, 3600), 60.0, False),
     # Token bucket per API key on POST /stkpush: requests per second, and burst size.
-    ("GATEWAY_RATE", "rate", positive_float, 5.0, False),
-    ("GATEWAY_BURST", "burst", positive_int, 20, False),
+    ("GATEWAY_RATE", "rate", at_most(positive_float, 1_000_000), 5.0, False),
+    ("GATEWAY_BURST", "burst", at_most(positive_int, 1_000_000), 20, False),
     # Run the reconciler thread inside the serving process (off: use `reconcile` from cron).
     ("GATEWAY_RECONCILE", "reconcile", on_off, True, False),
     # Query pending payments older than this (Safaricom does not retry callbacks).
-    ("MPESA_RECONCILE_AFTER_S", "reconcile_after_s", non_negative_float, 60.0, False),
+    ("MPESA_RECONCILE_AFTER_S", "reconcile_after_s", at_most(non_negative_float, 86_400), 60.0,
+     False),
     # Give up after this long from creation: the payment becomes unknown/no_final_result.
-    ("MPESA_RECONCILE_DEADLINE_S", "reconcile_deadline_s", positive_float, 900.0, False),
+    ("MPESA_RECONCILE_DEADLINE_S", "reconcile_deadline_s", at_most(positive_float, 259_200),
+     900.0, False),
     # First wait between queries of one payment; doubles each time, at most 300 s.
-    ("MPESA_RECONCILE_BACKOFF_S", "reconcile_backoff_s", positive_float, 10.0, False),
+    ("MPESA_RECONCILE_BACKOFF_S", "reconcile_backoff_s", at_most(positive_float, 3600), 10.0,
+     False),
     # STK queries per second at most, per reconciling process (Daraja publishes no limit).
-    ("MPESA_RECONCILE_QPS", "reconcile_qps", positive_float, 2.0, False),
+    ("MPESA_RECONCILE_QPS", "reconcile_qps", at_most(positive_float, 100), 2.0, False),
     # off | log | enforce: what to do with callbacks from outside MPESA_CALLBACK_IPS.
     ("MPESA_CALLBACK_IP_POLICY", "callback_ip_policy", one_of("off", "log", "enforce"), "log",
      False),

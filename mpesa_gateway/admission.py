@@ -13,6 +13,11 @@ push that finds no free slot is refused at once, never queued.
 import threading
 import time
 
+# Redeliveries an owner may ask for (POST /events/<id>/redeliver): a burst, then one a
+# second, so a script cannot keep the sender busy with one merchant's old events.
+REDELIVERIES_PER_S = 1.0
+REDELIVERY_BURST = 10
+
 
 class RateLimiter:
     def __init__(self, rate, burst, clock=time.monotonic):

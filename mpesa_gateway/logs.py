@@ -193,6 +193,9 @@ def configure(level="INFO", fmt="text", secret_values=(), stream=None):
     _ours = _Lines(handler, redact, fmt == "json")
     root.setLevel(level)
     logging.getLogger("urllib3").setLevel(logging.WARNING)  # its DEBUG lines carry URLs
+    # psycopg's pool warns at every failed reconnect while a PostgreSQL server is down;
+    # the gateway says it once (monitoring.LedgerWatch) and counts the failures.
+    logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
     # Per-record work nobody reads here (logging HOWTO, "Optimization"): caller frame,
     # thread and process names.
     logging._srcfile = None

@@ -157,6 +157,10 @@ class GatewayMetrics:
             p + "ledger_batches_total",
             "Ledger COMMITs (fsyncs) that made them so: fewer than writes when concurrent"
             " writes share one (group commit).", (), lambda: {(): counts()[1]})
+        self.ledger_failures = Counter(
+            p + "ledger_failures_total",
+            "Ledger calls that failed (the ledger away: a PostgreSQL server down, a SQLite"
+            " file locked past GATEWAY_DB_WAIT_S), by where.", ("where",))
         self.spool_entries = Gauge(
             p + "spool_entries",
             "Entries in the local spool the ledger has not taken yet (what Daraja did while"
@@ -170,7 +174,8 @@ class GatewayMetrics:
                           self.reconcile, self.reconcile_refusals, self.transactions,
                           self.slots_in_use, self.slots_total, self.busy,
                           self.webhook_deliveries, self.webhook_oldest, self.ledger_commits,
-                          self.ledger_batches, self.spool_entries, self.spool_oldest, self.build)
+                          self.ledger_batches, self.ledger_failures, self.spool_entries,
+                          self.spool_oldest, self.build)
 
     def daraja_call(self, api, outcome, seconds):
         """The Daraja client's observer: one call finished with `outcome`."""

@@ -1,17 +1,27 @@
-"""What operators watch: the /health checks and answer, and each request's accounting.
+"""What operators watch: the /health checks and answer, each request's accounting, and
+whether the ledger answers.
 
 Owns the health checks (ledger writable, token age, pending and unknown counts, push
-slots, reconciler refusals, webhook backlog; refreshed at most once a second, since
-/health may be hit thousands of times a second) with the answer rendered once per
-second, and the per-request accounting every web layer calls: the request metrics and
-the one access line (route template, never the raw callback path; phone masked).
+slots, the spool, reconciler refusals, webhook backlog; refreshed at most once a second,
+since /health may be hit thousands of times a second) with the answer rendered once per
+second; the per-request accounting every web layer calls: the request metrics and the
+one access line (route template, never the raw callback path; phone masked); and
+`LedgerWatch`: an outage of the ledger is one WARNING when it starts and one INFO when
+it ends, however many calls fail meanwhile (each counted in /metrics, its traceback at
+DEBUG only).
 """
+
+import logging
+import threading
+import time
 
 import config as settings
 import mpesa_ledger as store
 import validation
 from mpesa_gateway import logs
 from mpesa_gateway.wire import Reply, dumps
+
+log = logging.getLogger(__name__)
 
 HEALTH_CHECK_EVERY_S = 1.0
 JSON = (("Content-Type", "application/json"),)
@@ -38,6 +48,8 @@ class Health:
         now = s.clock.monotonic()
         if checks is None or now - checked_at >= HEALTH_CHECK_EVERY_S:
             writable = s.ledger.writable()
+            if writable:
+                s.ledger_watch.answered()
             try:  # a ledger that cannot be written may still be read (SQLite) or not (a
                 #     PostgreSQL server that is down): then its counts are unknown
                 counts = s.ledger.count_by_status() if writable else None
@@ -94,3 +106,36 @@ def account(registry, method, route, status, elapsed, tx_id=None, phone=None):
                 f" tx={tx_id or '-'} phone={masked}",
                 {"method": method, "route": route, "status": status,
                  "ms": round(ms, 1), "tx": tx_id, "phone": masked})
+
+
+class LedgerWatch:
+    """Whether the ledger answers, told once per change: a WARNING when calls start to
+    fail, an INFO when one succeeds again. Every failure is counted by where it happened
+    (`observer(where)`, the metrics); its traceback goes to DEBUG."""
+
+    def __init__(self, observer=None, clock=time.monotonic):
+        self._observer = observer or (lambda where: None)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self.down_since = None  # monotonic time of the first failure of this outage
+
+    def failed(self, where, exc):
+        self._observer(where)
+        with self._lock:
+            first = self.down_since is None
+            if first:
+                self.down_since = self._clock()
+        if first:
+            log.warning("ledger unavailable where=%s error=%s: ledger calls fail (503"
+                        " ledger_unavailable; what Daraja does meanwhile goes to the spool)"
+                        " until it answers again", where, type(exc).__name__)
+        log.debug("ledger call failed where=%s", where, exc_info=exc)
+
+    def answered(self):
+        """A ledger call succeeded: the end of an outage, if there was one."""
+        if self.down_since is None:  # the usual case: no lock
+            return
+        with self._lock:
+            since, self.down_since = self.down_since, None
+        if since is not None:
+            log.info("ledger available again after %.1f s", self._clock() - since)

@@ -51,6 +51,15 @@ REPLAYED = (("Idempotent-Replayed", "true"),)
 LEDGER_RETRIES_S = (0.05, 0.25)  # a lock that outlasted the busy timeout rarely lasts longer
 
 
+def _failed(services, where, exc):
+    """A ledger call failed: an outage is told once (LedgerWatch); anything else is a bug,
+    logged with its traceback."""
+    if isinstance(exc, services.ledger.Error):
+        services.ledger_watch.failed(where, exc)
+    else:
+        log.error("ledger write failed where=%s", where, exc_info=exc)
+
+
 def metrics_text(services, authorization):
     """GET /metrics: open, or behind GATEWAY_METRICS_TOKEN."""
     token = services.config.metrics_token
@@ -73,10 +82,12 @@ def ledger_read(flow):
     @functools.wraps(flow)
     def guarded(services, *args):
         try:
-            return flow(services, *args)
-        except services.ledger.Error:
-            log.exception("ledger unavailable route_flow=%s", flow.__name__)
+            reply = flow(services, *args)
+        except services.ledger.Error as exc:
+            services.ledger_watch.failed(flow.__name__, exc)
             raise ledger_unavailable("the ledger cannot be reached; retry shortly") from None
+        services.ledger_watch.answered()
+        return reply
     return guarded
 
 
@@ -119,8 +130,8 @@ def _start_payment(services, caller, load_body, idempotency_key):
     cfg = services.config
     try:
         wait = services.limiter.acquire(caller.owner)  # before idempotency, as Stripe does
-    except services.ledger.Error:  # the fleet's buckets live in the ledger
-        log.exception("ledger read failed for the rate limit")
+    except services.ledger.Error as exc:  # the fleet's buckets live in the ledger
+        services.ledger_watch.failed("rate_limit", exc)
         raise ledger_unavailable("the ledger cannot be reached; nothing was sent") from None
     if wait:
         raise TooManyRequests(f"at most {cfg.rate:g} payments per second per API key name",
@@ -145,9 +156,10 @@ def _push(services, caller, push, idempotency_key):
             phone=push.phone, amount=push.amount, reference=push.reference,
             description=push.description, idempotency=idem, phone_lock_s=cfg.phone_lock_s,
             owner=caller.owner)
-    except services.ledger.Error:
-        log.exception("ledger write failed before push")
+    except services.ledger.Error as exc:
+        services.ledger_watch.failed("start_payment", exc)
         raise ledger_unavailable("the ledger cannot be written; nothing was sent") from None
+    services.ledger_watch.answered()
     if begun.kind != store.Start.NEW:
         return answer_without_push(begun, caller, push.phone)
     row = begun.row
@@ -186,7 +198,7 @@ def with_retries(ledger, write):
         try:
             return write()
         except ledger.Error:
-            log.warning("ledger write failed; retrying in %.2f s", pause)
+            log.debug("ledger write failed; retrying in %.2f s", pause)
             time.sleep(pause)
     return write()
 
@@ -204,17 +216,19 @@ def record_outcome(services, idem, expected, write, entry):
     fsynced before the merchant is answered, and is applied when the ledger is back."""
     ledger, tx_id = services.ledger, expected["id"]
     view = transaction_resource(expected)
-    pin = None if idem is None else store.PinnedAnswer(idem, 202, dumps(view))
+    pin = None if idem is None else store.PinnedAnswer(idem, tx_id, 202, dumps(view))
     try:
         try:
             row = with_retries(ledger, lambda: write(pin))
-        except Exception:  # noqa: BLE001 - the outcome still has to be recorded
+        except Exception as exc:  # noqa: BLE001 - the outcome still has to be recorded
             if pin is None:
                 raise
-            log.exception("ledger write failed storing the idempotent answer tx=%s", tx_id)
-            row = with_retries(ledger, lambda: write(None))
-    except Exception:  # noqa: BLE001 - the prompt may be out: never a 500 from here on
-        log.exception("ledger write failed after push tx=%s", tx_id)
+            log.error("ledger write failed storing the idempotent answer tx=%s: recording"
+                      " the outcome alone", tx_id)
+            log.debug("the answer's write failed tx=%s", tx_id, exc_info=exc)
+            row = write(None)  # once: the retries above already waited out a lock
+    except Exception as exc:  # noqa: BLE001 - the prompt may be out: never a 500 from here on
+        _failed(services, "push_outcome", exc)
         if services.record(entry(pin)):
             log.warning("push outcome spooled tx=%s: the ledger takes it when it is back",
                         tx_id)
@@ -228,9 +242,9 @@ def record_outcome(services, idem, expected, write, entry):
     if pin is not None and answer != view:  # a result came first: pin what is answered
         try:
             with_retries(ledger, lambda: ledger.pin_answer(
-                store.PinnedAnswer(idem, 202, dumps(answer))))
-        except Exception:  # noqa: BLE001 - a retry is then answered from the row
-            log.exception("ledger write failed storing the idempotent answer tx=%s", tx_id)
+                store.PinnedAnswer(idem, tx_id, 202, dumps(answer))))
+        except Exception as exc:  # noqa: BLE001 - a retry is then answered from the row
+            _failed(services, "push_outcome", exc)
     return answer
 
 
@@ -303,8 +317,8 @@ def _refused(services, row, reason, exc, idem):
         with_retries(ledger, lambda: ledger.mark_not_accepted(
             tx_id, store.REJECTED, reason, exc.error_code, exc.error_message, release=idem))
         return
-    except ledger.Error:
-        log.exception("ledger write failed after a refused push tx=%s", tx_id)
+    except ledger.Error as error:  # (`exc` is Daraja's refusal, still needed below)
+        services.ledger_watch.failed("push_outcome", error)
     if services.record(recording.not_accepted(
             tx_id, store.REJECTED, reason, services.clock.wall(), result_code=exc.error_code,
             result_desc=exc.error_message, release=idem)):
@@ -346,9 +360,17 @@ def read_event(services, authorization, event_id):
 
 @ledger_read
 def redeliver_event(services, authorization, event_id):
-    """POST /events/<id>/redeliver: send it again at the sender's next pass."""
+    """POST /events/<id>/redeliver: send it again at the sender's next pass. Owners act on
+    their own events, a few a second; admin keys read everything and change nothing."""
     caller = authenticate(authorization, services.config)
+    if caller.admin:
+        raise Forbidden("admin keys read events; the owner's key redelivers one",
+                        code="admin_key")
     _own_event(services, caller, event_id)
+    wait = services.redeliveries.acquire(caller.owner)
+    if wait:
+        raise TooManyRequests("too many redeliveries for this API key name; retry shortly",
+                              headers=retry_after(wait))
     row = services.ledger.redeliver(event_id)
     return Reply(202, resources.event_resource(row))
 
@@ -391,8 +413,9 @@ def _store_callback(services, tx_id, source, raw):
     try:
         name, row = settlement.apply(services.ledger, tx_id, outcome,
                                      callback=settlement.CallbackRecord(raw, source))
-    except services.ledger.Error:
-        log.exception("ledger write failed for callback tx=%s", tx_id)
+        services.ledger_watch.answered()
+    except services.ledger.Error as exc:
+        services.ledger_watch.failed("callback", exc)
         if not services.record(recording.callback(tx_id, raw, source, services.clock.wall())):
             # Not stored, so not acknowledged.
             raise ledger_unavailable("the callback could not be stored") from None

@@ -38,8 +38,9 @@ MAX_ROWS_PER_PASS = 1000  # a pass ends; the next one carries on
 
 class Reconciler:
     def __init__(self, ledger, client, config, *, clock=time.time, observer=None,
-                 on_refusal=None, wait=None, before_pass=None):
+                 on_refusal=None, wait=None, before_pass=None, watch=None):
         self._ledger = ledger
+        self._watch = watch  # monitoring.LedgerWatch: an outage is told once, not per pass
         # Run first in every pass (the spool's replay): what Daraja already did is in the
         # ledger before recovery or a claim looks at a row.
         self._before_pass = before_pass or (lambda: None)
@@ -183,5 +184,12 @@ class Reconciler:
             try:
                 self.run_once()
                 self._ledger.prune_idempotency()
+                if self._watch is not None:
+                    self._watch.answered()
+            except self._ledger.Error as exc:
+                if self._watch is not None:
+                    self._watch.failed("reconcile", exc)
+                else:
+                    log.exception("reconcile pass failed")
             except Exception:  # noqa: BLE001 - the loop must outlive one bad pass
                 log.exception("reconcile pass failed")

@@ -84,6 +84,8 @@ def describe(entry):
         return f"{head} checkout_request_id={entry['checkout_request_id']}"
     if entry["kind"] == "not_accepted":
         return f"{head} status={entry['status']} reason={entry['reason']}"
+    if entry["kind"] != "callback":
+        return f"{head} fields={','.join(sorted(entry))}"
     outcome = parse_callback(base64.b64decode(entry["body"]))
     if outcome is None:
         return f"{head} callback=malformed from={entry['remote_addr']}"
@@ -113,7 +115,7 @@ def apply(ledger, entry):
             once=once)
         log.info("callback tx=%s outcome=%s (from the spool)", entry["tx_id"], name)
     else:
-        log.error("spool unknown_kind=%s id=%s skipped", kind, once)
+        raise ValueError(f"an entry of an unknown kind ({kind!r}): from a newer version?")
 
 
 def _with_pin(ledger, entry, write):
@@ -123,7 +125,7 @@ def _with_pin(ledger, entry, write):
     pin = entry.get("pin")
     if pin is None:
         return write(None)
-    pinned = store.PinnedAnswer(_idempotency(pin), pin["status_code"],
+    pinned = store.PinnedAnswer(_idempotency(pin), entry["tx_id"], pin["status_code"],
                                 base64.b64decode(pin["body"]))
     try:
         row = write(pinned)
@@ -137,19 +139,30 @@ def _with_pin(ledger, entry, write):
     return row
 
 
-def replay(spool, ledger):
-    """Apply the spool's entries in order; stop at the first the ledger cannot take yet.
-    Returns how many were applied."""
+def replay(spool, ledger, watch=None):
+    """Apply the spool's entries in order; stop at the first the ledger cannot take yet
+    (told to `watch`, a monitoring.LedgerWatch). Returns how many were applied."""
     done = 0
     for entry in spool.pending():
         try:
             apply(ledger, entry)
-        except ledger.Error:
-            log.warning("spool replay waiting: the ledger cannot take entries yet (left=%d)",
-                        spool.depth())
+        except ledger.Permanent as exc:  # it will never apply: the entries behind it go on
+            spool.set_aside(entry, type(exc).__name__)
+            continue
+        except ledger.Error as exc:
+            if watch is not None:
+                watch.failed("spool", exc)
+            log.debug("spool replay waiting: the ledger cannot take entries yet (left=%d)",
+                      spool.depth())
             break
+        except Exception as exc:  # noqa: BLE001 - a malformed entry, or a bug: set aside
+            log.error("spool entry cannot be applied id=%s", entry.get("id"), exc_info=exc)
+            spool.set_aside(entry, type(exc).__name__)
+            continue
         spool.applied(entry)
         done += 1
+        if watch is not None:
+            watch.answered()
     if done:
         log.info("spool replayed=%d left=%d", done, spool.depth())
     return done
@@ -158,8 +171,8 @@ def replay(spool, ledger):
 class Replayer:
     """Replays the spool in a thread while it holds entries; `wake()` after an append."""
 
-    def __init__(self, spool, ledger, *, retry_s=RETRY_S):
-        self._spool, self._ledger, self._retry_s = spool, ledger, retry_s
+    def __init__(self, spool, ledger, watch=None, *, retry_s=RETRY_S):
+        self._spool, self._ledger, self._watch, self._retry_s = spool, ledger, watch, retry_s
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = None
@@ -178,7 +191,7 @@ class Replayer:
             if self._stop.is_set():
                 return
             try:
-                replay(self._spool, self._ledger)
+                replay(self._spool, self._ledger, self._watch)
             except Exception:  # noqa: BLE001 - a bug must not end the thread that saves money
                 log.exception("spool replay failed")
 

@@ -50,6 +50,9 @@ class Services:
         self.limiter = limiter or admission.RateLimiter(config.rate, config.burst,
                                                         clock=self.clock.monotonic)
         self.slots = slots or admission.PushSlots(config.push_slots)
+        self.redeliveries = admission.RateLimiter(admission.REDELIVERIES_PER_S,
+                                                  admission.REDELIVERY_BURST,
+                                                  clock=self.clock.monotonic)
         self.signer = CallbackSigner(config.secret, config.callback_base_url)
         with open(OPENAPI_PATH, "rb") as f:
             self.openapi = f.read()
@@ -57,6 +60,9 @@ class Services:
         self.sender = None
         self.replayer = None
         self.health = monitoring.Health(self)  # /health's checks and its answer
+        # One WARNING per ledger outage, one INFO at its end; failures counted.
+        self.ledger_watch = monitoring.LedgerWatch(metrics_registry.ledger_failures.inc,
+                                                   clock=self.clock.monotonic)
 
     def record(self, entry):
         """Keep what Daraja did (a recording entry) in the spool because the ledger cannot
@@ -67,7 +73,7 @@ class Services:
         return durable
 
     def replay_spool(self):
-        return recording.replay(self.spool, self.ledger)
+        return recording.replay(self.spool, self.ledger, self.ledger_watch)
 
     def new_reconciler(self, **seams):
         """A reconciler over these services (a thread's, or one pass's for cron); each
@@ -75,18 +81,20 @@ class Services:
         return reconciler.Reconciler(self.ledger, self.daraja, self.config,
                                      clock=self.clock.wall, observer=self.metrics.reconcile.inc,
                                      on_refusal=self.metrics.reconcile_refusals.inc,
-                                     before_pass=self.replay_spool, **seams)
+                                     before_pass=self.replay_spool, watch=self.ledger_watch,
+                                     **seams)
 
     def new_sender(self):
         """A webhook sender over these services (a thread's, or one pass's for cron)."""
         return webhooks.Sender(self.ledger, self.config, clock=self.clock.wall,
-                               observer=self.metrics.webhook_deliveries.inc)
+                               observer=self.metrics.webhook_deliveries.inc,
+                               watch=self.ledger_watch)
 
     def start_background(self):
         """The spool replayer, and the reconciler and the webhook sender threads as
         configured. Under waitress-serve --call or gunicorn nobody calls close(): they are
         stopped (the current query or delivery finishes) when the process exits."""
-        self.replayer = recording.Replayer(self.spool, self.ledger)
+        self.replayer = recording.Replayer(self.spool, self.ledger, self.ledger_watch)
         self.replayer.start()
         if self.config.reconcile:
             self.reconciler = self.new_reconciler()
@@ -132,6 +140,10 @@ def open_spool(config, ledger, clock):
     """This process's spool; what processes that died left in theirs is adopted and
     replayed now, before crash recovery and before any reconcile claim."""
     spool = Spool(config.spool_dir, clock=clock.wall)
+    problem = spool.probe()
+    if problem is not None:
+        log.critical("GATEWAY_SPOOL_DIR %s cannot be written (%s): while the ledger is away,"
+                     " what Daraja does is kept in memory only", spool.directory, problem)
     if spool.adopt_orphans():
         recording.replay(spool, ledger)
     return spool

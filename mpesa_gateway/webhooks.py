@@ -5,7 +5,9 @@ ledger commit as the status change it reports), how it is signed (`sign`: the
 Standard Webhooks `v1` HMAC-SHA256 over "id.timestamp.body", stdlib `hmac`), where
 it may go (`address_allowed`: never loopback, private, link-local or metadata
 addresses unless GATEWAY_WEBHOOK_ALLOW_PRIVATE), and the background sender that
-delivers them at least once: one event at a time under a lease, `2xx` = delivered,
+delivers them at least once: a few attempts at once (WORKERS), at most one per owner
+so one merchant's slow endpoint never delays another's events, each event under a
+lease, `2xx` = delivered,
 10 s of wall time per attempt, no redirects, backoff with jitter (5 s, 30 s, 2 min,
 10 min, 1 h, then every 6 h) for 3 days, then `dead`. It opens its own connection per
 attempt: a slow or dead merchant endpoint never holds a Daraja connection, a payment
@@ -46,6 +48,7 @@ LEASE_S = 30.0  # one attempt (10 s of HTTP, the address lookup), with a wide ma
 REST_S = SCHEDULE_S[0]  # an owner whose endpoint just failed waits this long, doubling
 MAX_REST_S = 300.0  # with each failure in a row up to this; a delivery ends the rest
 KEEP_S = 30 * 24 * 3600  # delivered and dead events are forgotten after 30 days
+WORKERS = 4  # attempts in flight at once, at most one per owner
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _NEVER = tuple(ipaddress.ip_network(n) for n in ("192.0.0.0/24", "100.64.0.0/10"))
 
@@ -115,12 +118,21 @@ class Outbox:
         return store.NewEvent(tx_id=after["id"], owner=owner, type=event_type, body=data)
 
 
+class _Pass:
+    """What one run_once's workers share: how many events they claimed, their results,
+    and the first error that stopped one (raised by the pass)."""
+
+    def __init__(self, limit):
+        self.limit, self.claimed, self.results, self.error = limit, 0, {}, None
+
+
 class Sender:
-    """Delivers due events, one at a time, in a thread or once for cron."""
+    """Delivers due events, a few at once (one per owner), in a thread or once for cron."""
 
     def __init__(self, ledger, config, *, clock=time.time, resolve=None, rng=random.random,
-                 observer=None, timeout_s=TIMEOUT_S):
+                 observer=None, timeout_s=TIMEOUT_S, watch=None):
         self._ledger = ledger
+        self._watch = watch  # monitoring.LedgerWatch: an outage is told once, not per pass
         self._observer = observer or (lambda state: None)  # metrics: one call per attempt
         self._urls = dict(config.webhook_urls)
         self._secrets = dict(config.webhook_secrets)
@@ -132,33 +144,62 @@ class Sender:
         self._tls = ssl.create_default_context()  # certificates and host names verified
         self._stop = threading.Event()
         self._thread = None
+        self._lock = threading.Lock()  # the two below, shared by a pass's workers
         self._resting = {}  # owner → when its endpoint may be tried again (after a failure)
+        self._in_flight = set()  # owners with an attempt under way
 
     def run_once(self, limit=500):
         """Send every due event once, then forget old ones (KEEP_S); return counts by
-        result. An owner whose endpoint fails rests REST_S, doubling with each failure in a
-        row up to MAX_REST_S, so a dead endpoint costs the others little and a recovered one
-        waits at most that."""
-        results = {}
-        for _ in range(limit):
-            if self._stop.is_set():
-                break
-            now = self._clock()
-            resting = sorted(o for o, (until, _) in self._resting.items() if until > now)
-            event = self._ledger.claim_event(LEASE_S, skip_owners=tuple(resting))
-            if event is None:
-                break
-            state = self._deliver(event)
-            results[state] = results.get(state, 0) + 1
-            owner = event["owner"]
-            if state == "delivered":
-                self._resting.pop(owner, None)
-            elif state != "lost_lease":
-                failures = self._resting.get(owner, (0, 0))[1] + 1
-                rest = min(REST_S * 2 ** (failures - 1), MAX_REST_S)
-                self._resting[owner] = (self._clock() + rest, failures)
+        result. WORKERS attempts run at once, at most one per owner, so one merchant's slow
+        endpoint holds only its own events. An owner whose endpoint fails rests REST_S,
+        doubling with each failure in a row up to MAX_REST_S, so a dead endpoint costs the
+        others little and a recovered one waits at most that."""
+        batch = _Pass(limit)
+        helpers = [threading.Thread(target=self._work, args=(batch,), name="webhooks-attempt",
+                                    daemon=True) for _ in range(WORKERS - 1)]
+        for t in helpers:
+            t.start()
+        self._work(batch)  # this thread is one of the workers
+        for t in helpers:
+            t.join()
+        if batch.error is not None:
+            raise batch.error
         self._ledger.prune_events(KEEP_S)
-        return results
+        return batch.results
+
+    def _work(self, batch):
+        """One worker: claim the most due event of an owner nobody is sending to and that
+        is not resting, send it, again, until none is left (or the pass's limit)."""
+        try:
+            while not self._stop.is_set():
+                with self._lock:  # claims one at a time: the in-flight set stays true
+                    if batch.claimed >= batch.limit or batch.error is not None:
+                        return
+                    now = self._clock()
+                    skip = self._in_flight | {o for o, (until, _) in self._resting.items()
+                                              if until > now}
+                    event = self._ledger.claim_event(LEASE_S, skip_owners=tuple(sorted(skip)))
+                    if event is None:
+                        return
+                    owner = event["owner"]
+                    self._in_flight.add(owner)
+                    batch.claimed += 1
+                try:
+                    state = self._deliver(event)
+                finally:
+                    with self._lock:
+                        self._in_flight.discard(owner)
+                with self._lock:
+                    batch.results[state] = batch.results.get(state, 0) + 1
+                    if state == "delivered":
+                        self._resting.pop(owner, None)
+                    elif state != "lost_lease":
+                        failures = self._resting.get(owner, (0, 0))[1] + 1
+                        rest = min(REST_S * 2 ** (failures - 1), MAX_REST_S)
+                        self._resting[owner] = (self._clock() + rest, failures)
+        except BaseException as exc:  # noqa: BLE001 - the pass raises it (a ledger outage)
+            with self._lock:
+                batch.error = batch.error or exc
 
     def _deliver(self, event):
         url = self._urls.get(event["owner"])
@@ -273,6 +314,13 @@ class Sender:
         while not self._stop.wait(interval):
             try:
                 self.run_once()
+                if self._watch is not None:
+                    self._watch.answered()
+            except self._ledger.Error as exc:
+                if self._watch is not None:
+                    self._watch.failed("webhooks", exc)
+                else:
+                    log.exception("webhook pass failed")
             except Exception:  # noqa: BLE001 - the loop must outlive one bad pass
                 log.exception("webhook pass failed")
 

@@ -61,14 +61,17 @@ class Ledger:
     contract's, and implement every hook (each raises NotImplementedError here)."""
 
     Error = None  # hook: the engine's failure type (a failed call raises it)
+    # hook: the failures a retry cannot mend (a constraint the data breaks), a subset of Error
+    Permanent = None
     dialect = None  # hook: the engine's Dialect
     # Capability: the engine keeps state every process on every host shares (the fleet's
     # OAuth token and rate buckets); the gateway then keeps them there, not in memory.
     shared_by_hosts = False
 
     def __init__(self, *, clock=time.time, events=None):
-        if self.Error is None or self.dialect is None:
-            raise NotImplementedError(f"{type(self).__name__} must set Error and dialect")
+        if None in (self.Error, self.Permanent, self.dialect):
+            raise NotImplementedError(f"{type(self).__name__} must set Error, Permanent and"
+                                      " dialect")
         self._clock = clock
         # events(before, after, outcome) → a NewEvent or None: the webhook event a status
         # change produces, written in the commit that makes the change. None: no events.
@@ -264,16 +267,17 @@ class Ledger:
         with self._write() as conn:
             conn.execute(
                 "UPDATE idempotency_keys SET status_code = ?, body = ? WHERE scope = ? AND"
-                " key = ? AND status_code IS NULL", (pin.status_code, pin.body,
-                                                     pin.idempotency.scope, pin.idempotency.key))
+                " key = ? AND tx_id = ? AND status_code IS NULL",
+                (pin.status_code, pin.body, pin.idempotency.scope, pin.idempotency.key,
+                 pin.tx_id))
 
     @staticmethod
     def _pin(conn, pin):
         if pin is not None:
             conn.execute(
                 "UPDATE idempotency_keys SET status_code = ?, body = ? WHERE scope = ? AND"
-                " key = ?", (pin.status_code, pin.body, pin.idempotency.scope,
-                             pin.idempotency.key))
+                " key = ? AND tx_id = ?", (pin.status_code, pin.body, pin.idempotency.scope,
+                                           pin.idempotency.key, pin.tx_id))
 
     def mark_not_accepted(self, tx_id, status, reason, result_code=None, result_desc=None, *,
                           at=None, release=None, pin=None, once=None):
@@ -310,20 +314,26 @@ class Ledger:
                     if row["status"] != before["status"]:
                         self._add_event(conn, before, row, "not_accepted")
             if release is not None:
-                conn.execute("DELETE FROM idempotency_keys WHERE scope = ? AND key = ?",
-                             (release.scope, release.key))
+                # Only while the key names this payment: a late replay must not free a
+                # key a newer request took after the first was released.
+                conn.execute("DELETE FROM idempotency_keys WHERE scope = ? AND key = ?"
+                             " AND tx_id = ?", (release.scope, release.key, tx_id))
         return dict(row) if row is not None else None
 
     def learn_checkout_request_id(self, tx_id, checkout_request_id):
         """An operator's fix for a row whose push Daraja accepted but whose CheckoutRequestID
-        the ledger never learnt (the merchant's 202 carried it): learn it, if the row is not
-        final, has none, and no other row holds it. The row after, or None."""
+        the ledger never learnt (the merchant's 202 carried it): learn it, if the row is
+        `unknown` (a push in flight is never taught: its own answer or callback will tell),
+        has none, and no other row holds it; `interrupted` becomes `ledger_unavailable`.
+        The row after, or None."""
         with self._write() as conn:
             row = conn.execute(
-                "UPDATE transactions SET checkout_request_id = ?, updated_at = ? WHERE id = ?"
-                " AND checkout_request_id IS NULL AND status IN (?, ?, ?) AND NOT EXISTS"
-                " (SELECT 1 FROM transactions o WHERE o.checkout_request_id = ?) RETURNING *",
-                (checkout_request_id, self._now(), tx_id, SUBMITTING, PENDING, UNKNOWN,
+                "UPDATE transactions SET checkout_request_id = ?, updated_at = ?,"
+                " reason = CASE reason WHEN 'interrupted' THEN 'ledger_unavailable'"
+                " ELSE reason END WHERE id = ? AND checkout_request_id IS NULL AND status = ?"
+                " AND NOT EXISTS (SELECT 1 FROM transactions o WHERE o.checkout_request_id = ?)"
+                " RETURNING *",
+                (checkout_request_id, self._now(), tx_id, UNKNOWN,
                  checkout_request_id)).fetchone()
         return dict(row) if row is not None else None
 

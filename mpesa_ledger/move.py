@@ -2,8 +2,9 @@
 
 Owns `python mpesa_wsgi.py migrate-ledger --from <path> --to <url>`: every table the
 gateway keeps (payments, callbacks, idempotency keys, webhook events and their
-attempts) copied in one target transaction, in each table's written order, into a
-target that must be empty; then counts and the sum of amounts verified on both sides.
+attempts, the receipts taken, the spool entries applied) copied in one target
+transaction, in each table's written order, into a target that must be empty; then
+counts and the sum of amounts verified on both sides.
 Run it with the gateway stopped: rows written to the source during the copy are not in it.
 """
 
@@ -22,6 +23,8 @@ TABLES = (
     ("callbacks", "id", ("id",)),
     ("events", "{seq}", ("seq",)),
     ("event_attempts", "id", ("id",)),
+    ("receipts", "created_at, receipt", ()),
+    ("applied_entries", "applied_at, id", ()),
 )
 
 

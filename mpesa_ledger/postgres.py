@@ -177,6 +177,7 @@ class _Tx:
 
 class PostgresLedger(Ledger):
     Error = psycopg.Error if psycopg is not None else OSError
+    Permanent = (psycopg.IntegrityError, psycopg.DataError) if psycopg is not None else ()
     dialect = Dialect(seq="seq", for_update=" FOR UPDATE", skip_locked=" FOR UPDATE SKIP LOCKED")
     shared_by_hosts = True
 

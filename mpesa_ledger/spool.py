@@ -2,13 +2,15 @@
 
 Owns an append-only file of JSON lines, one entry a line, each written and fsynced
 before `append()` returns; one file per running process, made at its first entry (mode
-0600, in GATEWAY_SPOOL_DIR) and held with an exclusive lock for the life of the process
-(`fcntl.flock` on POSIX, `msvcrt.locking` on Windows: the same code serves on both);
-the entries not yet applied, oldest first, in memory too; emptying the file once every
-entry has been applied; reading a spool file (a torn last line, from a crash in the
-middle of a write, is skipped with a log line); and adopting the spools no live process
-holds. What an entry means, and how it is applied to the ledger, is the gateway's: the
-spool keeps and hands back plain dicts, in written order.
+0600, in GATEWAY_SPOOL_DIR; the folder is fsynced too, so the file survives a power
+cut) and held with an exclusive lock for the life of the process (`fcntl.flock` on
+POSIX, `msvcrt.locking` on Windows: the same code serves on both); a write that fails
+half-way is cut back to the last whole entry; the entries not yet applied, oldest first,
+in memory too; emptying the file once every entry has been applied; reading a spool file
+(a torn last line, from a crash in the middle of a write, is skipped with a log line);
+adopting the spools no live process holds; and setting aside, in a quarantine file, an
+entry that can never be applied. What an entry means, and how it is applied to the
+ledger, is the gateway's: the spool keeps and hands back plain dicts, in written order.
 """
 
 import glob
@@ -18,11 +20,13 @@ import os
 import secrets
 import threading
 import time
+from collections import OrderedDict
 
 log = logging.getLogger(__name__)
 
 PREFIX = "mpesa-spool-"
 SUFFIX = ".jsonl"
+QUARANTINE = "mpesa-spool-quarantine.jsonl"  # entries set aside for an operator
 
 
 def _hold(fd):
@@ -38,27 +42,58 @@ def _hold(fd):
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
-def read_entries(path):
-    """The entries of a spool file, in written order. A last line without its newline
-    (torn by a crash mid-write) or a line that is not JSON is skipped and logged."""
-    with open(path, "rb") as f:
-        data = f.read()
+def _sync_folder(directory):
+    """Make a new or removed name in `directory` durable (POSIX; Windows has no way to
+    open a folder for that, and its file system journals names)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _line(entry):
+    return (json.dumps(entry, separators=(",", ":")) + "\n").encode()
+
+
+def parse(data, name):
+    """The entries in a spool file's bytes, in written order. A last line without its
+    newline (torn by a crash mid-write) or a line that is not JSON is skipped and logged."""
     lines = data.split(b"\n")
     if lines[-1]:
-        log.warning("spool torn_last_line skipped file=%s bytes=%d", os.path.basename(path),
-                    len(lines[-1]))
+        log.warning("spool torn_last_line skipped file=%s bytes=%d", name, len(lines[-1]))
     entries = []
     for n, line in enumerate(lines[:-1], 1):
         try:
             entries.append(json.loads(line))
         except ValueError:
-            log.error("spool unreadable_line skipped file=%s line=%d", os.path.basename(path),
-                      n)
+            log.error("spool unreadable_line skipped file=%s line=%d", name, n)
     return entries
 
 
+def read_entries(path):
+    """The entries of the spool file at `path` (an operator's look; see `parse`)."""
+    with open(path, "rb") as f:
+        return parse(f.read(), os.path.basename(path))
+
+
+def _read_fd(fd):
+    """All of a file through `fd` (the locked one: Windows lets no other handle read a
+    region this process has locked)."""
+    os.lseek(fd, 0, os.SEEK_SET)
+    chunks = []
+    while chunk := os.read(fd, 1 << 16):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def spool_files(directory):
-    return sorted(glob.glob(os.path.join(directory, PREFIX + "*" + SUFFIX)))
+    return sorted(glob.glob(os.path.join(directory, PREFIX + "[0-9]*" + SUFFIX)))
 
 
 class Spool:
@@ -68,20 +103,33 @@ class Spool:
         self.directory = os.path.abspath(directory)
         self.path = None  # made at the first entry
         self._fd = None
+        self._size = 0  # bytes of whole, durable entries in the file
         self._clock, self._fsync = clock, fsync
         self._lock = threading.Lock()
-        self._entries = []  # not yet applied, oldest first
+        self._entries = OrderedDict()  # id → entry, not yet applied, oldest first
+
+    def probe(self):
+        """Can this spool be written? None, or why not (said at start-up, not first found
+        during an outage)."""
+        try:
+            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+            probe = os.path.join(self.directory, f".probe-{os.getpid()}-{secrets.token_hex(4)}")
+            with open(probe, "wb") as f:
+                f.write(b"x")
+            os.remove(probe)
+        except OSError as exc:
+            return exc.strerror or str(exc)
+        return None
 
     def append(self, entry):
         """Keep `entry` (a JSON-able dict; given an `id` and `spooled_at`). True once it is
         durable on disk; False if it could not be written (a full disk, a missing
         directory): then it is kept in memory only, and lost if this process dies."""
-        entry = dict(entry, id=secrets.token_hex(16), spooled_at=self._clock())
-        line = (json.dumps(entry, separators=(",", ":")) + "\n").encode()
+        entry = dict(entry, id="sp_" + secrets.token_hex(12), spooled_at=self._clock())
         with self._lock:
-            self._entries.append(entry)
+            self._entries[entry["id"]] = entry
             try:
-                self._write(line)
+                self._write(_line(entry))
             except OSError as exc:
                 log.critical("spool write_failed error=%s: the entry is kept in memory only and"
                              " is lost if this process dies; free the disk or fix"
@@ -90,12 +138,24 @@ class Spool:
         return True
 
     def _write(self, data):
+        """Append `data` and make it durable; on failure, cut the file back to the last
+        whole entry (or give it up), so no fragment swallows the next entry."""
         if self._fd is None:
             self._open()
-        written = os.write(self._fd, data)
-        if written != len(data):
-            raise OSError(28, "short write to the spool")
-        self._fsync(self._fd)
+        try:
+            written = os.write(self._fd, data)
+            if written != len(data):
+                raise OSError(28, "short write to the spool")
+            self._fsync(self._fd)
+        except OSError:
+            try:
+                os.ftruncate(self._fd, self._size)
+                self._fsync(self._fd)
+            except OSError:  # the next write starts a new file; this one keeps its entries
+                os.close(self._fd)
+                self._fd = None
+            raise
+        self._size += len(data)
 
     def _open(self):
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
@@ -108,23 +168,47 @@ class Spool:
         except OSError:
             os.close(fd)
             raise
-        self._fd, self.path = fd, path
+        _sync_folder(self.directory)
+        self._fd, self.path, self._size = fd, path, 0
 
     def pending(self):
         """The entries not yet applied, oldest first (a copy)."""
         with self._lock:
-            return list(self._entries)
+            return list(self._entries.values())
 
     def applied(self, entry):
         """`entry` is in the ledger now. Once none is left, the file is emptied."""
         with self._lock:
-            self._entries = [e for e in self._entries if e["id"] != entry["id"]]
+            self._entries.pop(entry["id"], None)
             if not self._entries and self._fd is not None:
                 try:
                     os.ftruncate(self._fd, 0)
                     self._fsync(self._fd)
+                    self._size = 0
                 except OSError as exc:  # a later start replays them; each applies once
                     log.error("spool truncate_failed error=%s", exc.strerror or exc)
+
+    def set_aside(self, entry, why):
+        """An entry that can never be applied (a bug, a row the ledger refuses for good):
+        moved to the quarantine file beside the spools, so the entries behind it go on.
+        The operator reads it with the spool command."""
+        path = os.path.join(self.directory, QUARANTINE)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | getattr(os, "O_BINARY", 0),
+                         0o600)
+            try:
+                os.write(fd, _line(dict(entry, quarantined_because=why)))
+                self._fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            log.critical("spool quarantine_failed id=%s error=%s: the entry stays first in the"
+                         " spool", entry.get("id"), exc.strerror or exc)
+            return False
+        log.critical("spool entry set aside id=%s kind=%s tx=%s because=%s: see %s",
+                     entry.get("id"), entry.get("kind"), entry.get("tx_id"), why, QUARANTINE)
+        self.applied(entry)
+        return True
 
     def depth(self):
         with self._lock:
@@ -133,14 +217,14 @@ class Spool:
     def oldest_age(self):
         """Seconds the oldest entry not yet applied has waited, or None."""
         with self._lock:
-            oldest = self._entries[0]["spooled_at"] if self._entries else None
+            oldest = min((e["spooled_at"] for e in self._entries.values()), default=None)
         return None if oldest is None else max(0.0, self._clock() - oldest)
 
     def adopt_orphans(self):
         """Take over the entries of every spool in the directory that no live process
         holds (its process died or was stopped with entries left): they are written into
-        this spool, in order, and their file removed. Returns how many were adopted."""
-        adopted = 0
+        this spool, oldest first, and their files removed. Returns how many were adopted."""
+        taken = []  # (path, entries)
         for path in spool_files(self.directory):
             if path == self.path:
                 continue
@@ -153,20 +237,33 @@ class Spool:
                              " tried again at the next start", os.path.basename(path),
                              exc.strerror or exc)
                 continue
-            if entries is None:
-                continue  # a live process holds it
+            if entries is not None:
+                taken.append((path, entries))
+        entries = sorted((e for _, found in taken for e in found),
+                         key=lambda e: e.get("spooled_at", 0))
+        if not entries:
+            for path, _ in taken:
+                self._remove(path)
+            return 0
+        with self._lock:
             try:
-                os.remove(path)  # only once its entries are durable in this spool
-            except FileNotFoundError:
-                pass
-            adopted += len(entries)
-            if entries:
-                log.warning("spool adopted=%d file=%s", len(entries), os.path.basename(path))
-        return adopted
+                for entry in entries:
+                    self._entries[entry["id"]] = entry
+                    self._write(_line(entry))
+            except OSError as exc:
+                log.critical("spool adopt_failed error=%s: the orphans are left as they are"
+                             " and tried again at the next start", exc.strerror or exc)
+                return 0
+        _sync_folder(self.directory)  # their copies are durable before the orphans go
+        for path, found in taken:
+            self._remove(path)
+            if found:
+                log.warning("spool adopted=%d file=%s", len(found), os.path.basename(path))
+        return len(entries)
 
     def _take(self, path):
-        """An orphan's entries, written into this spool; None if a live process holds it.
-        Its lock is released before the caller removes it (Windows cannot remove an open
+        """An orphan's entries, read through its lock; None if a live process holds it.
+        The lock is released before the caller removes it (Windows cannot remove an open
         file)."""
         fd = os.open(path, os.O_RDWR | getattr(os, "O_BINARY", 0))
         try:
@@ -174,14 +271,19 @@ class Spool:
                 _hold(fd)
             except OSError:
                 return None
-            entries = read_entries(path)
-            with self._lock:
-                for entry in entries:
-                    self._entries.append(entry)
-                    self._write((json.dumps(entry, separators=(",", ":")) + "\n").encode())
-            return entries
+            return parse(_read_fd(fd), os.path.basename(path))
         finally:
             os.close(fd)
+
+    @staticmethod
+    def _remove(path):
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:  # Windows: someone has it open; each entry applies once
+            log.error("spool remove_failed file=%s error=%s: adopted again at the next"
+                      " start", os.path.basename(path), exc.strerror or exc)
 
     def close(self):
         """Release the file: removed when empty, kept (for the next start) when not."""
@@ -191,10 +293,7 @@ class Spool:
                 return
             os.close(fd)
             if not self._entries:
-                try:
-                    os.remove(self.path)
-                except OSError:
-                    pass
+                self._remove(self.path)
             else:
                 log.warning("spool left entries=%d file=%s: the next start applies them",
                             len(self._entries), os.path.basename(self.path))

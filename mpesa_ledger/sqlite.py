@@ -118,6 +118,7 @@ CREATE TABLE IF NOT EXISTS applied_entries (
 
 class SqliteLedger(Ledger):
     Error = sqlite3.Error
+    Permanent = (sqlite3.IntegrityError, sqlite3.DataError)
     dialect = Dialect(seq="rowid", for_update="", skip_locked="")
 
     def __init__(self, path, *, clock=time.time, events=None, busy_timeout_s=BUSY_TIMEOUT_S,

@@ -73,8 +73,10 @@ class Begun:
 @dataclass(frozen=True)
 class PinnedAnswer:
     """The answer a keyed request got (status and the body's bytes, made by the payment
-    flow), stored with the outcome it reports so a retry with the key replays it."""
+    flow) about payment `tx_id`, stored with the outcome it reports so a retry with the
+    key replays it. Stored only while the key still names that payment."""
 
     idempotency: Idempotency
+    tx_id: str
     status_code: int
     body: bytes

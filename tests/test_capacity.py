@@ -3,6 +3,7 @@ reads and health; waitress bounds bodies and idle connections; labels stay bound
 unsigned callback is an unknown path. Real waitress servers on 127.0.0.1."""
 
 import http.client
+import itertools
 import json
 import logging
 import random
@@ -233,3 +234,40 @@ def test_push_slots_must_leave_a_reserve():
                               ).push_slots == 24
     with pytest.raises(config.ConfigError, match="GATEWAY_THREADS"):
         config.load_config(dict(env, GATEWAY_THREADS="4", GATEWAY_PUSH_SLOTS=""))
+
+
+def test_clients_trickling_their_headers_are_cut_and_health_answers_again(served):
+    fake = FakeDaraja()
+    s = served(fake, GATEWAY_CONNECTION_LIMIT="6", GATEWAY_HEADER_TIMEOUT="1")
+    stop, cut = threading.Event(), []
+
+    def trickle():  # a request line and headers that never end, one byte at a time
+        sock = socket.create_connection(("127.0.0.1", s.port))
+        try:
+            for byte in itertools.cycle(b"GET /health HTTP/1.1\r\nX-Pad: aaaaaaaa"):
+                sock.sendall(bytes([byte]))
+                if stop.wait(0.2):
+                    return
+        except OSError:
+            cut.append(1)  # the server closed it
+        finally:
+            sock.close()
+
+    clients = [threading.Thread(target=trickle, daemon=True) for _ in range(6)]
+    for t in clients:
+        t.start()
+    try:
+        # They held every connection the server keeps; past the header bound they are cut
+        # and /health is answered (it never would be while they trickle, else).
+        wait_for(lambda: _health_ok(s), timeout=60, interval=0.2)
+        wait_for(lambda: len(cut) == 6, timeout=60)
+    finally:
+        stop.set()
+        fake.close()
+
+
+def _health_ok(s):
+    try:
+        return s.request("GET", "/health", timeout=1)[0] == 200
+    except OSError:
+        return False

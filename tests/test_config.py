@@ -187,3 +187,16 @@ def test_each_name_value_list_cuts_its_items_by_its_own_rule(parse, raw, expecte
             parse(raw)
     else:
         assert parse(raw) == expected
+
+
+@pytest.mark.parametrize("name, raw, allowed", [
+    ("GATEWAY_MAX_BODY", "99999999999999999999", "from 1 to 10_485_760"),
+    ("GATEWAY_THREADS", "100000", "from 1 to 1_024"),
+    ("MPESA_READ_TIMEOUT", "1e9", "more than 0 and at most 120"),
+    ("GATEWAY_PHONE_LOCK_S", "86400", "from 0 to 3_600"),
+])
+def test_an_absurd_setting_is_refused_at_start_up_with_the_allowed_range(name, raw, allowed):
+    with pytest.raises(ConfigError) as err:
+        load_config({**VALID, name: raw})
+    assert f"{name} must be {allowed}" in str(err.value)
+    assert raw not in str(err.value)

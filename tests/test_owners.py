@@ -120,7 +120,7 @@ def test_keys_stored_before_names_are_found_after_the_upgrade(gateway_env, sim):
                               description="Payment",
                               idempotency=store.Idempotency(legacy_scope, "order-9", request_hash))
     ledger.mark_accepted(begun.row["id"], "ws_CO_legacy", "m", pin=store.PinnedAnswer(
-        store.Idempotency(legacy_scope, "order-9", request_hash), 202,
+        store.Idempotency(legacy_scope, "order-9", request_hash), begun.row["id"], 202,
         b'{"id":"%s","status":"pending"}' % begun.row["id"].encode()))
     ledger.close()
     app = mpesa_wsgi.create_app(config.load_config(dict(

@@ -3,6 +3,7 @@ two hosts get from advisory locks and row locks; a server restart is a 503 while
 down and nothing after; the schema is versioned; the driver is optional. A throwaway
 cluster on 127.0.0.1 (tests/postgres_server.py)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -13,9 +14,9 @@ from webtest import TestApp
 
 import config
 import mpesa_ledger as store
-from mpesa_ledger import postgres
 import mpesa_wsgi
 from helpers import API_KEY, ROOT_DIR, at_once, base_env, callbacks_of, events_of, new_row, wait_for
+from mpesa_ledger import postgres
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -159,13 +160,24 @@ def test_migrate_ledger_copies_a_ledger_made_by_the_gateway_and_verifies_it(
             AUTH, **{"Idempotency-Key": f"order-{n}"})).json["id"])
     path = "/" + app.services.signer.url(ids[0]).split("/", 3)[3]
     t.post(path, b'{"Body": "nope"}', content_type="application/json", status=400)  # stored
+    paid = app.services.ledger.get(ids[1])
+    t.post("/" + app.services.signer.url(ids[1]).split("/", 3)[3], json.dumps({"Body": {
+        "stkCallback": {"MerchantRequestID": paid["merchant_request_id"],
+                        "CheckoutRequestID": paid["checkout_request_id"], "ResultCode": 0,
+                        "ResultDesc": "ok", "CallbackMetadata": {"Item": [
+                            {"Name": "Amount", "Value": 11},
+                            {"Name": "MpesaReceiptNumber", "Value": "UKQ0000011"}]}}}}),
+           content_type="application/json", status=200)
     before = {i: app.services.ledger.get(i) for i in ids}
     events_before = events_of(app.services.ledger)
+    receipts = "SELECT receipt, tx_id FROM receipts ORDER BY receipt"
+    receipts_before = app.services.ledger._read(receipts)
+    assert receipts_before  # a receipt pays once, in the new ledger too
     app.services.close()
     proc = _cli({}, "migrate-ledger", "--from", source, "--to", pg_url)
     assert proc.returncode == 0, proc.stderr
-    assert len(events_before) == 1  # the unknown push's event
-    for part in ("transactions=3", "idempotency_keys=3", "callbacks=1", "events=1",
+    assert len(events_before) == 2  # the unknown push's event, the paid one's
+    for part in ("transactions=3", "idempotency_keys=3", "callbacks=2", "events=2", "receipts=1",
                  "amount_total=33"):
         assert part in proc.stdout
     moved = store.open_ledger(pg_url)
@@ -174,6 +186,7 @@ def test_migrate_ledger_copies_a_ledger_made_by_the_gateway_and_verifies_it(
         assert [(e["id"], e["type"], e["body"]) for e in events_of(moved)] == [
             (e["id"], e["type"], e["body"]) for e in events_before]
         assert len(callbacks_of(moved, ids[0])) == 1
+        assert moved._read(receipts) == receipts_before
     finally:
         moved.close()
     again = _cli({}, "migrate-ledger", "--from", source, "--to", pg_url)

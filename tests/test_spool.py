@@ -122,6 +122,106 @@ def test_a_spool_that_cannot_be_written_says_so_and_keeps_the_entry_in_memory(tm
     assert spool.depth() == 1  # still replayed by this process, but not durable
 
 
+def test_a_write_that_fails_half_way_is_cut_back_so_the_next_entry_reads(tmp_path):
+    failures = []
+
+    def flaky_fsync(fd):
+        if failures:
+            raise failures.pop()
+        os.fsync(fd)
+
+    spool = Spool(tmp_path, fsync=flaky_fsync)
+    assert spool.append({"kind": "accepted", "tx_id": "tx_1"}) is True
+    failures.append(OSError(5, "I/O error"))
+    assert spool.append({"kind": "accepted", "tx_id": "tx_2"}) is False  # not durable
+    assert spool.append({"kind": "accepted", "tx_id": "tx_3"}) is True
+    assert [e["tx_id"] for e in read_entries(spool.path)] == ["tx_1", "tx_3"]
+    assert [e["tx_id"] for e in spool.pending()] == ["tx_1", "tx_2", "tx_3"]  # tx_2: memory
+
+
+# --- replay: in order, once, whatever came first ------------------------------------------
+
+
+def paid_callback(checkout, receipt="UKQ5555555"):
+    return json.dumps({"Body": {"stkCallback": {
+        "MerchantRequestID": "m", "CheckoutRequestID": checkout, "ResultCode": 0,
+        "ResultDesc": "ok", "CallbackMetadata": {"Item": [
+            {"Name": "Amount", "Value": 10}, {"Name": "MpesaReceiptNumber", "Value": receipt},
+        ]}}}}).encode()
+
+
+def test_a_callback_spooled_before_the_push_answer_replays_right(ledger_target, tmp_path):
+    ledger = store.open_ledger(ledger_target)
+    spool = Spool(tmp_path)
+    try:
+        idem = store.Idempotency("default", "order-1", "h")
+        row = ledger.begin_push(phone="254712345678", amount=10, reference="R",
+                                description="D", idempotency=idem).row
+        checkout = "ws_CO_07122026101010555712345678"
+        first = b'{"id":"%s","status":"pending"}' % row["id"].encode()  # what the merchant got
+        # The push's answer is retried for seconds: its callback reaches the spool first.
+        spool.append(recording.callback(row["id"], paid_callback(checkout), "127.0.0.1", 1.0))
+        spool.append(recording.accepted(row["id"], checkout, "m", 2.0, store.PinnedAnswer(
+            idem, row["id"], 202, first)))
+        assert recording.replay(spool, ledger) == 2
+        settled = ledger.get(checkout)
+        assert (settled["id"], settled["status"], settled["receipt"]) == (
+            row["id"], "succeeded", "UKQ5555555")
+        again = ledger.begin_push(phone="254712345678", amount=10, reference="R",
+                                  description="D", idempotency=idem)
+        assert (again.kind, again.body) == (store.Start.REPLAY, first)
+        # Replayed again (a crash before the spool was emptied): nothing applies twice.
+        for entry in [e for e in read_entries(spool.path)] if spool.path else []:
+            recording.apply(ledger, entry)
+        assert [c["outcome"] for c in callbacks_of(ledger, row["id"])] == ["applied"]
+    finally:
+        spool.close()
+        ledger.close()
+
+
+def test_a_late_refusal_cannot_free_a_key_a_newer_request_holds(ledger_target, tmp_path):
+    ledger = store.open_ledger(ledger_target)
+    spool = Spool(tmp_path)
+    try:
+        idem = store.Idempotency("default", "order-2", "h")
+        first = ledger.begin_push(phone="254712345678", amount=10, reference="R",
+                                  description="D", idempotency=idem).row
+        # Its refusal was committed but reported failed (a connection lost in COMMIT), so it
+        # was spooled too; the merchant retried with the key and got a new payment.
+        ledger.mark_not_accepted(first["id"], "rejected", "upstream_unavailable", release=idem)
+        spool.append(recording.not_accepted(first["id"], "rejected", "upstream_unavailable",
+                                            3.0, release=idem))
+        second = ledger.begin_push(phone="254712345679", amount=10, reference="R",
+                                   description="D", idempotency=idem)
+        assert second.kind == store.Start.NEW
+        assert recording.replay(spool, ledger) == 1
+        third = ledger.begin_push(phone="254712345679", amount=10, reference="R",
+                                  description="D", idempotency=idem)
+        assert (third.kind, third.row["id"]) == (store.Start.IN_FLIGHT, second.row["id"])
+    finally:
+        spool.close()
+        ledger.close()
+
+
+def test_an_entry_that_can_never_apply_is_set_aside_and_the_rest_go_on(tmp_path, caplog):
+    ledger = store.open_ledger(str(tmp_path / "l.db"))
+    spool = Spool(tmp_path)
+    try:
+        row = new_row(ledger)
+        spool.append({"kind": "from_a_newer_version", "tx_id": row["id"]})
+        spool.append(recording.accepted(row["id"], "ws_CO_07122026101010777712345678", "m",
+                                        4.0, None))
+        with caplog.at_level(logging.CRITICAL):
+            assert recording.replay(spool, ledger) == 1
+        assert ledger.get(row["id"])["status"] == "pending"
+        assert spool.depth() == 0 and "set aside" in caplog.text
+        [kept] = read_entries(str(tmp_path / "mpesa-spool-quarantine.jsonl"))
+        assert kept["kind"] == "from_a_newer_version"  # kept for an operator, not lost
+    finally:
+        spool.close()
+        ledger.close()
+
+
 # --- the outages of the issue: the payment settles, findable by its CheckoutRequestID ------
 
 
@@ -285,13 +385,15 @@ def test_reconcile_tx_reaches_a_row_by_its_checkout_id_or_once_told_it(gateway, 
     assert proc.returncode == 0, proc.stderr
     assert "result=succeeded" in proc.stdout
     lost = new_row(gateway.services.ledger, phone="254712345032")  # its answer never recorded
+    assert gateway.services.ledger.recover_interrupted(0) == 1  # ...and recovery came
     proc = cli(env, "reconcile", "--tx", lost["id"])
     assert "result=nothing_to_query" in proc.stdout  # no CheckoutRequestID: nothing to ask
     proc = cli(env, "reconcile", "--tx", lost["id"], "--checkout-request-id",
                "ws_CO_07122026101010999712345032")
     assert proc.returncode == 0, proc.stderr
-    assert gateway.services.ledger.get(lost["id"])["checkout_request_id"] == (
-        "ws_CO_07122026101010999712345032")
+    learnt = gateway.services.ledger.get(lost["id"])
+    assert learnt["checkout_request_id"] == "ws_CO_07122026101010999712345032"
+    assert learnt["reason"] == "ledger_unavailable"  # named for what happened
     proc = cli(env, "reconcile", "--tx", tx["id"], "--checkout-request-id",
                "ws_CO_07122026101010999712345033")
     assert proc.returncode == 1 and "not learnt" in proc.stderr  # it has one already
@@ -351,3 +453,31 @@ def test_a_sigkill_while_the_spool_holds_entries_loses_none(sim, gateway_env):
     finally:
         assert stop(proc) == 0
     assert spool_files(gateway_env["GATEWAY_SPOOL_DIR"]) == []
+
+
+# --- a quiet outage: one WARNING when it starts, one INFO when it ends -----------------------
+
+
+def test_an_outage_is_one_warning_and_one_info_however_many_calls_fail(gateway, outage,
+                                                                         caplog):
+    caplog.set_level(logging.DEBUG)
+    outage.begin()
+    try:
+        for n in range(5):  # every one of them fails on the ledger
+            gateway.testapp.post_json("/stkpush", {"phone": f"07123450{n:02d}", "amount": 10},
+                                      headers=AUTH, status=503)
+    finally:
+        outage.end()
+    wait_for(lambda: gateway.testapp.post_json(
+        "/stkpush", {"phone": "0712345099", "amount": 10}, headers=AUTH,
+        status="*").status_int == 202, timeout=90, interval=0.5)
+    ours = [r for r in caplog.records if r.name.startswith(("mpesa", "mpesa_wsgi"))]
+    said = [(r.levelname, r.getMessage().split(" where=")[0].split(" after ")[0])
+            for r in ours if r.levelno >= logging.INFO and "ledger" in r.getMessage()
+            and not r.name.endswith("access")]
+    assert said == [("WARNING", "ledger unavailable"), ("INFO", "ledger available again")]
+    assert not [r for r in ours if r.levelno >= logging.INFO and r.exc_info]  # DEBUG only
+    failures = [float(line.split()[-1])  # counted where they happened (PostgreSQL: the
+                for line in gateway.testapp.get("/metrics").text.splitlines()  # rate limit)
+                if line.startswith("mpesa_gateway_ledger_failures_total{")]
+    assert sum(failures) >= 5

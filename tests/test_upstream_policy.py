@@ -207,7 +207,7 @@ def test_failing_to_store_the_idempotent_answer_still_answers_202(tmp_path, capl
         fake.close()
 
 
-def test_failing_to_record_unknown_still_answers_202_unknown(tmp_path, caplog):
+def test_failing_to_record_unknown_still_answers_202_unknown_and_spools_it(tmp_path, caplog):
     switch = threading.Event()
     fake = FakeDaraja(oauth=[token()], push=[sleep(1.0, then=accepted())])
     app = _app_with_ledger(tmp_path, fake, deny(sqlite3.SQLITE_UPDATE, "transactions", switch))
@@ -216,11 +216,16 @@ def test_failing_to_record_unknown_still_answers_202_unknown(tmp_path, caplog):
         res = TestApp(app).post_json("/stkpush", PUSH, status=202, headers={
             "Authorization": f"Bearer {API_KEY}"})
         assert (res.json["status"], res.json["reason"]) == ("unknown", "read_timeout")
-        assert any(r.levelname == "ERROR" and res.json["id"] in r.getMessage()
-                   for r in caplog.records)
+        assert any(r.levelname == "WARNING" and "spooled" in r.getMessage()
+                   and res.json["id"] in r.getMessage() for r in caplog.records)
         switch.clear()
-        # The ledger still says `submitting`: recovery makes it unknown, never re-sent.
+        # The ledger still says `submitting` until the spool is replayed; then it says
+        # what happened (never re-sent).
         assert app.services.ledger.get(res.json["id"])["status"] == store.SUBMITTING
+        assert app.services.replay_spool() == 1
+        row = app.services.ledger.get(res.json["id"])
+        assert (row["status"], row["reason"]) == ("unknown", "read_timeout")
+        assert fake.count("push") == 1
     finally:
         app.services.close()
         fake.close()

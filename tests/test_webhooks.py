@@ -19,6 +19,7 @@ import mpesa_wsgi
 from helpers import (
     API_KEY,
     BOTH_ENGINES,
+    FakeClock,
     LateApp,
     OffsetClock,
     events_of,
@@ -463,3 +464,46 @@ def test_the_demo_receivers_check_agrees_with_the_library():
     with pytest.raises(ValueError):
         webhooks.verify(SECRET, headers, body, now=now + 3600)  # replayed an hour later
     assert Webhook(SECRET).verify(body, headers)["type"] == "payment.succeeded"
+
+
+def test_admin_keys_cannot_redeliver_and_owners_redeliver_a_few_a_second(hooked, receiver):
+    admin = "admin-key-0123456789abcdef"
+    app, cfg = hooked(clock=FakeClock(time.time()), GATEWAY_ADMIN_KEYS=admin)  # time stands
+    unknown_events(app, "default", 1)
+    t = TestApp(app, lint=True)
+    [event] = t.get("/events", headers={"Authorization": f"Bearer {admin}"}).json["data"]
+    res = t.post(f"/events/{event['id']}/redeliver", status=403,
+                 headers={"Authorization": f"Bearer {admin}"})  # reads everything, changes nothing
+    assert res.json["error"]["code"] == "admin_key"
+    answers = [t.post(f"/events/{event['id']}/redeliver", headers=AUTH, status="*").status_int
+               for _ in range(12)]
+    assert answers[:10] == [202] * 10 and 429 in answers[10:]
+
+
+def test_one_owners_slow_endpoint_does_not_delay_another_owners_events(hooked, receiver):
+    slow, release = Receiver(), threading.Event()
+    slow_server, slow_url = serve(slow, threads=4)
+
+    def held(environ, start_response):  # the slow merchant: holds each attempt
+        release.wait(60)
+        start_response("204 No Content", [("Content-Length", "0")])
+        return [b""]
+
+    slow.script = held
+    try:
+        app, cfg = hooked(GATEWAY_WEBHOOK_URLS=f"default:{slow_url}/events,"
+                                               f"other:{receiver.url}/events",
+                          GATEWAY_WEBHOOK_SECRETS=f"default:{SECRET},other:{SECRET}")
+        unknown_events(app, "default", 11)  # the first attempt held, ten queued behind it
+        unknown_events(app, "other", 1)
+        sender = webhooks.Sender(app.services.ledger, cfg)
+        passes = threading.Thread(target=sender.run_once, daemon=True)
+        passes.start()
+        wait_for(lambda: len(receiver.got) == 1, timeout=30)  # delivered meanwhile
+        assert len(slow.got) == 1 and not release.is_set()  # one attempt per owner at once
+        release.set()
+        passes.join(60)
+        assert len(slow.got) == 11
+    finally:
+        release.set()
+        slow_server.shutdown()

@@ -139,3 +139,16 @@ class LedgerWatch:
             since, self.down_since = self.down_since, None
         if since is not None:
             log.info("ledger available again after %.1f s", self._clock() - since)
+
+
+def one_pass(work, ledger, watch, what):
+    """Run a background worker's pass (`work()`) so that nothing ends its thread: a ledger
+    outage is `watch`'s to tell, once; anything else is logged with its traceback."""
+    try:
+        work()
+    except ledger.Error as exc:
+        watch.failed(what, exc)
+    except Exception:  # noqa: BLE001 - the loop must outlive one bad pass
+        log.exception("%s pass failed", what)
+    else:
+        watch.answered()

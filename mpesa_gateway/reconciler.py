@@ -26,7 +26,7 @@ import time
 from collections import Counter
 
 import mpesa_ledger as store
-from mpesa_gateway import daraja, settlement
+from mpesa_gateway import daraja, monitoring, settlement
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,8 @@ class Reconciler:
     def __init__(self, ledger, client, config, *, clock=time.time, observer=None,
                  on_refusal=None, wait=None, before_pass=None, watch=None):
         self._ledger = ledger
-        self._watch = watch  # monitoring.LedgerWatch: an outage is told once, not per pass
+        # An outage is told once, not per pass.
+        self._watch = watch or monitoring.LedgerWatch()
         # Run first in every pass (the spool's replay): what Daraja already did is in the
         # ledger before recovery or a claim looks at a row.
         self._before_pass = before_pass or (lambda: None)
@@ -181,15 +182,8 @@ class Reconciler:
 
     def _loop(self, interval):
         while not self._stop.wait(interval):
-            try:
-                self.run_once()
-                self._ledger.prune_idempotency()
-                if self._watch is not None:
-                    self._watch.answered()
-            except self._ledger.Error as exc:
-                if self._watch is not None:
-                    self._watch.failed("reconcile", exc)
-                else:
-                    log.exception("reconcile pass failed")
-            except Exception:  # noqa: BLE001 - the loop must outlive one bad pass
-                log.exception("reconcile pass failed")
+            monitoring.one_pass(self._pass, self._ledger, self._watch, "reconcile")
+
+    def _pass(self):
+        self.run_once()
+        self._ledger.prune_idempotency()

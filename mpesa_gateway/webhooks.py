@@ -32,7 +32,7 @@ import time
 from urllib.parse import unquote, urlsplit
 
 import mpesa_ledger as store
-from mpesa_gateway import resources, wire
+from mpesa_gateway import monitoring, resources, wire
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,8 @@ class Sender:
     def __init__(self, ledger, config, *, clock=time.time, resolve=None, rng=random.random,
                  observer=None, timeout_s=TIMEOUT_S, watch=None):
         self._ledger = ledger
-        self._watch = watch  # monitoring.LedgerWatch: an outage is told once, not per pass
+        # An outage is told once, not per pass.
+        self._watch = watch or monitoring.LedgerWatch()
         self._observer = observer or (lambda state: None)  # metrics: one call per attempt
         self._urls = dict(config.webhook_urls)
         self._secrets = dict(config.webhook_secrets)
@@ -312,17 +313,7 @@ class Sender:
 
     def _loop(self, interval):
         while not self._stop.wait(interval):
-            try:
-                self.run_once()
-                if self._watch is not None:
-                    self._watch.answered()
-            except self._ledger.Error as exc:
-                if self._watch is not None:
-                    self._watch.failed("webhooks", exc)
-                else:
-                    log.exception("webhook pass failed")
-            except Exception:  # noqa: BLE001 - the loop must outlive one bad pass
-                log.exception("webhook pass failed")
+            monitoring.one_pass(self.run_once, self._ledger, self._watch, "webhooks")
 
 
 def _resolve(host):

@@ -382,7 +382,7 @@ SETTINGS = (
     # the file; PostgreSQL, for a pooled connection (the server is down or every one busy).
     ("GATEWAY_DB_WAIT_S", "db_wait_s", at_most(positive_float, 300), 5.0, False),
     # Where this process's spool lives: what Daraja already did, kept while the ledger
-    # cannot take it. None: beside a SQLite ledger; ./spool for PostgreSQL.
+    # cannot take it. None: a `spool` folder beside a SQLite ledger; ./spool for PostgreSQL.
     ("GATEWAY_SPOOL_DIR", "spool_dir", text, None, False),
     # Bearer keys of the merchant systems: name:KEY,… (a bare KEY is named default).
     ("GATEWAY_API_KEYS", "api_keys", named_keys, REQUIRED, True),
@@ -518,8 +518,8 @@ def _derive(values):
         values["base_url"] = BASE_URLS[values["environment"]]
     if values["spool_dir"] is None:
         values["spool_dir"] = (os.path.abspath("spool") if values["db_path"].startswith(
-            ("postgresql://", "postgres://")) else os.path.dirname(
-            os.path.abspath(values["db_path"])))
+            ("postgresql://", "postgres://")) else os.path.join(
+            os.path.dirname(os.path.abspath(values["db_path"])), "spool"))
     if values["callback_ips"] is None:
         values["callback_ips"] = address_list(",".join(SAFARICOM_CALLBACK_IPS))
     reserve = max(MIN_RESERVE_THREADS, values["threads"] // 4)

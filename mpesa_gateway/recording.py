@@ -78,7 +78,9 @@ def parse_callback(raw):
 
 def describe(entry):
     """One line about an entry, for an operator (the caller masks phones and ids)."""
-    at = store.iso_utc(entry.get("spooled_at", entry.get("at", 0)))
+    if not isinstance(entry, dict) or "kind" not in entry or "tx_id" not in entry:
+        return f"not an entry: {str(entry)[:200]}"
+    at = store.iso_utc(entry.get("spooled_at") or entry.get("at") or 0)
     head = f"{at} {entry['kind']} tx={entry['tx_id']}"
     if entry["kind"] == "accepted":
         return f"{head} checkout_request_id={entry['checkout_request_id']}"

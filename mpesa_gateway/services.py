@@ -75,13 +75,20 @@ class Services:
     def replay_spool(self):
         return recording.replay(self.spool, self.ledger, self.ledger_watch)
 
+    def adopt_and_replay(self):
+        """Every reconcile pass: spools a dead sibling left (sharing this folder) are
+        adopted, then the spool is replayed, before any claim."""
+        self.spool.adopt_orphans()
+        return self.replay_spool()
+
     def new_reconciler(self, **seams):
         """A reconciler over these services (a thread's, or one pass's for cron); each
         pass first replays the spool, so no claim sees a row the spool would change."""
         return reconciler.Reconciler(self.ledger, self.daraja, self.config,
                                      clock=self.clock.wall, observer=self.metrics.reconcile.inc,
                                      on_refusal=self.metrics.reconcile_refusals.inc,
-                                     before_pass=self.replay_spool, watch=self.ledger_watch,
+                                     before_pass=self.adopt_and_replay,
+                                     watch=self.ledger_watch,
                                      **seams)
 
     def new_sender(self):

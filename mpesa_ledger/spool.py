@@ -92,6 +92,14 @@ def _read_fd(fd):
     return b"".join(chunks)
 
 
+def _private(st):
+    """Is this (os.stat) this process's user's, and nobody else's to write? Always on
+    Windows, which has no such modes (its folder permissions are the operator's)."""
+    if not hasattr(os, "getuid"):
+        return True
+    return st.st_uid == os.getuid() and not st.st_mode & 0o022
+
+
 def spool_files(directory):
     return sorted(glob.glob(os.path.join(directory, PREFIX + "[0-9]*" + SUFFIX)))
 
@@ -109,10 +117,12 @@ class Spool:
         self._entries = OrderedDict()  # id → entry, not yet applied, oldest first
 
     def probe(self):
-        """Can this spool be written? None, or why not (said at start-up, not first found
-        during an outage)."""
+        """Can this spool be written, and is its folder this user's alone? None, or why
+        not (said at start-up, not first found during an outage)."""
         try:
             os.makedirs(self.directory, mode=0o700, exist_ok=True)
+            if not _private(os.stat(self.directory)):
+                return "it is not this user's alone (others may write to it)"
             probe = os.path.join(self.directory, f".probe-{os.getpid()}-{secrets.token_hex(4)}")
             with open(probe, "wb") as f:
                 f.write(b"x")
@@ -159,6 +169,9 @@ class Spool:
 
     def _open(self):
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        if not _private(os.stat(self.directory)):
+            # Another user could plant entries that a later start would adopt as money.
+            raise PermissionError(1, "the spool folder is not this user's alone")
         path = os.path.join(self.directory,
                             f"{PREFIX}{os.getpid()}-{secrets.token_hex(4)}{SUFFIX}")
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND | getattr(os, "O_BINARY", 0)
@@ -179,7 +192,7 @@ class Spool:
     def applied(self, entry):
         """`entry` is in the ledger now. Once none is left, the file is emptied."""
         with self._lock:
-            self._entries.pop(entry["id"], None)
+            self._entries.pop(entry.get("id"), None)
             if not self._entries and self._fd is not None:
                 try:
                     os.ftruncate(self._fd, 0)
@@ -217,7 +230,8 @@ class Spool:
     def oldest_age(self):
         """Seconds the oldest entry not yet applied has waited, or None."""
         with self._lock:
-            oldest = min((e["spooled_at"] for e in self._entries.values()), default=None)
+            oldest = min((e.get("spooled_at") or 0 for e in self._entries.values()),
+                         default=None)
         return None if oldest is None else max(0.0, self._clock() - oldest)
 
     def adopt_orphans(self):
@@ -239,8 +253,12 @@ class Spool:
                 continue
             if entries is not None:
                 taken.append((path, entries))
-        entries = sorted((e for _, found in taken for e in found),
-                         key=lambda e: e.get("spooled_at", 0))
+        found_all = [e for _, found in taken for e in found]
+        entries = [e for e in found_all if isinstance(e, dict) and isinstance(e.get("id"), str)]
+        for odd in (e for e in found_all if e not in entries):  # valid JSON, not an entry
+            self.set_aside({"line": odd}, "not an entry")
+        entries.sort(key=lambda e: e.get("spooled_at") if isinstance(
+            e.get("spooled_at"), (int, float)) else 0)
         if not entries:
             for path, _ in taken:
                 self._remove(path)
@@ -265,11 +283,17 @@ class Spool:
         """An orphan's entries, read through its lock; None if a live process holds it.
         The lock is released before the caller removes it (Windows cannot remove an open
         file)."""
-        fd = os.open(path, os.O_RDWR | getattr(os, "O_BINARY", 0))
+        fd = os.open(path, os.O_RDWR | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOFOLLOW", 0))
         try:
             try:
                 _hold(fd)
             except OSError:
+                return None
+            st = os.fstat(fd)
+            if not (_private(st) and (st.st_mode & 0o077) == 0):
+                # Only what this user wrote, mode 0600: anything else is not a spool of ours.
+                log.critical("spool not_adopted file=%s: not this user's, or readable or"
+                             " writable by others", os.path.basename(path))
                 return None
             return parse(_read_fd(fd), os.path.basename(path))
         finally:

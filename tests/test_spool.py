@@ -481,3 +481,25 @@ def test_an_outage_is_one_warning_and_one_info_however_many_calls_fail(gateway, 
                 for line in gateway.testapp.get("/metrics").text.splitlines()  # rate limit)
                 if line.startswith("mpesa_gateway_ledger_failures_total{")]
     assert sum(failures) >= 5
+
+
+def test_only_this_users_private_spools_are_adopted_as_money(tmp_path, caplog):
+    folder = tmp_path / "spool"
+    folder.mkdir(mode=0o700)
+    planted = folder / "mpesa-spool-1-planted.jsonl"  # another user's, or open to others
+    planted.write_bytes(b'{"id":"sp_x","kind":"callback","tx_id":"tx_1"}\n')
+    planted.chmod(0o644)
+    odd = folder / "mpesa-spool-2-odd.jsonl"  # ours, but a line that is not an entry
+    odd.write_bytes(b'{}\n[1,2,3]\n')
+    odd.chmod(0o600)
+    spool = Spool(folder)
+    with caplog.at_level(logging.CRITICAL):
+        assert spool.adopt_orphans() == 0
+    assert "not_adopted file=mpesa-spool-1-planted.jsonl" in caplog.text
+    assert planted.exists() and spool.depth() == 0
+    assert len(read_entries(str(folder / "mpesa-spool-quarantine.jsonl"))) == 2  # set aside
+    open_to_all = tmp_path / "shared"
+    open_to_all.mkdir()
+    open_to_all.chmod(0o777)
+    assert "not this user's alone" in Spool(open_to_all).probe()
+    assert Spool(open_to_all).append({"kind": "accepted", "tx_id": "tx_1"}) is False

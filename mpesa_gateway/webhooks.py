@@ -156,35 +156,43 @@ class Sender:
         doubling with each failure in a row up to MAX_REST_S, so a dead endpoint costs the
         others little and a recovered one waits at most that."""
         batch = _Pass(limit)
-        helpers = [threading.Thread(target=self._work, args=(batch,), name="webhooks-attempt",
-                                    daemon=True) for _ in range(WORKERS - 1)]
-        for t in helpers:
-            t.start()
-        self._work(batch)  # this thread is one of the workers
-        for t in helpers:
-            t.join()
+        first = self._claim(batch)
+        if first is not None:  # only then the other workers: an idle pass starts no thread
+            helpers = [threading.Thread(target=self._work, args=(batch,),
+                                        name="webhooks-attempt", daemon=True)
+                       for _ in range(WORKERS - 1)]
+            for t in helpers:
+                t.start()
+            self._work(batch, first)  # this thread is one of the workers
+            for t in helpers:
+                t.join()
         if batch.error is not None:
             raise batch.error
         self._ledger.prune_events(KEEP_S)
         return batch.results
 
-    def _work(self, batch):
-        """One worker: claim the most due event of an owner nobody is sending to and that
-        is not resting, send it, again, until none is left (or the pass's limit)."""
+    def _claim(self, batch):
+        """The most due event of an owner nobody is sending to and that is not resting
+        (marked in flight), or None. Claims are made one at a time, so the in-flight set
+        stays true."""
+        with self._lock:
+            if batch.claimed >= batch.limit or batch.error is not None or self._stop.is_set():
+                return None
+            now = self._clock()
+            skip = self._in_flight | {o for o, (until, _) in self._resting.items()
+                                      if until > now}
+            event = self._ledger.claim_event(LEASE_S, skip_owners=tuple(sorted(skip)))
+            if event is not None:
+                self._in_flight.add(event["owner"])
+                batch.claimed += 1
+            return event
+
+    def _work(self, batch, event=None):
+        """One worker: send `event` (or the next one claimed), again, until none is left
+        (or the pass's limit)."""
         try:
-            while not self._stop.is_set():
-                with self._lock:  # claims one at a time: the in-flight set stays true
-                    if batch.claimed >= batch.limit or batch.error is not None:
-                        return
-                    now = self._clock()
-                    skip = self._in_flight | {o for o, (until, _) in self._resting.items()
-                                              if until > now}
-                    event = self._ledger.claim_event(LEASE_S, skip_owners=tuple(sorted(skip)))
-                    if event is None:
-                        return
-                    owner = event["owner"]
-                    self._in_flight.add(owner)
-                    batch.claimed += 1
+            while event is not None or (event := self._claim(batch)) is not None:
+                owner = event["owner"]
                 try:
                     state = self._deliver(event)
                 finally:
@@ -198,6 +206,7 @@ class Sender:
                         failures = self._resting.get(owner, (0, 0))[1] + 1
                         rest = min(REST_S * 2 ** (failures - 1), MAX_REST_S)
                         self._resting[owner] = (self._clock() + rest, failures)
+                event = None
         except BaseException as exc:  # noqa: BLE001 - the pass raises it (a ledger outage)
             with self._lock:
                 batch.error = batch.error or exc

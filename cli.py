@@ -132,7 +132,7 @@ def create_server(app, host, port, config):
         reason = getattr(exc, "strerror", None) or exc
         raise StartupError(f"cannot listen on {host}:{port} (GATEWAY_HOST, GATEWAY_PORT):"
                            f" {reason}") from None
-    return serving.bound_headers(server, config.header_timeout)
+    return serving.bound_requests(server, config.request_read_timeout)
 
 
 def serve(services, server, banner=None):

@@ -36,6 +36,7 @@ SAFARICOM_CALLBACK_IPS = (
 
 REQUIRED = object()  # table marker: the variable has no default
 MIN_RESERVE_THREADS = 4  # threads never given to pushes
+MAX_CPU = 4095
 WINDOWS_MAX_CONNECTIONS = 400
 MASK = "********"
 # Prefixes we own: a variable under them that the table does not name is a typo
@@ -103,15 +104,17 @@ def non_negative_float(raw):
     return value
 
 
-def at_most(convert, limit):
-    """`convert`, then a ceiling: an absurd value (a typo, an extra digit) fails at
-    start-up, naming the allowed range, instead of sizing something by it."""
-    allowed = {positive_int: "from 1 to", positive_float: "more than 0 and at most",
-               non_negative_float: "from 0 to"}[convert]
+def at_most(convert, limit, floor=None):
+    """`convert`, then a ceiling (and a floor): an absurd value (a typo, an extra digit, a
+    rate so small its waits overflow) fails at start-up, naming the allowed range,
+    instead of sizing something by it."""
+    allowed = (f"from {floor:g} to" if floor is not None else
+               {positive_int: "from 1 to", positive_float: "more than 0 and at most",
+                non_negative_float: "from 0 to"}[convert])
 
     def bounded(raw):
         value = convert(raw)
-        if value > limit:
+        if value > limit or (floor is not None and value < floor):
             raise ValueError(f"must be {allowed} {limit:,}".replace(",", "_"))
         return value
 
@@ -314,8 +317,8 @@ def cpu_choice(raw):
     value = raw.strip().lower()
     if value == "auto":
         return value
-    if not value.isdigit():
-        raise ValueError("must be a CPU number or auto")
+    if not (value.isascii() and value.isdigit()) or int(value) > MAX_CPU:
+        raise ValueError(f"must be a CPU number (0 to {MAX_CPU}) or auto")
     return int(value)
 
 
@@ -370,9 +373,11 @@ SETTINGS = (
     # Open client connections waitress keeps (each is a file descriptor; on Windows
     # waitress's select() handles at most 512 sockets in all).
     ("GATEWAY_CONNECTION_LIMIT", "connection_limit", at_most(positive_int, 100_000), 250, False),
-    # Seconds a request's line and headers may take to arrive, from their first byte, when
-    # waitress serves directly (a client trickling them is cut off; nginx: client_header_timeout).
-    ("GATEWAY_HEADER_TIMEOUT", "header_timeout", at_most(positive_float, 300), 20.0, False),
+    # Seconds a request (line, headers and body) may take to arrive, from its first byte,
+    # when waitress serves directly: a client trickling it is cut off (nginx:
+    # client_header_timeout and client_body_timeout).
+    ("GATEWAY_REQUEST_READ_TIMEOUT", "request_read_timeout", at_most(positive_float, 300), 20.0,
+     False),
     # Seconds an idle or half-sent connection is kept before waitress closes it.
     ("GATEWAY_CHANNEL_TIMEOUT", "channel_timeout", at_most(positive_int, 3600), 30, False),
     # The ledger: a SQLite file on local disk (a path or sqlite:///path), or
@@ -403,7 +408,7 @@ SETTINGS = (
     # A second push to a phone with a pending payment younger than this → 409.
     ("GATEWAY_PHONE_LOCK_S", "phone_lock_s", at_most(non_negative_float, 3600), 60.0, False),
     # Token bucket per API key on POST /stkpush: requests per second, and burst size.
-    ("GATEWAY_RATE", "rate", at_most(positive_float, 1_000_000), 5.0, False),
+    ("GATEWAY_RATE", "rate", at_most(positive_float, 1_000_000, floor=0.001), 5.0, False),
     ("GATEWAY_BURST", "burst", at_most(positive_int, 1_000_000), 20, False),
     # Run the reconciler thread inside the serving process (off: use `reconcile` from cron).
     ("GATEWAY_RECONCILE", "reconcile", on_off, True, False),
@@ -417,7 +422,7 @@ SETTINGS = (
     ("MPESA_RECONCILE_BACKOFF_S", "reconcile_backoff_s", at_most(positive_float, 3600), 10.0,
      False),
     # STK queries per second at most, per reconciling process (Daraja publishes no limit).
-    ("MPESA_RECONCILE_QPS", "reconcile_qps", at_most(positive_float, 100), 2.0, False),
+    ("MPESA_RECONCILE_QPS", "reconcile_qps", at_most(positive_float, 100, floor=0.001), 2.0, False),
     # off | log | enforce: what to do with callbacks from outside MPESA_CALLBACK_IPS.
     ("MPESA_CALLBACK_IP_POLICY", "callback_ip_policy", one_of("off", "log", "enforce"), "log",
      False),

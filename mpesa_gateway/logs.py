@@ -195,7 +195,8 @@ def configure(level="INFO", fmt="text", secret_values=(), stream=None):
     logging.getLogger("urllib3").setLevel(logging.WARNING)  # its DEBUG lines carry URLs
     # psycopg's pool warns at every failed reconnect while a PostgreSQL server is down;
     # the gateway says it once (monitoring.LedgerWatch) and counts the failures.
-    logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
+    if level != "DEBUG":
+        logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
     # Per-record work nobody reads here (logging HOWTO, "Optimization"): caller frame,
     # thread and process names.
     logging._srcfile = None

@@ -82,12 +82,12 @@ def ledger_read(flow):
     @functools.wraps(flow)
     def guarded(services, *args):
         try:
-            reply = flow(services, *args)
+            return flow(services, *args)
         except services.ledger.Error as exc:
+            # (A read that works says nothing of writes: SQLite reads on while a lock holds
+            # every writer. The watch hears "back" from a write or the health check.)
             services.ledger_watch.failed(flow.__name__, exc)
             raise ledger_unavailable("the ledger cannot be reached; retry shortly") from None
-        services.ledger_watch.answered()
-        return reply
     return guarded
 
 
@@ -223,15 +223,16 @@ def record_outcome(services, idem, expected, write, entry):
         except Exception as exc:  # noqa: BLE001 - the outcome still has to be recorded
             if pin is None:
                 raise
-            log.error("ledger write failed storing the idempotent answer tx=%s: recording"
-                      " the outcome alone", tx_id)
-            log.debug("the answer's write failed tx=%s", tx_id, exc_info=exc)
+            if isinstance(exc, ledger.Error):
+                services.ledger_watch.failed("push_outcome", exc)
+            else:
+                log.error("storing the idempotent answer failed tx=%s: recording the outcome"
+                          " alone", tx_id, exc_info=exc)
             row = write(None)  # once: the retries above already waited out a lock
     except Exception as exc:  # noqa: BLE001 - the prompt may be out: never a 500 from here on
         _failed(services, "push_outcome", exc)
         if services.record(entry(pin)):
-            log.warning("push outcome spooled tx=%s: the ledger takes it when it is back",
-                        tx_id)
+            log.info("push outcome spooled tx=%s: the ledger takes it when it is back", tx_id)
         else:
             # Still `submitting` in the ledger, so recovery makes it `unknown`; its signed
             # callback URL still finds it.
@@ -322,7 +323,7 @@ def _refused(services, row, reason, exc, idem):
     if services.record(recording.not_accepted(
             tx_id, store.REJECTED, reason, services.clock.wall(), result_code=exc.error_code,
             result_desc=exc.error_message, release=idem)):
-        log.warning("push refusal spooled tx=%s: the ledger takes it when it is back", tx_id)
+        log.info("push refusal spooled tx=%s: the ledger takes it when it is back", tx_id)
         return
     raise ledger_unavailable(
         "Daraja did not take the request, so nothing was sent, but the ledger could not"

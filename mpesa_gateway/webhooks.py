@@ -49,6 +49,7 @@ REST_S = SCHEDULE_S[0]  # an owner whose endpoint just failed waits this long, d
 MAX_REST_S = 300.0  # with each failure in a row up to this; a delivery ends the rest
 KEEP_S = 30 * 24 * 3600  # delivered and dead events are forgotten after 30 days
 WORKERS = 4  # attempts in flight at once, at most one per owner
+POLL_S = 0.5  # an idle worker looks again this often while another is still sending
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _NEVER = tuple(ipaddress.ip_network(n) for n in ("192.0.0.0/24", "100.64.0.0/10"))
 
@@ -124,6 +125,7 @@ class _Pass:
 
     def __init__(self, limit):
         self.limit, self.claimed, self.results, self.error = limit, 0, {}, None
+        self.busy = 0  # workers sending right now
 
 
 class Sender:
@@ -146,6 +148,7 @@ class Sender:
         self._stop = threading.Event()
         self._thread = None
         self._lock = threading.Lock()  # the two below, shared by a pass's workers
+        self._attempt_ended = threading.Condition(self._lock)
         self._resting = {}  # owner → when its endpoint may be tried again (after a failure)
         self._in_flight = set()  # owners with an attempt under way
 
@@ -185,27 +188,49 @@ class Sender:
             if event is not None:
                 self._in_flight.add(event["owner"])
                 batch.claimed += 1
+                batch.busy += 1  # until its attempt is recorded
             return event
 
     def _work(self, batch, event=None):
         """One worker: send `event` (or the next one claimed), again, until none is left
-        (or the pass's limit)."""
+        (or the pass's limit). While another worker is still sending, one that finds
+        nothing looks again every POLL_S: an event that arrives during a pass does not
+        wait for one owner's slow backlog."""
         try:
-            while event is not None or (event := self._claim(batch)) is not None:
-                owner = event["owner"]
+            while True:
+                if event is None:
+                    event = self._claim(batch)
+                if event is None:
+                    with self._lock:
+                        if not batch.busy or batch.error is not None:
+                            return
+                        # Until an attempt ends (or POLL_S: a new event may come meanwhile).
+                        self._attempt_ended.wait(POLL_S)
+                    if self._stop.is_set():
+                        return
+                    continue
+                owner, started = event["owner"], self._clock()
                 try:
                     state = self._deliver(event)
-                finally:
+                except BaseException:
                     with self._lock:
+                        self._attempt_ended.notify_all()
+                        batch.busy -= 1
                         self._in_flight.discard(owner)
-                with self._lock:
+                    raise
+                with self._lock:  # one step: the owner never looks free before it rests
+                    self._attempt_ended.notify_all()
+                    batch.busy -= 1
+                    self._in_flight.discard(owner)
                     batch.results[state] = batch.results.get(state, 0) + 1
                     if state == "delivered":
                         self._resting.pop(owner, None)
                     elif state != "lost_lease":
                         failures = self._resting.get(owner, (0, 0))[1] + 1
                         rest = min(REST_S * 2 ** (failures - 1), MAX_REST_S)
-                        self._resting[owner] = (self._clock() + rest, failures)
+                        # From the attempt's start: the rest never outlasts the event's own
+                        # backoff, which counts from its end.
+                        self._resting[owner] = (started + rest, failures)
                 event = None
         except BaseException as exc:  # noqa: BLE001 - the pass raises it (a ledger outage)
             with self._lock:

@@ -236,15 +236,16 @@ def test_push_slots_must_leave_a_reserve():
         config.load_config(dict(env, GATEWAY_THREADS="4", GATEWAY_PUSH_SLOTS=""))
 
 
-def test_clients_trickling_their_headers_are_cut_and_health_answers_again(served):
+def test_clients_trickling_headers_or_a_body_are_cut_and_health_answers_again(served):
     fake = FakeDaraja()
-    s = served(fake, GATEWAY_CONNECTION_LIMIT="6", GATEWAY_HEADER_TIMEOUT="1")
+    s = served(fake, GATEWAY_CONNECTION_LIMIT="6", GATEWAY_REQUEST_READ_TIMEOUT="1")
     stop, cut = threading.Event(), []
 
-    def trickle():  # a request line and headers that never end, one byte at a time
+    def trickle(head):  # headers that never end, or a body: one byte at a time
         sock = socket.create_connection(("127.0.0.1", s.port))
         try:
-            for byte in itertools.cycle(b"GET /health HTTP/1.1\r\nX-Pad: aaaaaaaa"):
+            sock.sendall(head)
+            for byte in itertools.cycle(b"aaaaaaaa"):
                 sock.sendall(bytes([byte]))
                 if stop.wait(0.2):
                     return
@@ -253,7 +254,11 @@ def test_clients_trickling_their_headers_are_cut_and_health_answers_again(served
         finally:
             sock.close()
 
-    clients = [threading.Thread(target=trickle, daemon=True) for _ in range(6)]
+    heads = [b"GET /health HTTP/1.1\r\nX-Pad: ",
+             b"POST /stkpush HTTP/1.1\r\nContent-Type: application/json\r\n"
+             b"Content-Length: 16000\r\n\r\n"]
+    clients = [threading.Thread(target=trickle, args=(heads[n % 2],), daemon=True)
+               for n in range(6)]
     for t in clients:
         t.start()
     try:

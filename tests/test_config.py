@@ -200,3 +200,15 @@ def test_an_absurd_setting_is_refused_at_start_up_with_the_allowed_range(name, r
         load_config({**VALID, name: raw})
     assert f"{name} must be {allowed}" in str(err.value)
     assert raw not in str(err.value)
+
+
+@pytest.mark.parametrize("name, raw, allowed", [
+    ("GATEWAY_RATE", "1e-320", "from 0.001 to 1_000_000"),  # its Retry-After would overflow
+    ("MPESA_RECONCILE_QPS", "1e-300", "from 0.001 to 100"),
+    ("GATEWAY_CPU_AFFINITY", "99999999999999999999", "a CPU number (0 to 4095) or auto"),
+    ("GATEWAY_CPU_AFFINITY", "\u00b2", "a CPU number (0 to 4095) or auto"),
+])
+def test_a_setting_too_small_or_not_a_cpu_is_refused_with_the_allowed_range(name, raw, allowed):
+    with pytest.raises(ConfigError) as err:
+        load_config({**VALID, name: raw})
+    assert f"{name} must be {allowed}" in str(err.value)

@@ -466,6 +466,8 @@ def test_an_outage_is_one_warning_and_one_info_however_many_calls_fail(gateway, 
         for n in range(5):  # every one of them fails on the ledger
             gateway.testapp.post_json("/stkpush", {"phone": f"07123450{n:02d}", "amount": 10},
                                       headers=AUTH, status=503)
+            # A read between them (SQLite reads on under a writer's lock) is no "back".
+            gateway.testapp.get("/transactions", headers=AUTH, status="*")
     finally:
         outage.end()
     wait_for(lambda: gateway.testapp.post_json(

@@ -194,8 +194,8 @@ def test_failing_to_store_the_idempotent_answer_still_answers_202(tmp_path, capl
         res = TestApp(app).post_json("/stkpush", PUSH, status=202, headers={
             "Authorization": f"Bearer {API_KEY}", **KEY})
         assert res.json["status"] == "pending" and res.json["id"].startswith("tx_")
-        assert any(r.levelname == "ERROR" and "idempotent answer" in r.getMessage()
-                   for r in caplog.records)
+        assert any(r.levelname == "WARNING" and "ledger unavailable" in r.getMessage()
+                   for r in caplog.records)  # the watch's one line
         switch.clear()
         # The key was never pinned, yet a retry finds the row: no second prompt.
         again = TestApp(app).post_json("/stkpush", PUSH, status=202, headers={
@@ -216,7 +216,7 @@ def test_failing_to_record_unknown_still_answers_202_unknown_and_spools_it(tmp_p
         res = TestApp(app).post_json("/stkpush", PUSH, status=202, headers={
             "Authorization": f"Bearer {API_KEY}"})
         assert (res.json["status"], res.json["reason"]) == ("unknown", "read_timeout")
-        assert any(r.levelname == "WARNING" and "spooled" in r.getMessage()
+        assert any(r.levelname == "INFO" and "spooled" in r.getMessage()
                    and res.json["id"] in r.getMessage() for r in caplog.records)
         switch.clear()
         # The ledger still says `submitting` until the spool is replayed; then it says

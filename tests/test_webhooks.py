@@ -495,10 +495,11 @@ def test_one_owners_slow_endpoint_does_not_delay_another_owners_events(hooked, r
                                                f"other:{receiver.url}/events",
                           GATEWAY_WEBHOOK_SECRETS=f"default:{SECRET},other:{SECRET}")
         unknown_events(app, "default", 11)  # the first attempt held, ten queued behind it
-        unknown_events(app, "other", 1)
         sender = webhooks.Sender(app.services.ledger, cfg)
         passes = threading.Thread(target=sender.run_once, daemon=True)
         passes.start()
+        wait_for(lambda: len(slow.got) == 1, timeout=30)  # the pass is under way, held
+        unknown_events(app, "other", 1)  # another merchant's event, made during the pass
         wait_for(lambda: len(receiver.got) == 1, timeout=30)  # delivered meanwhile
         assert len(slow.got) == 1 and not release.is_set()  # one attempt per owner at once
         release.set()

@@ -415,7 +415,7 @@ def test_a_sigkill_while_the_spool_holds_entries_loses_none(sim, gateway_env):
 
     def start():
         proc = subprocess.Popen([sys.executable, "mpesa_wsgi.py"], cwd=ROOT_DIR, env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(lambda: http("GET", f"{base}/health")[0] in (200, 503), timeout=30,
                  interval=0.1)
         return proc
@@ -444,6 +444,9 @@ def test_a_sigkill_while_the_spool_holds_entries_loses_none(sim, gateway_env):
         if holder.in_transaction:
             holder.execute("ROLLBACK")
         holder.close()
+        if proc.poll() is None:  # the test failed before its SIGKILL: leave nothing running
+            proc.kill()
+            proc.wait(10)
     proc = start()  # adopts the dead process's spool and applies it before anything else
     try:
         status, row = http("GET", f"{base}/transactions/{body['checkout_request_id']}",

@@ -317,7 +317,7 @@ def deliver_once(config):
 def show_spools(directory):
     """Print every spool in `directory` with its entries, phones and CheckoutRequestIDs
     masked (an operator's tool; it changes nothing)."""
-    from mpesa_gateway import logs, recording
+    from mpesa_gateway import recording
     from mpesa_ledger import spool
 
     mask = logs.RedactFilter().scrub

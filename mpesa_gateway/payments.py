@@ -35,7 +35,6 @@ from mpesa_gateway.wire import (
     Unauthorized,
     Unprocessable,
     UpstreamRejected,
-    decode_json,
     dumps,
     retry_after,
 )
@@ -406,11 +405,7 @@ def receive_callback(services, tx_id, sig, environ, load_raw):
 
 
 def _store_callback(services, tx_id, source, raw):
-    try:
-        result = validation.parse_stk_callback(decode_json(raw))
-    except (BadRequest, validation.ValidationError):
-        result = None
-    outcome = settlement.from_callback(result) if result is not None else None
+    outcome = settlement.from_raw_callback(raw)
     try:
         name, row = settlement.apply(services.ledger, tx_id, outcome,
                                      callback=settlement.CallbackRecord(raw, source))
@@ -424,8 +419,8 @@ def _store_callback(services, tx_id, source, raw):
     phone = row["phone"] if row is not None else None
     services.metrics.callbacks.inc(name)
     log.info("callback tx=%s outcome=%s result_code=%s", tx_id, name,
-             result.result_code if result else None)
-    if result is None:
+             outcome.result_code if outcome else None)
+    if outcome is None:
         raise BadRequest("the callback is not a valid STK result (it was stored)",
                          code="invalid_callback").about(tx_id, phone)
     return Reply(200, CALLBACK_ACK, tx_id=tx_id, phone=phone)

@@ -22,9 +22,7 @@ import logging
 import threading
 
 import mpesa_ledger as store
-import validation
 from mpesa_gateway import settlement
-from mpesa_gateway.wire import BadRequest, decode_json
 
 log = logging.getLogger(__name__)
 
@@ -68,14 +66,6 @@ def callback(tx_id, raw, remote_addr, at):
             "at": at}
 
 
-def parse_callback(raw):
-    """A callback body's Outcome, or None when it is not a valid STK result."""
-    try:
-        return settlement.from_callback(validation.parse_stk_callback(decode_json(raw)))
-    except (BadRequest, validation.ValidationError):
-        return None
-
-
 def describe(entry):
     """One line about an entry, for an operator (the caller masks phones and ids)."""
     if not isinstance(entry, dict) or "kind" not in entry or "tx_id" not in entry:
@@ -88,7 +78,7 @@ def describe(entry):
         return f"{head} status={entry['status']} reason={entry['reason']}"
     if entry["kind"] != "callback":
         return f"{head} fields={','.join(sorted(entry))}"
-    outcome = parse_callback(base64.b64decode(entry["body"]))
+    outcome = settlement.from_raw_callback(base64.b64decode(entry["body"]))
     if outcome is None:
         return f"{head} callback=malformed from={entry['remote_addr']}"
     return (f"{head} callback result_code={outcome.result_code} status={outcome.status}"
@@ -112,7 +102,7 @@ def apply(ledger, entry):
     elif kind == "callback":
         raw = base64.b64decode(entry["body"])
         name, _ = settlement.apply(
-            ledger, entry["tx_id"], parse_callback(raw),
+            ledger, entry["tx_id"], settlement.from_raw_callback(raw),
             callback=settlement.CallbackRecord(raw, entry["remote_addr"], entry["at"]),
             once=once)
         log.info("callback tx=%s outcome=%s (from the spool)", entry["tx_id"], name)

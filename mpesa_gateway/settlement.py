@@ -25,6 +25,8 @@ import logging
 from dataclasses import dataclass
 
 import mpesa_ledger as store
+import validation
+from mpesa_gateway.wire import BadRequest, decode_json
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +93,15 @@ def from_callback(result):
                    result_desc=result.result_desc, checkout_request_id=result.checkout_request_id,
                    merchant_request_id=result.merchant_request_id, receipt=result.receipt,
                    amount=result.amount, source="callback")
+
+
+def from_raw_callback(raw):
+    """The Outcome of a callback's raw body, or None when it is not a valid STK result
+    (a malformed callback is stored, never applied)."""
+    try:
+        return from_callback(validation.parse_stk_callback(decode_json(raw)))
+    except (BadRequest, validation.ValidationError):
+        return None
 
 
 def from_query(checkout_request_id, result_code, result_desc, merchant_request_id):

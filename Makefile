@@ -23,12 +23,13 @@ $(RUN_VENV)/.installed: requirements.txt
 	$(RUN_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	touch $@
 
-$(TEST_VENV)/.installed: requirements.txt requirements-test.txt requirements-postgres.txt
+$(TEST_VENV)/.installed: requirements.txt requirements-test.txt requirements-postgres.txt \
+		requirements-examples.txt
 	$(PYTHON) -m venv $(TEST_VENV)
 	$(TEST_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-test.txt
 	touch $@
 
-$(BENCH_VENV)/.installed: requirements.txt requirements-test.txt requirements-postgres.txt \
+$(BENCH_VENV)/.installed: requirements.txt requirements-test.txt requirements-postgres.txt requirements-examples.txt \
 		requirements-bench.txt
 	$(PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-bench.txt

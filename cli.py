@@ -28,6 +28,8 @@ from mpesa_ledger import move as ledger_move
 
 log = logging.getLogger("mpesa_wsgi")
 
+# What `migrate` reads: it touches only the database, so it needs no Daraja credentials.
+LEDGER_SETTINGS = ("GATEWAY_DB", "GATEWAY_DB_WAIT_S", "LOG_LEVEL", "LOG_FORMAT")
 SHUTDOWN_POLL_S = 0.2  # how soon the serving loop notices SIGTERM
 # Besides client connections: the listener, waitress's wake-up pipe, the ledger's files,
 # Daraja sockets beyond the threads, the standard streams.
@@ -61,11 +63,13 @@ def command_services(config):
 def migrate(config):
     """Create or upgrade the ledger's schema by hand (serving does it at startup too)."""
     try:
-        ledger = store.open_ledger(config.db_path, migrate=False)
+        ledger = store.open_ledger(config.db_path, migrate=False, wait_s=config.db_wait_s)
     except store.LedgerOpenError as exc:
         raise StartupError(str(exc)) from None
     try:
         version = ledger.migrate()
+    except store.LedgerOpenError as exc:  # e.g. the role may not change the tables
+        raise StartupError(str(exc)) from None
     finally:
         ledger.close()
     print(f"ledger {settings.masked_url(config.db_path)} schema_version={version}", flush=True)
@@ -190,15 +194,17 @@ def run_demo(create_app, environ):
     config = settings.load_config(env)
     configure_logging(config)
     sim = start_simulator(env, port + 1)
+    receiver = None
     if config.webhook_urls == (("default", demo.receiver_url(port)),):
         start_receiver(dict(config.webhook_secrets)["default"], port + 2)
+        receiver = demo.receiver_url(port)
     try:
         app = build_app(create_app, config)
         try:
             server = create_server(app, "127.0.0.1", port, config)
             shown_key = (api_key if "GATEWAY_API_KEYS" not in environ
                          else "<a key from GATEWAY_API_KEYS>")
-            serve(app.services, server, demo_banner(config, port, shown_key))
+            serve(app.services, server, demo_banner(config, port, shown_key, receiver))
         finally:
             app.services.close()
     finally:
@@ -240,11 +246,15 @@ def start_receiver(secret, receiver_port):
     threading.Thread(target=server.run, name="webhook-receiver", daemon=True).start()
 
 
-def demo_banner(config, port, shown_key):
+def demo_banner(config, port, shown_key, receiver):
     base = f"http://127.0.0.1:{port}"
+    events = (f"Webhook receiver: {receiver} (the demo's merchant endpoint; it verifies and"
+              " prints each signed event)" if receiver else
+              "Webhook events go to GATEWAY_WEBHOOK_URLS (the demo's receiver is off)")
     return "\n".join([
         f"mpesa-wsgi {settings.VERSION} demo: gateway {base}, Daraja simulator"
         f" http://127.0.0.1:{port + 1}, ledger {settings.masked_url(config.db_path)}",
+        events,
         f"API key: {shown_key}",
         "",
         "Start a payment (any Safaricom-style number succeeds; see README for scenario"
@@ -261,13 +271,17 @@ def demo_banner(config, port, shown_key):
 
 
 def check_config(environ):
+    """Print the settings by their variables (secrets masked) and hints for near misses,
+    or every problem; exit status 2 when the gateway would not start."""
+    for hint in settings.near_misses(environ):
+        print(f"note: {hint}", file=sys.stderr)
     try:
         config = settings.load_config(environ)
     except settings.ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
-    for name, value in config.masked().items():
-        print(f"{name} = {value}")
+    for name, value in config.by_variable().items():
+        print(f"{name} = {'' if value is None else value}")
     return 0
 
 
@@ -354,7 +368,9 @@ def migrate_ledger(source, target):
 
 def main(create_app, argv=None):
     """Run the command `argv` names; `create_app` (mpesa_wsgi's) builds the served app."""
-    parser = argparse.ArgumentParser(prog="mpesa_wsgi.py", description="M-Pesa STK Push gateway")
+    parser = argparse.ArgumentParser(prog=os.path.basename(sys.argv[0]) or "mpesa-wsgi",
+                                     description="M-Pesa STK Push gateway")
+    parser.add_argument("--version", action="version", version=f"mpesa-wsgi {settings.VERSION}")
     parser.add_argument("command", nargs="?",
                         choices=("serve", "reconcile", "deliver", "migrate", "migrate-ledger",
                                  "spool"),
@@ -395,8 +411,11 @@ def main(create_app, argv=None):
             return 0
         if args.command == "spool" and args.dir is not None:
             return show_spools(args.dir)
-        config = settings.load_config(os.environ)
+        config = settings.load_config(
+            os.environ, only=LEDGER_SETTINGS if args.command == "migrate" else None)
         configure_logging(config)
+        for hint in settings.near_misses(os.environ):
+            log.warning("config %s", hint)
         if args.command == "reconcile":
             return reconcile_once(config, args.tx, args.checkout_request_id)
         if args.command == "spool":

@@ -5,7 +5,7 @@ and wraps them), the request helpers (bounded body reading, strict JSON), the
 literal route table, the plain handler functions, and the small WSGI callable
 that routes, calls, renders errors in one shape and accounts for the request.
 The payment flows live in `mpesa_gateway.payments`; the command line in `cli.py`,
-which `python mpesa_wsgi.py …` hands `create_app` to.
+which `main` (the `mpesa-wsgi` command, `python mpesa_wsgi.py …`) hands `create_app` to.
 
 Importing this module needs no environment; building the app does.
 """
@@ -207,9 +207,15 @@ def create_app(config=None, *, clock=None):
     return Gateway(build_services(config, clock=clock))
 
 
+def main(argv=None):
+    """The `mpesa-wsgi` console command (and `python mpesa_wsgi.py`): hand create_app to the
+    command line, which never imports this module, so it is loaded once."""
+    import cli
+
+    return cli.main(create_app, argv)
+
+
 if __name__ == "__main__":
     import sys
 
-    import cli  # the command line; it never imports this module, so it is loaded once
-
-    sys.exit(cli.main(create_app))
+    sys.exit(main())

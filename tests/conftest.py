@@ -216,3 +216,37 @@ def ledger_target(request, tmp_path):
     if request.param == "sqlite":
         return str(tmp_path / "ledger.db")
     return request.getfixturevalue("pg_url")
+
+
+# --- the package: built from this checkout, installed into a fresh venv outside it ----------
+
+@pytest.fixture(scope="session")
+def installed(tmp_path_factory):
+    """The `mpesa-wsgi` command of a wheel built from this checkout and installed, with its
+    dependencies from the package index, into a new virtual environment in a temp dir
+    (never the checkout: what runs is what the wheel holds)."""
+    import shutil
+    import subprocess
+    import sys
+
+    from helpers import ROOT_DIR
+
+    root = tmp_path_factory.mktemp("package")
+    source = root / "source"  # a copy: building writes build/ and *.egg-info beside it
+    shutil.copytree(ROOT_DIR, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv*", "__pycache__", "*.db", "*.db-*", "spool", "node_modules", "tests",
+        "bench", "examples", "docs", "deploy"))
+    venv = root / "venv"
+    run = dict(capture_output=True, text=True, timeout=600, cwd=root)
+    steps = [[sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w",
+              str(root / "dist"), str(source)],
+             [sys.executable, "-m", "venv", str(venv)]]
+    for step in steps:
+        proc = subprocess.run(step, **run)
+        assert proc.returncode == 0, proc.stderr
+    wheels = list((root / "dist").glob("mpesa_wsgi-*.whl"))
+    assert len(wheels) == 1, wheels
+    proc = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet",
+                           "--disable-pip-version-check", str(wheels[0])], **run)
+    assert proc.returncode == 0, proc.stderr
+    return {"command": str(venv / "bin" / "mpesa-wsgi"), "venv": venv, "wheel": wheels[0]}

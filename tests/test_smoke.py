@@ -69,11 +69,19 @@ def test_running_the_module_loads_it_once():
     assert "mpesa_wsgi" not in imported
 
 
-def test_demo_takes_a_payment_to_succeeded_and_stops_on_sigterm(tmp_path):
+@pytest.mark.parametrize("command", ["checkout", "installed"])
+def test_demo_takes_a_payment_to_succeeded_and_stops_on_sigterm(tmp_path, command, request):
+    """`make demo` from the checkout, and `mpesa-wsgi --demo` from the installed wheel (run
+    outside the checkout: the simulator and the receiver ship in it)."""
     port = free_port(span=3)  # the gateway, the simulator, the demo's webhook receiver
     env = clean_env(GATEWAY_PORT=str(port), GATEWAY_DB=str(tmp_path / "demo.db"),
                     MPESA_SIM_CALLBACK_DELAY_S="0.5")
-    proc = subprocess.Popen([sys.executable, "mpesa_wsgi.py", "--demo"], cwd=ROOT_DIR, env=env,
+    if command == "installed":
+        argv, cwd = [request.getfixturevalue("installed")["command"]], tmp_path
+        env.pop("PYTHONPATH", None)
+    else:
+        argv, cwd = [sys.executable, "mpesa_wsgi.py"], ROOT_DIR
+    proc = subprocess.Popen([*argv, "--demo"], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         base = f"http://127.0.0.1:{port}"
@@ -85,6 +93,7 @@ def test_demo_takes_a_payment_to_succeeded_and_stops_on_sigterm(tmp_path):
             banner += line
         key = re.search(r"API key: (\S+)", banner).group(1)
         assert f"curl -s -X POST {base}/stkpush" in banner
+        assert f"Webhook receiver: http://127.0.0.1:{port + 2}/events" in banner
         started = time.monotonic()
         status, tx = http("POST", f"{base}/stkpush", {"phone": "0712345678", "amount": 10}, key)
         assert (status, tx["status"]) == (202, "pending")
@@ -92,6 +101,7 @@ def test_demo_takes_a_payment_to_succeeded_and_stops_on_sigterm(tmp_path):
                          ["status"] == "succeeded" and r, timeout=10)
         elapsed = time.monotonic() - started
         assert final["receipt"] and elapsed < 5
+        assert http("GET", f"{base}/openapi.json")[0] == 200  # its data file shipped too
         # The demo's receiver verified the signed event and printed it.
         printed = []
         reader = threading.Thread(target=lambda: printed.extend(
@@ -105,6 +115,8 @@ def test_demo_takes_a_payment_to_succeeded_and_stops_on_sigterm(tmp_path):
     assert code == 0, err
     assert "Traceback" not in err
     assert "254712345678" not in err  # the phone is masked in every log line
+    # Its own simulator's callbacks are from an allowed source: nothing to warn about.
+    assert "source_not_allowed" not in err and " WARNING " not in err, err
 
 
 def test_waitress_serve_call_factory_serves(tmp_path, sim):

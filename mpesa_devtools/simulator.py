@@ -701,17 +701,20 @@ class Simulator:
         if kind == "refuse_spike":
             raise _Reject(500, "500.003.02", "Error Occurred: Spike Arrest Violation")
         now, wall = time.monotonic(), datetime.now(EAT)
-        decided = wall + timedelta(seconds=s.callback_delay_s)
+        # A slow answer's customer decides after it: the client that gave up has answered
+        # `unknown` before the callback settles the payment.
+        delay = s.callback_delay_s + (s.slow_answer_s if kind == "slow_answer" else 0)
+        decided = wall + timedelta(seconds=delay)
         with self._lock:
             if s.lock_subscriber and self._open_prompts.get(push.phone, 0) > now:
                 raise _Reject(500, "500.001.1001", LOCK_MESSAGE)
-            self._open_prompts[push.phone] = now + s.callback_delay_s
+            self._open_prompts[push.phone] = now + delay
             checkout_id = _checkout_id(wall, push.phone)
             while checkout_id in self._pushes:
                 checkout_id = _checkout_id(wall, push.phone, bump=len(self._pushes))
             push.checkout_id, push.merchant_id, push.kind = checkout_id, _request_id(), kind
             push.result_code, push.accepted_at = code, now
-            push.decided_at = now + s.callback_delay_s
+            push.decided_at = now + delay
             push.receipt = _receipt(wall) if code == 0 else None
             # Built before the push is visible, so a resend can never see it half made.
             push.callback_body = json.dumps(_callback_body(push, decided)).encode()

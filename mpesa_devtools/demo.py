@@ -36,6 +36,9 @@ def demo_environment(environ, port, sim_port, api_key, secret):
         "MPESA_CALLBACK_BASE_URL": f"http://127.0.0.1:{port}",
         "GATEWAY_HOST": "127.0.0.1",
         "GATEWAY_PORT": str(port),
+        # The demo's callbacks come from its own simulator, on loopback: an allowed source,
+        # so no source_not_allowed warning for each payment.
+        "MPESA_CALLBACK_IPS": "127.0.0.1,::1",
     })
     return env
 

@@ -10,11 +10,12 @@ is reported in one `ConfigError`; secret values are never echoed, in errors or i
 """
 
 import base64
+import difflib
 import ipaddress
 import os
 import re
 from dataclasses import fields, make_dataclass
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 VERSION = "0.1.0"
 
@@ -223,16 +224,40 @@ def masked_url(url):
     return parts.geturl()
 
 
+# RFC 3986 userinfo: what a user name or password may hold unencoded in a URL.
+_USERINFO = re.compile(r"(?:[A-Za-z0-9._~!$&'()*+,;=-]|%[0-9A-Fa-f]{2})*")
+_DB_SHAPE = "must be postgresql://user:password@host:port/database"
+
+
+def postgres_url(raw):
+    """A `postgresql://` URL that reads one way only: a password holding an unencoded `@`,
+    `/`, `:`, `?`, `#` or space splits differently for urllib and libpq, and would be
+    half shown where it is masked. The message never holds the value."""
+    parts = urlsplit(raw)
+    userinfo, at, _ = parts.netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    if parts.fragment or "@" in parts.path + parts.query or any(c.isspace() for c in raw) \
+            or not all(_USERINFO.fullmatch(p) for p in (user, password)) \
+            or (at and not user):
+        raise ValueError(f"{_DB_SHAPE}, with any @ / : ? # or space in the user name or"
+                         " password percent-encoded (@ as %40, / as %2F, : as %3A)")
+    try:
+        parts.port  # noqa: B018 - raises for a port that is not a number
+    except ValueError:
+        raise ValueError(f"{_DB_SHAPE} (the port is not a number)") from None
+    if not (parts.hostname or "host=" in parts.query) or parts.path in ("", "/") \
+            or "/" in parts.path[1:]:
+        raise ValueError(_DB_SHAPE)
+    return raw
+
+
 def ledger_target(raw):
     """A SQLite path (`sqlite:///path` too) or a `postgresql://` URL naming a database."""
     raw = raw.strip()
     if raw.startswith("sqlite:///"):
         raw = raw[len("sqlite:///"):]
     elif raw.startswith(("postgresql://", "postgres://")):
-        parts = urlsplit(raw)
-        if not (parts.hostname or "host=" in parts.query) or parts.path in ("", "/"):
-            raise ValueError("must be postgresql://user:password@host:port/database")
-        return raw
+        return postgres_url(raw)
     elif "://" in raw:
         raise ValueError("must be a file path, sqlite:///path or postgresql://…")
     if not raw:
@@ -472,9 +497,16 @@ class _ConfigViews:
             value = getattr(self, name)
             for item in value if isinstance(value, tuple) else [value]:
                 values.append(item[1] if isinstance(item, tuple) else item)  # (name, key)
-        values.append(urlsplit(self.db_path).password)  # a PostgreSQL password
-        values += re.findall(r"(?:^|&)password=([^&]*)", urlsplit(self.db_path).query)
+        url = urlsplit(self.db_path)
+        for password in [url.password] + re.findall(r"(?:^|&)password=([^&]*)", url.query):
+            values += [password, unquote(password or "")]  # as written, and as libpq reads it
         return tuple(v for v in values if v)
+
+    def by_variable(self):
+        """The settings by the environment variables that set them, secrets masked (what
+        --check-config prints)."""
+        view = self.masked()
+        return {name: view[field] for name, field, *_ in SETTINGS}
 
     def __repr__(self):
         inner = ", ".join(f"{k}={v!r}" for k, v in self.masked().items())
@@ -490,14 +522,35 @@ Config.__module__ = __name__
 Config.__doc__ = "The gateway's settings: one field per row of SETTINGS, plus DERIVED."
 
 
-def load_config(environ):
-    """Build the Config from an environment mapping, or raise one ConfigError."""
+def _did_you_mean(name):
+    """' (did you mean MPESA_READ_TIMEOUT?)' for a near miss of a setting's name, or ''."""
+    near = difflib.get_close_matches(name, [n for n, *_ in SETTINGS], n=1, cutoff=0.8)
+    return f" (did you mean {near[0]}?)" if near else ""
+
+
+def near_misses(environ):
+    """Variables outside our prefixes that look like a misspelt setting (GATWAY_SECRET):
+    hints, not errors, since the environment is shared with everything else."""
+    known = {name for name, *_ in SETTINGS}
+    return [f"{name} is not a setting{hint}" for name in sorted(environ)
+            if name not in known and not name.startswith(OWN_PREFIXES)
+            and (hint := _did_you_mean(name))]
+
+
+def load_config(environ, only=None):
+    """Build the Config from an environment mapping, or raise one ConfigError.
+
+    `only`: the variables a command needs (`migrate` needs only the ledger's); the
+    others are left at their defaults, required or not, and are not checked."""
     problems, values = [], {}
     known = {name for name, *_ in SETTINGS}
     for name in sorted(environ):
         if name.startswith(OWN_PREFIXES) and not name.startswith(FOREIGN) and name not in known:
-            problems.append(f"{name} is not a known setting")
+            problems.append(f"{name} is not a known setting{_did_you_mean(name)}")
     for name, field, convert, default, _secret in SETTINGS:
+        if only is not None and name not in only:
+            values[field] = None if default is REQUIRED else default
+            continue
         raw = environ.get(name)
         if raw is None or raw.strip() == "":
             if default is REQUIRED:
@@ -509,10 +562,12 @@ def load_config(environ):
         except ValueError as exc:
             # The message names the variable and the rule, never the value.
             problems.append(f"{name} {exc}")
-    if not problems:
+    if not problems and only is None:
         problems.extend(_derive(values))
     if problems:
         raise ConfigError(problems)
+    if only is not None:
+        values.update(dict.fromkeys((field for field, _ in DERIVED), None))
     return Config(**values)
 
 

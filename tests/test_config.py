@@ -143,8 +143,11 @@ def _check_config(env):
 def test_check_config_prints_masked_settings_and_exits_zero():
     proc = _check_config(VALID)
     assert proc.returncode == 0, proc.stderr
-    assert "shortcode = 174379" in proc.stdout
-    assert "consumer_secret = ********" in proc.stdout
+    assert "MPESA_SHORTCODE = 174379" in proc.stdout  # the names a user sets
+    assert "MPESA_CONSUMER_SECRET = ********" in proc.stdout
+    assert "GATEWAY_DB = mpesa_gateway.db" in proc.stdout
+    printed = {line.split(" = ", 1)[0] for line in proc.stdout.splitlines()}
+    assert printed == {name for name, *_ in config.SETTINGS}
     assert not any(v in proc.stdout + proc.stderr for v in SECRETS.values())
 
 
@@ -165,6 +168,43 @@ def test_a_postgresql_password_is_masked_wherever_the_url_holds_it(url):
     assert cfg.db_path == url  # kept exactly, for the driver
     assert "s3cret-pw" not in repr(cfg) and "s3cret-pw" not in str(cfg.masked())
     assert "s3cret-pw" in cfg.secret_values()  # so the log filter redacts it too
+
+
+@pytest.mark.parametrize("password", ["te/way:pw", "p@ss", "pa:ss", "pa#ss", "pa?ss", "pa ss"])
+def test_a_postgresql_url_that_reads_two_ways_is_refused_without_echoing_it(password):
+    url = f"postgresql://gateway:{password}@db.example:5432/mpesa"
+    message = _error(dict(VALID, GATEWAY_DB=url))
+    assert "GATEWAY_DB" in message and "percent-encoded" in message
+    assert password not in message and "db.example" not in message
+    proc = _check_config(dict(VALID, GATEWAY_DB=url))
+    assert proc.returncode == 2 and password not in proc.stdout + proc.stderr
+
+
+def test_a_percent_encoded_password_is_accepted_and_masked_in_both_spellings():
+    url = "postgresql://gateway:te%2Fway%3Apw%40x@db.example:5432/mpesa"
+    cfg = load_config(dict(VALID, GATEWAY_DB=url))
+    assert cfg.db_path == url  # libpq decodes it
+    assert cfg.masked()["db_path"] == "postgresql://gateway:********@db.example:5432/mpesa"
+    assert {"te%2Fway%3Apw%40x", "te/way:pw@x"} <= set(cfg.secret_values())
+
+
+@pytest.mark.parametrize("typo, meant", [
+    ("MPESA_READ_TIMOUT", "MPESA_READ_TIMEOUT"),
+    ("GATEWAY_SECERT", "GATEWAY_SECRET"),
+    ("GATEWAY_API_KEY", "GATEWAY_API_KEYS"),
+])
+def test_a_misspelt_setting_is_refused_with_the_one_it_probably_meant(typo, meant):
+    assert f"{typo} is not a known setting (did you mean {meant}?)" in _error(
+        dict(VALID, **{typo: "30"}))
+
+
+def test_a_near_miss_outside_our_prefixes_is_a_hint_not_an_error():
+    proc = _check_config(dict(VALID, GATWAY_THREADS="8", GATEWAY_LOG="x"))
+    assert "GATWAY_THREADS is not a setting (did you mean GATEWAY_THREADS?)" in proc.stderr
+    assert "GATEWAY_LOG is not a known setting" in proc.stderr  # ours, and no near miss
+    assert "did you mean" not in proc.stderr.split("GATEWAY_LOG", 1)[1].splitlines()[0]
+    ok = _check_config(dict(VALID, GATWAY_THREADS="8"))
+    assert ok.returncode == 0 and "note: GATWAY_THREADS" in ok.stderr
 
 
 @pytest.mark.parametrize("parse, raw, expected", [

@@ -29,7 +29,7 @@ from mpesa_ledger.contract import Dialect, Ledger, LedgerOpenError
 try:
     import psycopg
     from psycopg.rows import dict_row
-    from psycopg_pool import ConnectionPool
+    from psycopg_pool import ConnectionPool, PoolTimeout
 except ImportError:  # an optional install: only needed when GATEWAY_DB is a postgresql URL
     psycopg = None
 
@@ -203,14 +203,47 @@ class PostgresLedger(Ledger):
             self._pool.open(wait=True, timeout=wait_s + CONNECT_TIMEOUT_S)
             if migrate:
                 self.migrate()
+        except LedgerOpenError:
+            self._pool.close()
+            raise
         except Exception as exc:
             self._pool.close()
-            raise LedgerOpenError(
-                f"the PostgreSQL ledger {self.path} cannot be opened: {exc}") from None
+            raise LedgerOpenError(f"the PostgreSQL ledger {self.path} cannot be opened:"
+                                  f" {self._why(url, exc)}") from None
+
+    @staticmethod
+    def _why(url, exc):
+        """What the server said, in one line: the pool only says it gave up waiting, so
+        one direct connection asks (refused, no such role, no CONNECT grant, bad password)."""
+        if isinstance(exc, PoolTimeout):
+            try:
+                psycopg.connect(url, connect_timeout=CONNECT_TIMEOUT_S).close()
+            except psycopg.Error as direct:
+                exc = direct
+        return " ".join(str(exc).split())
 
     def migrate(self):
         """Apply the steps not applied yet; returns the schema version. Two processes
-        starting at once take turns (an advisory lock), so each step runs once."""
+        starting at once take turns (an advisory lock), so each step runs once. A ledger
+        already up to date is only read: a role granted just the rows (deploy/postgresql/
+        grants.sql) starts. Missing privileges are one LedgerOpenError naming the grants."""
+        try:
+            if self._applied() >= {version for version, _ in MIGRATIONS}:
+                return MIGRATIONS[-1][0]
+            return self._apply_migrations()
+        except psycopg.errors.InsufficientPrivilege as exc:
+            raise LedgerOpenError(
+                f"the PostgreSQL ledger {self.path}: {exc.diag.message_primary};"
+                " this role lacks a grant (run deploy/postgresql/grants.sql as the tables'"
+                " owner; docs/several-hosts.md, Roles and grants)") from None
+
+    def _applied(self):
+        """The schema versions applied so far (none in an empty database)."""
+        if self._read("SELECT to_regclass('schema_migrations') AS t")[0]["t"] is None:
+            return set()
+        return {r["version"] for r in self._read("SELECT version FROM schema_migrations")}
+
+    def _apply_migrations(self):
         with self._write() as tx:
             tx.execute("SELECT pg_advisory_xact_lock(hashtextextended(?, 0))", (MIGRATE_LOCK,))
             tx.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY"

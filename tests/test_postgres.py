@@ -5,6 +5,7 @@ cluster on 127.0.0.1 (tests/postgres_server.py)."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -133,6 +134,61 @@ def test_migrate_creates_the_schema_once_and_never_shows_the_password(pg_url):
         assert "pw-do-not-print" not in proc.stdout + proc.stderr
     proc = _cli(env, "--check-config")
     assert "pw-do-not-print" not in proc.stdout and "gateway:********@" in proc.stdout
+
+
+def test_migrate_needs_only_the_database_not_the_daraja_credentials(pg_url):
+    proc = _cli({"GATEWAY_DB": pg_url}, "migrate")
+    assert proc.returncode == 0, proc.stderr
+    assert f"schema_version={postgres.MIGRATIONS[-1][0]}" in proc.stdout
+
+
+def _run_sql(url, script):
+    """Each statement of `script` (comments dropped), as the role `url` names."""
+    import psycopg
+
+    lines = [line.split("--", 1)[0] for line in script.splitlines()]
+    with psycopg.connect(url, autocommit=True) as conn:
+        for statement in filter(str.strip, "\n".join(lines).split(";")):
+            conn.execute(statement)
+
+
+def test_a_serving_role_with_the_documented_grants_runs_and_without_them_is_one_line(
+        pg_cluster, sim):
+    """deploy/postgresql/grants.sql: an owner role makes the tables, the serving role
+    may only touch rows; before the grants, `migrate` as the serving role is one line."""
+    name = pg_cluster.new_database().rsplit("/", 1)[1]
+    _run_sql(pg_cluster.url(), "CREATE ROLE gateway_owner LOGIN; CREATE ROLE gw_serving LOGIN;"
+             f"ALTER DATABASE {name} OWNER TO gateway_owner")
+    owner = pg_cluster.url(name).replace("gateway@", "gateway_owner@")
+    serving = pg_cluster.url(name).replace("gateway@", "gw_serving@")
+    _run_sql(owner, "ALTER SCHEMA public OWNER TO gateway_owner")
+    assert _cli({"GATEWAY_DB": owner}, "migrate").returncode == 0
+
+    refused = _cli({"GATEWAY_DB": serving}, "migrate")
+    assert refused.returncode == 2
+    assert "Traceback" not in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+    assert "permission denied" in refused.stderr and "grants.sql" in refused.stderr
+    stranger = _cli({"GATEWAY_DB": serving.replace("gw_serving@", "nobody@"),
+                     "GATEWAY_DB_WAIT_S": "1"}, "migrate")  # the server's reason, one line
+    assert stranger.returncode == 2 and len(stranger.stderr.strip().splitlines()) == 1
+    assert 'role "nobody" does not exist' in stranger.stderr
+
+    with open(os.path.join(ROOT_DIR, "deploy", "postgresql", "grants.sql")) as f:
+        script = f.read()  # its role and database names, as this cluster has them
+    script = re.sub(r"\bgateway\b", "gw_serving", script).replace(" mpesa ", f" {name} ")
+    _run_sql(owner, script)
+    again = _cli({"GATEWAY_DB": serving}, "migrate")
+    assert again.returncode == 0, again.stderr
+    app = mpesa_wsgi.create_app(config.load_config(dict(
+        base_env(sim.url, serving), GATEWAY_RECONCILE="off", GATEWAY_WEBHOOK_SENDER="off")))
+    try:
+        tx = TestApp(app).post_json("/stkpush", {"phone": "0712000031", "amount": 10},
+                                    headers=dict(AUTH, **{"Idempotency-Key": "k1"}),
+                                    status=202).json
+        assert app.services.ledger.get(tx["id"])["status"] == "pending"
+        assert app.services.ledger.writable()
+    finally:
+        app.services.close()
 
 
 def test_asking_for_postgresql_without_the_driver_is_one_message(tmp_path):

@@ -197,8 +197,9 @@ def configure(level="INFO", fmt="text", secret_values=(), stream=None):
     # the gateway says it once (monitoring.LedgerWatch) and counts the failures.
     if level != "DEBUG":
         logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
-    # Per-record work nobody reads here (logging HOWTO, "Optimization"): caller frame,
-    # thread and process names.
-    logging._srcfile = None
-    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    # The logging module's process-wide switches (logging._srcfile, logThreads,
+    # logProcesses, logMultiprocessing) stay as they are: other code in this process
+    # formats with them (gunicorn's own lines carry %(process)d, which would fail on the
+    # None they leave). Turning them off saved about 1.6 µs per record; the hot line, the
+    # access line, makes no LogRecord at all (`access` above).
     return handler

@@ -92,7 +92,7 @@ def pin_cpu(setting):
 
 
 def waitress_settings(config):
-    """The waitress knobs that bound what one client can take (README "Deploying")."""
+    """The waitress knobs that bound what one client can take (docs/deploying.md)."""
     return dict(
         threads=config.threads,
         # A body over the limit is refused from its Content-Length, before waitress spools
@@ -257,8 +257,8 @@ def demo_banner(config, port, shown_key, receiver):
         events,
         f"API key: {shown_key}",
         "",
-        "Start a payment (any Safaricom-style number succeeds; see README for scenario"
-        " phones):",
+        "Start a payment (any Safaricom-style number succeeds; see docs/simulator.md for"
+        " the scenario phones):",
         f"  curl -s -X POST {base}/stkpush -H 'Authorization: Bearer {shown_key}'"
         " -H 'Content-Type: application/json'"
         " -d '{\"phone\":\"0712345678\",\"amount\":10,\"reference\":\"INV001\"}'",

@@ -151,5 +151,5 @@ def test_check_config_shows_names_never_keys(tmp_path):
     proc = subprocess.run([sys.executable, "mpesa_wsgi.py", "--check-config"], cwd=ROOT_DIR,
                           env=env, capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr
-    assert "api_keys = shop:********,default:********" in proc.stdout
+    assert "GATEWAY_API_KEYS = shop:********,default:********" in proc.stdout
     assert SHOP not in proc.stdout and LEGACY not in proc.stdout and ADMIN not in proc.stdout

@@ -36,7 +36,7 @@ def paid(amount, receipt="UKQ1234567"):
             {"Name": "Balance"}]
 
 
-# --- 3c: result codes, README's status table ----------------------------------------------
+# --- 3c: result codes, the status table of docs/api.md ------------------------------------
 
 
 @pytest.mark.parametrize("phone, reason, result_code", [

@@ -14,6 +14,7 @@ import urllib.request
 
 import pytest
 
+import config
 from helpers import API_KEY, ROOT_DIR, base_env, free_port, wait_for
 
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -119,15 +120,27 @@ def test_demo_takes_a_payment_to_succeeded_and_stops_on_sigterm(tmp_path, comman
     assert "source_not_allowed" not in err and " WARNING " not in err, err
 
 
+def windows_waitress_command():
+    """docs/deploying.md's Windows `waitress-serve` command line, as its words."""
+    with open(os.path.join(ROOT_DIR, "docs", "deploying.md"), encoding="utf-8") as f:
+        blocks = re.findall(r"```bat\n(.*?)```", f.read(), re.S)
+    command = next(b for b in blocks if "waitress-serve" in b)
+    return command.replace("^\n", " ").split()
+
+
 def test_waitress_serve_call_factory_serves(tmp_path, sim):
+    """The Windows page's command line, flags and all (only the port is the test's), with
+    the gateway's own numbers: within Windows' connection limit and equal to its threads."""
+    words = windows_waitress_command()
+    flags = dict(w[2:].split("=", 1) for w in words if w.startswith("--") and "=" in w)
+    assert int(flags["connection-limit"]) <= config.WINDOWS_MAX_CONNECTIONS
     port = free_port()
-    env = clean_env(**base_env(sim.url, tmp_path / "ws.db"))
+    env = clean_env(**dict(base_env(sim.url, tmp_path / "ws.db"),
+                           GATEWAY_THREADS=flags["threads"]))
     waitress_serve = os.path.join(os.path.dirname(sys.executable), "waitress-serve")
-    # The README's Windows command line, flags and all.
-    proc = subprocess.Popen([waitress_serve, f"--listen=127.0.0.1:{port}", "--threads=8",
-                             "--max-request-body-size=16384", "--connection-limit=1000",
-                             "--channel-timeout=30", "--cleanup-interval=30", "--call",
-                             "mpesa_wsgi:create_app"], cwd=ROOT_DIR, env=env,
+    argv = [waitress_serve] + [f"--listen=127.0.0.1:{port}" if w.startswith("--listen=") else w
+                               for w in words[1:]]
+    proc = subprocess.Popen(argv, cwd=ROOT_DIR, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         base = f"http://127.0.0.1:{port}"

@@ -29,8 +29,8 @@ $(TEST_VENV)/.installed: requirements.txt requirements-test.txt requirements-pos
 	$(TEST_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-test.txt
 	touch $@
 
-$(BENCH_VENV)/.installed: requirements.txt requirements-test.txt requirements-postgres.txt requirements-examples.txt \
-		requirements-bench.txt
+$(BENCH_VENV)/.installed: requirements.txt requirements-test.txt requirements-postgres.txt \
+		requirements-examples.txt requirements-bench.txt
 	$(PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-bench.txt
 	touch $@

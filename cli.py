@@ -247,6 +247,7 @@ def start_receiver(secret, receiver_port):
 
 
 def demo_banner(config, port, shown_key, receiver):
+    """What the demo prints once it serves: where each part listens, the key, what to try."""
     base = f"http://127.0.0.1:{port}"
     events = (f"Webhook receiver: {receiver} (the demo's merchant endpoint; it verifies and"
               " prints each signed event)" if receiver else
@@ -257,8 +258,9 @@ def demo_banner(config, port, shown_key, receiver):
         events,
         f"API key: {shown_key}",
         "",
-        "Start a payment (any Safaricom-style number succeeds; see docs/simulator.md for"
-        " the scenario phones):",
+        "Start a payment (any Safaricom-style number succeeds; the scenario phones"
+        " 254711001032, 254711009999 and 254711000408 are cancelled, lose their callback"
+        " and answer late; docs/simulator.md in the source repository lists them all):",
         f"  curl -s -X POST {base}/stkpush -H 'Authorization: Bearer {shown_key}'"
         " -H 'Content-Type: application/json'"
         " -d '{\"phone\":\"0712345678\",\"amount\":10,\"reference\":\"INV001\"}'",
@@ -281,7 +283,7 @@ def check_config(environ):
         print(exc, file=sys.stderr)
         return 2
     for name, value in config.by_variable().items():
-        print(f"{name} = {'' if value is None else value}")
+        print(f"{name} = {value}")
     return 0
 
 

@@ -211,43 +211,56 @@ def endpoint_url(raw):
     return value
 
 
+_QUERY_PASSWORD = re.compile(r"(^|&)((?:ssl)?password)=([^&]*)")
+
+
 def masked_url(url):
-    """A URL with its password (if any, in the user part or as ?password=) masked, for
-    messages and --check-config."""
-    parts = urlsplit(url)
-    if parts.password:
-        parts = parts._replace(netloc=parts.netloc.replace(f":{parts.password}@",
-                                                           f":{MASK}@", 1))
-    if "password=" in parts.query:
-        parts = parts._replace(query=re.sub(r"(^|&)password=[^&]*", rf"\1password={MASK}",
-                                            parts.query))
-    return parts.geturl()
+    """A URL with its passwords (in the user part, or as ?password= / ?sslpassword=) masked,
+    for messages and --check-config."""
+    password = urlsplit(url).password
+    if password:
+        url = url.replace(f":{password}@", f":{MASK}@", 1)  # the first: the user part's
+    head, mark, query = url.partition("?")  # the string itself: urlunsplit drops a "//"
+    return head + mark + _QUERY_PASSWORD.sub(rf"\1\2={MASK}", query)
 
 
-# RFC 3986 userinfo: what a user name or password may hold unencoded in a URL.
+def url_passwords(url):
+    """Every password a ledger URL holds, as written and as libpq decodes it: for the log
+    filter, and to scrub a driver's message that quotes part of the URL."""
+    found = [urlsplit(url).password] + [m[2] for m in _QUERY_PASSWORD.findall(
+        urlsplit(url).query)]
+    return [v for p in found if p for v in {p, unquote(p)}]
+
+
+# RFC 3986: what a user name, password, database name or query value may hold unencoded.
 _USERINFO = re.compile(r"(?:[A-Za-z0-9._~!$&'()*+,;=-]|%[0-9A-Fa-f]{2})*")
-_DB_SHAPE = "must be postgresql://user:password@host:port/database"
+_DATABASE = re.compile(r"(?:[A-Za-z0-9._~!$&'()*+,;=:-]|%[0-9A-Fa-f]{2})+")
+_QUERY_ITEM = re.compile(r"[A-Za-z_]+=(?:[A-Za-z0-9._~!$'()*+,;:@/?-]|%[0-9A-Fa-f]{2})*")
+_HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._%-]*)(?::[0-9]{1,5})?")
 
 
 def postgres_url(raw):
-    """A `postgresql://` URL that reads one way only: a password holding an unencoded `@`,
-    `/`, `:`, `?`, `#` or space splits differently for urllib and libpq, and would be
-    half shown where it is masked. The message never holds the value."""
-    parts = urlsplit(raw)
-    userinfo, at, _ = parts.netloc.rpartition("@")
+    """A `postgresql://` URL that reads one way only. A password holding an unencoded `@`,
+    `/`, `:`, `?`, `#`, `[` or space splits differently for urllib and libpq, and would be
+    half shown where it is masked; a query value with a bad `%` escape is quoted whole in
+    the driver's error. The message never holds the value."""
+    rest = raw.split("://", 1)[1]
+    rest, _, query = rest.partition("?")
+    authority, _, database = rest.partition("/")
+    userinfo, at, hosts = authority.rpartition("@")
     user, _, password = userinfo.partition(":")
-    if parts.fragment or "@" in parts.path + parts.query or any(c.isspace() for c in raw) \
-            or not all(_USERINFO.fullmatch(p) for p in (user, password)) \
-            or (at and not user):
-        raise ValueError(f"{_DB_SHAPE}, with any @ / : ? # or space in the user name or"
-                         " password percent-encoded (@ as %40, / as %2F, : as %3A)")
-    try:
-        parts.port  # noqa: B018 - raises for a port that is not a number
-    except ValueError:
-        raise ValueError(f"{_DB_SHAPE} (the port is not a number)") from None
-    if not (parts.hostname or "host=" in parts.query) or parts.path in ("", "/") \
-            or "/" in parts.path[1:]:
-        raise ValueError(_DB_SHAPE)
+    if "#" in raw or any(c.isspace() for c in raw) \
+            or (at and not (user and _USERINFO.fullmatch(user)
+                            and _USERINFO.fullmatch(password))) \
+            or not _DATABASE.fullmatch(database) \
+            or not all(_HOST.fullmatch(h) for h in hosts.split(",")) \
+            or not all(_QUERY_ITEM.fullmatch(item) for item in query.split("&") if query) \
+            or not (hosts.strip(",") or re.search(r"(^|&)host=", query)):
+        raise ValueError(
+            "must be postgresql://user:password@host:port/database (host:port,… for several"
+            " hosts; ?host=/run/postgresql for a socket), with any @ / : ? # [ ] % or space"
+            " in the user name, the password or a query value percent-encoded (@ as %40,"
+            " / as %2F, : as %3A)")
     return raw
 
 
@@ -471,6 +484,13 @@ SECRET_FIELDS = frozenset(f for _, f, _, _, secret in SETTINGS if secret) | {"oa
 DERIVED = (("oauth_header", '"Basic base64(key:secret)" for Daraja\'s OAuth call'),)
 
 
+def _as_written(value):
+    """A setting's value in the form its variable takes: on/off, empty for none."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return "" if value is None or value == () else str(value)
+
+
 class _ConfigViews:
     """What a Config shows of itself: masked, its secrets for the log filter, its repr."""
 
@@ -497,16 +517,14 @@ class _ConfigViews:
             value = getattr(self, name)
             for item in value if isinstance(value, tuple) else [value]:
                 values.append(item[1] if isinstance(item, tuple) else item)  # (name, key)
-        url = urlsplit(self.db_path)
-        for password in [url.password] + re.findall(r"(?:^|&)password=([^&]*)", url.query):
-            values += [password, unquote(password or "")]  # as written, and as libpq reads it
+        values += url_passwords(self.db_path)  # a PostgreSQL password
         return tuple(v for v in values if v)
 
     def by_variable(self):
         """The settings by the environment variables that set them, secrets masked (what
         --check-config prints)."""
         view = self.masked()
-        return {name: view[field] for name, field, *_ in SETTINGS}
+        return {name: _as_written(view[field]) for name, field, *_ in SETTINGS}
 
     def __repr__(self):
         inner = ", ".join(f"{k}={v!r}" for k, v in self.masked().items())

@@ -12,6 +12,7 @@ their services here.
 """
 
 import atexit
+import json
 import logging
 import os
 
@@ -55,7 +56,9 @@ class Services:
                                                   clock=self.clock.monotonic)
         self.signer = CallbackSigner(config.secret, config.callback_base_url)
         with open(OPENAPI_PATH, "rb") as f:
-            self.openapi = f.read()
+            spec = json.load(f)
+        spec["info"]["version"] = settings.VERSION  # the one version source
+        self.openapi = json.dumps(spec, ensure_ascii=False).encode()
         self.reconciler = None  # the background workers, once started
         self.sender = None
         self.replayer = None

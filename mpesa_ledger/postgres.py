@@ -185,7 +185,8 @@ class PostgresLedger(Ledger):
         if psycopg is None:
             raise LedgerOpenError(
                 "GATEWAY_DB is a PostgreSQL URL but psycopg is not installed:"
-                " pip install -r requirements-postgres.txt")
+                " pip install 'mpesa-wsgi[postgres]' (from a clone: pip install -r"
+                " requirements-postgres.txt)")
         super().__init__(clock=clock, events=events)
         self.path = config.masked_url(url)
         self._commits, self._count_lock = 0, threading.Lock()
@@ -220,7 +221,10 @@ class PostgresLedger(Ledger):
                 psycopg.connect(url, connect_timeout=CONNECT_TIMEOUT_S).close()
             except psycopg.Error as direct:
                 exc = direct
-        return " ".join(str(exc).split())
+        message = " ".join(str(exc).split())
+        for password in config.url_passwords(url):  # libpq may quote a piece of the URL
+            message = message.replace(password, config.MASK)
+        return message
 
     def migrate(self):
         """Apply the steps not applied yet; returns the schema version. Two processes
@@ -228,14 +232,22 @@ class PostgresLedger(Ledger):
         already up to date is only read: a role granted just the rows (deploy/postgresql/
         grants.sql) starts. Missing privileges are one LedgerOpenError naming the grants."""
         try:
-            if self._applied() >= {version for version, _ in MIGRATIONS}:
-                return MIGRATIONS[-1][0]
+            applied = self._applied()
+        except psycopg.errors.InsufficientPrivilege as exc:
+            raise LedgerOpenError(
+                f"the PostgreSQL ledger {self.path}: {exc.diag.message_primary}; this role"
+                " lacks the grants on the ledger's tables (run grants.sql, in the source"
+                " repository's deploy/postgresql/, as their owner)") from None
+        if applied >= {version for version, _ in MIGRATIONS}:
+            return MIGRATIONS[-1][0]
+        try:
             return self._apply_migrations()
         except psycopg.errors.InsufficientPrivilege as exc:
             raise LedgerOpenError(
-                f"the PostgreSQL ledger {self.path}: {exc.diag.message_primary};"
-                " this role lacks a grant (run deploy/postgresql/grants.sql as the tables'"
-                " owner; docs/several-hosts.md, Roles and grants)") from None
+                f"the PostgreSQL ledger {self.path}: {exc.diag.message_primary}; the schema"
+                " needs an upgrade this role may not make (run `migrate` as the tables'"
+                " owner, then grants.sql from the source repository's deploy/postgresql/)"
+            ) from None
 
     def _applied(self):
         """The schema versions applied so far (none in an empty database)."""
@@ -244,6 +256,7 @@ class PostgresLedger(Ledger):
         return {r["version"] for r in self._read("SELECT version FROM schema_migrations")}
 
     def _apply_migrations(self):
+        """Apply the steps not applied yet, under the migration lock; the schema version."""
         with self._write() as tx:
             tx.execute("SELECT pg_advisory_xact_lock(hashtextextended(?, 0))", (MIGRATE_LOCK,))
             tx.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY"

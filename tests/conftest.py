@@ -247,6 +247,8 @@ def installed(tmp_path_factory):
     wheels = list((root / "dist").glob("mpesa_wsgi-*.whl"))
     assert len(wheels) == 1, wheels
     proc = subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet",
-                           "--disable-pip-version-check", str(wheels[0])], **run)
+                           "--disable-pip-version-check", str(wheels[0]),
+                           "-c", os.path.join(ROOT_DIR, "requirements.txt")],  # the pins
+                          **run)
     assert proc.returncode == 0, proc.stderr
     return {"command": str(venv / "bin" / "mpesa-wsgi"), "venv": venv, "wheel": wheels[0]}

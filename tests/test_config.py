@@ -170,14 +170,49 @@ def test_a_postgresql_password_is_masked_wherever_the_url_holds_it(url):
     assert "s3cret-pw" in cfg.secret_values()  # so the log filter redacts it too
 
 
-@pytest.mark.parametrize("password", ["te/way:pw", "p@ss", "pa:ss", "pa#ss", "pa?ss", "pa ss"])
-def test_a_postgresql_url_that_reads_two_ways_is_refused_without_echoing_it(password):
-    url = f"postgresql://gateway:{password}@db.example:5432/mpesa"
+@pytest.mark.parametrize("url", [
+    "postgresql://gateway:te/way:pw-x1@db.example:5432/mpesa",  # an unencoded / and :
+    "postgresql://gateway:p@ss-x1@db.example:5432/mpesa",
+    "postgresql://gateway:pa:ss-x1@db.example:5432/mpesa",
+    "postgresql://gateway:pa#ss-x1@db.example:5432/mpesa",
+    "postgresql://gateway:pa?ss-x1@db.example:5432/mpesa",
+    "postgresql://gateway:pa ss-x1@db.example:5432/mpesa",
+    "postgresql://gateway:p[a]ss-x1@db.example:5432/mpesa",  # urllib's "Invalid IPv6 URL"
+    "postgresql://gateway:p%zzss-x1@db.example:5432/mpesa",  # a bad escape, quoted by libpq
+    "postgresql://gateway@db.example/mpesa?password=abc&ss-x1",  # an unencoded & in a value
+    "postgresql://gateway@db.example/mpesa?password=p%ZZss-x1",
+    "postgresql://gateway:pw@db.example:port/mpesa",
+])
+def test_a_postgresql_url_that_reads_two_ways_is_refused_without_echoing_it(url):
     message = _error(dict(VALID, GATEWAY_DB=url))
-    assert "GATEWAY_DB" in message and "percent-encoded" in message
-    assert password not in message and "db.example" not in message
+    assert message.count("GATEWAY_DB") == 1 and "percent-encoded" in message
+    assert "ss-x1" not in message and "db.example" not in message
     proc = _check_config(dict(VALID, GATEWAY_DB=url))
-    assert proc.returncode == 2 and password not in proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "ss-x1" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("postgresql://gw:pw@h1:5432,h2:5432/mpesa", "postgresql://gw:********@h1:5432,h2:5432/mpesa"),
+    ("postgresql:///mpesa?host=/run/postgresql&password=pw",
+     "postgresql:///mpesa?host=/run/postgresql&password=********"),
+    ("postgresql://gw@[::1]:5432/mpesa?sslmode=require&sslpassword=pw",
+     "postgresql://gw@[::1]:5432/mpesa?sslmode=require&sslpassword=********"),
+])
+def test_the_forms_libpq_takes_are_accepted_and_shown_masked(url, shown):
+    cfg = load_config(dict(VALID, GATEWAY_DB=url))
+    assert cfg.by_variable()["GATEWAY_DB"] == shown and "pw" in cfg.secret_values()
+
+
+def test_check_config_prints_values_a_user_can_set_again():
+    """Each line is VARIABLE = value in the variable's own form (on/off, empty for none):
+    fed back, every one that is not masked loads to the same setting."""
+    proc = _check_config(dict(VALID, GATEWAY_TRUSTED_PROXY="127.0.0.1", GATEWAY_RECONCILE="off"))
+    assert proc.returncode == 0, proc.stderr
+    printed = dict(line.split(" = ", 1) for line in proc.stdout.splitlines())
+    assert printed["GATEWAY_RECONCILE"] == "off" and printed["GATEWAY_WEBHOOK_SENDER"] == "on"
+    assert printed["GATEWAY_ADMIN_KEYS"] == "" and printed["GATEWAY_CPU_AFFINITY"] == ""
+    again = dict(SECRETS, **{k: v for k, v in printed.items() if config.MASK not in v})
+    assert load_config(again).by_variable() == printed
 
 
 def test_a_percent_encoded_password_is_accepted_and_masked_in_both_spellings():

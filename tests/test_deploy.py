@@ -26,9 +26,20 @@ from mpesa_devtools.receiver import request_headers
 
 # --- gunicorn ------------------------------------------------------------------------------
 
-# README "Deploying", word for word: the test changes only the port.
-GUNICORN_COMMAND = ("gunicorn --workers 1 --threads 8 --bind 127.0.0.1:8000 --graceful-timeout 30"
-                    " 'mpesa_wsgi:create_app()'")
+def documented_gunicorn():
+    """docs/deploying.md's gunicorn section: its command line (the test changes only the
+    port) and the environment it exports."""
+    with open(os.path.join(ROOT_DIR, "docs", "deploying.md"), encoding="utf-8") as f:
+        section = f.read().split("\n## gunicorn\n", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```sh\n(.*?)```", section, re.S).group(1)
+    lines = [line.split("#", 1)[0].strip() for line in block.splitlines()]
+    command = next(line for line in lines if line.startswith("gunicorn "))
+    exported = dict(word.split("=", 1) for line in lines if line.startswith("export ")
+                    for word in line.split()[1:])
+    return command, exported
+
+
+GUNICORN_COMMAND, GUNICORN_ENV = documented_gunicorn()
 GRACEFUL_TIMEOUT_S = 30
 GUNICORN = (shutil.which("gunicorn", path=os.path.dirname(sys.executable))
             or shutil.which("gunicorn"))
@@ -84,6 +95,7 @@ def test_gunicorn_runs_the_documented_command_and_stops_cleanly_on_sigterm(sim, 
                GATEWAY_WEBHOOK_SECRETS=f"default:{WEBHOOK_SECRET}",
                GATEWAY_WEBHOOK_ALLOW_PRIVATE="on",
                XDG_RUNTIME_DIR=str(tmp_path))  # gunicorn's control socket: this test's own
+    env.update(GUNICORN_ENV)  # what the docs export beside the command (GATEWAY_THREADS)
     argv = shlex.split(GUNICORN_COMMAND.replace("127.0.0.1:8000", f"127.0.0.1:{port}"))
     argv[0] = GUNICORN
     out_path, err_path = tmp_path / "gunicorn.out", tmp_path / "gunicorn.err"

@@ -226,3 +226,46 @@ def test_slugs_follow_github():
         "sizing-threads-and-push-slots"
     assert [s for _, _, s in headings("# A\n## Notes\n```\n## Not a heading\n```\n## Notes\n")] \
         == ["a", "notes", "notes-1"]
+
+
+def health_example(rel):
+    """The `/health` answer a page shows: the `# {…}` comment lines after its curl line."""
+    lines = read(rel).splitlines()
+    start = next(n for n, line in enumerate(lines) if line.startswith("curl -s")
+                 and line.rstrip().endswith("/health"))
+    body = []
+    for line in lines[start + 1:]:
+        if not line.startswith("#"):
+            break
+        body.append(line[1:].strip())
+    import json
+
+    return json.loads("".join(body))
+
+
+@pytest.fixture
+def demo_health(sim, tmp_path):
+    """What `/health` answers in the demo (reconciler and webhooks on), as the pages show."""
+    import config
+    import mpesa_wsgi
+    from helpers import free_port
+    from mpesa_devtools import demo
+    from webtest import TestApp
+
+    port = free_port()
+    env = demo.demo_environment({"GATEWAY_DB": str(tmp_path / "demo.db")}, port,
+                                int(sim.url.rsplit(":", 1)[1]), "demo_" + "k" * 24, "s" * 32)
+    app = mpesa_wsgi.create_app(config.load_config(env))
+    try:
+        yield TestApp(app).get("/health", status=200).json
+    finally:
+        app.services.close()
+
+
+@pytest.mark.parametrize("rel", ["README.md", os.path.join("docs", "operations.md")])
+def test_the_health_example_shows_what_the_gateway_answers(rel, demo_health):
+    """The example's keys, and its checks' keys, are the ones the demo's gateway returns."""
+    shown, real = health_example(rel), demo_health
+    assert set(shown) == set(real)
+    assert set(shown["checks"]) == set(real["checks"]), rel
+    assert shown["version"] == real["version"]

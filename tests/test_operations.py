@@ -287,6 +287,8 @@ def test_openapi_document_is_served_and_lists_every_route(gateway):
     assert doc["openapi"].startswith("3.1")
     served = set(mpesa_wsgi.ROUTES) | {template for _, template, *_ in mpesa_wsgi.PREFIX_ROUTES}
     assert set(doc["paths"]) == served
+    assert doc["info"]["version"] == config.VERSION  # one version source, as /health's
+    assert gateway.testapp.get("/health").json["version"] == config.VERSION
 
 
 FAST_AND_SLOW = """

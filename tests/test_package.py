@@ -52,3 +52,21 @@ def test_the_wheel_holds_the_gateway_and_not_the_checkout(installed):
             "config.py", "token_cache.py", "validation.py"}
     assert shipped == ours
     assert os.path.exists(os.path.join(ROOT_DIR, "LICENSE"))
+
+
+def pinned(name):
+    """The packages a requirements file installs, following its `-r` includes."""
+    names = set()
+    with open(os.path.join(ROOT_DIR, name)) as f:
+        for line in (line.split("#", 1)[0].strip() for line in f):
+            if line.startswith("-r "):
+                names |= pinned(line[3:].strip())
+            elif line:
+                names.add(line.split("==", 1)[0].lower())
+    return names
+
+
+def test_requirements_postgres_installs_on_its_own():
+    """`pip install -r requirements-postgres.txt` alone gives a gateway on PostgreSQL: the
+    runtime pins come with it."""
+    assert {"waitress", "urllib3", "psycopg", "psycopg-pool"} <= pinned("requirements-postgres.txt")

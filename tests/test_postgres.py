@@ -156,12 +156,11 @@ def test_a_serving_role_with_the_documented_grants_runs_and_without_them_is_one_
         pg_cluster, sim):
     """deploy/postgresql/grants.sql: an owner role makes the tables, the serving role
     may only touch rows; before the grants, `migrate` as the serving role is one line."""
-    name = pg_cluster.new_database().rsplit("/", 1)[1]
-    _run_sql(pg_cluster.url(), "CREATE ROLE gateway_owner LOGIN; CREATE ROLE gw_serving LOGIN;"
-             f"ALTER DATABASE {name} OWNER TO gateway_owner")
+    name = "grants_test"  # the steps of grants.sql's comments, as a superuser
+    _run_sql(pg_cluster.url(), "CREATE ROLE gateway_owner LOGIN; CREATE ROLE gw_serving LOGIN")
+    _run_sql(pg_cluster.url(), f"CREATE DATABASE {name} OWNER gateway_owner")
     owner = pg_cluster.url(name).replace("gateway@", "gateway_owner@")
     serving = pg_cluster.url(name).replace("gateway@", "gw_serving@")
-    _run_sql(owner, "ALTER SCHEMA public OWNER TO gateway_owner")
     assert _cli({"GATEWAY_DB": owner}, "migrate").returncode == 0
 
     refused = _cli({"GATEWAY_DB": serving}, "migrate")

@@ -211,7 +211,7 @@ def endpoint_url(raw):
     return value
 
 
-_QUERY_PASSWORD = re.compile(r"(^|&)((?:ssl)?password)=([^&]*)")
+_QUERY_PASSWORD = re.compile(r"(^|&)((?:ssl)?password)=([^&]*)", re.I)
 
 
 def masked_url(url):
@@ -273,6 +273,10 @@ def ledger_target(raw):
         return postgres_url(raw)
     elif "://" in raw:
         raise ValueError("must be a file path, sqlite:///path or postgresql://…")
+    elif "@" in raw or "=" in raw:  # user:pw@host/db, or libpq's "host=… password=…"
+        raise ValueError("looks like a PostgreSQL connection string, not a SQLite file path:"
+                         " write it as postgresql://user:password@host:port/database (a"
+                         " SQLite path holds no @ or =)")
     if not raw:
         raise ValueError("must name a file")
     return raw
@@ -540,15 +544,25 @@ Config.__module__ = __name__
 Config.__doc__ = "The gateway's settings: one field per row of SETTINGS, plus DERIVED."
 
 
-def _did_you_mean(name):
-    """' (did you mean MPESA_READ_TIMEOUT?)' for a near miss of a setting's name, or ''."""
-    near = difflib.get_close_matches(name, [n for n, *_ in SETTINGS], n=1, cutoff=0.8)
+# Names people carry over from other tools, and what this gateway calls them.
+ALIASES = {"DATABASE_URL": "GATEWAY_DB", "MPESA_ENV": "MPESA_ENVIRONMENT",
+           "GATEWAY_DATABASE": "GATEWAY_DB", "MPESA_CALLBACK_URL": "MPESA_CALLBACK_BASE_URL"}
+
+
+def _did_you_mean(name, cutoff=0.8):
+    """' (did you mean MPESA_READ_TIMEOUT?)' for a near miss of a setting's name (any
+    case, or a known alias), or ''."""
+    if name.upper() in ALIASES:
+        return f" (did you mean {ALIASES[name.upper()]}?)"
+    near = difflib.get_close_matches(name.upper(), [n for n, *_ in SETTINGS], n=1,
+                                     cutoff=cutoff)
     return f" (did you mean {near[0]}?)" if near else ""
 
 
 def near_misses(environ):
-    """Variables outside our prefixes that look like a misspelt setting (GATWAY_SECRET):
-    hints, not errors, since the environment is shared with everything else."""
+    """Variables outside our prefixes that look like a misspelt setting (GATWAY_SECRET,
+    gateway_port, DATABASE_URL): hints, not errors, since the environment is shared with
+    everything else."""
     known = {name for name, *_ in SETTINGS}
     return [f"{name} is not a setting{hint}" for name in sorted(environ)
             if name not in known and not name.startswith(OWN_PREFIXES)

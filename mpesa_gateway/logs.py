@@ -23,6 +23,10 @@ _GENERATED_ID = re.compile(r"[0-9a-f]{16}|-")  # ours (request_id_from), or none
 # 2547XXXXXXXX / 07XXXXXXXX / +254… not inside a longer number.
 # Not inside a longer token: a transaction id's random hex can hold such a run of digits.
 _MSISDN = re.compile(r"(?<![0-9A-Za-z])(\+?254|0)([17])[0-9]{5}([0-9]{3})(?![0-9A-Za-z])")
+# A caller's request id is its own token: a phone number inside it, glued to letters or cut
+# by separators (tel254712345678, 0712-345-678), hides the whole id from the log.
+_ID_SEPARATORS = re.compile(r"[._:-]")
+_PHONE_IN_ID = re.compile(r"(?<![0-9])(?:254|0)[17][0-9]{8}(?![0-9])")
 # A callback path keeps its template shape but loses the signature.
 _CALLBACK_PATH = re.compile(r"(/callback/[^/\s]+/)[0-9A-Fa-f]{8,}")
 # A CheckoutRequestID ends with the last 9 digits of the customer's phone.
@@ -65,7 +69,8 @@ class RedactFilter(logging.Filter):
         if rid is None or _GENERATED_ID.fullmatch(rid):
             return rid
         if rid != self._last_id[0]:
-            self._last_id = (rid, self.scrub(rid))
+            hides_a_phone = _PHONE_IN_ID.search(_ID_SEPARATORS.sub("", rid))
+            self._last_id = (rid, "[REDACTED]" if hides_a_phone else self.scrub(rid))
         return self._last_id[1]
 
     def filter(self, record):

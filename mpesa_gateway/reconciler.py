@@ -178,6 +178,7 @@ class Reconciler:
             self._thread.join(max(0.0, self._stop_requested_at + self._lease_s
                                   - time.monotonic()))
             if not self._thread.is_alive():
+                self._thread = None  # a second stop (close, then the exit hook) is silent
                 log.info("reconciler stopped")
 
     def _loop(self, interval):

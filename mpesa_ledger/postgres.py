@@ -238,16 +238,36 @@ class PostgresLedger(Ledger):
                 f"the PostgreSQL ledger {self.path}: {exc.diag.message_primary}; this role"
                 " lacks the grants on the ledger's tables (run grants.sql, in the source"
                 " repository's deploy/postgresql/, as their owner)") from None
-        if applied >= {version for version, _ in MIGRATIONS}:
-            return MIGRATIONS[-1][0]
-        try:
-            return self._apply_migrations()
-        except psycopg.errors.InsufficientPrivilege as exc:
+        if not applied >= {version for version, _ in MIGRATIONS}:
+            try:
+                self._apply_migrations()
+            except (psycopg.errors.InsufficientPrivilege,
+                    psycopg.errors.InvalidSchemaName) as exc:
+                raise LedgerOpenError(
+                    f"the PostgreSQL ledger {self.path}: {exc.diag.message_primary}; the"
+                    " schema is missing or needs an upgrade, and this role may not make it"
+                    " (run `migrate` as the tables' owner, then grants.sql from the source"
+                    " repository's deploy/postgresql/)") from None
+        self._check_grants()
+        return MIGRATIONS[-1][0]
+
+    def _check_grants(self):
+        """Every ledger table's rows (and sequences) usable by this role, found at start-up
+        rather than at the first payment or callback: else one LedgerOpenError naming what
+        is missing."""
+        missing = [row["name"] for row in self._read(
+            "SELECT c.relname AS name FROM pg_class c"
+            " JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = current_schema()"
+            " AND ((c.relkind = 'r' AND c.relname <> 'schema_migrations' AND NOT ("
+            " has_table_privilege(c.oid, 'SELECT') AND has_table_privilege(c.oid, 'INSERT')"
+            " AND has_table_privilege(c.oid, 'UPDATE') AND has_table_privilege(c.oid, 'DELETE')))"
+            " OR (c.relkind = 'S' AND NOT has_sequence_privilege(c.oid, 'USAGE')))"
+            " ORDER BY c.relname")]
+        if missing:
             raise LedgerOpenError(
-                f"the PostgreSQL ledger {self.path}: {exc.diag.message_primary}; the schema"
-                " needs an upgrade this role may not make (run `migrate` as the tables'"
-                " owner, then grants.sql from the source repository's deploy/postgresql/)"
-            ) from None
+                f"the PostgreSQL ledger {self.path}: this role may not read and write the rows"
+                f" of {', '.join(missing)} (run grants.sql, in the source repository's"
+                " deploy/postgresql/, as the tables' owner)")
 
     def _applied(self):
         """The schema versions applied so far (none in an empty database)."""
@@ -256,7 +276,7 @@ class PostgresLedger(Ledger):
         return {r["version"] for r in self._read("SELECT version FROM schema_migrations")}
 
     def _apply_migrations(self):
-        """Apply the steps not applied yet, under the migration lock; the schema version."""
+        """Apply the steps not applied yet, under the migration lock."""
         with self._write() as tx:
             tx.execute("SELECT pg_advisory_xact_lock(hashtextextended(?, 0))", (MIGRATE_LOCK,))
             tx.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY"

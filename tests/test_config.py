@@ -197,6 +197,8 @@ def test_a_postgresql_url_that_reads_two_ways_is_refused_without_echoing_it(url)
      "postgresql:///mpesa?host=/run/postgresql&password=********"),
     ("postgresql://gw@[::1]:5432/mpesa?sslmode=require&sslpassword=pw",
      "postgresql://gw@[::1]:5432/mpesa?sslmode=require&sslpassword=********"),
+    ("postgresql://db.example/mpesa?user=gw&PASSWORD=pw",  # libpq refuses it; masked anyway
+     "postgresql://db.example/mpesa?user=gw&PASSWORD=********"),
 ])
 def test_the_forms_libpq_takes_are_accepted_and_shown_masked(url, shown):
     cfg = load_config(dict(VALID, GATEWAY_DB=url))
@@ -227,6 +229,8 @@ def test_a_percent_encoded_password_is_accepted_and_masked_in_both_spellings():
     ("MPESA_READ_TIMOUT", "MPESA_READ_TIMEOUT"),
     ("GATEWAY_SECERT", "GATEWAY_SECRET"),
     ("GATEWAY_API_KEY", "GATEWAY_API_KEYS"),
+    ("MPESA_ENV", "MPESA_ENVIRONMENT"),  # names carried over from other tools
+    ("GATEWAY_DATABASE", "GATEWAY_DB"),
 ])
 def test_a_misspelt_setting_is_refused_with_the_one_it_probably_meant(typo, meant):
     assert f"{typo} is not a known setting (did you mean {meant}?)" in _error(
@@ -238,9 +242,18 @@ def test_a_near_miss_outside_our_prefixes_is_a_hint_not_an_error():
     assert "GATWAY_THREADS is not a setting (did you mean GATEWAY_THREADS?)" in proc.stderr
     assert "GATEWAY_LOG is not a known setting" in proc.stderr  # ours, and no near miss
     assert "did you mean" not in proc.stderr.split("GATEWAY_LOG", 1)[1].splitlines()[0]
-    ok = _check_config(dict(VALID, GATWAY_THREADS="8"))
+    ok = _check_config(dict(VALID, GATWAY_THREADS="8", gateway_port="9000", DATABASE_URL="x"))
     assert ok.returncode == 0 and "note: GATWAY_THREADS" in ok.stderr
+    assert "gateway_port is not a setting (did you mean GATEWAY_PORT?)" in ok.stderr
+    assert "DATABASE_URL is not a setting (did you mean GATEWAY_DB?)" in ok.stderr
 
+
+@pytest.mark.parametrize("value", ["host=db.example user=gw password=pw-x1 dbname=mpesa",
+                                   "gw:pw-x1@db.example/mpesa"])
+def test_a_postgresql_connection_string_is_not_taken_for_a_sqlite_path(value):
+    message = _error(dict(VALID, GATEWAY_DB=value))
+    assert "postgresql://user:password@host:port/database" in message
+    assert "pw-x1" not in message and "db.example" not in message
 
 @pytest.mark.parametrize("parse, raw, expected", [
     # API keys: cut at the first colon; a key may look like a URL

@@ -507,6 +507,14 @@ def test_receiver_refuses_a_bad_signature_and_records_nothing(receiver):
     assert status == 405
     assert [r for r in receiver.recorded()
             if r["webhook_id"].startswith(msg_id) or r["transaction_id"] == tx_id] == []
+    # Signed, but not a payment event (a future shape, a mistake): refused, not recorded,
+    # and the receiver still serves.
+    for odd in (b"[]", b'{"type":"x"}', b"not json", b'{"type":"payment.succeeded","data":[]}',
+                b'{"type":"payment.succeeded","data":{"status":"succeeded"}}'):
+        odd_id = f"msg_{secrets.token_hex(12)}"
+        status, _ = http("POST", receiver.url, odd, signed(secret, odd_id, odd))
+        assert 400 <= status < 500, (odd, status)
+        assert [r for r in receiver.recorded() if r["webhook_id"] == odd_id] == []
     # The same id signed right (next to a stale signature, as during a secret rotation):
     # taken once; the identical request again is acknowledged and not recorded twice.
     headers = signed(secret, msg_id, body, signature=f"v1,{'A' * 44} {good}")

@@ -362,7 +362,7 @@ def test_a_request_id_holding_a_phone_number_stays_out_of_nginx_s_log(stack, tmp
     status, headers, _ = fetch("GET", port, "/health", headers={"X-Request-Id": rid})
     assert (status, headers["X-Request-Id"]) == (200, rid)  # the caller's own, echoed
     # The gateway scrubs it from its log; nginx writes its own id for the request.
-    wait_for(lambda: "request_id=order-2547******678 request method=GET route=/health"
+    wait_for(lambda: "request_id=[REDACTED] request method=GET route=/health"
              in log_path.read_text())
     access = tmp_path / "mpesa-access.log"
     wait_for(lambda: '"GET /health HTTP/1.1" 200' in access.read_text())
@@ -383,6 +383,13 @@ def test_nginx_s_own_errors_are_json_whatever_the_path_says(stack):
     assert re.fullmatch(r"[0-9a-f]{32}", headers["X-Request-Id"])
 
 
+def test_a_request_nginx_cannot_read_is_json_too(stack):
+    port, *_ = stack
+    status, headers, body = fetch("GET", port, "/health", headers={"X-Big": "x" * 20_000})
+    assert_error_shape(status, headers, body, 400, "bad_request")
+    assert re.fullmatch(r"[0-9a-f]{32}", headers["X-Request-Id"])
+
+
 def test_an_upstream_that_never_answers_is_504_and_one_that_is_gone_502(tmp_path):
     """nginx alone, in front of a socket that accepts and never answers (then closes)."""
     silent = socket.socket()
@@ -400,6 +407,14 @@ def test_an_upstream_that_never_answers_is_504_and_one_that_is_gone_502(tmp_path
         silent.close()
         status, headers, body = fetch("GET", nginx_port, "/health.html", timeout=30)
         assert_error_shape(status, headers, body, 502, "gateway_unreachable")
+        # The gateway away: a CheckoutRequestID (its phone digits) stays out of nginx's
+        # error log, as a callback's signature does.
+        checkout = "ws_CO_07122026104700466712345678"
+        status, _, _ = fetch("GET", nginx_port, f"/transactions/{checkout}", timeout=30)
+        assert status == 502
+        errors = "".join(p.read_text() for p in tmp_path.glob("*error*.log"))
+        assert "connect() failed" in errors  # the other 502 was logged
+        assert "712345678" not in errors
     finally:
         silent.close()
         proxy.terminate()

@@ -188,6 +188,11 @@ def test_a_serving_role_with_the_documented_grants_runs_and_without_them_is_one_
         assert app.services.ledger.writable()
     finally:
         app.services.close()
+    # A grant taken back later is found at the next start, named, not at the next callback.
+    _run_sql(owner, "REVOKE INSERT ON callbacks FROM gw_serving")
+    revoked = _cli({"GATEWAY_DB": serving}, "migrate")
+    assert revoked.returncode == 2 and len(revoked.stderr.strip().splitlines()) == 1
+    assert "rows of callbacks (run grants.sql" in revoked.stderr
 
 
 def test_asking_for_postgresql_without_the_driver_is_one_message(tmp_path):

@@ -45,12 +45,17 @@ function onEvent(req, body, res) {
     return;
   }
   const id = req.headers["webhook-id"];
+  const tx = event?.data;
+  if (typeof event?.type !== "string" || typeof tx?.id !== "string") {
+    console.warn(`webhook ${id} refused: signed, but not a payment event`);
+    res.writeHead(400).end(); // never recorded, so never processed
+    return;
+  }
   if (seen.has(id)) {
     console.log(`webhook ${id} already recorded: acknowledged, not processed again`);
     res.writeHead(204).end();
     return;
   }
-  const tx = event.data ?? {};
   const record = {
     webhook_id: id,
     type: event.type,

@@ -83,7 +83,11 @@ if (strlen($body) > MAX_BODY || !signature_ok($key, $id, $_SERVER['HTTP_WEBHOOK_
 }
 
 $event = json_decode($body, true);
-$data = $event['data'];
+$data = is_array($event) ? ($event['data'] ?? null) : null;
+if (!is_string($event['type'] ?? null) || !is_string($data['id'] ?? null)) {
+    error_log("webhook $id refused: signed, but not a payment event");
+    answer(400);  // never recorded, so never processed
+}
 $new = record_once(getenv('INBOX_FILE') ?: __DIR__ . '/inbox.jsonl', [
     'webhook_id' => $id,
     'type' => $event['type'],

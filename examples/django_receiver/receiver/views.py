@@ -27,7 +27,12 @@ def payment_events(request):
     except (WebhookVerificationError, ValueError):  # ValueError: a malformed header or body
         log.warning("webhook refused: the signature did not verify")
         return HttpResponse(status=400)
-    webhook_id, data = request.headers["webhook-id"], event["data"]
+    webhook_id = request.headers["webhook-id"]
+    data = event.get("data") if isinstance(event, dict) else None
+    if not (isinstance(data, dict) and isinstance(data.get("id"), str)
+            and isinstance(event.get("type"), str)):
+        log.warning("webhook %s refused: signed, but not a payment event", webhook_id)
+        return HttpResponse(status=400)  # never recorded, so never processed
     _, created = PaymentEvent.objects.get_or_create(webhook_id=webhook_id, defaults={
         "type": event["type"], "transaction_id": data["id"], "status": data["status"],
         "receipt": data.get("receipt"), "payload": event})

@@ -1,4 +1,4 @@
-"""A Daraja double: OAuth, STK push, STK query and callbacks, on loopback.
+"""A Daraja double: OAuth, STK push, STK query and callbacks, C2B and Dynamic QR, on loopback.
 
 Owns everything a test, the demo or a benchmark needs from "Safaricom": the
 OAuth endpoint (Basic auth and grant_type checked, `expires_in` as a string),
@@ -8,6 +8,14 @@ delay in Daraja's real shapes (items by name, `Balance` without a value, EAT
 `TransactionDate`).  Outcomes are chosen by the phone number (SCENARIOS),
 including alphanumeric codes (`SFC_IC0003`, a string even in the callback) and
 successes whose `PhoneNumber` item is masked or missing.
+
+Paybill and Till (C2B, daraja_api.md §6): URLs registered per shortcode (v1 or v2; the
+STK-only 174379 refused with the URL-vault fault, Daraja's forbidden words refused), and
+a simulated payment that, after the callback delay, POSTs the validation request (when
+`c2b_validation` is on; no answer in time: the registered ResponseType decides) and the
+confirmation, every field a string, the MSISDN hashed (v1) or masked (v2).  Never resent;
+nothing is sent for a shortcode without URLs.  The account number `C2BTWICE` sends the
+confirmation twice.  Dynamic QR answers a real PNG (needs segno, imported only there).
 
 While a prompt is open the query answers as Daraja does in the wild, chosen by
 `query_pending`: `4999` (HTTP 200, the default), or HTTP 500 `500.001.1001`
@@ -40,7 +48,9 @@ Run alone: `python -m mpesa_devtools.simulator --port 8001`.
 import argparse
 import base64
 import collections
+import hashlib
 import heapq
+import io
 import itertools
 import json
 import logging
@@ -135,6 +145,24 @@ _RESEND_PATH = re.compile(r"/_sim/callbacks/([^/]{1,64})/resend")
 _ALNUM = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 _DAY_CHARS = "123456789ABCDEFGHIJKLMNOPQRSTUV"
 
+# C2B (daraja_api.md §6). 174379 is Lipa-Na-M-Pesa-Online only: registering its URLs fails
+# in the URL vault (Apigee's wording for a ServiceCallout answered 409).
+URL_VAULT_FAULT = ("Execution of ServiceCallout SCO-AddURLVault failed. Reason: ResponseCode 409"
+                   " is treated as error")
+C2B_RESPONSE_TYPES = ("Completed", "Cancelled")  # what happens when validation goes unanswered
+C2B_BANNED_WORDS = ("m-pesa", "mpesa", "safaricom", "exe", "exec", "cmd", "sql", "query")
+C2B_COMMANDS = {"CustomerPayBillOnline": "Pay Bill", "CustomerBuyGoodsOnline": "Buy Goods"}
+C2B_TWICE = "C2BTWICE"  # this account number: the confirmation is sent twice, same TransID
+C2B_FIRST_NAME = "JOHN"
+# Register URL's answer per version: (ResponseCode, ResponseDescription).
+_C2B_REGISTERED = {"v1": ("0", "success"), "v2": ("00000000", "Success")}
+# Dynamic QR (§6.4): the content of a real M-Pesa QR is not public; the simulator's is JSON.
+QR_TRX_CODES = ("BG", "PB", "WA", "SM", "SB")
+QR_DEFAULT_SIZE = 300
+QR_MAX_SIZE = 2000  # pixels a side
+QR_MAX_TEXT = 100  # MerchantName and RefNo, at most (simulator policy: the code stays small)
+_CPI = re.compile(r"[0-9]{5,12}")  # a till, a paybill or a phone
+
 
 # --- settings -----------------------------------------------------------------
 
@@ -163,6 +191,13 @@ def _on_off(raw):
     if value not in ("on", "off"):
         raise ValueError("must be on or off")
     return value == "on"
+
+
+def _positive(raw):
+    value = _non_negative(raw)
+    if value == 0:
+        raise ValueError("must be a number more than 0")
+    return value
 
 
 def _query_pending(raw):
@@ -204,6 +239,10 @@ SETTINGS = (
      "a push this young is unknown to the query (~30 s observed)"),
     ("strict_lengths", "MPESA_SIM_STRICT_LENGTHS", _on_off, True,
      "simulator policy: AccountReference ≤ 12, TransactionDesc ≤ 13"),
+    ("c2b_validation", "MPESA_SIM_C2B_VALIDATION", _on_off, False,
+     "C2B: POST the validation request before the confirmation (External Validation)"),
+    ("c2b_validation_timeout_s", "MPESA_SIM_C2B_VALIDATION_TIMEOUT_S", _positive, 8.0,
+     "C2B: how long a validation answer is awaited; then ResponseType decides"),
     ("max_amount", None, _count, 250_000, "largest amount a push may ask for"),
     ("lock_subscriber", None, _on_off, True,
      "a second push to a phone with an open prompt is refused"),
@@ -219,7 +258,8 @@ class _SimSettingsChecks:
 
     def __post_init__(self):
         # Checked here too, so a typo fails when the simulator is built, not at the first query.
-        checks = (("query_pending", _query_pending), ("query_not_found_s", _non_negative))
+        checks = (("query_pending", _query_pending), ("query_not_found_s", _non_negative),
+                  ("c2b_validation_timeout_s", _positive))
         for name, check in checks:
             try:
                 check(getattr(self, name))
@@ -303,6 +343,22 @@ def _invalid(name):
     return _Reject(400, "400.002.02", f"Bad Request - Invalid {name}")
 
 
+def _c2b_shortcode(body):
+    """A C2B body's ShortCode, 5 to 7 digits (a string or a number), or the refusal."""
+    shortcode = _numeric(_c2b_required(body, "ShortCode"), _SHORTCODE)
+    if shortcode is None:
+        raise _invalid("ShortCode")
+    return shortcode
+
+
+def _c2b_required(body, name):
+    """A C2B field that must be there: absent, null or "" is Daraja's bare 400.003.02."""
+    value = body.get(name)
+    if value is None or value == "":
+        raise _Reject(400, "400.003.02", "Bad Request")
+    return value
+
+
 @dataclass
 class _Push:
     checkout_id: str
@@ -318,12 +374,33 @@ class _Push:
     callback_body: bytes = b""  # built once, so a resend is the same bytes
 
 
+@dataclass(frozen=True)
+class _C2BUrls:
+    """What one shortcode registered, and through which version (v1 hashes the MSISDN)."""
+
+    response_type: str
+    confirmation_url: str
+    validation_url: str
+    version: str
+
+
+@dataclass(frozen=True)
+class _C2BPayment:
+    shortcode: str
+    command: str
+    amount: int
+    msisdn: str
+    bill_ref: str  # "" for a till
+    urls: _C2BUrls
+
+
 @dataclass(order=True)
 class _Delivery:
     due: float
     seq: int
     url: str = field(compare=False)
     body: bytes = field(compare=False)
+    job: object = field(default=None, compare=False)  # run instead of a POST (a C2B payment)
 
 
 class _CallbackSender:
@@ -346,10 +423,21 @@ class _CallbackSender:
         for t in self._threads:
             t.start()
 
-    def schedule(self, due, url, body):
+    def schedule(self, due, url, body, job=None):
         with self._cv:
-            heapq.heappush(self._heap, _Delivery(due, next(self._seq), url, body))
+            heapq.heappush(self._heap, _Delivery(due, next(self._seq), url, body, job))
             self._cv.notify()
+
+    def schedule_job(self, due, job):
+        """Run job() on a sender thread when due (it makes its own POSTs with `post`)."""
+        self.schedule(due, "", b"", job)
+
+    def post(self, url, body, timeout):
+        """POST JSON once and return the answer's body; raises on no answer or a non-2xx."""
+        request = urllib.request.Request(url, data=body, method="POST", headers={
+            "Content-Type": "application/json;charset=UTF-8"})
+        with self._opener.open(request, timeout=timeout) as resp:
+            return resp.read(MAX_BODY)
 
     def stop(self):
         with self._cv:
@@ -387,10 +475,16 @@ class _CallbackSender:
 
     def _run(self):
         while (delivery := self._next()) is not None:
-            request = urllib.request.Request(delivery.url, data=delivery.body, method="POST", headers={
-                "Content-Type": "application/json;charset=UTF-8",
-                "BusinessShortCode": self._shortcode,
-            })
+            if delivery.job is not None:
+                try:
+                    delivery.job()
+                except Exception:  # noqa: BLE001 - one broken job must not stop the sender
+                    log.exception("simulator job failed")
+                continue
+            request = urllib.request.Request(
+                delivery.url, data=delivery.body, method="POST",
+                headers={"Content-Type": "application/json;charset=UTF-8",
+                         "BusinessShortCode": self._shortcode})
             started = time.monotonic()
             try:
                 with self._opener.open(request, timeout=10) as resp:
@@ -416,12 +510,20 @@ class Simulator:
         self._lock = threading.Lock()
         self._stats = dict(token_requests=0, tokens_issued=0, pushes=0, pushes_accepted=0,
                            pushes_rejected=0, queries=0, callbacks_scheduled=0,
-                           callbacks_sent=0, callbacks_failed=0, weather_answers=0)
+                           callbacks_sent=0, callbacks_failed=0, weather_answers=0,
+                           c2b_registrations=0, c2b_simulations=0, c2b_unregistered=0,
+                           c2b_validations_sent=0, c2b_validations_rejected=0,
+                           c2b_validations_unanswered=0, c2b_cancelled=0,
+                           c2b_confirmations_sent=0, c2b_confirmations_failed=0, qr_codes=0)
         self._tokens = {}  # access_token → monotonic expiry
         self.issued_tokens = []
         self._pushes = {}  # CheckoutRequestID → _Push
         self._open_prompts = {}  # phone → monotonic time its prompt closes
         self._weather = Weather()  # replaced whole under _lock; request threads read a snapshot
+        self._c2b_urls = {}  # shortcode → _C2BUrls
+        self._c2b_balances = {}  # shortcode → whole shillings received (OrgAccountBalance)
+        self.c2b_confirmations = []  # (url, body bytes) of each confirmation answered 2xx
+        self.c2b_rejections = []  # (TransID, ResultCode) of each payment validation refused
         basic = f"{self.settings.consumer_key}:{self.settings.consumer_secret}"
         self._basic = "Basic " + base64.b64encode(basic.encode()).decode()
         self.delivered = [] if self.settings.record_deliveries else None
@@ -432,6 +534,11 @@ class Simulator:
             "/oauth/v1/generate": {"GET": self._oauth},
             "/mpesa/stkpush/v1/processrequest": {"POST": self._push},
             "/mpesa/stkpushquery/v1/query": {"POST": self._query},
+            "/mpesa/c2b/v1/registerurl": {"POST": lambda environ: self._register(environ, "v1")},
+            "/mpesa/c2b/v2/registerurl": {"POST": lambda environ: self._register(environ, "v2")},
+            "/mpesa/c2b/v1/simulate": {"POST": self._c2b_simulate},
+            "/mpesa/c2b/v2/simulate": {"POST": self._c2b_simulate},
+            "/mpesa/qrcode/v1/generate": {"POST": self._qr_generate},
             "/_sim/stats": {"GET": lambda environ: (200, self.stats())},
             "/_sim/timings": {"GET": lambda environ: (200, self.timings()),
                               "DELETE": lambda environ: (200, self.reset_timings())},
@@ -482,6 +589,16 @@ class Simulator:
         log.info("weather push=%s query=%s oauth=%s slow_s=%g",
                  now["push"], now["query"], now["oauth"], now["slow_s"])
         return now
+
+    def registered_urls(self, shortcode):
+        """What `shortcode` registered: {"ResponseType", "ConfirmationURL", "ValidationURL",
+        "version"}, or None."""
+        with self._lock:
+            urls = self._c2b_urls.get(str(shortcode))
+        if urls is None:
+            return None
+        return {"ResponseType": urls.response_type, "ConfirmationURL": urls.confirmation_url,
+                "ValidationURL": urls.validation_url, "version": urls.version}
 
     def resend_callback(self, checkout_id):
         """Send a push's callback again, same body: now, or when its result is decided.
@@ -598,13 +715,21 @@ class Simulator:
             self.issued_tokens.append(token)  # so tests can prove none is ever logged
         return 200, {"access_token": token, "expires_in": str(self.settings.token_ttl_s)}
 
-    def _check_bearer(self, environ):
+    def _check_bearer(self, environ, status=404, code="404.001.03"):
+        """A live token, else "Invalid Access Token": 404.001.03 (STK), 400.003.01 (C2B)."""
         auth = environ.get("HTTP_AUTHORIZATION", "")
         token = auth[len("Bearer "):] if auth.startswith("Bearer ") else None
         with self._lock:
             expiry = self._tokens.get(token)
         if expiry is None or expiry <= time.monotonic():
-            raise _Reject(404, "404.001.03", "Invalid Access Token")
+            raise _Reject(status, code, "Invalid Access Token")
+
+    def _answer_lost(self, weather):
+        """Under `internal` weather a request is processed, then answered 500: a client
+        must treat it as possibly done, never as refused."""
+        if weather == "internal":
+            self.count("weather_answers")
+            raise _Reject(500, *_WEATHER_ERRORS["internal"])
 
     def _read_json(self, environ):
         if not environ.get("CONTENT_TYPE", "").lower().startswith("application/json"):
@@ -655,19 +780,14 @@ class Simulator:
         self.count("pushes_accepted")
         if push.kind == "slow_answer":
             time.sleep(self.settings.slow_answer_s)
-        if weather == "internal":
-            # The prompt is open and its callback scheduled; only the answer is lost.  A client
-            # must treat this push as possibly sent, never as refused.
-            self.count("weather_answers")
-            raise _Reject(500, *_WEATHER_ERRORS["internal"])
+        self._answer_lost(weather)  # under `internal`: the prompt is open, its callback scheduled
         return 200, answer
 
     def _validate_push(self, body):
         s = self.settings
         if body.get("TransactionType") not in ("CustomerPayBillOnline", "CustomerBuyGoodsOnline"):
             raise _invalid("TransactionType")
-        amount = body.get("Amount")
-        amount = int(_numeric(amount, _DIGITS) or 0) if not isinstance(amount, float) else 0
+        amount = _amount(body.get("Amount"))
         if not 1 <= amount <= s.max_amount:
             raise _invalid("Amount")
         party_a = _numeric(body.get("PartyA"), _MSISDN)
@@ -764,6 +884,131 @@ class Simulator:
                           ResultDesc=RESULT_DESCS.get(push.result_code, "Failed"))
         return 200, answer
 
+    # --- C2B: register URL, simulate, and the payment's validation and confirmation ------
+    # The C2B APIs and Dynamic QR answer to the `push` weather (the APIs that take payments).
+
+    def _register(self, environ, version):
+        weather = self._weather_gate("push")
+        self._check_bearer(environ, 400, "400.003.01")
+        body = self._read_json(environ)
+        shortcode = _c2b_shortcode(body)
+        response_type = _c2b_required(body, "ResponseType")
+        if response_type not in C2B_RESPONSE_TYPES:
+            raise _invalid("ResponseType")
+        urls = [_c2b_required(body, name) for name in ("ConfirmationURL", "ValidationURL")]
+        for name, url in zip(("ConfirmationURL", "ValidationURL"), urls):
+            if not _valid_c2b_url(url):
+                raise _invalid(name)
+        if shortcode == SANDBOX_SHORTCODE:
+            raise _Reject(500, "500.003.1001", URL_VAULT_FAULT)
+        with self._lock:  # the sandbox lets a shortcode re-register freely: the last one wins
+            self._c2b_urls[shortcode] = _C2BUrls(response_type, *urls, version)
+            self._stats["c2b_registrations"] += 1
+        self._answer_lost(weather)
+        code, description = _C2B_REGISTERED[version]
+        return 200, {"OriginatorCoversationID": _request_id(), "ResponseCode": code,
+                     "ResponseDescription": description}
+
+    def _c2b_simulate(self, environ):
+        weather = self._weather_gate("push")
+        self._check_bearer(environ, 400, "400.003.01")
+        payment = self._c2b_payment(self._read_json(environ))
+        self.count("c2b_simulations")
+        if payment.urls is None:
+            self.count("c2b_unregistered")  # completed silently: nobody is told
+        else:
+            self._sender.schedule_job(time.monotonic() + self.settings.callback_delay_s,
+                                      lambda: self._c2b_pay(payment))
+        self._answer_lost(weather)
+        return 200, {"OriginatorCoversationID": _request_id(), "ResponseCode": "0",
+                     "ResponseDescription": "Accept the service request successfully."}
+
+    def _c2b_payment(self, body):
+        shortcode = _c2b_shortcode(body)
+        command = _c2b_required(body, "CommandID")
+        if command not in C2B_COMMANDS:
+            raise _invalid("CommandID")
+        amount = _amount(_c2b_required(body, "Amount"))
+        if not 1 <= amount <= self.settings.max_amount:
+            raise _invalid("Amount")
+        msisdn = _numeric(_c2b_required(body, "Msisdn"), _MSISDN)
+        if msisdn is None:
+            raise _invalid("Msisdn")
+        bill_ref = ""  # a till has no account number: whatever was sent is ignored
+        if command == "CustomerPayBillOnline":
+            bill_ref = _c2b_required(body, "BillRefNumber")
+            if isinstance(bill_ref, int) and not isinstance(bill_ref, bool):
+                bill_ref = str(bill_ref)  # types are loose: an account number may be a number
+            if not isinstance(bill_ref, str):
+                raise _invalid("BillRefNumber")
+        with self._lock:  # the URLs as registered when the customer pays
+            urls = self._c2b_urls.get(shortcode)
+        return _C2BPayment(shortcode, command, amount, msisdn, bill_ref, urls)
+
+    def _c2b_pay(self, payment):
+        """The payment, on a sender thread: validation (when on), then the confirmation."""
+        wall = datetime.now(EAT)
+        fields = _c2b_fields(payment, _receipt(wall), wall)
+        if self.settings.c2b_validation:
+            third_party_id = self._c2b_validate(payment.urls, fields)
+            if third_party_id is None:
+                return
+            fields["ThirdPartyTransID"] = third_party_id
+        with self._lock:
+            balance = self._c2b_balances.get(payment.shortcode, 0) + payment.amount
+            self._c2b_balances[payment.shortcode] = balance
+        fields["OrgAccountBalance"] = f"{balance}.00"
+        body, url = json.dumps(fields).encode(), payment.urls.confirmation_url
+        # Daraja never resends a confirmation that failed; C2BTWICE sends the same one twice.
+        for _ in range(2 if payment.bill_ref == C2B_TWICE else 1):
+            try:
+                self._sender.post(url, body, timeout=10)
+            except Exception as exc:  # noqa: BLE001 - a lost confirmation is part of the model
+                self.count("c2b_confirmations_failed")
+                log.info("C2B confirmation delivery failed: %s", type(exc).__name__)
+                continue
+            with self._lock:
+                self._stats["c2b_confirmations_sent"] += 1
+                self.c2b_confirmations.append((url, body))
+
+    def _c2b_validate(self, urls, fields):
+        """POST the validation request; the ThirdPartyTransID to confirm with, or None when
+        the payment stops (refused, or unanswered under ResponseType Cancelled)."""
+        body = json.dumps(fields).encode()  # OrgAccountBalance still blank, as Daraja sends it
+        self.count("c2b_validations_sent")
+        try:
+            answer = json.loads(self._sender.post(urls.validation_url, body,
+                                                  self.settings.c2b_validation_timeout_s))
+            code = answer["ResultCode"]
+        except Exception as exc:  # noqa: BLE001 - no usable answer in time: ResponseType decides
+            self.count("c2b_validations_unanswered")
+            log.info("C2B validation unanswered (%s): ResponseType %s",
+                     type(exc).__name__, urls.response_type)
+            if urls.response_type == "Cancelled":
+                self.count("c2b_cancelled")
+                return None
+            return ""
+        if code == "0" or (type(code) is int and code == 0):
+            third_party_id = answer.get("ThirdPartyTransID")
+            return third_party_id if isinstance(third_party_id, str) else ""
+        with self._lock:
+            self._stats["c2b_validations_rejected"] += 1
+            self.c2b_rejections.append((fields["TransID"], code))
+        return None
+
+    # --- Dynamic QR ---------------------------------------------------------------
+
+    def _qr_generate(self, environ):
+        weather = self._weather_gate("push")
+        self._check_bearer(environ)
+        body = self._read_json(environ)
+        png = _qr_png(_qr_text(body, self.settings.max_amount), _qr_size(body.get("Size")))
+        self.count("qr_codes")
+        self._answer_lost(weather)
+        return 200, {"ResponseCode": "00", "RequestID": _request_id(),
+                     "ResponseDescription": "QR Code Successfully Generated.",
+                     "QRCode": base64.b64encode(png).decode()}
+
 
 # --- Daraja's formats ---------------------------------------------------------
 
@@ -802,6 +1047,11 @@ def _numeric(value, pattern):
     return value if isinstance(value, str) and pattern.fullmatch(value) else None
 
 
+def _amount(value):
+    """Whole shillings from a number or numeric string; 0 (invalid) for anything else."""
+    return int(_numeric(value, _DIGITS) or 0) if not isinstance(value, float) else 0
+
+
 def _valid_timestamp(value):
     if not _TIMESTAMP.fullmatch(value):
         return False
@@ -818,6 +1068,12 @@ def _valid_callback_url(url):
     parts = urlsplit(url)
     return (parts.scheme in ("http", "https") and bool(parts.hostname)
             and parts.netloc == parts.netloc.lower())
+
+
+def _valid_c2b_url(url):
+    """A callback URL without any of the words Daraja forbids in C2B URLs, in any case."""
+    return (isinstance(url, str) and _valid_callback_url(url)
+            and not any(word in url.lower() for word in C2B_BANNED_WORDS))
 
 
 def _request_id():
@@ -864,6 +1120,77 @@ def _callback_body(push, decided):
             items.append({"Name": "PhoneNumber", "Value": int(push.phone)})
         stk["CallbackMetadata"] = {"Item": items}
     return {"Body": {"stkCallback": stk}}
+
+
+def _c2b_msisdn(msisdn, version):
+    """v1: the SHA-256 hex of the MSISDN; v2: masked, "2547 ***** 126"."""
+    if version == "v1":
+        return hashlib.sha256(msisdn.encode()).hexdigest()
+    return f"{msisdn[:4]} {'*' * 5} {msisdn[-3:]}"
+
+
+def _c2b_fields(payment, receipt, wall):
+    """A validation or confirmation body, every value a string (daraja_api.md §6.2)."""
+    return {
+        "TransactionType": C2B_COMMANDS[payment.command],
+        "TransID": receipt,
+        "TransTime": f"{wall:%Y%m%d%H%M%S}",
+        "TransAmount": f"{payment.amount}.00",
+        "BusinessShortCode": payment.shortcode,
+        "BillRefNumber": payment.bill_ref,
+        "InvoiceNumber": "",
+        "OrgAccountBalance": "",  # blank on validation; the new balance on confirmation
+        "ThirdPartyTransID": "",
+        "MSISDN": _c2b_msisdn(payment.msisdn, payment.urls.version),
+        "FirstName": C2B_FIRST_NAME,
+        "MiddleName": "",
+        "LastName": "",
+    }
+
+
+def _qr_text(body, max_amount):
+    """What the QR code says: compact JSON with the request's fields, in their order."""
+    texts = {}
+    for name in ("MerchantName", "RefNo"):
+        value = body.get(name)
+        if not isinstance(value, str) or not value.strip() or len(value) > QR_MAX_TEXT:
+            raise _invalid(name)
+        texts[name] = value
+    amount = _amount(body.get("Amount"))
+    if not 1 <= amount <= max_amount:
+        raise _invalid("Amount")
+    trx_code = body.get("TrxCode")
+    if trx_code not in QR_TRX_CODES:
+        raise _invalid("TrxCode")
+    cpi = _numeric(body.get("CPI"), _CPI)
+    if cpi is None:
+        raise _invalid("CPI")
+    return json.dumps({**texts, "Amount": amount, "TrxCode": trx_code, "CPI": cpi},
+                      separators=(",", ":"))
+
+
+def _qr_size(value):
+    """Size: a string (or number) of pixels a side, QR_DEFAULT_SIZE when absent."""
+    if value is None or value == "":
+        return QR_DEFAULT_SIZE
+    size = _amount(value)
+    if not 1 <= size <= QR_MAX_SIZE:
+        raise _invalid("Size")
+    return size
+
+
+def _qr_png(text, size):
+    """The PNG of a QR code holding `text`, about `size` pixels a side."""
+    try:
+        import segno  # here only: the runtime package depends on waitress and urllib3 alone
+    except ImportError:
+        raise _Reject(500, "500.003.1001", "The simulator needs segno to draw QR codes:"
+                      " pip install segno") from None
+    qr = segno.make_qr(text, error="m")
+    side = qr.symbol_size(border=4)[0]  # modules, the quiet zone included
+    out = io.BytesIO()
+    qr.save(out, kind="png", scale=max(1, round(size / side)), border=4)
+    return out.getvalue()
 
 
 def main(argv=None):

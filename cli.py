@@ -1,7 +1,8 @@
-"""The command line: serve, demo, check-config, reconcile, deliver, migrate, migrate-ledger.
+"""The command line: serve, demo, check-config, reconcile, deliver, migrate, migrate-ledger,
+spool, register-c2b.
 
 Owns `python mpesa_wsgi.py [serve | reconcile [--tx ID [--checkout-request-id C]] |
-deliver | migrate | migrate-ledger --from A --to B | spool [--dir D]]
+deliver | migrate | migrate-ledger --from A --to B | spool [--dir D] | register-c2b [--v1]]
 [--check-config | --demo]`: logging set up once, CPU
 pinning, the graceful waitress serving loop, the demo (simulator, receiver and gateway on
 loopback), the one-off commands (each builds only the services it needs, with no
@@ -23,6 +24,7 @@ import time
 import config as settings
 import mpesa_ledger as store
 from mpesa_gateway import logs, serving
+from mpesa_gateway.auth import CallbackSigner
 from mpesa_gateway.services import build_services
 from mpesa_ledger import move as ledger_move
 
@@ -204,11 +206,27 @@ def run_demo(create_app, environ):
             server = create_server(app, "127.0.0.1", port, config)
             shown_key = (api_key if "GATEWAY_API_KEYS" not in environ
                          else "<a key from GATEWAY_API_KEYS>")
+            register_demo_c2b(app.services, config)
             serve(app.services, server, demo_banner(config, port, shown_key, receiver))
         finally:
             app.services.close()
     finally:
         sim.stop()
+
+
+def register_demo_c2b(services, config):
+    """The demo's Paybill URLs, registered with its own simulator (as `register-c2b` does
+    with Daraja), so a menu payment reaches the gateway with no extra settings."""
+    from mpesa_gateway import daraja
+
+    urls = c2b_urls(config)
+    try:
+        services.daraja.register_c2b(
+            shortcode=config.c2b_shortcode, response_type=config.c2b_response_type,
+            confirmation_url=urls["confirmation"], validation_url=urls["validation"])
+    except daraja.DarajaError as exc:
+        log.warning("demo c2b urls not registered: %s",
+                    c2b_refusal(exc, config.c2b_shortcode))
 
 
 def start_simulator(env, sim_port):
@@ -267,9 +285,32 @@ def demo_banner(config, port, shown_key, receiver):
         "Then, with the id it returns (pending, then succeeded after the callback; the"
         " signed webhook event is printed here as it arrives):",
         f"  curl -s {base}/transactions/<id> -H 'Authorization: Bearer {shown_key}'",
+        *menu_payment_lines(config, port + 1),
         f"  curl -s {base}/health",
         "Ctrl-C stops the demo.",
     ])
+
+
+def menu_payment_lines(config, sim_port):
+    """The banner's curl lines that pay INV001 to the Paybill from the M-Pesa menu (the
+    simulator's C2B simulate), with the simulator's public demo credentials only."""
+    from mpesa_devtools import demo, simulator
+
+    sim = f"http://127.0.0.1:{sim_port}"
+    credentials = (f"{simulator.DEMO_CONSUMER_KEY}:{simulator.DEMO_CONSUMER_SECRET}"
+                   if config.consumer_key == simulator.DEMO_CONSUMER_KEY
+                   else "$MPESA_CONSUMER_KEY:$MPESA_CONSUMER_SECRET")
+    return [
+        f"Pay INV001 from the M-Pesa menu to Paybill {config.c2b_shortcode} (the receipt is"
+        " logged here as the confirmation arrives: c2b confirmation ... outcome=received):",
+        f"  T=$(curl -s -u {credentials} '{sim}/oauth/v1/generate?grant_type=client_credentials'"
+        " | sed 's/.*\"access_token\": *\"\\([^\"]*\\)\".*/\\1/')",
+        f"  curl -s -X POST {sim}/mpesa/c2b/v1/simulate -H \"Authorization: Bearer $T\""
+        " -H 'Content-Type: application/json'"
+        f" -d '{{\"ShortCode\":\"{config.c2b_shortcode}\",\"CommandID\":"
+        f"\"CustomerPayBillOnline\",\"Amount\":10,\"Msisdn\":\"{demo.C2B_TEST_MSISDN}\","
+        "\"BillRefNumber\":\"INV001\"}'",
+    ]
 
 
 def check_config(environ):
@@ -284,6 +325,12 @@ def check_config(environ):
         return 2
     for name, value in config.by_variable().items():
         print(f"{name} = {value}")
+    print(f"# register-c2b would register for MPESA_C2B_SHORTCODE={config.c2b_shortcode}"
+          f" (ResponseType {config.c2b_response_type}):")
+    for kind, url in c2b_urls(config).items():
+        print(f"#   {kind}: {url}")
+    for problem in c2b_url_problems(config, c2b_urls(config)):
+        print(f"#   but: {problem}")
     return 0
 
 
@@ -328,6 +375,70 @@ def deliver_once(config):
     summary = " ".join(f"{k}={v}" for k, v in sorted(results.items())) or "nothing due"
     print(f"deliver {summary}", flush=True)
     return 0
+
+
+# Words Safaricom refuses anywhere in a C2B URL, host included, in any case.
+C2B_FORBIDDEN_WORDS = ("m-pesa", "mpesa", "safaricom", "exec", "exe", "cmd", "sql", "query")
+
+
+def c2b_urls(config):
+    """The two URLs `register-c2b` registers for MPESA_C2B_SHORTCODE: {kind: url}."""
+    signer = CallbackSigner(config.secret, config.callback_base_url)
+    return {kind: signer.c2b_url(kind) for kind in ("confirmation", "validation")}
+
+
+def c2b_url_problems(config, urls):
+    """Why Safaricom would refuse to register `urls`, checked before calling it."""
+    problems = [f"the {kind} URL holds {word!r}, which Safaricom refuses in C2B URLs (change"
+                " the host in MPESA_CALLBACK_BASE_URL)"
+                for kind, url in urls.items() for word in C2B_FORBIDDEN_WORDS
+                if word in url.lower()][:1]
+    if config.environment == "production" and not config.callback_base_url.startswith("https"):
+        problems.append("production C2B URLs must be https://")
+    return problems
+
+
+def register_c2b(config, version):
+    """Register the Paybill/Till URLs of MPESA_C2B_SHORTCODE with Daraja; one message for
+    each answer Daraja gives (exit 0 registered, 1 refused or unreachable, 2 bad URLs)."""
+    from mpesa_gateway import daraja
+
+    urls = c2b_urls(config)
+    problems = c2b_url_problems(config, urls)
+    if problems:
+        raise StartupError(f"register-c2b: {problems[0]}")
+    services = command_services(config)
+    shortcode = config.c2b_shortcode
+    try:
+        said = services.daraja.register_c2b(
+            shortcode=shortcode, response_type=config.c2b_response_type,
+            confirmation_url=urls["confirmation"], validation_url=urls["validation"],
+            version=version)
+    except daraja.DarajaError as exc:
+        print(f"register-c2b shortcode={shortcode}: {c2b_refusal(exc, shortcode)}",
+              file=sys.stderr)
+        return 1
+    finally:
+        services.close()
+    print(f"register-c2b shortcode={shortcode} response_type={config.c2b_response_type}"
+          f" api={version}: registered ({said})", flush=True)
+    return 0
+
+
+def c2b_refusal(exc, shortcode):
+    """What a refused registration means, in one sentence."""
+    message = (exc.error_message or "").lower()
+    if "already registered" in message:
+        return ("already registered: production URLs are registered once; to change them,"
+                " delete them in Safaricom's portal (Self Services, URL Management) first")
+    if "addurlvault" in message or (exc.http_status == 500 and "409" in message):
+        return (f"Daraja will not register URLs for {shortcode} (the sandbox's Lipa Na"
+                " M-Pesa Online shortcode 174379 cannot): set MPESA_C2B_SHORTCODE to a C2B"
+                " shortcode, 600984 in the sandbox")
+    if exc.outcome in ("unavailable", "unknown"):
+        return f"Daraja could not be reached or did not answer ({exc.reason}); try again"
+    return (f"Daraja refused it ({exc.error_code or exc.http_status}:"
+            f" {exc.error_message or 'no message'})")
 
 
 def show_spools(directory):
@@ -375,16 +486,20 @@ def main(create_app, argv=None):
     parser.add_argument("--version", action="version", version=f"mpesa-wsgi {settings.VERSION}")
     parser.add_argument("command", nargs="?",
                         choices=("serve", "reconcile", "deliver", "migrate", "migrate-ledger",
-                                 "spool"),
+                                 "spool", "register-c2b"),
                         default="serve", help="serve (default), or run one reconciliation"
                         " pass or one webhook delivery pass, or create or upgrade the"
-                        " ledger's schema, or show the local spool, and exit")
+                        " ledger's schema, or show the local spool, or register the"
+                        " Paybill/Till URLs with Daraja, and exit")
     parser.add_argument("--tx", metavar="ID",
                         help="with reconcile: query this one transaction (its id or"
                         " CheckoutRequestID) now")
     parser.add_argument("--checkout-request-id", metavar="ws_CO_…",
                         help="with reconcile --tx: the CheckoutRequestID the row never learnt"
                         " (the merchant's 202 carried it)")
+    parser.add_argument("--v1", action="store_true",
+                        help="with register-c2b: Daraja's v1 API (its confirmations carry the"
+                        " MSISDN hashed; v2, the default, masked)")
     parser.add_argument("--dir", metavar="DIR",
                         help="with spool: the spool folder (default: GATEWAY_SPOOL_DIR's)")
     parser.add_argument("--from", dest="source", metavar="LEDGER",
@@ -397,6 +512,8 @@ def main(create_app, argv=None):
     mode.add_argument("--demo", action="store_true",
                       help="run the gateway against the built-in Daraja simulator on loopback")
     args = parser.parse_args(argv)
+    if args.v1 and args.command != "register-c2b":
+        parser.error("--v1 goes with the register-c2b command")
     if args.tx is not None and args.command != "reconcile":
         parser.error("--tx goes with the reconcile command")
     if args.checkout_request_id is not None and args.tx is None:
@@ -424,6 +541,8 @@ def main(create_app, argv=None):
             return show_spools(config.spool_dir)
         if args.command == "deliver":
             return deliver_once(config)
+        if args.command == "register-c2b":
+            return register_c2b(config, "v1" if args.v1 else "v2")
         if args.command == "migrate":
             return migrate(config)
         cpu = pin_cpu(config.cpu_affinity)  # before anything starts: a bad CPU stops here

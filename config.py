@@ -392,6 +392,13 @@ SETTINGS = (
     ("MPESA_TRANSACTION_TYPE", "transaction_type", one_of(PAYBILL, TILL), PAYBILL, False),
     # Paybill: the shortcode (the default). Till: the till number.
     ("MPESA_PARTY_B", "party_b", shortcode, None, False),
+    # The shortcode whose Paybill/Till payments (C2B) come here: its URLs are registered
+    # for it. None: MPESA_SHORTCODE (the sandbox's 174379 cannot register: use 600984).
+    ("MPESA_C2B_SHORTCODE", "c2b_shortcode", shortcode, None, False),
+    # What M-Pesa does when the validation URL does not answer in time: Completed
+    # (the payment goes through) or Cancelled. Sent when the URLs are registered.
+    ("MPESA_C2B_RESPONSE_TYPE", "c2b_response_type", one_of("Completed", "Cancelled"),
+     "Completed", False),
     # Seconds to open a connection to Daraja; nothing is sent before it succeeds.
     ("MPESA_CONNECT_TIMEOUT", "connect_timeout", at_most(positive_float, 60), 5.0, False),
     # Seconds to wait for Daraja's answer; past it a push becomes "unknown".
@@ -633,6 +640,8 @@ def _derive(values):
     admin = set(values["admin_keys"] or ())
     if admin & {key for _, key in values["api_keys"] or ()}:
         problems.append("GATEWAY_ADMIN_KEYS must not repeat a key of GATEWAY_API_KEYS")
+    if values["c2b_shortcode"] is None:
+        values["c2b_shortcode"] = values["shortcode"]
     if values["party_b"] is None:
         if values["transaction_type"] == TILL:
             problems.append("MPESA_PARTY_B is required for a till (CustomerBuyGoodsOnline)")

@@ -119,6 +119,11 @@ def callback(req, s, tx_id, sig):
                                      lambda: req.body(s.config.max_body))
 
 
+def c2b(req, s, kind, sig):
+    return payments.receive_c2b(s, kind, sig, req.environ,
+                                lambda: req.body(s.config.max_body))
+
+
 # Literal paths: auditable at a glance. Value: {method: handler}.
 ROUTES = {
     "/health": {"GET": health},
@@ -132,6 +137,7 @@ ROUTES = {
 PREFIX_ROUTES = (
     ("/transactions/", "/transactions/{id}", 1, {"GET": get_transaction}),
     ("/callback/", "/callback/{tx_id}/{sig}", 2, {"POST": callback}),
+    ("/c2b/", "/c2b/{kind}/{sig}", 2, {"POST": c2b}),
     ("/events/", "/events/{id}", 1, {"GET": get_event}),
     ("/events/", "/events/{id}/redeliver", 2, {"POST": redeliver}),
 )

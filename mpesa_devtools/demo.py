@@ -2,14 +2,17 @@
 
 Owns what `python mpesa_wsgi.py --demo` sets before the gateway reads its configuration:
 the simulator's public sandbox credentials, a local ledger file, a printed API key, the
-demo's own webhook endpoint and its secret, and the ports (the gateway's, the
-simulator's on the next one, the receiver's on the one after).
+demo's own webhook endpoint and its secret, the Paybill shortcode menu payments go to,
+and the ports (the gateway's, the simulator's on the next one, the receiver's on the one
+after).
 """
 
 import config as settings
 from mpesa_devtools import simulator
 
 DEMO_WEBHOOK_SECRET = "whsec_" + "ZGVtby13ZWJob29rLXNpZ25pbmctc2VjcmV0LTAxMjM="  # demo only
+C2B_SHORTCODE = "600984"  # the sandbox's C2B test shortcode (174379 cannot register URLs)
+C2B_TEST_MSISDN = "254708374149"  # the sandbox's test number for C2B simulations
 
 
 def demo_environment(environ, port, sim_port, api_key, secret):
@@ -27,6 +30,8 @@ def demo_environment(environ, port, sim_port, api_key, secret):
         "GATEWAY_WEBHOOK_URLS": f"default:{receiver_url(port)}",
         "GATEWAY_WEBHOOK_SECRETS": "default:" + DEMO_WEBHOOK_SECRET,
         "GATEWAY_WEBHOOK_ALLOW_PRIVATE": "on",
+        # Menu payments to a Paybill: the demo registers its URLs for this shortcode.
+        "MPESA_C2B_SHORTCODE": C2B_SHORTCODE,
     }
     env.update({k: v for k, v in environ.items() if v})
     # The demo never talks to Safaricom and never listens beyond loopback.

@@ -95,3 +95,11 @@ class CallbackSigner:
     def verify(self, tx_id, sig):
         return hmac.compare_digest(sig.encode(), self.signature(tx_id).encode())
 
+    # Paybill/Till URLs are registered once with Safaricom: one per kind (confirmation,
+    # validation), signed from GATEWAY_SECRET, so rotating it means registering again.
+    def c2b_url(self, kind):
+        return f"{self._base_url}/c2b/{kind}/{self.signature('c2b:' + kind)}"
+
+    def verify_c2b(self, kind, sig):
+        return hmac.compare_digest(sig.encode(), self.signature("c2b:" + kind).encode())
+

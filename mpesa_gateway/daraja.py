@@ -50,11 +50,13 @@ EAT = timezone(timedelta(hours=3), "EAT")  # every Daraja timestamp; no DST
 OAUTH_PATH = "/oauth/v1/generate?grant_type=client_credentials"
 PUSH_PATH = "/mpesa/stkpush/v1/processrequest"
 QUERY_PATH = "/mpesa/stkpushquery/v1/query"
+C2B_REGISTER_PATHS = {"v1": "/mpesa/c2b/v1/registerurl", "v2": "/mpesa/c2b/v2/registerurl"}
 MAX_RESPONSE_BYTES = 64 * 1024  # Daraja answers are < 1 KiB; anything larger is not Daraja
 
 ACCEPTED, REJECTED, UNAVAILABLE, UNKNOWN = "accepted", "rejected", "unavailable", "unknown"
 
-INVALID_TOKEN_CODES = frozenset({"404.001.03", "401.002.01"})
+# "Invalid Access Token": STK's codes, and C2B's (daraja_api.md §6.1).
+INVALID_TOKEN_CODES = frozenset({"404.001.03", "401.002.01", "400.003.01"})
 THROTTLE_CODES = frozenset({"500.003.02", "500.003.03"})  # spike arrest, quota: nothing processed
 REFUSED_CODE = "500.001.1001"  # merchant, credentials, subscriber lock; on a query: "not yet"
 PENDING_RESULT_CODE = "4999"  # query only: the prompt is still open
@@ -121,6 +123,9 @@ def call_policies(config):
         # A query has no side effect: a connect or read error may be retried once.
         "stk_query": CallPolicy("stk_query", "POST", connect, read, attempts=2,
                                 retry_read=True),
+        # Registering C2B URLs: an operator's command, retried only where nothing was sent
+        # (in production a second registration is refused as "already registered").
+        "c2b_register": CallPolicy("c2b_register", "POST", connect, read, attempts=2),
     }
 
 
@@ -335,6 +340,24 @@ class DarajaClient:
                                result_desc=_text(data.get("ResultDesc")),
                                merchant_request_id=_text(data.get("MerchantRequestID"), 64))
         raise self._classify("stk_query", status, data)
+
+    # --- C2B -------------------------------------------------------------------------
+
+    @observed("c2b_register")
+    def register_c2b(self, *, shortcode, response_type, confirmation_url, validation_url,
+                     version="v2"):
+        """Register a shortcode's confirmation and validation URLs. Return Daraja's
+        description of success (any all-zero ResponseCode) or raise DarajaError."""
+        payload = {"ShortCode": shortcode, "ResponseType": response_type,
+                   "ConfirmationURL": confirmation_url, "ValidationURL": validation_url}
+        status, data, html = self._authorized_post(
+            "c2b_register", C2B_REGISTER_PATHS[version], payload)
+        if status == 200 and html:
+            raise _wrong_base_url("c2b_register", status)
+        if status == 200 and isinstance(data, dict) and "errorCode" not in data \
+                and set(str(data.get("ResponseCode", "0")).strip() or "0") == {"0"}:
+            return _text(data.get("ResponseDescription")) or "success"
+        raise self._classify("c2b_register", status, data)
 
     # --- transport -----------------------------------------------------------------
 

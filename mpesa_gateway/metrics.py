@@ -127,6 +127,9 @@ class GatewayMetrics:
                                      "OAuth token fetches by outcome.", ("outcome",))
         self.callbacks = Counter(p + "callbacks_total", "STK callbacks received by outcome.",
                                  ("outcome",))
+        self.c2b_confirmations = Counter(
+            p + "c2b_confirmations_total",
+            "Paybill and Till confirmations received by outcome.", ("outcome",))
         self.reconcile = Counter(p + "reconcile_queries_total",
                                  "Reconciliation STK queries by result.", ("result",))
         self.reconcile_refusals = Counter(
@@ -171,8 +174,8 @@ class GatewayMetrics:
             lambda: _one((spool.oldest_age() if spool else None) or 0.0))
         self._families = (self.requests, self.request_seconds, self.daraja_calls,
                           self.daraja_seconds, self.token_fetches, self.callbacks,
-                          self.reconcile, self.reconcile_refusals, self.transactions,
-                          self.slots_in_use, self.slots_total, self.busy,
+                          self.c2b_confirmations, self.reconcile, self.reconcile_refusals,
+                          self.transactions, self.slots_in_use, self.slots_total, self.busy,
                           self.webhook_deliveries, self.webhook_oldest, self.ledger_commits,
                           self.ledger_batches, self.ledger_failures, self.spool_entries,
                           self.spool_oldest, self.build)

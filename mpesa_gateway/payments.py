@@ -1,7 +1,8 @@
 """The payment flows: what each API call does, over the services it is given.
 
 Owns the flows every web layer calls: start a payment, read one, list them, the
-webhook events an owner reads and redelivers, receive a callback, and /metrics.
+webhook events an owner reads and redelivers, receive a callback, receive a Paybill/Till
+confirmation and answer its validation, and /metrics.
 Flows take plain values and return a `wire.Reply` (status, body, headers and what the
 access line should name); anything else is raised as a `wire.ApiError`. The raw WSGI
 app and the Flask and Falcon versions in bench/ call the same flows over the same
@@ -13,6 +14,7 @@ gets `202` with the transaction id and the status as far as it is known.
 """
 
 import functools
+import hashlib
 import json
 import logging
 import time
@@ -20,7 +22,7 @@ import time
 import config as settings
 import mpesa_ledger as store
 import validation
-from mpesa_gateway import daraja, metrics, recording, resources, settlement, sources
+from mpesa_gateway import c2b, daraja, metrics, recording, resources, settlement, sources
 from mpesa_gateway.auth import authenticate, idempotency_for, token_matches
 from mpesa_gateway.resources import transaction_resource
 from mpesa_gateway.wire import (
@@ -424,3 +426,53 @@ def _store_callback(services, tx_id, source, raw):
         raise BadRequest("the callback is not a valid STK result (it was stored)",
                          code="invalid_callback").about(tx_id, phone)
     return Reply(200, CALLBACK_ACK, tx_id=tx_id, phone=phone)
+
+
+# --- Paybill and Till payments (C2B): Safaricom's registered URLs -------------------
+
+C2B_CONFIRMATION_ACK = {"ResultCode": 0, "ResultDesc": "Success"}
+C2B_VALIDATION_ACCEPT = {"ResultCode": "0", "ResultDesc": "Accepted"}
+
+
+def receive_confirmation(services, source, raw):
+    """Store, then acknowledge: in the ledger, or the spool while the ledger is away (503
+    only when neither can take it: Daraja does not resend, so nothing is acknowledged
+    that is not kept)."""
+    confirmation = c2b.from_raw(raw, services.c2b_shortcodes)
+    try:
+        outcome = services.ledger.record_confirmation(
+            confirmation, raw=raw, remote_addr=source)
+        services.ledger_watch.answered()
+    except services.ledger.Error as exc:
+        services.ledger_watch.failed("c2b", exc)
+        if not services.record(recording.confirmation(raw, source, services.clock.wall(),
+                                                     services.c2b_shortcodes)):
+            # Not stored, so not acknowledged.
+            raise ledger_unavailable("the confirmation could not be stored") from None
+        outcome = "spooled"
+    services.metrics.c2b_confirmations.inc(outcome)
+    log.info("c2b confirmation receipt=%s outcome=%s anomalies=%s body=%s",
+             confirmation.receipt if confirmation else None, outcome,
+             ",".join(confirmation.anomalies) if confirmation else "malformed",
+             hashlib.sha256(raw).hexdigest()[:12])  # never the body: it names the payer
+    return Reply(200, C2B_CONFIRMATION_ACK)
+
+
+def answer_validation(services, source, raw):
+    """Every payment Safaricom asks about is accepted (the confirmation that follows is
+    what is kept); a rule that refuses some is for the merchant to turn on, later."""
+    del services, source, raw
+    return Reply(200, C2B_VALIDATION_ACCEPT)
+
+
+C2B_FLOWS = {"confirmation": receive_confirmation, "validation": answer_validation}
+
+
+def receive_c2b(services, kind, sig, environ, load_raw):
+    """A registered Paybill/Till URL: its signature checked first (a scanner's request is
+    just an unknown path: 404, nothing stored, nothing logged), then its flow."""
+    flow = C2B_FLOWS.get(kind)
+    if flow is None or not services.signer.verify_c2b(kind, sig):
+        raise NotFound()
+    return flow(services, sources.client_address(environ, services.config.trusted_proxies),
+                load_raw())

@@ -6,7 +6,8 @@ there:
 - `accepted`: Daraja queued a push (its CheckoutRequestID), with the idempotent answer;
 - `not_accepted`: Daraja did not take a push (refused: nothing reached the customer; or
   unknown: it may have), with the key to free or the answer to pin;
-- `callback`: a signed STK callback, raw, with its source and the time it arrived.
+- `callback`: a signed STK callback, raw, with its source and the time it arrived;
+- `c2b_confirmation`: a Paybill/Till confirmation, raw, likewise.
 
 When the ledger cannot take one of these (a PostgreSQL server that is down, a SQLite file
 another process holds locked past the wait), the flow appends it to the spool, which
@@ -22,7 +23,7 @@ import logging
 import threading
 
 import mpesa_ledger as store
-from mpesa_gateway import settlement
+from mpesa_gateway import c2b, settlement
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,13 @@ def callback(tx_id, raw, remote_addr, at):
             "at": at}
 
 
+def confirmation(raw, remote_addr, at, shortcodes):
+    """A Paybill/Till confirmation, raw (it names no transaction of the gateway's), with
+    the shortcodes that were the gateway's own when it came."""
+    return {"kind": "c2b_confirmation", "tx_id": None, "body": _b64(raw),
+            "remote_addr": remote_addr, "at": at, "shortcodes": sorted(shortcodes)}
+
+
 def describe(entry):
     """One line about an entry, for an operator (the caller masks phones and ids)."""
     if not isinstance(entry, dict) or "kind" not in entry or "tx_id" not in entry:
@@ -74,6 +82,8 @@ def describe(entry):
     head = f"{at} {entry['kind']} tx={entry['tx_id']}"
     if entry["kind"] == "accepted":
         return f"{head} checkout_request_id={entry['checkout_request_id']}"
+    if entry["kind"] == "c2b_confirmation":
+        return f"{head} from={entry['remote_addr']} bytes={len(base64.b64decode(entry['body']))}"
     if entry["kind"] == "not_accepted":
         return f"{head} status={entry['status']} reason={entry['reason']}"
     if entry["kind"] != "callback":
@@ -106,6 +116,12 @@ def apply(ledger, entry):
             callback=settlement.CallbackRecord(raw, entry["remote_addr"], entry["at"]),
             once=once)
         log.info("callback tx=%s outcome=%s (from the spool)", entry["tx_id"], name)
+    elif kind == "c2b_confirmation":
+        raw = base64.b64decode(entry["body"])
+        outcome = ledger.record_confirmation(
+            c2b.from_raw(raw, entry["shortcodes"]), raw=raw, remote_addr=entry["remote_addr"],
+            received_at=entry["at"], once=once)
+        log.info("c2b confirmation outcome=%s (from the spool)", outcome)
     else:
         raise ValueError(f"an entry of an unknown kind ({kind!r}): from a newer version?")
 

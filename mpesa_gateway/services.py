@@ -55,6 +55,10 @@ class Services:
                                                   admission.REDELIVERY_BURST,
                                                   clock=self.clock.monotonic)
         self.signer = CallbackSigner(config.secret, config.callback_base_url)
+        # The shortcodes whose Paybill/Till confirmations are this gateway's: the paybill,
+        # and a till's number.
+        self.c2b_shortcodes = frozenset({config.shortcode, config.party_b,
+                                         config.c2b_shortcode})
         with open(OPENAPI_PATH, "rb") as f:
             spec = json.load(f)
         spec["info"]["version"] = settings.VERSION  # the one version source

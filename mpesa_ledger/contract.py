@@ -512,18 +512,71 @@ class Ledger:
 
     @staticmethod
     def _receipt_holder(conn, receipt):
-        """The payment that holds `receipt` (None: nobody, or no receipt)."""
+        """The payment that holds `receipt` (None: nobody, no receipt, or only a Paybill
+        confirmation of it, which the payment's own result takes over)."""
         if receipt is None:
             return None
-        row = conn.execute("SELECT tx_id FROM receipts WHERE receipt = ?", (receipt,)).fetchone()
+        row = conn.execute("SELECT tx_id FROM receipts WHERE receipt = ? AND kind = 'stk'",
+                           (receipt,)).fetchone()
         return row["tx_id"] if row is not None else None
 
     def _take_receipt(self, conn, receipt, tx_id):
-        """Take `receipt` for `tx_id` (True), or find it taken by another payment (False)."""
+        """Take `receipt` for `tx_id` (True), or find it taken by another payment (False).
+        A Paybill confirmation of this very payment that came first gives it up: the
+        receipt is the payment's (stk), never a second one."""
         conn.execute("INSERT INTO receipts (receipt, tx_id, kind, created_at) VALUES"
                      " (?, ?, 'stk', ?) ON CONFLICT (receipt) DO NOTHING",
                      (receipt, tx_id, self._clock()))
+        if conn.execute("UPDATE receipts SET tx_id = ?, kind = 'stk' WHERE receipt = ?"
+                        " AND kind = 'c2b' RETURNING receipt", (tx_id, receipt)).fetchone():
+            conn.execute("DELETE FROM c2b_receipts WHERE receipt = ?", (receipt,))
         return self._receipt_holder(conn, receipt) == tx_id
+
+    # --- Paybill and Till confirmations (C2B) ---------------------------------
+
+    C2B_COLUMNS = ("receipt", "amount", "account", "shortcode", "channel", "paid_at",
+                   "payer_name", "msisdn", "anomalies")
+
+    def record_confirmation(self, confirmation, *, raw, remote_addr, received_at=None,
+                            once=None):
+        """In one commit: the raw body (always: Daraja never resends), and, when it names a
+        receipt nobody holds, that receipt as a Paybill/Till one. Idempotent on the receipt
+        number, which STK receipts share: an STK payment's own receipt stays its.
+        `confirmation`: a c2b.Confirmation, or None for a body that names no receipt.
+        `once`: a spool entry's id. Returns the outcome: received, duplicate (the receipt
+        is already a confirmation's), stk_receipt (an STK payment's), malformed or
+        already_applied (the spool entry was)."""
+        received = self._now() if received_at is None else iso_utc(received_at)
+        with self._write() as conn:
+            if not self._first_time(conn, once):
+                return "already_applied"
+            outcome = "malformed" if confirmation is None else self._take_c2b_receipt(
+                conn, confirmation, received)
+            conn.execute("INSERT INTO c2b_bodies (receipt, received_at, remote_addr, outcome,"
+                         " body) VALUES (?, ?, ?, ?, ?)",
+                         (confirmation.receipt if confirmation else None, received,
+                          remote_addr, outcome, raw))
+        return outcome
+
+    def _take_c2b_receipt(self, conn, c, received):
+        taken = conn.execute("INSERT INTO receipts (receipt, tx_id, kind, created_at) VALUES"
+                             " (?, '', 'c2b', ?) ON CONFLICT (receipt) DO NOTHING"
+                             " RETURNING receipt", (c.receipt, self._clock())).fetchone()
+        if taken is None:
+            holder = conn.execute("SELECT kind FROM receipts WHERE receipt = ?",
+                                  (c.receipt,)).fetchone()
+            return "stk_receipt" if holder["kind"] == "stk" else "duplicate"
+        conn.execute(
+            f"INSERT INTO c2b_receipts ({', '.join(self.C2B_COLUMNS)}, received_at)"
+            f" VALUES ({', '.join('?' * (len(self.C2B_COLUMNS) + 1))})",
+            (c.receipt, c.amount, c.account, c.shortcode, c.channel, c.paid_at, c.payer_name,
+             c.msisdn, ",".join(c.anomalies), received))
+        return "received"
+
+    def c2b_receipt(self, receipt):
+        """A Paybill/Till receipt the ledger keeps, as a dict, or None."""
+        rows = self._read("SELECT * FROM c2b_receipts WHERE receipt = ?", (receipt,))
+        return dict(rows[0]) if rows else None
 
     def _first_time(self, conn, once):
         """Record spool entry `once` as applied in this commit; False if it already was."""

@@ -2,8 +2,9 @@
 
 Owns `python mpesa_wsgi.py migrate-ledger --from <path> --to <url>`: every table the
 gateway keeps (payments, callbacks, idempotency keys, webhook events and their
-attempts, the receipts taken, the spool entries applied) copied in one target
-transaction, in each table's written order, into a target that must be empty; then
+attempts, the receipts taken, Paybill/Till confirmations, the spool entries applied)
+copied in one target transaction, in each table's written order, into a target that must
+be empty; then
 counts and the sum of amounts verified on both sides.
 Run it with the gateway stopped: rows written to the source during the copy are not in it.
 """
@@ -25,6 +26,8 @@ TABLES = (
     ("event_attempts", "id", ("id",)),
     ("receipts", "created_at, receipt", ()),
     ("applied_entries", "applied_at, id", ()),
+    ("c2b_receipts", "received_at, receipt", ()),
+    ("c2b_bodies", "id", ("id",)),
 )
 
 

@@ -153,6 +153,32 @@ CREATE TABLE applied_entries (
     applied_at DOUBLE PRECISION NOT NULL
 );
 """),
+    # Paybill/Till confirmations: each receipt once (its number also in receipts, kind
+    # c2b), and every body as it came.
+    (5, """
+CREATE TABLE c2b_receipts (
+    receipt     TEXT PRIMARY KEY,
+    amount      INTEGER,            -- whole shillings; NULL: not money (see anomalies)
+    account     TEXT NOT NULL,      -- BillRefNumber; empty for a till
+    shortcode   TEXT NOT NULL,
+    channel     TEXT,               -- paybill | till
+    paid_at     TEXT,               -- TransTime, in UTC
+    payer_name  TEXT NOT NULL,
+    msisdn      TEXT NOT NULL,      -- hashed or masked, never in clear
+    anomalies   TEXT NOT NULL,      -- comma-separated; empty when none
+    received_at TEXT NOT NULL
+);
+CREATE INDEX c2b_receipts_account ON c2b_receipts (account, received_at);
+CREATE TABLE c2b_bodies (
+    id          BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    receipt     TEXT,
+    received_at TEXT NOT NULL,
+    remote_addr TEXT,
+    outcome     TEXT NOT NULL,
+    body        BYTEA NOT NULL
+);
+CREATE INDEX c2b_bodies_receipt ON c2b_bodies (receipt);
+"""),
 )
 # The server's clock: every host reads the same one for token expiry, leases and buckets.
 NOW = "EXTRACT(EPOCH FROM clock_timestamp())::double precision"

@@ -21,8 +21,9 @@ log = logging.getLogger(__name__)
 
 BUSY_TIMEOUT_S = 5.0
 # 1: the first tables; 2: transactions.owner (added by _migrate); 3: receipts and
-# applied_entries (a receipt pays once; a spooled entry is applied once)
-SCHEMA_VERSION = 3
+# applied_entries (a receipt pays once; a spooled entry is applied once); 4: Paybill/Till
+# confirmations (c2b_receipts, c2b_bodies)
+SCHEMA_VERSION = 4
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS transactions (
@@ -105,9 +106,33 @@ CREATE INDEX IF NOT EXISTS event_attempts_event ON event_attempts (event_id);
 CREATE TABLE IF NOT EXISTS receipts (
     receipt    TEXT PRIMARY KEY,
     tx_id      TEXT NOT NULL,
-    kind       TEXT NOT NULL,  -- stk
+    kind       TEXT NOT NULL,  -- stk (tx_id: the payment) | c2b (tx_id: empty)
     created_at REAL NOT NULL
 );
+-- Paybill/Till confirmations: each receipt once (its number also in receipts, kind c2b),
+-- and every body as it came
+CREATE TABLE IF NOT EXISTS c2b_receipts (
+    receipt     TEXT PRIMARY KEY,
+    amount      INTEGER,            -- whole shillings; NULL: not money (see anomalies)
+    account     TEXT NOT NULL,      -- BillRefNumber; empty for a till
+    shortcode   TEXT NOT NULL,
+    channel     TEXT,               -- paybill | till
+    paid_at     TEXT,               -- TransTime, in UTC
+    payer_name  TEXT NOT NULL,
+    msisdn      TEXT NOT NULL,      -- hashed or masked, never in clear
+    anomalies   TEXT NOT NULL,      -- comma-separated; empty when none
+    received_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS c2b_receipts_account ON c2b_receipts (account, received_at);
+CREATE TABLE IF NOT EXISTS c2b_bodies (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    receipt     TEXT,
+    received_at TEXT NOT NULL,
+    remote_addr TEXT,
+    outcome     TEXT NOT NULL,
+    body        BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS c2b_bodies_receipt ON c2b_bodies (receipt);
 -- the spool entries already applied: a replay cut short by a crash never applies one twice
 CREATE TABLE IF NOT EXISTS applied_entries (
     id         TEXT PRIMARY KEY,

@@ -19,6 +19,7 @@ from helpers import (
     Harness,
     LateApp,
     OffsetClock,
+    Outage,
     base_env,
     serve,
 )
@@ -208,6 +209,15 @@ def pg_cluster():
 def pg_url(pg_cluster):
     """The URL of a new, empty PostgreSQL database."""
     return pg_cluster.new_database()
+
+
+@pytest.fixture
+def outage(request, engine, gateway_env):
+    cluster = request.getfixturevalue("pg_cluster") if engine == "postgresql" else None
+    away = Outage(engine, gateway_env["GATEWAY_DB"], cluster)
+    yield away
+    if away._holder is not None and engine == "sqlite":
+        away._holder.close()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

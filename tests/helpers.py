@@ -3,7 +3,9 @@
 Fixtures live in conftest.py; everything a test imports by name lives here.
 """
 
+import base64
 import contextlib
+import json
 import os
 import pathlib
 import re
@@ -16,6 +18,7 @@ import threading
 import time
 
 import pytest
+import urllib3
 from webtest import TestApp
 from webtest.http import StopableWSGIServer
 
@@ -258,3 +261,78 @@ def callbacks_of(ledger, tx_id):
 def callback_path(services, tx_id):
     """The path of a transaction's signed callback URL (what Safaricom POSTs to)."""
     return "/" + services.signer.url(tx_id).split("/", 3)[3]
+
+
+class Outage:
+    """The ledger away: SQLite's write lock held by another connection, or the PostgreSQL
+    server stopped (immediate: as if it crashed) and started again."""
+
+    def __init__(self, engine, db, cluster=None):
+        self.engine, self.db, self.cluster, self._holder = engine, db, cluster, None
+
+    def begin(self):
+        if self.engine == "sqlite":
+            self._holder = sqlite3.connect(self.db, isolation_level=None)
+            self._holder.execute("BEGIN IMMEDIATE")
+        else:
+            self.cluster.stop("immediate")
+
+    def end(self):
+        if self.engine == "sqlite":
+            self._holder.execute("ROLLBACK")
+            self._holder.close()
+        else:
+            self.cluster.start()
+
+
+# --- the simulator's C2B and QR APIs, over HTTP --------------------------------------------
+
+PAYBILL = "600984"  # the sandbox's C2B test shortcode (174379 cannot register URLs)
+SIM_C2B_PHONE = "254712345678"  # no scenario
+SIM_HTTP = urllib3.PoolManager(retries=False, timeout=urllib3.Timeout(connect=2.0, read=15.0))
+
+
+class SimulatorApi:
+    """A minimal client of the simulator's C2B and QR APIs, as a merchant's code talks to
+    Daraja: a token, then Register URL, Simulate, Dynamic QR."""
+
+    def __init__(self, url):
+        self.url = url
+        self._token = None
+
+    def call(self, path, body=None, token=None, method="POST"):
+        headers = {"Content-Type": "application/json"}
+        if token is not False:
+            headers["Authorization"] = f"Bearer {token or self.token()}"
+        data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+        return SIM_HTTP.request(method, self.url + path, body=data, headers=headers)
+
+    def token(self):
+        if self._token is None:
+            basic = f"{simulator.DEMO_CONSUMER_KEY}:{simulator.DEMO_CONSUMER_SECRET}"
+            res = SIM_HTTP.request(
+                "GET", self.url + "/oauth/v1/generate?grant_type=client_credentials",
+                headers={"Authorization": "Basic " + base64.b64encode(basic.encode()).decode()})
+            assert res.status == 200, res.data
+            self._token = res.json()["access_token"]
+        return self._token
+
+    def register(self, shortcode=PAYBILL, version="v1", response_type="Completed",
+                 confirmation="http://127.0.0.1:9/c2b/confirm",
+                 validation="http://127.0.0.1:9/c2b/validate", **changes):
+        body = {"ShortCode": shortcode, "ResponseType": response_type,
+                "ConfirmationURL": confirmation, "ValidationURL": validation, **changes}
+        return self.call(f"/mpesa/c2b/{version}/registerurl",
+                         {k: v for k, v in body.items() if v is not None})
+
+    def simulate(self, shortcode=PAYBILL, command="CustomerPayBillOnline", amount=10,
+                 msisdn=SIM_C2B_PHONE, bill_ref="INV-17", version="v1", **changes):
+        body = {"ShortCode": shortcode, "CommandID": command, "Amount": amount,
+                "Msisdn": msisdn, "BillRefNumber": bill_ref, **changes}
+        return self.call(f"/mpesa/c2b/{version}/simulate",
+                         {k: v for k, v in body.items() if v is not None})
+
+    def paid(self, **kwargs):
+        res = self.simulate(**kwargs)
+        assert res.status == 200, res.data
+        return res.json()

@@ -146,8 +146,10 @@ def test_check_config_prints_masked_settings_and_exits_zero():
     assert "MPESA_SHORTCODE = 174379" in proc.stdout  # the names a user sets
     assert "MPESA_CONSUMER_SECRET = ********" in proc.stdout
     assert "GATEWAY_DB = mpesa_gateway.db" in proc.stdout
-    printed = {line.split(" = ", 1)[0] for line in proc.stdout.splitlines()}
+    printed = {line.split(" = ", 1)[0] for line in proc.stdout.splitlines()
+               if not line.startswith("#")}
     assert printed == {name for name, *_ in config.SETTINGS}
+    assert "#   confirmation: https://pay.example.com/mpesa/c2b/confirmation/" in proc.stdout
     assert not any(v in proc.stdout + proc.stderr for v in SECRETS.values())
 
 
@@ -210,7 +212,8 @@ def test_check_config_prints_values_a_user_can_set_again():
     fed back, every one that is not masked loads to the same setting."""
     proc = _check_config(dict(VALID, GATEWAY_TRUSTED_PROXY="127.0.0.1", GATEWAY_RECONCILE="off"))
     assert proc.returncode == 0, proc.stderr
-    printed = dict(line.split(" = ", 1) for line in proc.stdout.splitlines())
+    printed = dict(line.split(" = ", 1) for line in proc.stdout.splitlines()
+                   if not line.startswith("#"))
     assert printed["GATEWAY_RECONCILE"] == "off" and printed["GATEWAY_WEBHOOK_SENDER"] == "on"
     assert printed["GATEWAY_ADMIN_KEYS"] == "" and printed["GATEWAY_CPU_AFFINITY"] == ""
     again = dict(SECRETS, **{k: v for k, v in printed.items() if config.MASK not in v})

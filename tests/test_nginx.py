@@ -221,10 +221,14 @@ def test_no_log_holds_a_callback_signature_after_a_413_or_a_502(stack, tmp_path)
     status, body = request("POST", port, path, b"x" * 20_000,
                            {"Content-Type": "application/json"})
     assert (status, body["error"]["code"]) == (413, "payload_too_large")
+    c2b_path = "/" + CallbackSigner(SECRET, "x").c2b_url("confirmation").split("/", 1)[1]
+    c2b_sig = c2b_path.rsplit("/", 1)[1]
+    assert request("POST", port, c2b_path, b"{}", {"Content-Type": "application/json"})[0] == 200
     gateway.terminate()  # nginx now answers 502 for the gateway
     gateway.wait(20)
     status, body = request("POST", port, path, b"{}", {"Content-Type": "application/json"})
     assert (status, body["error"]["code"]) == (502, "gateway_unreachable")
+    assert request("POST", port, c2b_path, b"{}", {"Content-Type": "application/json"})[0] == 502
     access = tmp_path / "mpesa-access.log"
     # Both are logged (nginx writes the line just after answering), without the signature.
     wait_for(lambda: '"POST /callback/{tx_id}/{sig} HTTP/1.1" 502' in access.read_text())
@@ -234,6 +238,7 @@ def test_no_log_holds_a_callback_signature_after_a_413_or_a_502(stack, tmp_path)
     for log in logs:
         text = log.read_text(errors="replace")
         assert sig not in text, f"{log.name} holds the signature"
+        assert c2b_sig not in text, f"{log.name} holds the Paybill/Till path's signature"
         assert tx["checkout_request_id"] not in text, f"{log.name} holds a CheckoutRequestID"
     assert '"GET /transactions/{checkout_request_id} HTTP/1.1" 200' in access.read_text()
 

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -15,7 +16,7 @@ import urllib.request
 import pytest
 
 import config
-from helpers import API_KEY, ROOT_DIR, base_env, free_port, wait_for
+from helpers import API_KEY, ROOT_DIR, SimulatorApi, base_env, free_port, wait_for
 
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -110,6 +111,26 @@ def test_demo_takes_a_payment_to_succeeded_and_stops_on_sigterm(tmp_path, comman
         reader.start()
         wait_for(lambda: any(f"webhook payment.succeeded {tx['id']}" in line
                              and "signature verified" in line for line in printed), timeout=20)
+        # The banner's menu payment: its own lines (with bash and curl where they exist),
+        # then the receipt in the demo's ledger.
+        lines = [line.strip() for line in banner.splitlines()]
+        pay = [lines[n + 1:n + 3] for n, line in enumerate(lines)
+               if line.startswith("Pay INV001 from the M-Pesa menu")][0]
+        if shutil.which("curl") and shutil.which("bash"):
+            ran = subprocess.run(["bash", "-c", "\n".join(pay)], capture_output=True, text=True,
+                                 timeout=60)
+            assert json.loads(ran.stdout)["ResponseCode"] == "0", ran.stdout + ran.stderr
+        else:
+            url = re.search(r"curl -s -X POST (\S+)", pay[1]).group(1)
+            body = json.loads(re.search(r"-d '(.*)'$", pay[1]).group(1))
+            sim = SimulatorApi(url.split("/mpesa/", 1)[0])
+            assert sim.call(url.split(sim.url, 1)[1], body).status == 200
+
+        def menu_receipt():
+            with sqlite3.connect(f"file:{tmp_path / 'demo.db'}?mode=ro", uri=True) as conn:
+                return conn.execute("SELECT amount, account FROM c2b_receipts").fetchall()
+
+        assert wait_for(menu_receipt, timeout=30, interval=0.2) == [(10, "INV001")]
     finally:
         code = stop(proc)
         _, err = proc.communicate(timeout=5)

@@ -41,37 +41,6 @@ def gateway_env(gateway_env):
     return dict(gateway_env, GATEWAY_DB_WAIT_S="0.5")
 
 
-class Outage:
-    """The ledger away: SQLite's write lock held by another connection, or the PostgreSQL
-    server stopped (immediate: as if it crashed) and started again."""
-
-    def __init__(self, engine, db, cluster=None):
-        self.engine, self.db, self.cluster, self._holder = engine, db, cluster, None
-
-    def begin(self):
-        if self.engine == "sqlite":
-            self._holder = sqlite3.connect(self.db, isolation_level=None)
-            self._holder.execute("BEGIN IMMEDIATE")
-        else:
-            self.cluster.stop("immediate")
-
-    def end(self):
-        if self.engine == "sqlite":
-            self._holder.execute("ROLLBACK")
-            self._holder.close()
-        else:
-            self.cluster.start()
-
-
-@pytest.fixture
-def outage(request, engine, gateway_env):
-    cluster = request.getfixturevalue("pg_cluster") if engine == "postgresql" else None
-    away = Outage(engine, gateway_env["GATEWAY_DB"], cluster)
-    yield away
-    if away._holder is not None and engine == "sqlite":
-        away._holder.close()
-
-
 # --- the spool itself -----------------------------------------------------------------------
 
 

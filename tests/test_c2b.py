@@ -1,0 +1,264 @@
+"""Paybill and Till payments (C2B): a confirmation is stored before it is acknowledged, in the
+ledger or the local spool, once per receipt number, which STK receipts share; the signed
+paths; what is not money stays out of the money. Both engines, the real WSGI app."""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+
+from helpers import (
+    BOTH_ENGINES,
+    PAYBILL,
+    ROOT_DIR,
+    SECRET,
+    SimulatorApi,
+    base_env,
+    wait_for,
+)
+from mpesa_devtools import simulator
+from mpesa_gateway import c2b
+from mpesa_gateway.auth import CallbackSigner
+
+ENGINES = BOTH_ENGINES
+SHORTCODE = simulator.SANDBOX_SHORTCODE
+ACK = {"ResultCode": 0, "ResultDesc": "Success"}
+
+
+@pytest.fixture
+def gateway_env(gateway_env):
+    """Menu payments go to the sandbox's C2B shortcode (174379 cannot register URLs)."""
+    return dict(gateway_env, MPESA_C2B_SHORTCODE=PAYBILL)
+
+
+def confirmation(receipt="RKL51ZDR4F", **fields):
+    body = {"TransactionType": "Pay Bill", "TransID": receipt, "TransTime": "20261121121325",
+            "TransAmount": "5.00", "BusinessShortCode": SHORTCODE, "BillRefNumber": "INV001",
+            "InvoiceNumber": "", "OrgAccountBalance": "25.00", "ThirdPartyTransID": "",
+            "MSISDN": "2547 ***** 126", "FirstName": "NICHOLAS", "MiddleName": "",
+            "LastName": ""}
+    body.update(fields)
+    return json.dumps(body).encode()
+
+
+def path(gateway, kind="confirmation"):
+    return "/" + gateway.services.signer.c2b_url(kind).split("/", 3)[3]
+
+
+def post(gateway, raw, kind="confirmation", status=200):
+    return gateway.testapp.post(path(gateway, kind), raw, content_type="application/json",
+                                status=status)
+
+
+def bodies(ledger):
+    return ledger._read("SELECT receipt, outcome, body FROM c2b_bodies ORDER BY id")
+
+
+def test_a_confirmation_is_kept_as_a_receipt_then_acknowledged(gateway):
+    res = post(gateway, confirmation())
+    assert res.json == ACK
+    assert gateway.services.ledger.c2b_receipt("RKL51ZDR4F") == {
+        "receipt": "RKL51ZDR4F", "amount": 5, "account": "INV001", "shortcode": SHORTCODE,
+        "channel": "paybill", "paid_at": "2026-11-21T09:13:25Z",  # 12:13:25 in Nairobi
+        "payer_name": "NICHOLAS", "msisdn": "2547 ***** 126", "anomalies": "",
+        "received_at": gateway.services.ledger.c2b_receipt("RKL51ZDR4F")["received_at"]}
+    assert [(b["receipt"], b["outcome"]) for b in bodies(gateway.services.ledger)] == [
+        ("RKL51ZDR4F", "received")]
+
+
+def test_the_same_confirmation_again_is_acknowledged_and_changes_nothing(gateway):
+    post(gateway, confirmation())
+    before = gateway.services.ledger.c2b_receipt("RKL51ZDR4F")
+    res = post(gateway, confirmation(TransAmount="9.00", BillRefNumber="OTHER"))
+    assert res.json == ACK
+    assert gateway.services.ledger.c2b_receipt("RKL51ZDR4F") == before
+    assert [b["outcome"] for b in bodies(gateway.services.ledger)] == ["received", "duplicate"]
+
+
+def test_a_till_payment_is_kept_with_no_account(gateway):
+    post(gateway, confirmation("RKT0000001", TransactionType="Buy Goods", BillRefNumber=""))
+    row = gateway.services.ledger.c2b_receipt("RKT0000001")
+    assert (row["channel"], row["account"], row["anomalies"]) == ("till", "", "")
+
+
+@pytest.mark.parametrize("amount", ["1e1", " 10", "-5", "10.5", "0", "", 10, None])
+def test_an_amount_that_is_not_whole_shillings_as_text_is_no_money(gateway, amount):
+    post(gateway, confirmation(TransAmount=amount))
+    row = gateway.services.ledger.c2b_receipt("RKL51ZDR4F")
+    assert row["amount"] is None and "amount" in row["anomalies"].split(",")
+
+
+def test_a_confirmation_for_another_shortcode_is_kept_and_flagged(gateway):
+    post(gateway, confirmation(BusinessShortCode="999999"))
+    assert "other_shortcode" in gateway.services.ledger.c2b_receipt("RKL51ZDR4F")["anomalies"]
+
+
+@pytest.mark.parametrize("given, kept", [
+    ("254712345126", "2547******126"),  # in clear: masked before it is stored
+    ("0712345126", "2547******126"),
+    ("2547 ***** 126", "2547 ***** 126"),  # v2, masked by Safaricom: as given
+    ("a" * 64, "a" * 64),  # v1, hashed: as given
+])
+def test_the_msisdn_is_kept_as_given_unless_it_is_in_clear(gateway, given, kept, caplog):
+    with caplog.at_level(logging.DEBUG):
+        post(gateway, confirmation(MSISDN=given))
+    assert gateway.services.ledger.c2b_receipt("RKL51ZDR4F")["msisdn"] == kept
+    assert "712345126" not in caplog.text
+
+
+@pytest.mark.parametrize("raw", [b"not json", b"[]", b'{"TransAmount": "5"}',
+                                 b'{"TransID": "x y"}'])
+def test_a_body_that_names_no_receipt_is_stored_and_acknowledged(gateway, raw):
+    assert post(gateway, raw).json == ACK  # M-Pesa never resends: keep it, say so
+    assert [(b["receipt"], b["outcome"], bytes(b["body"])) for b in
+            bodies(gateway.services.ledger)] == [(None, "malformed", raw)]
+    assert gateway.services.ledger._read("SELECT * FROM c2b_receipts") == []
+
+
+@pytest.mark.parametrize("bad", ["wrong-signature", "kind"])
+def test_an_unsigned_path_is_not_found_and_stores_nothing(gateway, bad, caplog):
+    good = path(gateway)
+    target = (good.rsplit("/", 1)[0] + "/" + "0" * 32 if bad == "wrong-signature"
+              else good.replace("/confirmation/", "/refund/"))
+    with caplog.at_level(logging.WARNING):
+        gateway.testapp.post(target, confirmation(), content_type="application/json",
+                             status=404)
+    assert bodies(gateway.services.ledger) == [] and caplog.text == ""
+
+
+def test_validation_accepts(gateway):
+    res = post(gateway, confirmation(OrgAccountBalance=""), kind="validation")
+    assert res.json == {"ResultCode": "0", "ResultDesc": "Accepted"}
+    assert bodies(gateway.services.ledger) == []  # the confirmation is what is kept
+
+
+def test_the_signed_urls_avoid_safaricom_s_forbidden_words(gateway):
+    for kind in ("confirmation", "validation"):
+        url = gateway.services.signer.c2b_url(kind).lower()
+        assert not any(word in url for word in ("m-pesa", "mpesa", "safaricom", "exe", "cmd",
+                                                "sql", "query"))
+
+
+# --- one namespace with STK receipts ---------------------------------------------------------
+
+
+def paid_callback(gateway, tx, receipt):
+    body = {"Body": {"stkCallback": {
+        "MerchantRequestID": tx["merchant_request_id"],
+        "CheckoutRequestID": tx["checkout_request_id"], "ResultCode": 0, "ResultDesc": "ok",
+        "CallbackMetadata": {"Item": [{"Name": "Amount", "Value": 10},
+                                      {"Name": "MpesaReceiptNumber", "Value": receipt}]}}}}
+    url = "/" + gateway.services.signer.url(tx["id"]).split("/", 3)[3]
+    gateway.testapp.post(url, json.dumps(body), content_type="application/json", status=200)
+
+
+@pytest.mark.parametrize("sim_settings", [{"callback_delay_s": 60}], indirect=True)
+def test_an_stk_payment_s_receipt_is_its_own_not_a_second_one(gateway):
+    tx = gateway.push({"phone": "0712345031", "amount": 10}).json
+    paid_callback(gateway, tx, "UKQ3100001")
+    assert post(gateway, confirmation("UKQ3100001")).json == ACK
+    assert gateway.services.ledger.c2b_receipt("UKQ3100001") is None
+    assert [b["outcome"] for b in bodies(gateway.services.ledger)] == ["stk_receipt"]
+
+
+@pytest.mark.parametrize("sim_settings", [{"callback_delay_s": 60}], indirect=True)
+def test_a_confirmation_before_the_stk_result_gives_the_receipt_to_the_payment(gateway):
+    tx = gateway.push({"phone": "0712345032", "amount": 10}).json
+    post(gateway, confirmation("UKQ3200002"))
+    paid_callback(gateway, tx, "UKQ3200002")
+    row = gateway.get(tx["id"]).json
+    assert (row["status"], row["receipt"]) == ("succeeded", "UKQ3200002")  # not reused
+    assert gateway.services.ledger.c2b_receipt("UKQ3200002") is None
+    assert gateway.services.ledger._read(
+        "SELECT tx_id, kind FROM receipts WHERE receipt = 'UKQ3200002'") == [
+        {"tx_id": tx["id"], "kind": "stk"}]
+
+
+# --- the ledger away -------------------------------------------------------------------------
+
+
+def test_a_confirmation_while_the_ledger_is_away_is_spooled_acknowledged_and_kept_once(
+        gateway, outage):
+    outage.begin()
+    try:
+        assert post(gateway, confirmation("RKS0000001")).json == ACK  # on disk, then the 200
+        assert gateway.services.spool.depth() == 1
+    finally:
+        outage.end()
+    ledger = gateway.services.ledger
+
+    def kept():
+        try:  # the pool may still be reconnecting to the restarted server
+            return ledger.c2b_receipt("RKS0000001")
+        except ledger.Error:
+            return None
+
+    assert wait_for(kept, timeout=60, interval=0.2)["amount"] == 5
+    wait_for(lambda: gateway.services.spool.depth() == 0, timeout=60, interval=0.2)
+    gateway.services.replay_spool()  # again: nothing applies twice
+    assert [b["outcome"] for b in bodies(ledger)] == ["received"]
+
+
+def test_parse_turns_nairobi_time_into_utc_and_refuses_impossible_times():
+    assert c2b.paid_at("20261231235959") == "2026-12-31T20:59:59Z"
+    assert c2b.paid_at("20260230120000") is None and c2b.paid_at("2026-02-01") is None
+
+
+# --- registering the URLs, and a payment from the menu -------------------------------------
+
+
+def cli(env, *args):
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MPESA_", "GATEWAY_"))}
+    return subprocess.run([sys.executable, "mpesa_wsgi.py", *args], cwd=ROOT_DIR,
+                          env=dict(clean, **env), capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("flag, version", [((), "v2"), (("--v1",), "v1")])
+def test_register_c2b_registers_both_signed_urls(sim, tmp_path, flag, version):
+    env = dict(base_env(sim.url, tmp_path / "r.db"), MPESA_C2B_SHORTCODE=PAYBILL)
+    proc = cli(env, "register-c2b", *flag)
+    assert proc.returncode == 0, proc.stderr
+    assert f"register-c2b shortcode={PAYBILL} response_type=Completed api={version}:" \
+           " registered" in proc.stdout
+    signer = CallbackSigner(SECRET, env["MPESA_CALLBACK_BASE_URL"])
+    assert sim.sim.registered_urls(PAYBILL) == {
+        "ResponseType": "Completed", "ConfirmationURL": signer.c2b_url("confirmation"),
+        "ValidationURL": signer.c2b_url("validation"), "version": version}
+
+
+def test_register_c2b_explains_the_shortcode_daraja_will_not_register(sim, tmp_path):
+    proc = cli(base_env(sim.url, tmp_path / "r.db"), "register-c2b")  # 174379
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    said = proc.stderr.strip().splitlines()[-1]  # after the INFO lines of the calls: one line
+    assert said.startswith(f"register-c2b shortcode={simulator.SANDBOX_SHORTCODE}: ")
+    assert "set MPESA_C2B_SHORTCODE to a C2B shortcode, 600984 in the sandbox" in said
+
+
+def test_register_c2b_refuses_a_url_safaricom_would_refuse_before_calling(sim, tmp_path):
+    env = dict(base_env(sim.url, tmp_path / "r.db", callback_base="http://mpesa.localhost:9"),
+               MPESA_C2B_SHORTCODE=PAYBILL)
+    proc = cli(env, "register-c2b")
+    assert proc.returncode == 2 and "holds 'mpesa'" in proc.stderr
+    assert sim.sim.stats()["c2b_registrations"] == 0 and sim.sim.registered_urls(PAYBILL) is None
+
+
+def test_a_payment_from_the_menu_reaches_the_ledger(gateway, sim):
+    """Register through the gateway's Daraja client, pay with the simulator's C2B simulate:
+    the confirmation comes over a real socket and is kept."""
+    signer = gateway.services.signer
+    gateway.services.daraja.register_c2b(
+        shortcode=PAYBILL, response_type="Completed",
+        confirmation_url=signer.c2b_url("confirmation"),
+        validation_url=signer.c2b_url("validation"))
+    res = SimulatorApi(sim.url).simulate(shortcode=PAYBILL, amount=25, bill_ref="INV001")
+    assert res.status == 200, res.data
+    wait_for(lambda: sim.sim.c2b_confirmations, timeout=30, interval=0.1)
+    receipt = json.loads(sim.sim.c2b_confirmations[0][1])["TransID"]
+    kept = wait_for(lambda: gateway.services.ledger.c2b_receipt(receipt), timeout=30,
+                    interval=0.1)
+    assert (kept["amount"], kept["account"], kept["channel"], kept["anomalies"]) == (
+        25, "INV001", "paybill", "")
+    assert kept["msisdn"].startswith("2547 ") and "*****" in kept["msisdn"]  # v2: masked

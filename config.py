@@ -299,6 +299,20 @@ def owner_urls(raw):
     return pairs
 
 
+def _prefix_item(item):
+    """`name:PREFIX`: the owner of unmatched Paybill receipts whose account starts so."""
+    name, _, prefix = item.partition(":")
+    return name.strip(), prefix.strip()
+
+
+def account_prefixes(raw):
+    """`name:PREFIX,…` → ((name, prefix), ...): each prefix 1 to 20 characters."""
+    pairs = named_values(raw, _prefix_item, "must be name:PREFIX pairs (names a-z 0-9 _ -)")
+    if any(not 0 < len(prefix) <= 20 for _, prefix in pairs):
+        raise ValueError("each PREFIX must be 1 to 20 characters (an account number's start)")
+    return pairs
+
+
 def _secret_item(item):
     """`name:whsec_…` (cut at the last colon), or a bare secret; an empty name is default."""
     name, _, secret = item.rpartition(":") if ":" in item else ("", "", item)
@@ -399,6 +413,9 @@ SETTINGS = (
     # (the payment goes through) or Cancelled. Sent when the URLs are registered.
     ("MPESA_C2B_RESPONSE_TYPE", "c2b_response_type", one_of("Completed", "Cancelled"),
      "Completed", False),
+    # Who owns a Paybill receipt no payment's reference matches: name:PREFIX,… by the start
+    # of its account number (INV… to shop). None: the owner named default.
+    ("GATEWAY_C2B_ACCOUNT_PREFIXES", "c2b_account_prefixes", account_prefixes, (), False),
     # Seconds to open a connection to Daraja; nothing is sent before it succeeds.
     ("MPESA_CONNECT_TIMEOUT", "connect_timeout", at_most(positive_float, 60), 5.0, False),
     # Seconds to wait for Daraja's answer; past it a push becomes "unknown".

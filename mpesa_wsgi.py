@@ -119,6 +119,15 @@ def callback(req, s, tx_id, sig):
                                      lambda: req.body(s.config.max_body))
 
 
+def list_receipts(req, s):
+    return payments.receipts_page(s, req.header("Authorization"),
+                                  req.environ.get("QUERY_STRING", ""))
+
+
+def get_receipt(req, s, number):
+    return payments.read_receipt(s, req.header("Authorization"), number)
+
+
 def c2b(req, s, kind, sig):
     return payments.receive_c2b(s, kind, sig, req.environ,
                                 lambda: req.body(s.config.max_body))
@@ -132,12 +141,14 @@ ROUTES = {
     "/metrics": {"GET": metrics_page},
     "/openapi.json": {"GET": openapi},
     "/events": {"GET": list_events},
+    "/receipts": {"GET": list_receipts},
 }
 # (prefix, route template for logs, number of path segments after it, {method: handler})
 PREFIX_ROUTES = (
     ("/transactions/", "/transactions/{id}", 1, {"GET": get_transaction}),
     ("/callback/", "/callback/{tx_id}/{sig}", 2, {"POST": callback}),
     ("/c2b/", "/c2b/{kind}/{sig}", 2, {"POST": c2b}),
+    ("/receipts/", "/receipts/{receipt}", 1, {"GET": get_receipt}),
     ("/events/", "/events/{id}", 1, {"GET": get_event}),
     ("/events/", "/events/{id}/redeliver", 2, {"POST": redeliver}),
 )

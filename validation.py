@@ -251,25 +251,26 @@ def encode_cursor(created_at, tx_id):
     return base64.urlsafe_b64encode(f"{created_at}|{tx_id}".encode()).decode().rstrip("=")
 
 
-def _decode_cursor(value):
+def _decode_cursor(value, key=_TX_ID):
     try:
         raw = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)).decode("ascii")
     except (binascii.Error, UnicodeDecodeError, ValueError):
         raw = ""
-    created_at, _, tx_id = raw.partition("|")
-    if not (_ISO_TIME.fullmatch(created_at) and _TX_ID.fullmatch(tx_id)):
+    created_at, _, last = raw.partition("|")
+    if not (_ISO_TIME.fullmatch(created_at) and key.fullmatch(last)):
         raise _bad_param("cursor", "cursor must be a next_cursor value from a previous page")
-    return created_at, tx_id
+    return created_at, last
 
 
-def _since(value):
+def _since(value, name="since"):
     text = value + "T00:00:00Z" if _ISO_DATE.fullmatch(value) else value
     try:
         if not _ISO_TIME.fullmatch(text):
             raise ValueError
         time.strptime(text, "%Y-%m-%dT%H:%M:%SZ")
     except ValueError:
-        raise _bad_param("since", "since must be YYYY-MM-DD or YYYY-MM-DDTHH:MM:SSZ (UTC)") from None
+        raise _bad_param(name, f"{name} must be YYYY-MM-DD or YYYY-MM-DDTHH:MM:SSZ (UTC)") \
+            from None
     return text
 
 
@@ -301,3 +302,37 @@ def parse_list_query(query_string):
     one, status, limit = _page_params(query_string, LIST_PARAMS, STATUSES)
     return ListQuery(status=status, since=_since(one["since"]) if "since" in one else None,
                      limit=limit, after=_decode_cursor(one["cursor"]) if "cursor" in one else None)
+
+
+# --- the receipts listing ---------------------------------------------------------------------
+
+RECEIPT_PARAMS = ("reference", "since", "until", "channel", "limit", "cursor")
+CHANNELS = ("stk", "c2b")
+RECEIPT_NUMBER = re.compile(r"[A-Z0-9]{6,20}")  # an M-Pesa receipt (TransID)
+
+
+@dataclass(frozen=True)
+class ReceiptQuery:
+    reference: str | None  # an account number or a payment's reference, any case
+    since: str | None  # ISO-8601 UTC bounds on when the receipt was kept
+    until: str | None
+    channel: str | None  # stk | c2b
+    limit: int
+    after: tuple | None  # (at, receipt) of the last row already seen
+
+
+def parse_receipts_query(query_string):
+    """Check GET /receipts's query parameters; each may appear once."""
+    one, _, limit = _page_params(query_string, RECEIPT_PARAMS, ())
+    reference = one.get("reference")
+    if reference is not None and not 0 < len(reference.strip()) <= 64:
+        raise _bad_param("reference", "reference must be 1 to 64 characters")
+    channel = one.get("channel")
+    if channel is not None and channel not in CHANNELS:
+        raise _bad_param("channel", f"channel must be one of {', '.join(CHANNELS)}")
+    return ReceiptQuery(
+        reference=reference.strip() if reference is not None else None,
+        since=_since(one["since"]) if "since" in one else None,
+        until=_since(one["until"], "until") if "until" in one else None,
+        channel=channel, limit=limit,
+        after=_decode_cursor(one["cursor"], RECEIPT_NUMBER) if "cursor" in one else None)

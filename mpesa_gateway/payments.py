@@ -24,7 +24,7 @@ import mpesa_ledger as store
 import validation
 from mpesa_gateway import c2b, daraja, metrics, recording, resources, settlement, sources
 from mpesa_gateway.auth import authenticate, idempotency_for, token_matches
-from mpesa_gateway.resources import transaction_resource
+from mpesa_gateway.resources import receipt_resource, transaction_resource
 from mpesa_gateway.wire import (
     ApiError,
     BadRequest,
@@ -92,19 +92,48 @@ def ledger_read(flow):
     return guarded
 
 
+def checked(rule, *args):
+    """`rule(*args)` from the validation module, its ValidationError as a 400."""
+    try:
+        return rule(*args)
+    except validation.ValidationError as exc:
+        raise BadRequest(exc.message, code=exc.code, field=exc.field) from None
+
+
 @ledger_read
 def transactions_page(services, authorization, query_string):
     caller = authenticate(authorization, services.config)
-    try:
-        query = validation.parse_list_query(query_string)
-    except validation.ValidationError as exc:
-        raise BadRequest(exc.message, code=exc.code, field=exc.field) from None
+    query = checked(validation.parse_list_query, query_string)
     owner = None if caller.admin else caller.owner
     rows, more = services.ledger.list_page(
         status=query.status, since=query.since, after=query.after, limit=query.limit,
         owner=owner, with_unowned=owner == settings.DEFAULT_OWNER)
     cursor = validation.encode_cursor(rows[-1]["created_at"], rows[-1]["id"]) if more else None
     return Reply(200, {"data": [transaction_resource(r) for r in rows], "next_cursor": cursor})
+
+
+@ledger_read
+def receipts_page(services, authorization, query_string):
+    """GET /receipts: every receipt the caller owns (admins: all), Paybill/Till and STK."""
+    caller = authenticate(authorization, services.config)
+    query = checked(validation.parse_receipts_query, query_string)
+    rows, more = services.ledger.receipts_page(
+        owner=None if caller.admin else caller.owner, reference=query.reference,
+        since=query.since, until=query.until, channel=query.channel, after=query.after,
+        limit=query.limit)
+    cursor = validation.encode_cursor(rows[-1]["at"], rows[-1]["receipt"]) if more else None
+    return Reply(200, {"data": [receipt_resource(r) for r in rows], "next_cursor": cursor})
+
+
+@ledger_read
+def read_receipt(services, authorization, number):
+    """GET /receipts/<number>: one receipt, if the caller owns it."""
+    caller = authenticate(authorization, services.config)
+    rows = (services.ledger.receipts_page(receipt=number, limit=1)[0]
+            if validation.RECEIPT_NUMBER.fullmatch(number) else [])
+    if not rows or not caller.sees(rows[0]):  # another owner's receipt does not exist here
+        raise NotFound("no receipt with that number")
+    return Reply(200, receipt_resource(rows[0]), tx_id=rows[0]["tx_id"])
 
 
 def start_payment(services, authorization, load_body, idempotency_key):
@@ -137,11 +166,8 @@ def _start_payment(services, caller, load_body, idempotency_key):
     if wait:
         raise TooManyRequests(f"at most {cfg.rate:g} payments per second per API key name",
                               headers=retry_after(wait))
-    try:
-        push = validation.validate_push(load_body(), cfg.max_amount,
-                                        cfg.default_reference, cfg.default_description)
-    except validation.ValidationError as exc:
-        raise BadRequest(exc.message, code=exc.code, field=exc.field) from None
+    push = checked(validation.validate_push, load_body(), cfg.max_amount,
+                   cfg.default_reference, cfg.default_description)
     try:
         return _push(services, caller, push, idempotency_key)
     except ApiError as exc:
@@ -336,10 +362,7 @@ def _refused(services, row, reason, exc, idem):
 def events_page(services, authorization, query_string):
     """GET /events: the caller's webhook events, newest first (admin keys: everyone's)."""
     caller = authenticate(authorization, services.config)
-    try:
-        status, limit, after = validation.parse_events_query(query_string)
-    except validation.ValidationError as exc:
-        raise BadRequest(exc.message, code=exc.code, field=exc.field) from None
+    status, limit, after = checked(validation.parse_events_query, query_string)
     rows, more = services.ledger.event_page(owner=None if caller.admin else caller.owner,
                                             status=status, after=after, limit=limit)
     return Reply(200, {"data": [resources.event_resource(r) for r in rows],
@@ -383,7 +406,10 @@ def read_transaction(services, authorization, ref):
     row = services.ledger.get(ref) if 0 < len(ref) <= MAX_ID_LENGTH else None
     if row is None or not caller.sees(row):  # another owner's payment does not exist here
         raise NotFound("no transaction with that id or CheckoutRequestID")
-    return Reply(200, transaction_resource(row), tx_id=row["id"], phone=row["phone"])
+    body = transaction_resource(row)
+    # The Paybill/Till payments matched to it: another M-Pesa transaction each, beside it.
+    body["receipts"] = [receipt_resource(r) for r in services.ledger.receipts_of(row["id"])]
+    return Reply(200, body, tx_id=row["id"], phone=row["phone"])
 
 
 def receive_callback(services, tx_id, sig, environ, load_raw):
@@ -443,8 +469,11 @@ def receive_confirmation(services, source, raw):
         outcome = services.ledger.record_confirmation(
             confirmation, raw=raw, remote_addr=source)
         services.ledger_watch.answered()
-    except services.ledger.Error as exc:
-        services.ledger_watch.failed("c2b", exc)
+    except Exception as exc:  # noqa: BLE001 - whatever failed, the body is kept before the 200
+        if isinstance(exc, services.ledger.Error):
+            services.ledger_watch.failed("c2b", exc)
+        else:  # a bug: the spool keeps it (set aside if its replay fails the same way)
+            log.error("c2b confirmation could not be recorded; kept in the spool", exc_info=exc)
         if not services.record(recording.confirmation(raw, source, services.clock.wall(),
                                                      services.c2b_shortcodes)):
             # Not stored, so not acknowledged.

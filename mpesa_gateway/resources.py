@@ -30,6 +30,24 @@ def transaction_resource(row):
     }
 
 
+def receipt_resource(row):
+    """The public view of a receipt (a row of the ledger's receipts view): a Paybill/Till
+    one (`c2b`) or a succeeded STK payment's (`stk`), the phone masked."""
+    msisdn = row["msisdn"] or None
+    return {
+        "receipt": row["receipt"],
+        "channel": row["channel"],
+        "amount": row["amount"],
+        "reference": row["reference"],
+        "paid_at": row["paid_at"],
+        "received_at": row.get("at", row.get("received_at")),
+        "transaction_id": row["tx_id"],
+        "payer_name": row["payer_name"] or None,
+        "msisdn": validation.mask_phone(msisdn) if row["channel"] == "stk" else msisdn,
+        "anomalies": [a for a in (row["anomalies"] or "").split(",") if a],
+    }
+
+
 def event_resource(row, with_attempts=False):
     """The operator's view of a webhook event: never the merchant's answer, only its status
     code, duration and the error, per attempt."""

@@ -12,6 +12,7 @@ their services here.
 """
 
 import atexit
+import functools
 import json
 import logging
 import os
@@ -34,6 +35,8 @@ from mpesa_ledger.spool import Spool
 
 log = logging.getLogger(__name__)
 
+# A Paybill receipt matches a payment made this recently whose reference is its account.
+RECEIPT_MATCH_S = 30 * 24 * 3600
 OPENAPI_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "openapi.json")
 
 
@@ -145,9 +148,24 @@ class Services:
 
 def open_ledger(config, clock, outbox):
     """The ledger GATEWAY_DB names, pooled (PostgreSQL) to one connection per server thread
-    and background worker, writing each status change's webhook event in its commit."""
+    and background worker, writing each status change's webhook event in its commit, and
+    matching each Paybill receipt to its payment (or owner) with its event."""
+    rules = store.ReceiptRules(recent_s=RECEIPT_MATCH_S,
+                               default_reference=config.default_reference,
+                               owner_for=functools.partial(receipt_owner, config),
+                               event=outbox.receipt_event)
     return store.open_ledger(config.db_path, clock=clock.wall, events=outbox.event_for,
-                             pool_size=config.threads + 4, wait_s=config.db_wait_s)
+                             receipt_rules=rules, pool_size=config.threads + 4,
+                             wait_s=config.db_wait_s)
+
+
+def receipt_owner(config, account):
+    """The owner of a Paybill receipt no payment claims: the longest GATEWAY_C2B_ACCOUNT_
+    PREFIXES prefix its account number starts with (any case), else default."""
+    account = account.strip().lower()
+    named = [(len(prefix), name) for name, prefix in config.c2b_account_prefixes
+             if account.startswith(prefix.lower())]
+    return max(named)[1] if named else settings.DEFAULT_OWNER
 
 
 def open_spool(config, ledger, clock):

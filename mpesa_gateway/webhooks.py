@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 EVENT_TYPES = {store.SUCCEEDED: "payment.succeeded", store.FAILED: "payment.failed",
                store.UNKNOWN: "payment.unknown"}
+RECEIPT_RECEIVED = "receipt.received"  # a Paybill/Till payment, matched to a payment or not
 SCHEDULE_S = (5, 30, 120, 600, 3600)  # then every EVERY_S
 EVERY_S = 6 * 3600
 GIVE_UP_AFTER_S = 3 * 24 * 3600
@@ -117,6 +118,19 @@ class Outbox:
         body = resources.event_body(event_type, after, after["updated_at"], previous)
         data = wire.dumps(body)
         return store.NewEvent(tx_id=after["id"], owner=owner, type=event_type, body=data)
+
+
+    def receipt_event(self, receipt):
+        """The `receipt.received` NewEvent of a Paybill/Till receipt (ordered by its own
+        number), or None when its owner has no endpoint."""
+        if receipt["owner"] not in self._owners:
+            return None
+        body = {"type": RECEIPT_RECEIVED, "timestamp": receipt["received_at"],
+                "data": resources.receipt_resource(dict(
+                    receipt, channel="c2b", reference=receipt["account"],
+                    at=receipt["received_at"], tx_id=receipt["matched_tx_id"]))}
+        return store.NewEvent(tx_id=receipt["receipt"], owner=receipt["owner"],
+                              type=RECEIPT_RECEIVED, body=wire.dumps(body))
 
 
 class _Pass:

@@ -25,6 +25,7 @@ from mpesa_ledger.states import (
     Idempotency,
     NewEvent,
     PinnedAnswer,
+    ReceiptRules,
     Start,
     epoch,
     iso_utc,
@@ -34,7 +35,7 @@ from mpesa_ledger.states import (
 __all__ = [
     "FAILED", "FINAL", "IDEMPOTENCY_TTL_S", "PENDING", "REJECTED", "SUBMITTING", "SUCCEEDED",
     "UNKNOWN", "Begun", "Idempotency", "Ledger", "LedgerOpenError", "NewEvent", "PinnedAnswer",
-    "SqliteLedger", "Start", "epoch", "is_postgres", "iso_utc", "new_tx_id", "open_ledger",
+    "ReceiptRules", "SqliteLedger", "Start", "epoch", "is_postgres", "iso_utc", "new_tx_id", "open_ledger",
 ]
 
 
@@ -42,8 +43,8 @@ def is_postgres(target):
     return target.startswith(("postgresql://", "postgres://"))
 
 
-def open_ledger(target, *, clock=time.time, events=None, pool_size=8, migrate=True,
-                wait_s=5.0):
+def open_ledger(target, *, clock=time.time, events=None, receipt_rules=None, pool_size=8,
+                migrate=True, wait_s=5.0):
     """The ledger GATEWAY_DB names: a postgresql:// URL (pooled to `pool_size` connections,
     a caller waiting at most `wait_s` for one), or a SQLite file path (a write waiting at
     most `wait_s` for another process's lock). `events(before,
@@ -52,10 +53,12 @@ def open_ledger(target, *, clock=time.time, events=None, pool_size=8, migrate=Tr
     if is_postgres(target):
         from mpesa_ledger import postgres  # only here: SQLite users never import the driver
 
-        return postgres.PostgresLedger(target, clock=clock, events=events, pool_size=pool_size,
+        return postgres.PostgresLedger(target, clock=clock, events=events,
+                                       receipt_rules=receipt_rules, pool_size=pool_size,
                                        migrate=migrate, wait_s=wait_s)
     try:
-        return SqliteLedger(target, clock=clock, events=events, busy_timeout_s=wait_s)
+        return SqliteLedger(target, clock=clock, events=events, receipt_rules=receipt_rules,
+                            busy_timeout_s=wait_s)
     except SqliteLedger.Error as exc:
         raise LedgerOpenError(f"GATEWAY_DB cannot be opened as a SQLite ledger ({target}):"
                               f" {exc}") from None

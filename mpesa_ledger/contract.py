@@ -33,6 +33,7 @@ from mpesa_ledger.states import (
     SUBMITTING,
     UNKNOWN,
     Begun,
+    ReceiptRules,
     Start,
     iso_utc,
     new_tx_id,
@@ -41,6 +42,15 @@ from mpesa_ledger.states import (
 log = logging.getLogger(__name__)
 
 APPLIED_KEEP_S = 30 * 24 * 3600  # a spool entry's mark outlives any replay of it
+# Every receipt in one view: Paybill/Till confirmations, and succeeded STK payments'.
+RECEIPTS_VIEW = (
+    "SELECT receipt, 'c2b' AS channel, amount, account AS reference, paid_at,"
+    " received_at AS at, owner, matched_tx_id AS tx_id, payer_name, msisdn, anomalies"
+    " FROM c2b_receipts UNION ALL"
+    " SELECT receipt, 'stk' AS channel, amount, reference, updated_at AS paid_at,"
+    " updated_at AS at, COALESCE(owner, 'default') AS owner, id AS tx_id, '' AS payer_name,"
+    " phone AS msisdn, '' AS anomalies FROM transactions"
+    " WHERE status = 'succeeded' AND receipt IS NOT NULL")
 
 
 class LedgerOpenError(Exception):
@@ -68,7 +78,7 @@ class Ledger:
     # OAuth token and rate buckets); the gateway then keeps them there, not in memory.
     shared_by_hosts = False
 
-    def __init__(self, *, clock=time.time, events=None):
+    def __init__(self, *, clock=time.time, events=None, receipt_rules=None):
         if None in (self.Error, self.Permanent, self.dialect):
             raise NotImplementedError(f"{type(self).__name__} must set Error, Permanent and"
                                       " dialect")
@@ -76,6 +86,8 @@ class Ledger:
         # events(before, after, outcome) → a NewEvent or None: the webhook event a status
         # change produces, written in the commit that makes the change. None: no events.
         self._events = events
+        # How a Paybill/Till receipt finds its payment, its owner and its event.
+        self._receipt_rules = receipt_rules or ReceiptRules()
 
     # --- hooks: each engine implements these -------------------------------------
 
@@ -535,30 +547,31 @@ class Ledger:
     # --- Paybill and Till confirmations (C2B) ---------------------------------
 
     C2B_COLUMNS = ("receipt", "amount", "account", "shortcode", "channel", "paid_at",
-                   "payer_name", "msisdn", "anomalies")
+                   "payer_name", "msisdn", "anomalies", "owner", "matched_tx_id", "received_at")
 
     def record_confirmation(self, confirmation, *, raw, remote_addr, received_at=None,
                             once=None):
         """In one commit: the raw body (always: Daraja never resends), and, when it names a
-        receipt nobody holds, that receipt as a Paybill/Till one. Idempotent on the receipt
-        number, which STK receipts share: an STK payment's own receipt stays its.
-        `confirmation`: a c2b.Confirmation, or None for a body that names no receipt.
-        `once`: a spool entry's id. Returns the outcome: received, duplicate (the receipt
-        is already a confirmation's), stk_receipt (an STK payment's), malformed or
-        already_applied (the spool entry was)."""
+        receipt nobody holds, that receipt as a Paybill/Till one, matched and owned by the
+        ledger's ReceiptRules, with its event. Idempotent on the receipt number, which
+        STK receipts share: an STK payment's own receipt stays its. `confirmation`: a
+        c2b.Confirmation, or None for a body that names no receipt. `once`: a spool entry's
+        id. Returns the outcome: received, duplicate (the receipt is already a
+        confirmation's), stk_receipt (an STK payment's), malformed or already_applied (the
+        spool entry was)."""
         received = self._now() if received_at is None else iso_utc(received_at)
         with self._write() as conn:
             if not self._first_time(conn, once):
                 return "already_applied"
             outcome = "malformed" if confirmation is None else self._take_c2b_receipt(
-                conn, confirmation, received)
+                conn, confirmation, received, self._receipt_rules)
             conn.execute("INSERT INTO c2b_bodies (receipt, received_at, remote_addr, outcome,"
                          " body) VALUES (?, ?, ?, ?, ?)",
                          (confirmation.receipt if confirmation else None, received,
                           remote_addr, outcome, raw))
         return outcome
 
-    def _take_c2b_receipt(self, conn, c, received):
+    def _take_c2b_receipt(self, conn, c, received, rules):
         taken = conn.execute("INSERT INTO receipts (receipt, tx_id, kind, created_at) VALUES"
                              " (?, '', 'c2b', ?) ON CONFLICT (receipt) DO NOTHING"
                              " RETURNING receipt", (c.receipt, self._clock())).fetchone()
@@ -566,17 +579,72 @@ class Ledger:
             holder = conn.execute("SELECT kind FROM receipts WHERE receipt = ?",
                                   (c.receipt,)).fetchone()
             return "stk_receipt" if holder["kind"] == "stk" else "duplicate"
-        conn.execute(
-            f"INSERT INTO c2b_receipts ({', '.join(self.C2B_COLUMNS)}, received_at)"
-            f" VALUES ({', '.join('?' * (len(self.C2B_COLUMNS) + 1))})",
-            (c.receipt, c.amount, c.account, c.shortcode, c.channel, c.paid_at, c.payer_name,
-             c.msisdn, ",".join(c.anomalies), received))
+        anomalies, candidates = list(c.anomalies), []
+        if c.channel == "paybill" and "other_shortcode" not in anomalies:
+            candidates = self._payments_referenced(conn, c.account, rules)
+            if len(candidates) > 1:
+                anomalies.append("ambiguous_reference")
+        if len(candidates) == 1:  # that payment's, and its owner's
+            owner, matched = candidates[0]["owner"] or "default", candidates[0]["id"]
+        else:
+            owner, matched = (rules.owner_for or (lambda _: "default"))(c.account), None
+        row = dict(zip(self.C2B_COLUMNS, (
+            c.receipt, c.amount, c.account, c.shortcode, c.channel, c.paid_at, c.payer_name,
+            c.msisdn, ",".join(anomalies), owner, matched, received)))
+        conn.execute(f"INSERT INTO c2b_receipts ({', '.join(self.C2B_COLUMNS)})"
+                     f" VALUES ({', '.join('?' * len(self.C2B_COLUMNS))})", tuple(row.values()))
+        new = rules.event(row) if rules.event is not None else None
+        if new is not None:
+            self._write_event(conn, new)
         return "received"
+
+    def _payments_referenced(self, conn, account, rules):
+        """The recent payments (two at most: one is a match, two are ambiguous) whose
+        reference is `account`, any case; never by the default reference."""
+        account = account.strip()
+        if not account or account.lower() == rules.default_reference.lower():
+            return []
+        return conn.execute(
+            "SELECT id, owner FROM transactions WHERE lower(reference) = ? AND created_at >= ?"
+            " ORDER BY created_at LIMIT 2",
+            (account.lower(), iso_utc(self._clock() - rules.recent_s))).fetchall()
 
     def c2b_receipt(self, receipt):
         """A Paybill/Till receipt the ledger keeps, as a dict, or None."""
         rows = self._read("SELECT * FROM c2b_receipts WHERE receipt = ?", (receipt,))
         return dict(rows[0]) if rows else None
+
+    def receipts_page(self, *, owner=None, reference=None, since=None, until=None,
+                      channel=None, receipt=None, after=None, limit=50):
+        """Every receipt, newest first: Paybill/Till ones and succeeded STK payments', in one
+        view. `owner`: only that owner's; `reference`: the account number or the payment's
+        reference, any case; `since`/`until`: ISO-8601 UTC bounds on when it was kept;
+        `channel`: stk or c2b; `receipt`: that one; `after`: the (at, receipt) of the
+        previous page's last.
+        Returns (rows, more)."""
+        where, args = [], []
+        for column, value, test in (("owner", owner, "owner = ?"),
+                                    ("reference", reference, "lower(reference) = ?"),
+                                    ("since", since, "at >= ?"), ("until", until, "at < ?"),
+                                    ("channel", channel, "channel = ?"),
+                                    ("receipt", receipt, "receipt = ?")):
+            if value is not None:
+                where.append(test)
+                args.append(value.lower() if column == "reference" else value)
+        if after is not None:
+            where.append("(at < ? OR (at = ? AND receipt < ?))")
+            args.extend([after[0], after[0], after[1]])
+        sql = (f"SELECT * FROM ({RECEIPTS_VIEW}) r" + (" WHERE " + " AND ".join(where)
+                                                       if where else "")
+               + " ORDER BY at DESC, receipt DESC LIMIT ?")
+        rows = [dict(r) for r in self._read(sql, (*args, limit + 1))]
+        return rows[:limit], len(rows) > limit
+
+    def receipts_of(self, tx_id):
+        """The Paybill/Till receipts matched to a payment, oldest first."""
+        return [dict(r) for r in self._read(
+            f"SELECT * FROM ({RECEIPTS_VIEW}) r WHERE channel = 'c2b' AND tx_id = ?"
+            " ORDER BY at, receipt", (tx_id,))]
 
     def _first_time(self, conn, once):
         """Record spool entry `once` as applied in this commit; False if it already was."""
@@ -611,8 +679,11 @@ class Ledger:
     def _add_event(self, conn, before, after, outcome):
         """The webhook event of a status change (the `events` hook's), in this commit."""
         new = self._events(before, after, outcome) if self._events is not None else None
-        if new is None:
-            return
+        if new is not None:
+            self._write_event(conn, new)
+
+    def _write_event(self, conn, new):
+        """A NewEvent into the outbox, in this commit."""
         now = self._clock()
         conn.execute(
             "INSERT INTO events (id, tx_id, owner, type, body, status, next_attempt_at,"

@@ -166,9 +166,13 @@ CREATE TABLE c2b_receipts (
     payer_name  TEXT NOT NULL,
     msisdn      TEXT NOT NULL,      -- hashed or masked, never in clear
     anomalies   TEXT NOT NULL,      -- comma-separated; empty when none
+    owner       TEXT NOT NULL,      -- the matched payment's, else by account prefix, else default
+    matched_tx_id TEXT,             -- the one recent payment whose reference is the account
     received_at TEXT NOT NULL
 );
-CREATE INDEX c2b_receipts_account ON c2b_receipts (account, received_at);
+CREATE INDEX c2b_receipts_owner ON c2b_receipts (owner, received_at);
+-- a Paybill account number finds the payment it pays: its reference, any case
+CREATE INDEX transactions_reference ON transactions (lower(reference), created_at);
 CREATE TABLE c2b_bodies (
     id          BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     receipt     TEXT,
@@ -207,13 +211,14 @@ class PostgresLedger(Ledger):
     dialect = Dialect(seq="seq", for_update=" FOR UPDATE", skip_locked=" FOR UPDATE SKIP LOCKED")
     shared_by_hosts = True
 
-    def __init__(self, url, *, clock, events=None, pool_size=8, migrate=True, wait_s=5.0):
+    def __init__(self, url, *, clock, events=None, receipt_rules=None, pool_size=8, migrate=True,
+                 wait_s=5.0):
         if psycopg is None:
             raise LedgerOpenError(
                 "GATEWAY_DB is a PostgreSQL URL but psycopg is not installed:"
                 " pip install 'mpesa-wsgi[postgres]' (from a clone: pip install -r"
                 " requirements-postgres.txt)")
-        super().__init__(clock=clock, events=events)
+        super().__init__(clock=clock, events=events, receipt_rules=receipt_rules)
         self.path = config.masked_url(url)
         self._commits, self._count_lock = 0, threading.Lock()
         self._pool = ConnectionPool(

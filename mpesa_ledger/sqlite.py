@@ -121,9 +121,13 @@ CREATE TABLE IF NOT EXISTS c2b_receipts (
     payer_name  TEXT NOT NULL,
     msisdn      TEXT NOT NULL,      -- hashed or masked, never in clear
     anomalies   TEXT NOT NULL,      -- comma-separated; empty when none
+    owner       TEXT NOT NULL,      -- the matched payment's, else by account prefix, else default
+    matched_tx_id TEXT,             -- the one recent payment whose reference is the account
     received_at TEXT NOT NULL
 );
-CREATE INDEX IF NOT EXISTS c2b_receipts_account ON c2b_receipts (account, received_at);
+CREATE INDEX IF NOT EXISTS c2b_receipts_owner ON c2b_receipts (owner, received_at);
+-- a Paybill account number finds the payment it pays: its reference, any case
+CREATE INDEX IF NOT EXISTS transactions_reference ON transactions (lower(reference), created_at);
 CREATE TABLE IF NOT EXISTS c2b_bodies (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
     receipt     TEXT,
@@ -146,11 +150,11 @@ class SqliteLedger(Ledger):
     Permanent = (sqlite3.IntegrityError, sqlite3.DataError)
     dialect = Dialect(seq="rowid", for_update="", skip_locked="")
 
-    def __init__(self, path, *, clock=time.time, events=None, busy_timeout_s=BUSY_TIMEOUT_S,
-                 on_connect=None):
+    def __init__(self, path, *, clock=time.time, events=None, receipt_rules=None,
+                 busy_timeout_s=BUSY_TIMEOUT_S, on_connect=None):
         """`busy_timeout_s`: how long a write waits for another process's lock on the file
         before it fails (GATEWAY_DB_WAIT_S)."""
-        super().__init__(clock=clock, events=events)
+        super().__init__(clock=clock, events=events, receipt_rules=receipt_rules)
         self.path = path
         self._on_connect = on_connect  # test shim: sees each new connection (e.g. an authorizer)
         self._busy_timeout_s = busy_timeout_s

@@ -43,6 +43,20 @@ class NewEvent:
 
 
 @dataclass(frozen=True)
+class ReceiptRules:
+    """How a Paybill/Till receipt finds its payment and its owner, and what it tells: a
+    Paybill account number equal (any case) to the reference of exactly one payment made in
+    the last `recent_s` seconds, never `default_reference`, is that payment's; else
+    `owner_for(account)` names the owner (None: `default`). `event(receipt)`: its NewEvent,
+    or None (None: no events)."""
+
+    recent_s: float = 30 * 24 * 3600
+    default_reference: str = ""
+    owner_for: object = None  # account number -> owner name
+    event: object = None  # receipt row (dict) -> NewEvent | None
+
+
+@dataclass(frozen=True)
 class Idempotency:
     scope: str
     key: str

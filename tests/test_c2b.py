@@ -11,12 +11,15 @@ import sys
 import pytest
 
 from helpers import (
+    API_KEY,
     BOTH_ENGINES,
+    OTHER_KEY,
     PAYBILL,
     ROOT_DIR,
     SECRET,
     SimulatorApi,
     base_env,
+    events_of,
     wait_for,
 )
 from mpesa_devtools import simulator
@@ -30,8 +33,13 @@ ACK = {"ResultCode": 0, "ResultDesc": "Success"}
 
 @pytest.fixture
 def gateway_env(gateway_env):
-    """Menu payments go to the sandbox's C2B shortcode (174379 cannot register URLs)."""
-    return dict(gateway_env, MPESA_C2B_SHORTCODE=PAYBILL)
+    """Menu payments go to the sandbox's C2B shortcode (174379 cannot register URLs); the
+    owner `other` has the account numbers starting POS; `default` has a webhook endpoint
+    (its events are written, never sent: no sender)."""
+    return dict(gateway_env, MPESA_C2B_SHORTCODE=PAYBILL, GATEWAY_C2B_ACCOUNT_PREFIXES="other:POS",
+                GATEWAY_WEBHOOK_URLS="default:http://127.0.0.1:9/events",
+                GATEWAY_WEBHOOK_SECRETS="default:whsec_" + "A" * 32,
+                GATEWAY_WEBHOOK_ALLOW_PRIVATE="on", GATEWAY_WEBHOOK_SENDER="off")
 
 
 def confirmation(receipt="RKL51ZDR4F", **fields):
@@ -64,6 +72,7 @@ def test_a_confirmation_is_kept_as_a_receipt_then_acknowledged(gateway):
         "receipt": "RKL51ZDR4F", "amount": 5, "account": "INV001", "shortcode": SHORTCODE,
         "channel": "paybill", "paid_at": "2026-11-21T09:13:25Z",  # 12:13:25 in Nairobi
         "payer_name": "NICHOLAS", "msisdn": "2547 ***** 126", "anomalies": "",
+        "owner": "default", "matched_tx_id": None,  # no payment has INV001 as its reference
         "received_at": gateway.services.ledger.c2b_receipt("RKL51ZDR4F")["received_at"]}
     assert [(b["receipt"], b["outcome"]) for b in bodies(gateway.services.ledger)] == [
         ("RKL51ZDR4F", "received")]
@@ -262,3 +271,93 @@ def test_a_payment_from_the_menu_reaches_the_ledger(gateway, sim):
     assert (kept["amount"], kept["account"], kept["channel"], kept["anomalies"]) == (
         25, "INV001", "paybill", "")
     assert kept["msisdn"].startswith("2547 ") and "*****" in kept["msisdn"]  # v2: masked
+
+
+# --- matched to a payment, owned, told, read ------------------------------------------------
+
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+OTHER = {"Authorization": f"Bearer {OTHER_KEY}"}
+LATE = pytest.mark.parametrize("sim_settings", [{"callback_delay_s": 60}], indirect=True)
+
+
+@LATE
+def test_a_paybill_receipt_is_its_payment_s_by_reference_and_is_told(gateway):
+    tx = gateway.push({"phone": "0712345041", "amount": 10, "reference": "INV041"}).json
+    post(gateway, confirmation("RKM0000041", BillRefNumber=" inv041 "))  # any case, trimmed
+    kept = gateway.services.ledger.c2b_receipt("RKM0000041")
+    assert (kept["matched_tx_id"], kept["owner"]) == (tx["id"], "default")
+    assert gateway.get(tx["id"]).json["status"] == "pending"  # its own status is its own
+    shown = gateway.get(tx["id"]).json["receipts"]
+    assert [(r["receipt"], r["channel"], r["transaction_id"], r["amount"]) for r in shown] == [
+        ("RKM0000041", "c2b", tx["id"], 5)]
+    [event] = [e for e in events_of(gateway.services.ledger) if e["type"] == "receipt.received"]
+    data = json.loads(bytes(event["body"]))["data"]
+    assert (event["owner"], data["receipt"], data["transaction_id"]) == (
+        "default", "RKM0000041", tx["id"])
+
+
+@LATE
+def test_a_reference_two_payments_share_is_ambiguous_and_matches_neither(gateway):
+    gateway.push({"phone": "0712345042", "amount": 10, "reference": "INV042"})
+    gateway.push({"phone": "0712345043", "amount": 10, "reference": "INV042"})
+    post(gateway, confirmation("RKM0000042", BillRefNumber="INV042"))
+    kept = gateway.services.ledger.c2b_receipt("RKM0000042")
+    assert kept["matched_tx_id"] is None and "ambiguous_reference" in kept["anomalies"]
+
+
+@LATE
+def test_no_match_by_the_default_reference_a_till_or_an_old_payment(gateway):
+    gateway.push({"phone": "0712345044", "amount": 10})  # reference: the default, Payment
+    post(gateway, confirmation("RKM0000044", BillRefNumber="payment"))
+    old = gateway.push({"phone": "0712345045", "amount": 10, "reference": "INV045"}).json
+    gateway.push({"phone": "0712345046", "amount": 10, "reference": "TILL46"})
+    post(gateway, confirmation("RKM0000046", TransactionType="Buy Goods",
+                               BillRefNumber="TILL46"))
+    gateway.clock.advance(31 * 24 * 3600)
+    post(gateway, confirmation("RKM0000045", BillRefNumber="INV045"))
+    for receipt in ("RKM0000044", "RKM0000045", "RKM0000046"):
+        assert gateway.services.ledger.c2b_receipt(receipt)["matched_tx_id"] is None, receipt
+    assert old["id"] not in {r["transaction_id"] for r in
+                             gateway.testapp.get("/receipts", headers=AUTH).json["data"]}
+
+
+def test_an_unmatched_receipt_belongs_by_its_account_prefix_else_to_default(gateway):
+    post(gateway, confirmation("RKM0000047", BillRefNumber="pos-17"))
+    post(gateway, confirmation("RKM0000048", BillRefNumber="SHOP-17"))
+    ledger = gateway.services.ledger
+    assert ledger.c2b_receipt("RKM0000047")["owner"] == "other"
+    assert ledger.c2b_receipt("RKM0000048")["owner"] == "default"
+    # An owner without an endpoint is not told; the one with one is.
+    told = [json.loads(bytes(e["body"]))["data"]["receipt"] for e in events_of(ledger)]
+    assert told == ["RKM0000048"]
+
+
+@LATE
+def test_receipts_are_read_by_reference_by_any_route_and_only_by_their_owner(gateway):
+    tx = gateway.push({"phone": "0712345049", "amount": 10, "reference": "INV049"}).json
+    paid_callback(gateway, tx, "UKQ4900049")  # paid by the prompt...
+    post(gateway, confirmation("RKM0000049", BillRefNumber="INV049"))  # ...and from the menu
+    page = gateway.testapp.get("/receipts?reference=inv049", headers=AUTH).json
+    assert {(r["receipt"], r["channel"]) for r in page["data"]} == {
+        ("UKQ4900049", "stk"), ("RKM0000049", "c2b")}
+    stk = next(r for r in page["data"] if r["channel"] == "stk")
+    assert stk["msisdn"] == "2547******049" and stk["transaction_id"] == tx["id"]
+    assert gateway.testapp.get("/receipts?channel=c2b", headers=AUTH).json["data"][0][
+        "receipt"] == "RKM0000049"
+    assert gateway.testapp.get("/receipts/RKM0000049", headers=AUTH).json["amount"] == 5
+    gateway.testapp.get("/receipts/RKM0000049", headers=OTHER, status=404)  # not theirs
+    assert gateway.testapp.get("/receipts", headers=OTHER).json["data"] == []
+    gateway.testapp.get("/receipts?channel=card", headers=AUTH, status=400)
+    gateway.testapp.get("/receipts", status=401)
+
+
+def test_receipts_page_by_cursor_newest_first(gateway):
+    for n in range(5):
+        post(gateway, confirmation(f"RKP000000{n}", BillRefNumber=f"PAGE{n}"))
+        gateway.clock.advance(1)
+    seen, url = [], "/receipts?limit=2"
+    while url:
+        page = gateway.testapp.get(url, headers=AUTH).json
+        seen += [r["receipt"] for r in page["data"]]
+        url = page["next_cursor"] and f"/receipts?limit=2&cursor={page['next_cursor']}"
+    assert seen == [f"RKP000000{n}" for n in reversed(range(5))]

@@ -326,9 +326,10 @@ def check_config(environ):
     for name, value in config.by_variable().items():
         print(f"{name} = {value}")
     print(f"# register-c2b would register for MPESA_C2B_SHORTCODE={config.c2b_shortcode}"
-          f" (ResponseType {config.c2b_response_type}):")
+          f" (ResponseType {config.c2b_response_type}), each signed (the signature is the"
+          " URL's secret: shown masked):")
     for kind, url in c2b_urls(config).items():
-        print(f"#   {kind}: {url}")
+        print(f"#   {kind}: {url.rsplit('/', 1)[0]}/{settings.MASK}")
     for problem in c2b_url_problems(config, c2b_urls(config)):
         print(f"#   but: {problem}")
     return 0
@@ -422,6 +423,8 @@ def register_c2b(config, version):
         services.close()
     print(f"register-c2b shortcode={shortcode} response_type={config.c2b_response_type}"
           f" api={version}: registered ({said})", flush=True)
+    for kind, url in urls.items():  # what Safaricom's portal will list for the shortcode
+        print(f"  {kind}: {url}", flush=True)
     return 0
 
 
@@ -432,11 +435,13 @@ def c2b_refusal(exc, shortcode):
         return ("already registered: production URLs are registered once; to change them,"
                 " delete them in Safaricom's portal (Self Services, URL Management) first")
     if "addurlvault" in message or (exc.http_status == 500 and "409" in message):
-        return (f"Daraja will not register URLs for {shortcode} (the sandbox's Lipa Na"
-                " M-Pesa Online shortcode 174379 cannot): set MPESA_C2B_SHORTCODE to a C2B"
-                " shortcode, 600984 in the sandbox")
-    if exc.outcome in ("unavailable", "unknown"):
+        return (f"Daraja will not register URLs for {shortcode} (a shortcode for Lipa Na"
+                " M-Pesa Online only, as the sandbox's 174379, cannot have them): set"
+                " MPESA_C2B_SHORTCODE to a C2B shortcode, 600984 in the sandbox")
+    if exc.http_status is None:
         return f"Daraja could not be reached or did not answer ({exc.reason}); try again"
+    if exc.reason == "unparsable_response":
+        return f"Daraja's answer did not say they were registered (HTTP {exc.http_status})"
     return (f"Daraja refused it ({exc.error_code or exc.http_status}:"
             f" {exc.error_message or 'no message'})")
 

@@ -413,6 +413,10 @@ SETTINGS = (
     # (the payment goes through) or Cancelled. Sent when the URLs are registered.
     ("MPESA_C2B_RESPONSE_TYPE", "c2b_response_type", one_of("Completed", "Cancelled"),
      "Completed", False),
+    # What the validation URL answers (only asked when Safaricom turned External Validation
+    # on for the shortcode): off accepts every payment; reference accepts a Paybill payment
+    # only when its account number is one recent payment's reference, at its amount.
+    ("GATEWAY_C2B_VALIDATION", "c2b_validation", one_of("off", "reference"), "off", False),
     # Who owns a Paybill receipt no payment's reference matches: name:PREFIX,… by the start
     # of its account number (INV… to shop). None: the owner named default.
     ("GATEWAY_C2B_ACCOUNT_PREFIXES", "c2b_account_prefixes", account_prefixes, (), False),

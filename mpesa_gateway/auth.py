@@ -96,10 +96,15 @@ class CallbackSigner:
         return hmac.compare_digest(sig.encode(), self.signature(tx_id).encode())
 
     # Paybill/Till URLs are registered once with Safaricom: one per kind (confirmation,
-    # validation), signed from GATEWAY_SECRET, so rotating it means registering again.
+    # validation), signed from GATEWAY_SECRET, so rotating it means registering again. Their
+    # key is derived apart, so no callback path's signature is ever one of theirs.
+    def c2b_signature(self, kind):
+        key = hmac.new(self._secret.encode(), b"mpesa-wsgi c2b urls", hashlib.sha256).digest()
+        return hmac.new(key, kind.encode(), hashlib.sha256).hexdigest()[:SIGNATURE_HEX_CHARS]
+
     def c2b_url(self, kind):
-        return f"{self._base_url}/c2b/{kind}/{self.signature('c2b:' + kind)}"
+        return f"{self._base_url}/c2b/{kind}/{self.c2b_signature(kind)}"
 
     def verify_c2b(self, kind, sig):
-        return hmac.compare_digest(sig.encode(), self.signature("c2b:" + kind).encode())
+        return hmac.compare_digest(sig.encode(), self.c2b_signature(kind).encode())
 

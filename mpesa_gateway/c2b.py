@@ -10,6 +10,7 @@ store and answer them are in `payments`.
 
 import json
 import re
+import unicodedata
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
@@ -17,7 +18,8 @@ EAT = timezone(timedelta(hours=3))  # TransTime is Nairobi time, no zone given
 _AMOUNT = re.compile(r"[0-9]{1,9}(?:\.0{1,2})?")  # whole shillings, as Daraja writes them
 _RECEIPT = re.compile(r"[A-Z0-9]{6,20}")
 _TIME = re.compile(r"[0-9]{14}")
-_CLEAR_MSISDN = re.compile(r"(?:254|0)([17][0-9]{5})([0-9]{3})")
+_CLEAR_MSISDN = re.compile(r"(?:254|0)?([17][0-9]{5})([0-9]{3})")
+MASKED_UNREADABLE = "unreadable"  # a few digits and no mask: neither a number nor a mask
 _HASHED_MSISDN = re.compile(r"[0-9a-f]{64}")
 CHANNELS = {"pay bill": "paybill", "paybill": "paybill", "customerpaybillonline": "paybill",
             "buy goods": "till", "buygoods": "till", "customerbuygoodsonline": "till"}
@@ -40,23 +42,33 @@ class Confirmation:
     anomalies: tuple = ()
 
 
-def _text(body, name):
+def _text(body, name, numbers=False):
+    """A field as text: trimmed, at most MAX_TEXT, with what no ledger column takes (a NUL,
+    a lone surrogate) replaced. `numbers`: a JSON number is read as its digits too (Daraja's
+    own examples send some fields so)."""
     value = body.get(name)
-    return value.strip()[:MAX_TEXT] if isinstance(value, str) else ""
+    if numbers and isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        return ""
+    value = value.replace("\x00", "").encode("utf-8", "replace").decode("utf-8")
+    return value.strip()[:MAX_TEXT]
 
 
 def masked_msisdn(value):
-    """The MSISDN as it may be kept: a hash or a masked form as given; a clear number
-    masked like every phone in the logs (2547******678)."""
-    value = value.strip()
-    clear = _CLEAR_MSISDN.fullmatch(value.replace(" ", "").lstrip("+"))
-    if clear:
-        return f"2547{'*' * 6}{clear[2]}" if clear[1].startswith("7") else \
-            f"2541{'*' * 6}{clear[2]}"
+    """The MSISDN as it may be kept: a SHA-256 hash as given; a form Safaricom masked (a
+    `*` and at most 8 digits) as given; anything holding more digits masked like every
+    phone in the logs (2547******678); digits are read in any script (NFKC)."""
+    value = unicodedata.normalize("NFKC", value).strip()
     if _HASHED_MSISDN.fullmatch(value.lower()):
         return value.lower()
-    # A masked form ("2547 ***** 126", "25470****149"): at most its outer digits survive.
-    return re.sub(r"(?<=[0-9]{4})[0-9](?=[0-9 *]*[0-9]{3}$)", "*", value)[:32]
+    digits = re.sub(r"[^0-9]", "", value)
+    if len(digits) <= 8:
+        return value[:32] if "*" in value or not digits else MASKED_UNREADABLE
+    clear = _CLEAR_MSISDN.fullmatch(digits)
+    if clear:
+        return f"254{clear[1][0]}{'*' * 6}{clear[2]}"
+    return f"{'*' * 6}{digits[-3:]}"
 
 
 def paid_at(trans_time):
@@ -75,13 +87,13 @@ def from_raw(raw, shortcodes):
     stored as it came, never money). `shortcodes`: this gateway's own (a confirmation for
     another is kept and flagged `other_shortcode`)."""
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+        body = json.loads(raw.decode("utf-8"))  # UTF-8 only, as Daraja sends
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     if not isinstance(body, dict):
         return None
-    receipt = body.get("TransID")
-    if not isinstance(receipt, str) or not _RECEIPT.fullmatch(receipt.strip()):
+    receipt = _text(body, "TransID")
+    if not _RECEIPT.fullmatch(receipt):
         return None
     anomalies = []
     amount_text = body.get("TransAmount")
@@ -97,13 +109,41 @@ def from_raw(raw, shortcodes):
     when = paid_at(_text(body, "TransTime"))
     if when is None:
         anomalies.append("trans_time")
-    shortcode = _text(body, "BusinessShortCode")
+    shortcode = _text(body, "BusinessShortCode", numbers=True)
     if shortcode not in shortcodes:
         anomalies.append("other_shortcode")
     name = " ".join(n for n in (_text(body, k) for k in ("FirstName", "MiddleName",
                                                           "LastName")) if n)
-    return Confirmation(receipt=receipt.strip(), amount=amount,
+    return Confirmation(receipt=receipt, amount=amount,
                         account=_text(body, "BillRefNumber"), shortcode=shortcode,
                         channel=channel, paid_at=when, payer_name=name[:MAX_TEXT],
-                        msisdn=masked_msisdn(_text(body, "MSISDN")),
+                        msisdn=masked_msisdn(_text(body, "MSISDN", numbers=True)),
                         anomalies=tuple(anomalies))
+
+
+def kept_body(raw):
+    """The body as the ledger and the spool keep it: as it came, but with an MSISDN that
+    arrived in clear masked (never stored in clear); the same bytes when there is none."""
+    try:
+        body = json.loads(raw.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return raw
+    if not isinstance(body, dict) or "MSISDN" not in body:
+        return raw
+    given = body["MSISDN"]
+    text = _text(body, "MSISDN", numbers=True)
+    masked = masked_msisdn(text)
+    if isinstance(given, str) and masked == given.strip():
+        return raw
+    body["MSISDN"] = masked
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+# A validation refused (daraja_api.md §6.2): the code decides the customer's SMS.
+REFUSALS = {"C2B00012": "Invalid Account Number", "C2B00013": "Invalid Amount",
+            "C2B00016": "Other Error"}
+
+
+def refusal(code):
+    """The validation answer refusing a payment with `code`."""
+    return {"ResultCode": code, "ResultDesc": REFUSALS[code]}

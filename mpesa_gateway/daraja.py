@@ -354,9 +354,14 @@ class DarajaClient:
             "c2b_register", C2B_REGISTER_PATHS[version], payload)
         if status == 200 and html:
             raise _wrong_base_url("c2b_register", status)
-        if status == 200 and isinstance(data, dict) and "errorCode" not in data \
-                and set(str(data.get("ResponseCode", "0")).strip() or "0") == {"0"}:
-            return _text(data.get("ResponseDescription")) or "success"
+        code = _text(data.get("ResponseCode"), 32) if isinstance(data, dict) else None
+        described = _text(data.get("ResponseDescription")) if isinstance(data, dict) else None
+        if status == 200 and "errorCode" not in (data or {}) and (code or described) \
+                and set((code or "0").strip() or "0") == {"0"}:  # all zeros, or none said
+            return described or "success"
+        if status == 200 and code:
+            raise DarajaError("c2b_register", REJECTED, "daraja_rejected", http_status=status,
+                              error_code=code, error_message=described)
         raise self._classify("c2b_register", status, data)
 
     # --- transport -----------------------------------------------------------------
@@ -491,11 +496,24 @@ def _json_or_none(raw):
         return None
 
 
+def _fault(data):
+    """The faultstring of the API proxy's SOAP-style fault ({"fault": …} or {"Envelope":
+    {"Body": {"Fault": …}}}, as C2B registration answers some errors), or None."""
+    fault = data.get("fault")
+    if not isinstance(fault, dict):
+        body = data.get("Envelope", {}).get("Body", {}) if isinstance(
+            data.get("Envelope"), dict) else {}
+        fault = body.get("Fault") if isinstance(body, dict) else None
+    return _text(fault.get("faultstring")) if isinstance(fault, dict) else None
+
+
 def _envelope(data):
-    """(errorCode, errorMessage, requestId) of Daraja's error envelope, or Nones."""
+    """(errorCode, errorMessage, requestId) of Daraja's error envelope (or of a proxy's
+    fault: its faultstring as the message), or Nones."""
     if not isinstance(data, dict):
         return None, None, None
     code, message = _text(data.get("errorCode"), 32), _text(data.get("errorMessage"))
+    message = message or _fault(data)
     if code in INVALID_TOKEN_CODES and message:
         # "Error Occurred - Invalid Access Token - <the token>": never keep the token.
         message = "Invalid Access Token"

@@ -418,18 +418,25 @@ def receive_callback(services, tx_id, sig, environ, load_raw):
     if not services.signer.verify(tx_id, sig):
         # First, before anything is logged: a scanner's request is just an unknown path.
         raise NotFound()
-    cfg = services.config
-    source = sources.client_address(environ, cfg.trusted_proxies)
-    policy = cfg.callback_ip_policy
-    if policy != "off" and not sources.within(source, cfg.callback_ips):
-        log.warning("callback source_not_allowed tx=%s ip=%s policy=%s", tx_id, source, policy)
-        if policy == "enforce":
-            raise Forbidden("callbacks are accepted from Safaricom's addresses only",
-                            code="forbidden_source")
+    source = safaricom_source(services, environ, f"callback tx={tx_id}")
     try:
         return _store_callback(services, tx_id, source, load_raw())
     except ApiError as exc:
         raise exc.about(tx_id)
+
+
+def safaricom_source(services, environ, what):
+    """The address a signed Safaricom request came from, checked against MPESA_CALLBACK_IPS
+    as MPESA_CALLBACK_IP_POLICY says (log: a WARNING; enforce: 403 too)."""
+    cfg = services.config
+    source = sources.client_address(environ, cfg.trusted_proxies)
+    policy = cfg.callback_ip_policy
+    if policy != "off" and not sources.within(source, cfg.callback_ips):
+        log.warning("%s source_not_allowed ip=%s policy=%s", what, source, policy)
+        if policy == "enforce":
+            raise Forbidden("callbacks are accepted from Safaricom's addresses only",
+                            code="forbidden_source")
+    return source
 
 
 def _store_callback(services, tx_id, source, raw):
@@ -464,15 +471,18 @@ def receive_confirmation(services, source, raw):
     """Store, then acknowledge: in the ledger, or the spool while the ledger is away (503
     only when neither can take it: Daraja does not resend, so nothing is acknowledged
     that is not kept)."""
+    raw = c2b.kept_body(raw)  # an MSISDN in clear is never stored so
     confirmation = c2b.from_raw(raw, services.c2b_shortcodes)
     try:
         outcome = services.ledger.record_confirmation(
             confirmation, raw=raw, remote_addr=source)
         services.ledger_watch.answered()
     except Exception as exc:  # noqa: BLE001 - whatever failed, the body is kept before the 200
-        if isinstance(exc, services.ledger.Error):
+        if isinstance(exc, services.ledger.Error) and not isinstance(
+                exc, services.ledger.Permanent):
             services.ledger_watch.failed("c2b", exc)
-        else:  # a bug: the spool keeps it (set aside if its replay fails the same way)
+        else:  # a bug, or a value the ledger refuses: the spool keeps it (set aside, named,
+            # if its replay fails the same way)
             log.error("c2b confirmation could not be recorded; kept in the spool", exc_info=exc)
         if not services.record(recording.confirmation(raw, source, services.clock.wall(),
                                                      services.c2b_shortcodes)):
@@ -488,9 +498,30 @@ def receive_confirmation(services, source, raw):
 
 
 def answer_validation(services, source, raw):
-    """Every payment Safaricom asks about is accepted (the confirmation that follows is
-    what is kept); a rule that refuses some is for the merchant to turn on, later."""
-    del services, source, raw
+    """GATEWAY_C2B_VALIDATION: off accepts every payment Safaricom asks about (the
+    confirmation that follows is what is kept); reference accepts a Paybill payment only
+    when its account number is exactly one recent payment's reference and it pays that
+    payment's amount (else C2B00012 / C2B00013). Nothing calls Daraja: the answer is due
+    within 8 s. When the ledger cannot say, MPESA_C2B_RESPONSE_TYPE decides, as it would
+    for an answer that never came."""
+    del source
+    cfg = services.config
+    asked = c2b.from_raw(raw, services.c2b_shortcodes)
+    if cfg.c2b_validation == "off" or asked is None or asked.channel != "paybill":
+        return Reply(200, C2B_VALIDATION_ACCEPT)
+    try:
+        candidates = services.ledger.payments_referenced(asked.account)
+    except services.ledger.Error as exc:
+        services.ledger_watch.failed("c2b", exc)
+        accept = cfg.c2b_response_type == "Completed"
+        log.warning("c2b validation undecided (the ledger cannot be read): %s as"
+                    " MPESA_C2B_RESPONSE_TYPE=%s says", "accepted" if accept else "refused",
+                    cfg.c2b_response_type)
+        return Reply(200, C2B_VALIDATION_ACCEPT if accept else c2b.refusal("C2B00016"))
+    if len(candidates) != 1:
+        return Reply(200, c2b.refusal("C2B00012"))  # no such account, or not one payment
+    if asked.amount != candidates[0]["amount"]:
+        return Reply(200, c2b.refusal("C2B00013"))
     return Reply(200, C2B_VALIDATION_ACCEPT)
 
 
@@ -503,5 +534,4 @@ def receive_c2b(services, kind, sig, environ, load_raw):
     flow = C2B_FLOWS.get(kind)
     if flow is None or not services.signer.verify_c2b(kind, sig):
         raise NotFound()
-    return flow(services, sources.client_address(environ, services.config.trusted_proxies),
-                load_raw())
+    return flow(services, safaricom_source(services, environ, f"c2b {kind}"), load_raw())

@@ -581,7 +581,8 @@ class Ledger:
             return "stk_receipt" if holder["kind"] == "stk" else "duplicate"
         anomalies, candidates = list(c.anomalies), []
         if c.channel == "paybill" and "other_shortcode" not in anomalies:
-            candidates = self._payments_referenced(conn, c.account, rules)
+            candidates = self._payments_referenced(
+                lambda sql, args: conn.execute(sql, args).fetchall(), c.account, rules)
             if len(candidates) > 1:
                 anomalies.append("ambiguous_reference")
         if len(candidates) == 1:  # that payment's, and its owner's
@@ -598,16 +599,22 @@ class Ledger:
             self._write_event(conn, new)
         return "received"
 
-    def _payments_referenced(self, conn, account, rules):
+    def _payments_referenced(self, query, account, rules):
         """The recent payments (two at most: one is a match, two are ambiguous) whose
-        reference is `account`, any case; never by the default reference."""
+        reference is `account`, any case; never by the default reference. `query(sql,
+        args)`: the rows, inside a write or as a read."""
         account = account.strip()
         if not account or account.lower() == rules.default_reference.lower():
             return []
-        return conn.execute(
-            "SELECT id, owner FROM transactions WHERE lower(reference) = ? AND created_at >= ?"
-            " ORDER BY created_at LIMIT 2",
-            (account.lower(), iso_utc(self._clock() - rules.recent_s))).fetchall()
+        return query("SELECT id, owner, amount FROM transactions WHERE lower(reference) = ?"
+                     " AND created_at >= ? ORDER BY created_at LIMIT 2",
+                     (account.lower(), iso_utc(self._clock() - rules.recent_s)))
+
+    def payments_referenced(self, account):
+        """The recent payments, two at most, whose reference is `account` (a validation
+        request asks before any money moves): read, no write."""
+        return [dict(r) for r in self._payments_referenced(self._read, account,
+                                                          self._receipt_rules)]
 
     def c2b_receipt(self, receipt):
         """A Paybill/Till receipt the ledger keeps, as a dict, or None."""

@@ -18,6 +18,8 @@ KINDS = {
     "/oauth/v1/generate": "oauth",
     "/mpesa/stkpush/v1/processrequest": "push",
     "/mpesa/stkpushquery/v1/query": "query",
+    "/mpesa/c2b/v1/registerurl": "register",
+    "/mpesa/c2b/v2/registerurl": "register",
 }
 CLOSE = "close"
 

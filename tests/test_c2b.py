@@ -22,8 +22,10 @@ from helpers import (
     events_of,
     wait_for,
 )
+import cli as command_line
+import fake_daraja as fake
 from mpesa_devtools import simulator
-from mpesa_gateway import c2b
+from mpesa_gateway import c2b, daraja, recording
 from mpesa_gateway.auth import CallbackSigner
 
 ENGINES = BOTH_ENGINES
@@ -32,14 +34,15 @@ ACK = {"ResultCode": 0, "ResultDesc": "Success"}
 
 
 @pytest.fixture
-def gateway_env(gateway_env):
+def gateway_env(gateway_env, request):
     """Menu payments go to the sandbox's C2B shortcode (174379 cannot register URLs); the
     owner `other` has the account numbers starting POS; `default` has a webhook endpoint
     (its events are written, never sent: no sender)."""
     return dict(gateway_env, MPESA_C2B_SHORTCODE=PAYBILL, GATEWAY_C2B_ACCOUNT_PREFIXES="other:POS",
                 GATEWAY_WEBHOOK_URLS="default:http://127.0.0.1:9/events",
                 GATEWAY_WEBHOOK_SECRETS="default:whsec_" + "A" * 32,
-                GATEWAY_WEBHOOK_ALLOW_PRIVATE="on", GATEWAY_WEBHOOK_SENDER="off")
+                GATEWAY_WEBHOOK_ALLOW_PRIVATE="on", GATEWAY_WEBHOOK_SENDER="off",
+                **getattr(request, "param", {}))
 
 
 def confirmation(receipt="RKL51ZDR4F", **fields):
@@ -100,6 +103,40 @@ def test_an_amount_that_is_not_whole_shillings_as_text_is_no_money(gateway, amou
     assert row["amount"] is None and "amount" in row["anomalies"].split(",")
 
 
+@pytest.mark.parametrize("field, value", [("FirstName", "\ud800"), ("BillRefNumber", "INV\u0000001"),
+                                          ("LastName", "x" * 5000)])
+def test_a_hostile_text_field_is_kept_made_safe_and_acknowledged(gateway, field, value):
+    """A lone surrogate or a NUL no database column takes, a huge name: the receipt is
+    kept (both engines), never a 500 and never only in the spool."""
+    assert post(gateway, confirmation(**{field: value})).json == ACK
+    assert gateway.services.ledger.c2b_receipt("RKL51ZDR4F") is not None
+    assert gateway.services.spool.depth() == 0
+
+
+def test_a_numeric_shortcode_is_read_as_its_digits(gateway):
+    post(gateway, confirmation(BusinessShortCode=int(SHORTCODE)))
+    row = gateway.services.ledger.c2b_receipt("RKL51ZDR4F")
+    assert (row["shortcode"], row["anomalies"]) == (SHORTCODE, "")
+
+
+@pytest.mark.parametrize("gateway_env", [{"MPESA_CALLBACK_IP_POLICY": "enforce",
+                                          "MPESA_CALLBACK_IPS": "196.201.214.200"}],
+                         indirect=True)
+def test_the_callback_source_policy_holds_for_these_urls_too(gateway):
+    gateway.testapp.post(path(gateway), confirmation(), content_type="application/json",
+                         extra_environ={"REMOTE_ADDR": "203.0.113.9"}, status=403)
+    assert bodies(gateway.services.ledger) == []
+    gateway.testapp.post(path(gateway), confirmation(), content_type="application/json",
+                         extra_environ={"REMOTE_ADDR": "196.201.214.200"}, status=200)
+
+
+def test_a_c2b_signature_opens_no_callback_path(gateway):
+    sig = path(gateway).rsplit("/", 1)[1]
+    for tx_id in ("c2b:confirmation", "confirmation"):
+        gateway.testapp.post(f"/callback/{tx_id}/{sig}", b"{}", content_type="application/json",
+                             status=404)
+
+
 def test_a_confirmation_for_another_shortcode_is_kept_and_flagged(gateway):
     post(gateway, confirmation(BusinessShortCode="999999"))
     assert "other_shortcode" in gateway.services.ledger.c2b_receipt("RKL51ZDR4F")["anomalies"]
@@ -108,18 +145,27 @@ def test_a_confirmation_for_another_shortcode_is_kept_and_flagged(gateway):
 @pytest.mark.parametrize("given, kept", [
     ("254712345126", "2547******126"),  # in clear: masked before it is stored
     ("0712345126", "2547******126"),
+    (254712345126, "2547******126"),  # a JSON number, as Daraja's own examples show
+    ("+254 712-345-126", "2547******126"),
+    ("\uff12\uff15\uff14\uff17\uff11\uff12\uff13\uff14\uff15\uff11\uff12\uff16", "2547******126"),
+    ("254712345126,254712345127", "******127"),
     ("2547 ***** 126", "2547 ***** 126"),  # v2, masked by Safaricom: as given
+    ("25470****126", "25470****126"),
     ("a" * 64, "a" * 64),  # v1, hashed: as given
+    ("71234", "unreadable"),
 ])
-def test_the_msisdn_is_kept_as_given_unless_it_is_in_clear(gateway, given, kept, caplog):
+def test_the_msisdn_is_never_kept_or_logged_in_clear(gateway, given, kept, caplog):
     with caplog.at_level(logging.DEBUG):
         post(gateway, confirmation(MSISDN=given))
     assert gateway.services.ledger.c2b_receipt("RKL51ZDR4F")["msisdn"] == kept
-    assert "712345126" not in caplog.text
+    [stored] = bodies(gateway.services.ledger)
+    assert b"712345126" not in bytes(stored["body"]) and "712345126" not in caplog.text
+    assert json.loads(bytes(stored["body"]))["TransID"] == "RKL51ZDR4F"  # the rest as it came
 
 
 @pytest.mark.parametrize("raw", [b"not json", b"[]", b'{"TransAmount": "5"}',
-                                 b'{"TransID": "x y"}'])
+                                 b'{"TransID": "x y"}', b"[" * 5000 + b"]" * 5000,
+                                 b'{"TransID": "RKL51ZDR4F"}'.decode().encode("utf-16")])
 def test_a_body_that_names_no_receipt_is_stored_and_acknowledged(gateway, raw):
     assert post(gateway, raw).json == ACK  # M-Pesa never resends: keep it, say so
     assert [(b["receipt"], b["outcome"], bytes(b["body"])) for b in
@@ -142,13 +188,6 @@ def test_validation_accepts(gateway):
     res = post(gateway, confirmation(OrgAccountBalance=""), kind="validation")
     assert res.json == {"ResultCode": "0", "ResultDesc": "Accepted"}
     assert bodies(gateway.services.ledger) == []  # the confirmation is what is kept
-
-
-def test_the_signed_urls_avoid_safaricom_s_forbidden_words(gateway):
-    for kind in ("confirmation", "validation"):
-        url = gateway.services.signer.c2b_url(kind).lower()
-        assert not any(word in url for word in ("m-pesa", "mpesa", "safaricom", "exe", "cmd",
-                                                "sql", "query"))
 
 
 # --- one namespace with STK receipts ---------------------------------------------------------
@@ -194,7 +233,7 @@ def test_a_confirmation_while_the_ledger_is_away_is_spooled_acknowledged_and_kep
     outage.begin()
     try:
         assert post(gateway, confirmation("RKS0000001")).json == ACK  # on disk, then the 200
-        assert gateway.services.spool.depth() == 1
+        [entry] = gateway.services.spool.pending()
     finally:
         outage.end()
     ledger = gateway.services.ledger
@@ -207,7 +246,7 @@ def test_a_confirmation_while_the_ledger_is_away_is_spooled_acknowledged_and_kep
 
     assert wait_for(kept, timeout=60, interval=0.2)["amount"] == 5
     wait_for(lambda: gateway.services.spool.depth() == 0, timeout=60, interval=0.2)
-    gateway.services.replay_spool()  # again: nothing applies twice
+    recording.apply(ledger, entry)  # the same entry again (a replay cut short): no twice
     assert [b["outcome"] for b in bodies(ledger)] == ["received"]
 
 
@@ -361,3 +400,89 @@ def test_receipts_page_by_cursor_newest_first(gateway):
         seen += [r["receipt"] for r in page["data"]]
         url = page["next_cursor"] and f"/receipts?limit=2&cursor={page['next_cursor']}"
     assert seen == [f"RKP000000{n}" for n in reversed(range(5))]
+
+
+VAULT_FAULT = {"Envelope": {"Body": {"Fault": {"faultstring": (
+    "Execution of ServiceCallout SCO-AddURLVault failed. Reason: ResponseCode 409 is"
+    " treated as error")}}}}  # the shape Daraja's proxy answers for 174379
+
+
+@pytest.mark.parametrize("answer, says", [
+    (fake.reply(500, VAULT_FAULT), "Daraja will not register URLs for 600984"),
+    (fake.error(500, "500.003.1001", "Urls are already registered."),
+     "already registered: production URLs are registered once"),
+    (fake.error(500, "500.003.1001", "Duplicate notification info, SP ID is 1"),
+     "Daraja refused it (500.003.1001: Duplicate notification info, SP ID is 1)"),
+    (fake.reply(200, {"ResponseCode": "1", "ResponseDescription": "Failed"}),
+     "Daraja refused it (1: Failed)"),
+    (fake.reply(200, {}), "Daraja's answer did not say they were registered (HTTP 200)"),
+], ids=["vault-fault", "already", "duplicate", "non-zero", "empty"])
+def test_register_c2b_says_what_each_daraja_answer_means(harness, answer, says):
+    h = harness(oauth=[fake.token()], register=[answer])
+    with pytest.raises(daraja.DarajaError) as refused:
+        h.app.services.daraja.register_c2b(
+            shortcode="600984", response_type="Completed",
+            confirmation_url="https://pay.example.com/c2b/confirmation/x",
+            validation_url="https://pay.example.com/c2b/validation/x")
+    assert command_line.c2b_refusal(refused.value, "600984").startswith(says)
+    assert h.fake.count("register") == 1  # never resent
+
+
+@pytest.mark.parametrize("answer", [
+    fake.reply(200, {"OriginatorCoversationID": "1", "ResponseCode": "0",
+                     "ResponseDescription": "success"}),
+    fake.reply(200, {"OriginatorCoversationID": "1", "ResponseCode": "00000000",
+                     "ResponseDescription": "Success"}),
+    fake.reply(200, {"ResponseDescription": "Success"}),  # a new account's, without a code
+])
+def test_register_c2b_takes_every_documented_success(harness, answer):
+    h = harness(oauth=[fake.token()], register=[answer])
+    assert h.app.services.daraja.register_c2b(
+        shortcode="600984", response_type="Completed",
+        confirmation_url="https://pay.example.com/c2b/confirmation/x",
+        validation_url="https://pay.example.com/c2b/validation/x").lower() == "success"
+
+
+# --- validation, when the merchant turns it on ------------------------------------------------
+
+REFERENCE_RULE = pytest.mark.parametrize("gateway_env", [{"GATEWAY_C2B_VALIDATION": "reference"}],
+                                         indirect=True)
+
+
+def asks(gateway, **fields):
+    """What the validation URL answers for a payment with these fields."""
+    return post(gateway, confirmation(OrgAccountBalance="", **fields), kind="validation").json
+
+
+@LATE
+@REFERENCE_RULE
+def test_the_reference_rule_accepts_only_one_payment_s_reference_at_its_amount(gateway):
+    gateway.push({"phone": "0712345051", "amount": 10, "reference": "INV051"})
+    gateway.push({"phone": "0712345052", "amount": 10, "reference": "INV052"})
+    gateway.push({"phone": "0712345053", "amount": 10, "reference": "INV052"})
+    accepted = {"ResultCode": "0", "ResultDesc": "Accepted"}
+    assert asks(gateway, BillRefNumber="inv051", TransAmount="10.00") == accepted
+    assert asks(gateway, BillRefNumber="INV051", TransAmount="11") == {
+        "ResultCode": "C2B00013", "ResultDesc": "Invalid Amount"}
+    for account in ("NOPE", "INV052", "Payment"):  # none, two, the default reference
+        assert asks(gateway, BillRefNumber=account, TransAmount="10")["ResultCode"] == \
+            "C2B00012", account
+    assert asks(gateway, TransactionType="Buy Goods", BillRefNumber="") == accepted  # a Till
+    assert bodies(gateway.services.ledger) == []  # asking keeps nothing
+
+
+@pytest.mark.parametrize("engine", ["postgresql"], indirect=True)
+@pytest.mark.parametrize("gateway_env", [
+    {"GATEWAY_C2B_VALIDATION": "reference", "GATEWAY_DB_WAIT_S": "1",
+     "MPESA_C2B_RESPONSE_TYPE": kind} for kind in ("Completed", "Cancelled")], indirect=True)
+def test_an_undecided_validation_answers_as_the_response_type_says(gateway, outage, caplog):
+    outage.begin()
+    try:
+        with caplog.at_level(logging.WARNING):
+            answer = asks(gateway, BillRefNumber="INV054", TransAmount="10")
+    finally:
+        outage.end()
+    expected = ("0" if gateway.services.config.c2b_response_type == "Completed"
+                else "C2B00016")
+    assert answer["ResultCode"] == expected
+    assert "c2b validation undecided" in caplog.text

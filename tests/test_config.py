@@ -149,7 +149,8 @@ def test_check_config_prints_masked_settings_and_exits_zero():
     printed = {line.split(" = ", 1)[0] for line in proc.stdout.splitlines()
                if not line.startswith("#")}
     assert printed == {name for name, *_ in config.SETTINGS}
-    assert "#   confirmation: https://pay.example.com/mpesa/c2b/confirmation/" in proc.stdout
+    assert "#   confirmation: https://pay.example.com/mpesa/c2b/confirmation/********" \
+        in proc.stdout
     assert not any(v in proc.stdout + proc.stderr for v in SECRETS.values())
 
 

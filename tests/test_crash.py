@@ -25,9 +25,10 @@ from urllib.parse import urlsplit
 import pytest
 
 import config
-from helpers import API_KEY, ROOT_DIR, base_env, free_port, wait_for
+from helpers import API_KEY, PAYBILL, ROOT_DIR, SECRET, SimulatorApi, base_env, free_port, wait_for
 from mpesa_devtools import simulator
 from mpesa_gateway import daraja
+from mpesa_gateway.auth import CallbackSigner
 
 CYCLES = int(os.environ.get("SOAK_CRASH_CYCLES", "").strip() or 20)
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -83,6 +84,27 @@ class Load:
             t.join(5)
 
 
+class MenuPayments:
+    """A thread paying the Paybill from the M-Pesa menu through the simulator: each
+    confirmation it delivers goes to the gateway's registered URL, killed or not."""
+
+    def __init__(self, sim_url):
+        self._api, self._stop = SimulatorApi(sim_url), threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        n = 0
+        while not self._stop.wait(0.05):
+            n += 1
+            self._api.simulate(shortcode=PAYBILL, amount=10 + n % 50, bill_ref=f"MENU{n}",
+                               version="v2")
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(10)
+
+
 def _rows(db):
     with sqlite3.connect(db) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
@@ -90,6 +112,21 @@ def _rows(db):
             "SELECT id, status, reason, checkout_request_id FROM transactions")}
         stored = {(r[0], bytes(r[1])) for r in conn.execute("SELECT tx_id, body FROM callbacks")}
     return rows, stored
+
+
+def _confirmations(db):
+    """(receipt → how many bodies the ledger holds for it), and the receipts it kept."""
+    with sqlite3.connect(db) as conn:
+        bodies = {}
+        for (receipt,) in conn.execute("SELECT receipt FROM c2b_bodies"):
+            bodies[receipt] = bodies.get(receipt, 0) + 1
+        kept = {r for (r,) in conn.execute("SELECT receipt FROM c2b_receipts")}
+    return bodies, kept
+
+
+def _acknowledged(sim):
+    """The TransIDs of the confirmations the gateway answered 2xx."""
+    return {json.loads(body)["TransID"] for _, body in list(sim.c2b_confirmations)}
 
 
 def _all_callbacks_out(sim):
@@ -106,7 +143,12 @@ def test_sigkill_at_random_moments_loses_nothing_and_pushes_nothing_twice(sim, t
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MPESA_", "GATEWAY_"))}
     env.update(base_env(sim.url, db, callback_base=base), GATEWAY_PORT=str(port),
                MPESA_CONNECT_TIMEOUT="0.2", MPESA_READ_TIMEOUT="0.5", GATEWAY_RATE="100000",
-               GATEWAY_BURST="100000", MPESA_CALLBACK_IP_POLICY="off", LOG_LEVEL="WARNING")
+               GATEWAY_BURST="100000", MPESA_CALLBACK_IP_POLICY="off", LOG_LEVEL="WARNING",
+               MPESA_C2B_SHORTCODE=PAYBILL)
+    signer = CallbackSigner(SECRET, base)
+    assert SimulatorApi(sim.url).register(
+        shortcode=PAYBILL, version="v2", confirmation=signer.c2b_url("confirmation"),
+        validation=signer.c2b_url("validation")).status == 200
     pushed = []
     sim.sim.on_push = lambda payload: pushed.append(urlsplit(payload["CallBackURL"]).path)
 
@@ -118,7 +160,7 @@ def test_sigkill_at_random_moments_loses_nothing_and_pushes_nothing_twice(sim, t
         return proc
 
     caught = set()  # rows in `submitting` at the moment of a kill
-    load = Load(base)
+    load, menu = Load(base), MenuPayments(sim.url)
     rng = random.Random(20261126)
     try:
         for _ in range(CYCLES):
@@ -133,8 +175,11 @@ def test_sigkill_at_random_moments_loses_nothing_and_pushes_nothing_twice(sim, t
             assert not missing, f"accepted payments without a row: {missing}"
             lost = {(urlsplit(u).path.split("/")[2], b) for u, b in sim.sim.delivered} - stored
             assert not lost, "a callback answered 2xx is not in the ledger"
+            _, kept = _confirmations(db)
+            assert not _acknowledged(sim.sim) - kept, "a confirmation answered 2xx is not kept"
     finally:
         load.stop()
+        menu.stop()
     # Real time must pass the recovery cutoff: the subprocess runs on the real clock.
     time.sleep(daraja.DarajaClient(config.load_config(env), None).longest_push_s + 1)
     stop_proc = start()  # a clean start recovers interrupted rows before it answers /health
@@ -143,6 +188,9 @@ def test_sigkill_at_random_moments_loses_nothing_and_pushes_nothing_twice(sim, t
     stop_proc.wait(10)
     stop_proc.stderr.close()
     rows, stored = _rows(db)
+    bodies, kept = _confirmations(db)
+    twice = {receipt for receipt, n in bodies.items() if n > 1}
+    lost_confirmations = _acknowledged(sim.sim) - kept
     tx_pushed = [path.split("/")[2] for path in pushed]
     resent = len(tx_pushed) - len(set(tx_pushed))
     lost_rows = set(load.accepted) - set(rows)
@@ -150,9 +198,12 @@ def test_sigkill_at_random_moments_loses_nothing_and_pushes_nothing_twice(sim, t
     report_figures(f"crash-restart: cycles={CYCLES} accepted={len(load.accepted)} "
                    f"lost={len(lost_rows) + len(lost_callbacks)} resent={resent} "
                    f"caught_mid_push={len(caught)} pushes={len(tx_pushed)} "
-                   f"callbacks_stored={len(stored)}")
+                   f"callbacks_stored={len(stored)} confirmations_kept={len(kept)}"
+                   f" confirmations_lost={len(lost_confirmations)} twice={len(twice)}")
     assert resent == 0, "a payment was pushed twice"
     assert not lost_rows and not lost_callbacks
+    assert not lost_confirmations and not twice, "a confirmation lost, or kept twice"
+    assert kept, "no confirmation reached the gateway; the test proved less than it claims"
     assert not [tx for tx, (status, *_) in rows.items() if status == "submitting"]
     settled_by_callback = {tx for tx, _ in stored}
     for tx in caught:

@@ -413,6 +413,8 @@ SETTINGS = (
     # (the payment goes through) or Cancelled. Sent when the URLs are registered.
     ("MPESA_C2B_RESPONSE_TYPE", "c2b_response_type", one_of("Completed", "Cancelled"),
      "Completed", False),
+    # The name a payer sees when they scan a payment's QR code (POST /qr).
+    ("MPESA_QR_MERCHANT_NAME", "qr_merchant_name", short_text(40), "Merchant", False),
     # What the validation URL answers (only asked when Safaricom turned External Validation
     # on for the shortcode): off accepts every payment; reference accepts a Paybill payment
     # only when its account number is one recent payment's reference, at its amount.

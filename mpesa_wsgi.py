@@ -119,6 +119,11 @@ def callback(req, s, tx_id, sig):
                                      lambda: req.body(s.config.max_body))
 
 
+def payment_qr(req, s):
+    return payments.payment_qr(s, req.header("Authorization"),
+                               lambda: req.json(s.config.max_body))
+
+
 def list_receipts(req, s):
     return payments.receipts_page(s, req.header("Authorization"),
                                   req.environ.get("QUERY_STRING", ""))
@@ -142,6 +147,7 @@ ROUTES = {
     "/openapi.json": {"GET": openapi},
     "/events": {"GET": list_events},
     "/receipts": {"GET": list_receipts},
+    "/qr": {"POST": payment_qr},
 }
 # (prefix, route template for logs, number of path segments after it, {method: handler})
 PREFIX_ROUTES = (

@@ -336,3 +336,37 @@ def parse_receipts_query(query_string):
         until=_since(one["until"], "until") if "until" in one else None,
         channel=channel, limit=limit,
         after=_decode_cursor(one["cursor"], RECEIPT_NUMBER) if "cursor" in one else None)
+
+
+# --- a payment's Dynamic QR code -------------------------------------------------------------
+
+QR_FIELDS = ("amount", "reference", "size")
+QR_SIZE_DEFAULT, QR_SIZE_MIN, QR_SIZE_MAX = 300, 100, 1000
+
+
+@dataclass(frozen=True)
+class QrRequest:
+    amount: int
+    reference: str
+    size: int
+
+
+def validate_qr(body, max_amount):
+    """Check a decoded POST /qr body: amount and reference required, size in pixels."""
+    if not isinstance(body, dict):
+        raise ValidationError("invalid_body", "the body must be a JSON object")
+    for name in body:
+        if name not in QR_FIELDS:
+            raise ValidationError(
+                "unknown_field", f"unknown field; accepted: {', '.join(QR_FIELDS)}", name)
+    for name in ("amount", "reference"):
+        if name not in body:
+            raise ValidationError("missing_field", f"{name} is required", name)
+    size = body.get("size", QR_SIZE_DEFAULT)
+    if isinstance(size, bool) or not isinstance(size, int) \
+            or not QR_SIZE_MIN <= size <= QR_SIZE_MAX:
+        raise ValidationError("invalid_size", f"size must be a whole number of pixels from"
+                              f" {QR_SIZE_MIN} to {QR_SIZE_MAX}", "size")
+    return QrRequest(amount=parse_amount(body["amount"], max_amount),
+                     reference=check_text(body["reference"], "reference", REFERENCE_MAX),
+                     size=size)

@@ -51,6 +51,7 @@ OAUTH_PATH = "/oauth/v1/generate?grant_type=client_credentials"
 PUSH_PATH = "/mpesa/stkpush/v1/processrequest"
 QUERY_PATH = "/mpesa/stkpushquery/v1/query"
 C2B_REGISTER_PATHS = {"v1": "/mpesa/c2b/v1/registerurl", "v2": "/mpesa/c2b/v2/registerurl"}
+QR_PATH = "/mpesa/qrcode/v1/generate"
 MAX_RESPONSE_BYTES = 64 * 1024  # Daraja answers are < 1 KiB; anything larger is not Daraja
 
 ACCEPTED, REJECTED, UNAVAILABLE, UNKNOWN = "accepted", "rejected", "unavailable", "unknown"
@@ -126,6 +127,8 @@ def call_policies(config):
         # Registering C2B URLs: an operator's command, retried only where nothing was sent
         # (in production a second registration is refused as "already registered").
         "c2b_register": CallPolicy("c2b_register", "POST", connect, read, attempts=2),
+        # A QR code is only drawn: no money moves, so a read error may be retried once.
+        "qr": CallPolicy("qr", "POST", connect, read, attempts=2, retry_read=True),
     }
 
 
@@ -363,6 +366,24 @@ class DarajaClient:
             raise DarajaError("c2b_register", REJECTED, "daraja_rejected", http_status=status,
                               error_code=code, error_message=described)
         raise self._classify("c2b_register", status, data)
+
+    @observed("qr")
+    def generate_qr(self, *, merchant_name, reference, amount, trx_code, cpi, size):
+        """A Dynamic QR code: the base64 PNG Daraja draws, or DarajaError."""
+        payload = {"MerchantName": merchant_name, "RefNo": reference, "Amount": amount,
+                   "TrxCode": trx_code, "CPI": cpi, "Size": str(size)}
+        status, data, html = self._authorized_post("qr", QR_PATH, payload)
+        if status == 200 and html:
+            raise _wrong_base_url("qr", status)
+        image = data.get("QRCode") if isinstance(data, dict) else None
+        code = _text(data.get("ResponseCode"), 32) if isinstance(data, dict) else None
+        if status == 200 and isinstance(image, str) and image and code \
+                and set(code.strip()) == {"0"}:
+            return image
+        if status == 200 and code:
+            raise DarajaError("qr", REJECTED, "daraja_rejected", http_status=status,
+                              error_code=code, error_message=_text(data.get("ResponseDescription")))
+        raise self._classify("qr", status, data)
 
     # --- transport -----------------------------------------------------------------
 

@@ -136,6 +136,48 @@ def read_receipt(services, authorization, number):
     return Reply(200, receipt_resource(rows[0]), tx_id=rows[0]["tx_id"])
 
 
+def within_rate(services, caller, what, unavailable):
+    """Take one from the caller's token bucket, or raise 429 with Retry-After (503 with
+    `unavailable` when the fleet's buckets, kept in the ledger, cannot be reached)."""
+    try:
+        wait = services.limiter.acquire(caller.owner)
+    except services.ledger.Error as exc:
+        services.ledger_watch.failed("rate_limit", exc)
+        raise ledger_unavailable(unavailable) from None
+    if wait:
+        raise TooManyRequests(
+            f"at most {services.config.rate:g} {what} per second per API key name",
+            headers=retry_after(wait))
+
+
+def payment_qr(services, authorization, load_body):
+    """POST /qr: a Dynamic QR code the customer scans to pay the Paybill (account: the
+    reference) or the Till; the payment comes back as a receipt matched by its reference.
+    Rate-limited like pushes; no money moves, so Daraja's answer is only relayed."""
+    cfg = services.config
+    caller = authenticate(authorization, cfg)
+    if caller.admin:
+        raise Forbidden("admin keys read; a QR code is made with a merchant's key",
+                        code="admin_key")
+    within_rate(services, caller, "requests", "the ledger cannot be reached; try again")
+    asked = checked(validation.validate_qr, load_body(), cfg.max_amount)
+    till = cfg.transaction_type == settings.TILL
+    trx_code, cpi = ("BG", cfg.party_b) if till else ("PB", cfg.c2b_shortcode)
+    try:
+        image = services.daraja.generate_qr(
+            merchant_name=cfg.qr_merchant_name, reference=asked.reference,
+            amount=asked.amount, trx_code=trx_code, cpi=cpi, size=asked.size)
+    except daraja.DarajaError as exc:
+        if exc.outcome == daraja.REJECTED:
+            raise UpstreamRejected(f"Daraja refused the QR code ({exc.error_code})") from None
+        raise ServiceUnavailable("Daraja cannot draw the QR code now; try again",
+                                 headers=retry_after(RETRY_AFTER_UNAVAILABLE_S)) from None
+    text = (f"Till {cpi}, KES {asked.amount}" if till else
+            f"Paybill {cpi}, account {asked.reference}, KES {asked.amount}")
+    return Reply(200, {"image_png_base64": image, "text": text, "trx_code": trx_code,
+                       "cpi": cpi, "reference": asked.reference, "amount": asked.amount})
+
+
 def start_payment(services, authorization, load_body, idempotency_key):
     """POST /stkpush: `load_body()` returns the decoded JSON body (or raises 413/415/400)."""
     cfg = services.config
@@ -158,14 +200,8 @@ def start_payment(services, authorization, load_body, idempotency_key):
 
 def _start_payment(services, caller, load_body, idempotency_key):
     cfg = services.config
-    try:
-        wait = services.limiter.acquire(caller.owner)  # before idempotency, as Stripe does
-    except services.ledger.Error as exc:  # the fleet's buckets live in the ledger
-        services.ledger_watch.failed("rate_limit", exc)
-        raise ledger_unavailable("the ledger cannot be reached; nothing was sent") from None
-    if wait:
-        raise TooManyRequests(f"at most {cfg.rate:g} payments per second per API key name",
-                              headers=retry_after(wait))
+    # Before idempotency, as Stripe does.
+    within_rate(services, caller, "payments", "the ledger cannot be reached; nothing was sent")
     push = checked(validation.validate_push, load_body(), cfg.max_amount,
                    cfg.default_reference, cfg.default_description)
     try:

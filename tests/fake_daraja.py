@@ -20,6 +20,7 @@ KINDS = {
     "/mpesa/stkpushquery/v1/query": "query",
     "/mpesa/c2b/v1/registerurl": "register",
     "/mpesa/c2b/v2/registerurl": "register",
+    "/mpesa/qrcode/v1/generate": "qr",
 }
 CLOSE = "close"
 

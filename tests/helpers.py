@@ -12,10 +12,12 @@ import re
 import shutil
 import socket
 import sqlite3
+import struct
 import subprocess
 import tempfile
 import threading
 import time
+import zlib
 
 import pytest
 import urllib3
@@ -336,3 +338,55 @@ class SimulatorApi:
         res = self.simulate(**kwargs)
         assert res.status == 200, res.data
         return res.json()
+
+
+def png_pixels(data):
+    """(width, height, grey bytes: 0 black, 255 white) of a greyscale or palette PNG of at
+    most 8 bits a pixel: a PNG reader in the standard library, enough for segno's output."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, chunks, idat = 8, {}, b""
+    while pos < len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        chunk = data[pos + 8:pos + 8 + length]
+        assert zlib.crc32(kind + chunk) == struct.unpack(">I", data[pos + 8 + length:
+                                                                    pos + 12 + length])[0]
+        if kind == b"IDAT":
+            idat += chunk
+        else:
+            chunks[kind] = chunk
+        pos += 12 + length
+    width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", chunks[b"IHDR"])
+    assert colour in (0, 3) and depth in (1, 2, 4, 8) and interlace == 0
+    raw, stride = zlib.decompress(idat), (width * depth + 7) // 8
+    rows, previous, pos = [], bytearray(stride), 0
+    for _ in range(height):
+        kind, row = raw[pos], bytearray(raw[pos + 1:pos + 1 + stride])
+        pos += 1 + stride
+        for i in range(stride):  # bytes per pixel is 1 at these depths
+            left, up = row[i - 1] if i else 0, previous[i]
+            upleft = previous[i - 1] if i else 0
+            if kind == 1:
+                row[i] = (row[i] + left) & 255
+            elif kind == 2:
+                row[i] = (row[i] + up) & 255
+            elif kind == 3:
+                row[i] = (row[i] + (left + up) // 2) & 255
+            elif kind == 4:
+                p = left + up - upleft
+                pa, pb, pc = abs(p - left), abs(p - up), abs(p - upleft)
+                row[i] = (row[i] + (left if pa <= pb and pa <= pc else up if pb <= pc
+                                    else upleft)) & 255
+        rows.append(row)
+        previous = row
+    palette = chunks.get(b"PLTE")
+    grey = bytearray()
+    for row in rows:
+        for x in range(width):
+            bit = x * depth
+            value = (row[bit // 8] >> (8 - depth - bit % 8)) & ((1 << depth) - 1)
+            if colour == 3:
+                value = palette[3 * value]  # the red channel: segno's colours are grey
+            else:
+                value = value * 255 // ((1 << depth) - 1)
+            grey.append(value)
+    return width, height, bytes(grey)

@@ -2,6 +2,7 @@
 ledger or the local spool, once per receipt number, which STK receipts share; the signed
 paths; what is not money stays out of the money. Both engines, the real WSGI app."""
 
+import base64
 import json
 import logging
 import os
@@ -20,6 +21,7 @@ from helpers import (
     SimulatorApi,
     base_env,
     events_of,
+    png_pixels,
     wait_for,
 )
 import cli as command_line
@@ -486,3 +488,46 @@ def test_an_undecided_validation_answers_as_the_response_type_says(gateway, outa
                 else "C2B00016")
     assert answer["ResultCode"] == expected
     assert "c2b validation undecided" in caplog.text
+
+
+# --- a payment's Dynamic QR code -----------------------------------------------------------
+
+
+def test_a_qr_code_pays_the_paybill_with_the_reference_as_account(gateway, sim):
+    zxingcpp = pytest.importorskip("zxingcpp", reason="the QR reader zxing-cpp is not installed")
+    res = gateway.testapp.post_json("/qr", {"amount": 250, "reference": "INV061", "size": 300},
+                                    headers=AUTH, status=200).json
+    assert (res["trx_code"], res["cpi"], res["reference"], res["amount"]) == (
+        "PB", PAYBILL, "INV061", 250)
+    assert res["text"] == f"Paybill {PAYBILL}, account INV061, KES 250"
+    width, height, grey = png_pixels(base64.b64decode(res["image_png_base64"], validate=True))
+    (found,) = zxingcpp.read_barcodes(memoryview(grey).cast("B", (height, width)))
+    scanned = json.loads(found.text)  # the simulator's content: what Daraja was asked
+    assert (scanned["TrxCode"], scanned["CPI"], scanned["RefNo"], scanned["Amount"]) == (
+        "PB", PAYBILL, "INV061", 250)
+    assert scanned["MerchantName"] == "Merchant"
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"reference": "INV062"}, "amount"), ({"amount": 10}, "reference"),
+    ({"amount": 0, "reference": "INV062"}, "amount"),
+    ({"amount": 10, "reference": "INV062", "size": 5000}, "size"),
+    ({"amount": 10, "reference": "INV062", "colour": "red"}, "colour"),
+])
+def test_a_qr_request_with_a_bad_field_is_400_and_asks_nothing(gateway, sim, body, field):
+    before = sim.sim.stats()["qr_codes"]
+    res = gateway.testapp.post_json("/qr", body, headers=AUTH, status=400).json
+    assert res["error"]["field"] == field
+    assert sim.sim.stats()["qr_codes"] == before
+    gateway.testapp.post_json("/qr", {"amount": 10, "reference": "X"}, status=401)
+
+
+def test_a_qr_code_daraja_refuses_is_502_and_one_it_cannot_draw_is_503(harness):
+    h = harness(oauth=[fake.token()], qr=[
+        fake.reply(200, {"ResponseCode": "1", "ResponseDescription": "Invalid CPI"}),
+        fake.error(503, "503.001.01", "Service Unavailable")])
+    body = {"amount": 10, "reference": "INV063"}
+    refused = h.testapp.post_json("/qr", body, headers=AUTH, status=502).json
+    assert refused["error"]["code"] == "daraja_rejected"
+    down = h.testapp.post_json("/qr", body, headers=AUTH, status=503)
+    assert down.headers["Retry-After"]

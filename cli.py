@@ -434,7 +434,7 @@ def c2b_refusal(exc, shortcode):
     if "already registered" in message:
         return ("already registered: production URLs are registered once; to change them,"
                 " delete them in Safaricom's portal (Self Services, URL Management) first")
-    if "addurlvault" in message or (exc.http_status == 500 and "409" in message):
+    if "addurlvault" in message or "responsecode 409" in message:
         return (f"Daraja will not register URLs for {shortcode} (a shortcode for Lipa Na"
                 " M-Pesa Online only, as the sandbox's 174379, cannot have them): set"
                 " MPESA_C2B_SHORTCODE to a C2B shortcode, 600984 in the sandbox")

@@ -660,6 +660,11 @@ def _derive(values):
     for name, _ in values["webhook_urls"] or ():
         if name not in secret_names:
             problems.append(f"GATEWAY_WEBHOOK_SECRETS has no secret for {name}")
+    key_names = {name for name, _ in values["api_keys"] or ()}
+    for name, _ in values["c2b_account_prefixes"] or ():
+        if name not in key_names:
+            problems.append(f"GATEWAY_C2B_ACCOUNT_PREFIXES names {name}, which no key of"
+                            " GATEWAY_API_KEYS has (its receipts could not be read)")
     admin = set(values["admin_keys"] or ())
     if admin & {key for _, key in values["api_keys"] or ()}:
         problems.append("GATEWAY_ADMIN_KEYS must not repeat a key of GATEWAY_API_KEYS")

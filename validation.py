@@ -308,7 +308,7 @@ def parse_list_query(query_string):
 
 RECEIPT_PARAMS = ("reference", "since", "until", "channel", "limit", "cursor")
 CHANNELS = ("stk", "c2b")
-RECEIPT_NUMBER = re.compile(r"[A-Z0-9]{6,20}")  # an M-Pesa receipt (TransID)
+RECEIPT_NUMBER = re.compile(r"[^|/\s\x00-\x1f\x7f]{1,32}")  # as the ledger may hold it
 
 
 @dataclass(frozen=True)

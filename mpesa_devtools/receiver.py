@@ -30,8 +30,12 @@ class DemoReceiver:
         try:
             verify(self._secret, headers, body, self._clock())
             event = json.loads(body)
-            print(f"webhook {event['type']} {event['data']['id']} status="
-                  f"{event['data']['status']} (signature verified)", file=self._out, flush=True)
+            data = event["data"]
+            said = (f"{data['receipt']} amount={data['amount']} account={data['reference']}"
+                    f" matched={data['transaction_id']}" if event["type"] == "receipt.received"
+                    else f"{data['id']} status={data['status']}")
+            print(f"webhook {event['type']} {said} (signature verified)", file=self._out,
+                  flush=True)
             status = "204 No Content"
         except (ValueError, KeyError, TypeError):
             print("webhook refused: signature did not verify", file=self._out, flush=True)

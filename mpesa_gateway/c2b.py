@@ -19,6 +19,8 @@ _AMOUNT = re.compile(r"[0-9]{1,9}(?:\.0{1,2})?")  # whole shillings, as Daraja w
 _RECEIPT = re.compile(r"[A-Z0-9]{6,20}")
 _TIME = re.compile(r"[0-9]{14}")
 _CLEAR_MSISDN = re.compile(r"(?:254|0)?([17][0-9]{5})([0-9]{3})")
+# In a body that is not a JSON object: a run of 9 or more digits, maybe spaced, maybe a phone.
+_PHONE_RUN = re.compile(rb"\+?[0-9](?:[ -]?[0-9]){8,}")
 MASKED_UNREADABLE = "unreadable"  # a few digits and no mask: neither a number nor a mask
 _HASHED_MSISDN = re.compile(r"[0-9a-f]{64}")
 CHANNELS = {"pay bill": "paybill", "paybill": "paybill", "customerpaybillonline": "paybill",
@@ -62,7 +64,8 @@ def masked_msisdn(value):
     value = unicodedata.normalize("NFKC", value).strip()
     if _HASHED_MSISDN.fullmatch(value.lower()):
         return value.lower()
-    digits = re.sub(r"[^0-9]", "", value)
+    digits = "".join(str(unicodedata.decimal(c)) for c in value  # any script's digits
+                     if unicodedata.decimal(c, None) is not None)
     if len(digits) <= 8:
         return value[:32] if "*" in value or not digits else MASKED_UNREADABLE
     clear = _CLEAR_MSISDN.fullmatch(digits)
@@ -122,21 +125,54 @@ def from_raw(raw, shortcodes):
 
 
 def kept_body(raw):
-    """The body as the ledger and the spool keep it: as it came, but with an MSISDN that
-    arrived in clear masked (never stored in clear); the same bytes when there is none."""
+    """The body as the ledger and the spool keep it: as it came, except that an MSISDN in
+    clear is masked (never stored in clear), under any spelling of the key, at any depth,
+    and in a body that repeats the key; an MSISDN that is not text or a number is emptied;
+    a body that is not a JSON object has every phone-like run of digits masked. Never
+    raises: the body is kept whatever it holds."""
+    repeated = []
+
+    def keep_repeats(pairs):
+        keys = [k.casefold() for k, _ in pairs]
+        repeated.extend(k for k in keys if k == "msisdn" and keys.count(k) > 1)
+        return dict(pairs)
+
     try:
-        body = json.loads(raw.decode("utf-8"))
+        body = json.loads(raw.decode("utf-8"), object_pairs_hook=keep_repeats)
     except (ValueError, UnicodeDecodeError, RecursionError):
+        body = None
+    if not isinstance(body, dict):
+        return _PHONE_RUN.sub(_mask_run, raw)
+    masked, changed = _masked_tree(body)
+    if not (changed or repeated):
         return raw
-    if not isinstance(body, dict) or "MSISDN" not in body:
-        return raw
-    given = body["MSISDN"]
-    text = _text(body, "MSISDN", numbers=True)
-    masked = masked_msisdn(text)
-    if isinstance(given, str) and masked == given.strip():
-        return raw
-    body["MSISDN"] = masked
-    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+    return json.dumps(masked, separators=(",", ":")).encode()  # ASCII: any surrogate
+
+
+def _mask_run(match):
+    digits = re.sub(rb"[^0-9]", b"", match[0])
+    return digits[:4] + b"*" * (len(digits) - 7) + digits[-3:]
+
+
+def _masked_tree(value):
+    """(value with every MSISDN masked, whether anything changed), at any depth."""
+    if isinstance(value, list):
+        items = [_masked_tree(v) for v in value]
+        return [v for v, _ in items], any(c for _, c in items)
+    if not isinstance(value, dict):
+        return value, False
+    out, changed = {}, False
+    for key, item in value.items():
+        if key.casefold() == "msisdn":
+            text = _text({key: item}, key, numbers=True) if isinstance(item, (str, int)) \
+                else ""
+            new = masked_msisdn(text)
+            changed = changed or new != item
+            out[key] = new
+        else:
+            out[key], inner = _masked_tree(item)
+            changed = changed or inner
+    return out, changed
 
 
 # A validation refused (daraja_api.md §6.2): the code decides the customer's SMS.

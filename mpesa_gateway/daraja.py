@@ -359,8 +359,9 @@ class DarajaClient:
             raise _wrong_base_url("c2b_register", status)
         code = _text(data.get("ResponseCode"), 32) if isinstance(data, dict) else None
         described = _text(data.get("ResponseDescription")) if isinstance(data, dict) else None
-        if status == 200 and "errorCode" not in (data or {}) and (code or described) \
-                and set((code or "0").strip() or "0") == {"0"}:  # all zeros, or none said
+        if status == 200 and "errorCode" not in (data or {}) and (
+                set(code.strip() or "x") == {"0"} if code  # all zeros
+                else (described or "").lower().startswith("success")):  # no code: its word
             return described or "success"
         if status == 200 and code:
             raise DarajaError("c2b_register", REJECTED, "daraja_rejected", http_status=status,
@@ -377,9 +378,8 @@ class DarajaClient:
             raise _wrong_base_url("qr", status)
         image = data.get("QRCode") if isinstance(data, dict) else None
         code = _text(data.get("ResponseCode"), 32) if isinstance(data, dict) else None
-        if status == 200 and isinstance(image, str) and image and code \
-                and set(code.strip()) == {"0"}:
-            return image
+        if status == 200 and isinstance(image, str) and image and "errorCode" not in data:
+            return image  # Safaricom's own sample answers "AG_2019…" as its ResponseCode
         if status == 200 and code:
             raise DarajaError("qr", REJECTED, "daraja_rejected", http_status=status,
                               error_code=code, error_message=_text(data.get("ResponseDescription")))

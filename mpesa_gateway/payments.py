@@ -508,8 +508,9 @@ def receive_confirmation(services, source, raw):
     only when neither can take it: Daraja does not resend, so nothing is acknowledged
     that is not kept)."""
     raw = c2b.kept_body(raw)  # an MSISDN in clear is never stored so
-    confirmation = c2b.from_raw(raw, services.c2b_shortcodes)
+    confirmation = None
     try:
+        confirmation = c2b.from_raw(raw, services.c2b_shortcodes)
         outcome = services.ledger.record_confirmation(
             confirmation, raw=raw, remote_addr=source)
         services.ledger_watch.answered()
@@ -547,6 +548,7 @@ def answer_validation(services, source, raw):
         return Reply(200, C2B_VALIDATION_ACCEPT)
     try:
         candidates = services.ledger.payments_referenced(asked.account)
+        services.ledger_watch.answered()
     except services.ledger.Error as exc:
         services.ledger_watch.failed("c2b", exc)
         accept = cfg.c2b_response_type == "Completed"

@@ -542,6 +542,10 @@ class Ledger:
         if conn.execute("UPDATE receipts SET tx_id = ?, kind = 'stk' WHERE receipt = ?"
                         " AND kind = 'c2b' RETURNING receipt", (tx_id, receipt)).fetchone():
             conn.execute("DELETE FROM c2b_receipts WHERE receipt = ?", (receipt,))
+            # Its receipt.received, if not sent yet, would announce this money twice.
+            conn.execute("DELETE FROM events WHERE tx_id = ? AND type = 'receipt.received'"
+                         " AND status = 'pending' AND attempts = 0 AND claimed_until <= ?",
+                         (receipt, self._clock()))
         return self._receipt_holder(conn, receipt) == tx_id
 
     # --- Paybill and Till confirmations (C2B) ---------------------------------
@@ -587,6 +591,8 @@ class Ledger:
                 anomalies.append("ambiguous_reference")
         if len(candidates) == 1:  # that payment's, and its owner's
             owner, matched = candidates[0]["owner"] or "default", candidates[0]["id"]
+            if c.amount is not None and c.amount != candidates[0]["amount"]:
+                anomalies.append("amount_differs")
         else:
             owner, matched = (rules.owner_for or (lambda _: "default"))(c.account), None
         row = dict(zip(self.C2B_COLUMNS, (
@@ -606,9 +612,14 @@ class Ledger:
         account = account.strip()
         if not account or account.lower() == rules.default_reference.lower():
             return []
-        return query("SELECT id, owner, amount FROM transactions WHERE lower(reference) = ?"
-                     " AND created_at >= ? ORDER BY created_at LIMIT 2",
-                     (account.lower(), iso_utc(self._clock() - rules.recent_s)))
+        # An account a prefix gives to an owner matches only that owner's payments.
+        owner = (rules.owner_for or (lambda _: None))(account)
+        scoped = " AND COALESCE(owner, 'default') = ?" if owner != "default" and owner else ""
+        return query("SELECT id, owner, amount FROM transactions"
+                     " WHERE lower(trim(reference)) = ? AND created_at >= ?"
+                     f" AND status != 'rejected'{scoped} ORDER BY created_at LIMIT 2",
+                     (account.lower(), iso_utc(self._clock() - rules.recent_s),
+                      *([owner] if scoped else [])))
 
     def payments_referenced(self, account):
         """The recent payments, two at most, whose reference is `account` (a validation

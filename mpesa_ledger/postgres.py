@@ -172,7 +172,7 @@ CREATE TABLE c2b_receipts (
 );
 CREATE INDEX c2b_receipts_owner ON c2b_receipts (owner, received_at);
 -- a Paybill account number finds the payment it pays: its reference, any case
-CREATE INDEX transactions_reference ON transactions (lower(reference), created_at);
+CREATE INDEX transactions_reference ON transactions (lower(trim(reference)), created_at);
 CREATE TABLE c2b_bodies (
     id          BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     receipt     TEXT,

@@ -127,7 +127,7 @@ CREATE TABLE IF NOT EXISTS c2b_receipts (
 );
 CREATE INDEX IF NOT EXISTS c2b_receipts_owner ON c2b_receipts (owner, received_at);
 -- a Paybill account number finds the payment it pays: its reference, any case
-CREATE INDEX IF NOT EXISTS transactions_reference ON transactions (lower(reference), created_at);
+CREATE INDEX IF NOT EXISTS transactions_reference ON transactions (lower(trim(reference)), created_at);
 CREATE TABLE IF NOT EXISTS c2b_bodies (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
     receipt     TEXT,

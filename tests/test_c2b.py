@@ -115,6 +115,29 @@ def test_a_hostile_text_field_is_kept_made_safe_and_acknowledged(gateway, field,
     assert gateway.services.spool.depth() == 0
 
 
+@pytest.mark.parametrize("raw", [
+    confirmation(MSISDN="254712345126", FirstName="\ud800"),  # re-written: ASCII, no 500
+    b"\xef\xbb\xbf" + confirmation(MSISDN="254712345126"),  # a BOM: does not parse
+    confirmation(MSISDN="254712345126")[:-5],  # cut short: does not parse
+    confirmation(MSISDN="254712345126").replace(b'"TransID"', b'"\xff"'),  # a bad byte
+    b'{"MSISDN":"254712345126",' + confirmation()[1:],  # the key twice, the last masked
+    confirmation(MSISDN=None).replace(b'"MSISDN": null', b'"Msisdn": "254712345126"'),
+    confirmation(MSISDN="\u0662\u0665\u0664\u0667\u0661\u0662\u0663\u0664\u0665\u0661\u0662\u0666"),
+    b'{"TransID":"RKL51ZDR4F","MSISDN":["254712345126"]}',  # not text: emptied
+    b'{"TransID":"RKL51ZDR4F","MSISDN":254712345126.0}',
+    b'{"TransID":"RKL51ZDR4F","Body":{"MSISDN":"254712345126"}}',  # at any depth
+    b'[{"MSISDN":"254712345126"}]',  # not an object: phone-like runs masked
+    b'{"MSISDN":"+254 712 345 126",',
+], ids=["surrogate", "bom", "truncated", "bad-byte", "twice", "other-spelling", "arabic-digits",
+        "list", "float", "nested", "top-level-list", "spaced-unparsed"])
+def test_no_body_keeps_an_msisdn_in_clear_whatever_its_shape(gateway, raw):
+    assert post(gateway, raw).json == ACK
+    [stored] = bodies(gateway.services.ledger)
+    kept = bytes(stored["body"])
+    assert b"712345126" not in kept and "712345126" not in kept.decode("utf-8", "replace")
+    assert "\u0667\u0661\u0662\u0663" not in kept.decode("utf-8", "replace")
+
+
 def test_a_numeric_shortcode_is_read_as_its_digits(gateway):
     post(gateway, confirmation(BusinessShortCode=int(SHORTCODE)))
     row = gateway.services.ledger.c2b_receipt("RKL51ZDR4F")
@@ -225,6 +248,9 @@ def test_a_confirmation_before_the_stk_result_gives_the_receipt_to_the_payment(g
     assert gateway.services.ledger._read(
         "SELECT tx_id, kind FROM receipts WHERE receipt = 'UKQ3200002'") == [
         {"tx_id": tx["id"], "kind": "stk"}]
+    # One payment, told once: the confirmation's receipt.received (not sent yet) is gone.
+    assert [e["type"] for e in events_of(gateway.services.ledger)
+            if e["type"] == "receipt.received"] == []
 
 
 # --- the ledger away -------------------------------------------------------------------------
@@ -362,6 +388,22 @@ def test_no_match_by_the_default_reference_a_till_or_an_old_payment(gateway):
                              gateway.testapp.get("/receipts", headers=AUTH).json["data"]}
 
 
+@LATE
+def test_a_prefix_s_owner_keeps_its_accounts_from_another_key_s_reference(gateway):
+    gateway.push({"phone": "0712345055", "amount": 10, "reference": "POS-55"})  # default's
+    post(gateway, confirmation("RKM0000055", BillRefNumber="POS-55"))
+    kept = gateway.services.ledger.c2b_receipt("RKM0000055")
+    assert (kept["owner"], kept["matched_tx_id"]) == ("other", None)
+
+
+@LATE
+def test_a_matched_receipt_for_another_amount_is_flagged(gateway):
+    tx = gateway.push({"phone": "0712345056", "amount": 10, "reference": "INV056"}).json
+    post(gateway, confirmation("RKM0000056", BillRefNumber="INV056", TransAmount="9"))
+    kept = gateway.services.ledger.c2b_receipt("RKM0000056")
+    assert (kept["matched_tx_id"], kept["anomalies"]) == (tx["id"], "amount_differs")
+
+
 def test_an_unmatched_receipt_belongs_by_its_account_prefix_else_to_default(gateway):
     post(gateway, confirmation("RKM0000047", BillRefNumber="pos-17"))
     post(gateway, confirmation("RKM0000048", BillRefNumber="SHOP-17"))
@@ -418,7 +460,9 @@ VAULT_FAULT = {"Envelope": {"Body": {"Fault": {"faultstring": (
     (fake.reply(200, {"ResponseCode": "1", "ResponseDescription": "Failed"}),
      "Daraja refused it (1: Failed)"),
     (fake.reply(200, {}), "Daraja's answer did not say they were registered (HTTP 200)"),
-], ids=["vault-fault", "already", "duplicate", "non-zero", "empty"])
+    (fake.reply(200, {"ResponseDescription": "Failed"}),
+     "Daraja's answer did not say they were registered (HTTP 200)"),
+], ids=["vault-fault", "already", "duplicate", "non-zero", "empty", "no-code-failed"])
 def test_register_c2b_says_what_each_daraja_answer_means(harness, answer, says):
     h = harness(oauth=[fake.token()], register=[answer])
     with pytest.raises(daraja.DarajaError) as refused:
@@ -520,6 +564,20 @@ def test_a_qr_request_with_a_bad_field_is_400_and_asks_nothing(gateway, sim, bod
     assert res["error"]["field"] == field
     assert sim.sim.stats()["qr_codes"] == before
     gateway.testapp.post_json("/qr", {"amount": 10, "reference": "X"}, status=401)
+
+
+def test_a_qr_code_answered_as_safaricom_s_own_sample_is_taken(harness):
+    h = harness(oauth=[fake.token()], qr=[fake.reply(200, {
+        "ResponseCode": "AG_20191219_000043fdf61864fe9ff5", "RequestID": "16738-27456357-1",
+        "ResponseDescription": "QR Code Successfully Generated.", "QRCode": "iVBORw0KGgo="})])
+    res = h.testapp.post_json("/qr", {"amount": 10, "reference": "INV064"}, headers=AUTH,
+                              status=200).json
+    assert res["image_png_base64"] == "iVBORw0KGgo="
+
+
+def test_a_receipt_number_with_a_control_character_is_not_found(gateway):
+    gateway.testapp.get("/receipts/%00", headers=AUTH, status=404)
+    gateway.testapp.get("/receipts/RKL%0A1", headers=AUTH, status=404)
 
 
 def test_a_qr_code_daraja_refuses_is_502_and_one_it_cannot_draw_is_503(harness):

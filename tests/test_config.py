@@ -297,3 +297,9 @@ def test_an_absurd_setting_is_refused_at_start_up_with_the_allowed_range(name, r
     assert f"{name} must be {allowed}" in str(err.value)
     assert raw not in str(err.value)
 
+
+
+def test_an_account_prefix_owner_must_be_a_key_s_name():
+    message = _error(dict(VALID, GATEWAY_C2B_ACCOUNT_PREFIXES="shpo:INV"))
+    assert "GATEWAY_C2B_ACCOUNT_PREFIXES names shpo, which no key of GATEWAY_API_KEYS has" \
+        in message

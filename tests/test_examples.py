@@ -526,6 +526,19 @@ def test_receiver_refuses_a_bad_signature_and_records_nothing(receiver):
              interval=0.2)
 
 
+def test_receiver_takes_a_receipt_event_too(receiver):
+    """receipt.received (a Paybill/Till payment) carries a receipt, not a payment id."""
+    secret = WEBHOOK_SECRETS[receiver.kind]
+    msg_id, receipt = f"msg_{secrets.token_hex(12)}", "RKR" + secrets.token_hex(4).upper()
+    body = json.dumps({"type": "receipt.received", "timestamp": "2026-11-26T11:00:00Z",
+                       "data": {"receipt": receipt, "channel": "c2b", "amount": 10,
+                                "reference": "INV001", "transaction_id": None}},
+                      separators=(",", ":")).encode()
+    assert http("POST", receiver.url, body, signed(secret, msg_id, body))[0] in (200, 204)
+    assert [(r["type"], r["receipt"]) for r in receiver.recorded()
+            if r["webhook_id"] == msg_id] == [("receipt.received", receipt)]
+
+
 # --- .env.example ----------------------------------------------------------------------------
 
 ENV_LINE = re.compile(r"(#?)([A-Z][A-Z0-9_]*)=(.*)")

@@ -131,6 +131,10 @@ def test_demo_takes_a_payment_to_succeeded_and_stops_on_sigterm(tmp_path, comman
                 return conn.execute("SELECT amount, account FROM c2b_receipts").fetchall()
 
         assert wait_for(menu_receipt, timeout=30, interval=0.2) == [(10, "INV001")]
+        # ...and the demo's merchant endpoint is told, verified.
+        wait_for(lambda: any(line.startswith("webhook receipt.received ") and
+                             "account=INV001" in line and "signature verified" in line
+                             for line in printed), timeout=30)
     finally:
         code = stop(proc)
         _, err = proc.communicate(timeout=5)

@@ -32,7 +32,8 @@ function fulfil(event) {
   // Your shop's work: mark the order paid, email the customer... It runs after the
   // answer, so a slow step never makes the gateway wait (it gives up after 10 s).
   const tx = event.data;
-  console.log(`processed ${event.type} ${tx.id} status=${tx.status} receipt=${tx.receipt || "-"}`);
+  const what = tx.id ?? tx.transaction_id ?? "-"; // a receipt may match no payment
+  console.log(`processed ${event.type} ${what} status=${tx.status ?? "-"} receipt=${tx.receipt || "-"}`);
 }
 
 function onEvent(req, body, res) {
@@ -46,8 +47,9 @@ function onEvent(req, body, res) {
   }
   const id = req.headers["webhook-id"];
   const tx = event?.data;
-  if (typeof event?.type !== "string" || typeof tx?.id !== "string") {
-    console.warn(`webhook ${id} refused: signed, but not a payment event`);
+  // payment.* events carry the payment (data.id); receipt.received a receipt (data.receipt).
+  if (typeof event?.type !== "string" || typeof (tx?.id ?? tx?.receipt) !== "string") {
+    console.warn(`webhook ${id} refused: signed, but not an event of the gateway's`);
     res.writeHead(400).end(); // never recorded, so never processed
     return;
   }
@@ -59,8 +61,8 @@ function onEvent(req, body, res) {
   const record = {
     webhook_id: id,
     type: event.type,
-    transaction_id: tx.id,
-    status: tx.status,
+    transaction_id: tx.id ?? tx.transaction_id ?? null, // a receipt: the payment it matched
+    status: tx.status ?? null,
     receipt: tx.receipt ?? null,
     received_at: new Date().toISOString(),
   };

@@ -84,23 +84,25 @@ if (strlen($body) > MAX_BODY || !signature_ok($key, $id, $_SERVER['HTTP_WEBHOOK_
 
 $event = json_decode($body, true);
 $data = is_array($event) ? ($event['data'] ?? null) : null;
-if (!is_string($event['type'] ?? null) || !is_string($data['id'] ?? null)) {
-    error_log("webhook $id refused: signed, but not a payment event");
+// payment.* events carry the payment (data.id); receipt.received a receipt (data.receipt).
+if (!is_string($event['type'] ?? null) || !is_string($data['id'] ?? $data['receipt'] ?? null)) {
+    error_log("webhook $id refused: signed, but not an event of the gateway's");
     answer(400);  // never recorded, so never processed
 }
+$txId = $data['id'] ?? $data['transaction_id'] ?? null;  // a receipt: the payment it matched
 $new = record_once(getenv('INBOX_FILE') ?: __DIR__ . '/inbox.jsonl', [
     'webhook_id' => $id,
     'type' => $event['type'],
-    'transaction_id' => $data['id'],
-    'status' => $data['status'],
+    'transaction_id' => $txId,
+    'status' => $data['status'] ?? null,
     'receipt' => $data['receipt'] ?? null,
     'received_at' => gmdate('Y-m-d\TH:i:s\Z'),
 ]);
 if ($new) {
     // The work for a new event: keep it short here (the gateway waits at most 10 s), or
     // leave it to a worker that reads the inbox. Mark the order paid, email the customer...
-    error_log("processed {$event['type']} {$data['id']} status={$data['status']}"
-              . ' receipt=' . ($data['receipt'] ?? '-'));
+    error_log("processed {$event['type']} " . ($txId ?? '-') . ' status='
+              . ($data['status'] ?? '-') . ' receipt=' . ($data['receipt'] ?? '-'));
 } else {
     error_log("webhook $id already recorded: acknowledged, not processed again");
 }

@@ -29,15 +29,17 @@ def payment_events(request):
         return HttpResponse(status=400)
     webhook_id = request.headers["webhook-id"]
     data = event.get("data") if isinstance(event, dict) else None
-    if not (isinstance(data, dict) and isinstance(data.get("id"), str)
+    # payment.* events carry the payment (data.id); receipt.received a receipt (data.receipt).
+    if not (isinstance(data, dict) and isinstance(data.get("id", data.get("receipt")), str)
             and isinstance(event.get("type"), str)):
-        log.warning("webhook %s refused: signed, but not a payment event", webhook_id)
+        log.warning("webhook %s refused: signed, but not an event of the gateway's", webhook_id)
         return HttpResponse(status=400)  # never recorded, so never processed
+    tx_id = data.get("id") or data.get("transaction_id") or ""  # a receipt: its payment
     _, created = PaymentEvent.objects.get_or_create(webhook_id=webhook_id, defaults={
-        "type": event["type"], "transaction_id": data["id"], "status": data["status"],
+        "type": event["type"], "transaction_id": tx_id, "status": data.get("status") or "",
         "receipt": data.get("receipt"), "payload": event})
     if created:
-        log.info("webhook %s recorded: %s %s", webhook_id, event["type"], data["id"])
+        log.info("webhook %s recorded: %s %s", webhook_id, event["type"], tx_id or "-")
     else:
         log.info("webhook %s already recorded: acknowledged, not processed again", webhook_id)
     return HttpResponse(status=204)

@@ -3,9 +3,10 @@
 Owns reading a confirmation body into a `Confirmation`: the receipt number, the amount
 in whole shillings, the account number, Paybill or Till, the time Safaricom gives turned
 from EAT into UTC, the payer's name as given, and the MSISDN as given when hashed or
-masked (masked here when it arrives in clear); and the anomalies that keep one from
-being money. Daraja sends every field as a string (daraja_api.md §6.2). The flows that
-store and answer them are in `payments`.
+masked (masked here when it arrives in clear); the anomalies that keep one from being
+money; the body as it may be kept (`kept_body`: no MSISDN in clear, whatever its shape);
+and the validation refusals. Daraja sends every field as a string (daraja_api.md §6.2).
+The flows that store and answer them are in `payments`.
 """
 
 import json

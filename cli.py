@@ -328,9 +328,10 @@ def check_config(environ):
     print(f"# register-c2b would register for MPESA_C2B_SHORTCODE={config.c2b_shortcode}"
           f" (ResponseType {config.c2b_response_type}), each signed (the signature is the"
           " URL's secret: shown masked):")
-    for kind, url in c2b_urls(config).items():
+    urls = c2b_urls(config)
+    for kind, url in urls.items():
         print(f"#   {kind}: {url.rsplit('/', 1)[0]}/{settings.MASK}")
-    for problem in c2b_url_problems(config, c2b_urls(config)):
+    for problem in c2b_url_problems(config, urls):
         print(f"#   but: {problem}")
     return 0
 

@@ -17,6 +17,10 @@ confirmation, every field a string, the MSISDN hashed (v1) or masked (v2).  Neve
 nothing is sent for a shortcode without URLs.  The account number `C2BTWICE` sends the
 confirmation twice.  Dynamic QR answers a real PNG (needs segno, imported only there).
 
+The initiator APIs (Reversal, Transaction Status, Account Balance, daraja_api.md §7) live
+in sim_initiator.py, which the Simulator composes: it lends them its lock, counters,
+callback sender and token check, and tells them each receipt it issues.
+
 While a prompt is open the query answers as Daraja does in the wild, chosen by
 `query_pending`: `4999` (HTTP 200, the default), or HTTP 500 `500.001.1001`
 with "The transaction is being processed" or an empty message.  With
@@ -33,6 +37,12 @@ twin on Simulator):
   POST /_sim/callbacks/<CheckoutRequestID>/resend
                                               send a push's callback again
                                               (`resend_callback(id)`)
+  GET  /_sim/initiator, POST /_sim/initiator  the initiator APIs' mode, result delay,
+                                              single ResultParameter, unlock
+                                              (`initiator()`, `set_initiator(...)`,
+                                              `unlock_initiator()`)
+  GET  /_sim/initiator/certificate            the initiator's certificate, PEM
+                                              (`initiator_certificate_pem()`)
 Weather is what the API gateway in front of M-Pesa does on a bad day:
 maintenance, spike arrest, quota, a 500 after the push was processed
 (`internal`), Apigee's HTML page, a slow answer, a 503 with Retry-After.
@@ -65,6 +75,8 @@ from dataclasses import asdict, dataclass, field, make_dataclass, replace
 from datetime import datetime, timedelta, timezone
 from urllib.parse import parse_qs, urlsplit
 
+from mpesa_devtools import sim_initiator
+
 log = logging.getLogger("simulator")
 
 EAT = timezone(timedelta(hours=3), "EAT")
@@ -72,6 +84,8 @@ SANDBOX_SHORTCODE = "174379"
 SANDBOX_PASSKEY = "bfb279f9aa9bdbcf158e97dd71a467cd2e0c893059b10f78e6b72ada1ed2c919"
 DEMO_CONSUMER_KEY = "demo-consumer-key"  # the real sandbox's keys are per app, never public
 DEMO_CONSUMER_SECRET = "demo-consumer-secret"
+SANDBOX_INITIATOR_NAME = "testapi"  # the sandbox's public initiator (daraja_api.md §7.1)
+SANDBOX_INITIATOR_PASSWORD = "Safaricom123!!"
 MAX_BODY = 64 * 1024
 
 # phone → (what happens, ResultCode). Any other valid number: success.
@@ -243,6 +257,14 @@ SETTINGS = (
      "C2B: POST the validation request before the confirmation (External Validation)"),
     ("c2b_validation_timeout_s", "MPESA_SIM_C2B_VALIDATION_TIMEOUT_S", _positive, 8.0,
      "C2B: how long a validation answer is awaited; then ResponseType decides"),
+    ("initiator_name", "MPESA_SIM_INITIATOR_NAME", str, SANDBOX_INITIATOR_NAME,
+     "initiator APIs: the InitiatorName"),
+    ("initiator_password", "MPESA_SIM_INITIATOR_PASSWORD", str, SANDBOX_INITIATOR_PASSWORD,
+     "initiator APIs: the password a SecurityCredential must hold"),
+    ("result_delay_s", "MPESA_SIM_RESULT_DELAY_S", _non_negative, 1.0,
+     "initiator APIs: request acknowledged → Result POSTed"),
+    ("cert_file", "MPESA_SIM_CERT_FILE", str, "",
+     "initiator APIs: write the certificate (PEM) here at start"),
     ("max_amount", None, _count, 250_000, "largest amount a push may ask for"),
     ("lock_subscriber", None, _on_off, True,
      "a second push to a phone with an open prompt is refused"),
@@ -259,7 +281,7 @@ class _SimSettingsChecks:
     def __post_init__(self):
         # Checked here too, so a typo fails when the simulator is built, not at the first query.
         checks = (("query_pending", _query_pending), ("query_not_found_s", _non_negative),
-                  ("c2b_validation_timeout_s", _positive))
+                  ("c2b_validation_timeout_s", _positive), ("result_delay_s", _non_negative))
         for name, check in checks:
             try:
                 check(getattr(self, name))
@@ -514,7 +536,8 @@ class Simulator:
                            c2b_registrations=0, c2b_simulations=0, c2b_unregistered=0,
                            c2b_validations_sent=0, c2b_validations_rejected=0,
                            c2b_validations_unanswered=0, c2b_cancelled=0,
-                           c2b_confirmations_sent=0, c2b_confirmations_failed=0, qr_codes=0)
+                           c2b_confirmations_sent=0, c2b_confirmations_failed=0, qr_codes=0,
+                           **dict.fromkeys(sim_initiator.COUNTERS, 0))
         self._tokens = {}  # access_token → monotonic expiry
         self.issued_tokens = []
         self._pushes = {}  # CheckoutRequestID → _Push
@@ -545,6 +568,14 @@ class Simulator:
             "/_sim/weather": {"GET": lambda environ: (200, self.weather()),
                               "POST": self._post_weather},
         }
+        self._initiator = sim_initiator.InitiatorApis(sim_initiator.Parts(
+            settings=self.settings, lock=self._lock, count=self.count, sender=self._sender,
+            check_bearer=self._check_bearer, read_body=_read_body_json, reject=_Reject,
+            control_error=_ControlError, raw=_Raw, receipt=_receipt, request_id=_request_id,
+            valid_url=_valid_callback_url))
+        self._routes.update(self._initiator.routes())
+        self.initiator_results = self._initiator.results  # (url, body) of each answered 2xx
+        self.initiator_requests = self._initiator.received  # (api, TransactionID) acknowledged
 
     def stop(self):
         self._sender.stop()
@@ -613,6 +644,26 @@ class Simulator:
         self.count("callbacks_scheduled")
         self._sender.schedule(max(time.monotonic(), push.decided_at), push.callback_url,
                               push.callback_body)
+
+    def initiator_certificate_pem(self):
+        """The initiator's self-signed certificate, PEM bytes: what a SecurityCredential is
+        encrypted with. sim_initiator.CryptographyMissing without `cryptography`."""
+        return self._initiator.certificate_pem()
+
+    def initiator(self):
+        """The initiator APIs' state: {"mode", "result_delay_s", "single_parameter",
+        "locked", "failures"}."""
+        return self._initiator.state()
+
+    def set_initiator(self, mode=None, result_delay_s=None, single_parameter=None):
+        """Change the initiator APIs' mode ("normal", "timeout", "silent"), result delay or
+        single-object ResultParameter (None: unchanged); ValueError for a bad value."""
+        given = dict(mode=mode, result_delay_s=result_delay_s, single_parameter=single_parameter)
+        return self._initiator.change({k: v for k, v in given.items() if v is not None})
+
+    def unlock_initiator(self):
+        """Unlock the initiator locked by refused credentials (8006 → normal again)."""
+        return self._initiator.change({"unlock": True})
 
     # --- WSGI -----------------------------------------------------------------
 
@@ -715,14 +766,16 @@ class Simulator:
             self.issued_tokens.append(token)  # so tests can prove none is ever logged
         return 200, {"access_token": token, "expires_in": str(self.settings.token_ttl_s)}
 
-    def _check_bearer(self, environ, status=404, code="404.001.03"):
-        """A live token, else "Invalid Access Token": 404.001.03 (STK), 400.003.01 (C2B)."""
+    def _check_bearer(self, environ, status=404, code="404.001.03",
+                      message="Invalid Access Token"):
+        """A live token, else "Invalid Access Token": 404.001.03 (STK), 400.003.01 (C2B);
+        the initiator APIs' 401.002.01 message echoes the token sent (`{token}`)."""
         auth = environ.get("HTTP_AUTHORIZATION", "")
         token = auth[len("Bearer "):] if auth.startswith("Bearer ") else None
         with self._lock:
             expiry = self._tokens.get(token)
         if expiry is None or expiry <= time.monotonic():
-            raise _Reject(status, code, "Invalid Access Token")
+            raise _Reject(status, code, message.format(token=token or ""))
 
     def _answer_lost(self, weather):
         """Under `internal` weather a request is processed, then answered 500: a client
@@ -839,6 +892,9 @@ class Simulator:
             # Built before the push is visible, so a resend can never see it half made.
             push.callback_body = json.dumps(_callback_body(push, decided)).encode()
             self._pushes[checkout_id] = push
+        if push.receipt is not None:  # paid once decided: then Reversal and Status know it
+            self._initiator.paid(push.receipt, push.amount, _customer(push.phone),
+                                 s.shortcode, "stk", wall, decided, visible_at=push.decided_at)
         deliveries = {"no_callback": 0, "callback_twice": 2}.get(kind, 1)
         for i in range(deliveries):
             self.count("callbacks_scheduled")
@@ -958,6 +1014,8 @@ class Simulator:
             balance = self._c2b_balances.get(payment.shortcode, 0) + payment.amount
             self._c2b_balances[payment.shortcode] = balance
         fields["OrgAccountBalance"] = f"{balance}.00"
+        self._initiator.paid(fields["TransID"], payment.amount, _customer(payment.msisdn),
+                             payment.shortcode, payment.command, wall, wall)
         body, url = json.dumps(fields).encode(), payment.urls.confirmation_url
         # Daraja never resends a confirmation that failed; C2BTWICE sends the same one twice.
         for _ in range(2 if payment.bill_ref == C2B_TWICE else 1):
@@ -1098,6 +1156,11 @@ def _receipt(wall):
 def _masked(phone):
     """2547******111: whether Daraja now masks the callback's PhoneNumber is unknown (§4)."""
     return phone[:4] + "*" * 6 + phone[-3:]
+
+
+def _customer(phone):
+    """A customer's public name in initiator results: "2547******678 - JOHN"."""
+    return f"{_masked(phone)} - {C2B_FIRST_NAME}"
 
 
 def _callback_body(push, decided):

@@ -26,11 +26,19 @@ from helpers import (
     free_port,
     new_row,
     self_signed_cert,
-    wait_for,
 )
+from helpers import wait_for as _wait_for
 from mpesa_devtools import simulator
 from mpesa_gateway.auth import CallbackSigner
 from mpesa_ledger import SqliteLedger
+
+
+
+def wait_for(predicate, timeout=30.0, interval=0.05):
+    """Log lines of two other processes (nginx, the gateway) on a loaded machine: a
+    generous deadline."""
+    return _wait_for(predicate, timeout=timeout, interval=interval)
+
 
 SITE = os.path.join(ROOT_DIR, "deploy", "nginx", "mpesa-wsgi.conf")
 NGINX = shutil.which("nginx") or next(

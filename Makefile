@@ -18,19 +18,19 @@ SOAK_TESTS := tests/test_crash.py tests/test_properties.py tests/test_ledger_sta
 
 .PHONY: demo test soak bench clean
 
-$(RUN_VENV)/.installed: requirements.txt
+$(RUN_VENV)/.installed: requirements.txt requirements-initiator.txt
 	$(PYTHON) -m venv $(RUN_VENV)
-	$(RUN_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(RUN_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-initiator.txt
 	touch $@
 
 $(TEST_VENV)/.installed: requirements.txt requirements-test.txt requirements-postgres.txt \
-		requirements-examples.txt
+		requirements-examples.txt requirements-initiator.txt
 	$(PYTHON) -m venv $(TEST_VENV)
 	$(TEST_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-test.txt
 	touch $@
 
 $(BENCH_VENV)/.installed: requirements.txt requirements-test.txt requirements-postgres.txt \
-		requirements-examples.txt requirements-bench.txt
+		requirements-examples.txt requirements-initiator.txt requirements-bench.txt
 	$(PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-bench.txt
 	touch $@

@@ -16,14 +16,16 @@ import logging
 import os
 import secrets
 import select
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 
 import config as settings
 import mpesa_ledger as store
-from mpesa_gateway import logs, serving
+from mpesa_gateway import initiator, logs, serving
 from mpesa_gateway.auth import CallbackSigner
 from mpesa_gateway.services import build_services
 from mpesa_ledger import move as ledger_move
@@ -192,15 +194,18 @@ def run_demo(create_app, environ):
 
     port = demo.demo_port(environ)  # the simulator takes the next port, the receiver the next
     api_key = environ.get("GATEWAY_API_KEYS") or "demo_" + secrets.token_urlsafe(18)
-    env = demo.demo_environment(environ, port, port + 1, api_key, secrets.token_urlsafe(24))
-    config = settings.load_config(env)
-    configure_logging(config)
+    folder = tempfile.mkdtemp(prefix="mpesa-demo-")
+    env = demo.demo_environment(environ, port, port + 1, api_key, secrets.token_urlsafe(24),
+                                os.path.join(folder, "simulator-initiator.pem"))
+    # First: the simulator writes the certificate the initiator's credential is made with.
     sim = start_simulator(env, port + 1)
-    receiver = None
-    if config.webhook_urls == (("default", demo.receiver_url(port)),):
-        start_receiver(dict(config.webhook_secrets)["default"], port + 2)
-        receiver = demo.receiver_url(port)
     try:
+        config = settings.load_config(env)
+        configure_logging(config)
+        receiver = None
+        if config.webhook_urls == (("default", demo.receiver_url(port)),):
+            start_receiver(dict(config.webhook_secrets)["default"], port + 2)
+            receiver = demo.receiver_url(port)
         app = build_app(create_app, config)
         try:
             server = create_server(app, "127.0.0.1", port, config)
@@ -212,6 +217,7 @@ def run_demo(create_app, environ):
             app.services.close()
     finally:
         sim.stop()
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def register_demo_c2b(services, config):
@@ -285,10 +291,26 @@ def demo_banner(config, port, shown_key, receiver):
         "Then, with the id it returns (pending, then succeeded after the callback; the"
         " signed webhook event is printed here as it arrives):",
         f"  curl -s {base}/transactions/<id> -H 'Authorization: Bearer {shown_key}'",
+        *refund_lines(config, base, shown_key),
         *menu_payment_lines(config, port + 1),
         f"  curl -s {base}/health",
         "Ctrl-C stops the demo.",
     ])
+
+
+def refund_lines(config, base, shown_key):
+    """The banner's curl lines that refund the payment and check a code (when an initiator
+    is set: the demo's is the simulator's)."""
+    if not config.initiator_name:
+        return []
+    auth = f"-H 'Authorization: Bearer {shown_key}'"
+    return [
+        "Refund it (the whole amount, by Daraja's Reversal: GET the payment again to see"
+        " refund.status turn refunded), and check an M-Pesa code a customer quotes:",
+        f"  curl -s -X POST {base}/transactions/<id>/refund {auth}"
+        " -H 'Idempotency-Key: refund-<id>'",
+        f"  curl -s -X POST {base}/receipts/<receipt>/verify {auth}",
+    ]
 
 
 def menu_payment_lines(config, sim_port):
@@ -323,8 +345,18 @@ def check_config(environ):
     except settings.ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2
+    try:
+        made = initiator.from_config(config)  # the credential, made as at start-up
+    except settings.ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     for name, value in config.by_variable().items():
         print(f"{name} = {value}")
+    print("# initiator (refunds, code checks, /balance): " + (
+        "off: they answer 501" if made is None else
+        f"{made.name}, its credential " + ("as MPESA_SECURITY_CREDENTIAL gives it"
+                                           if config.security_credential else
+                                           "made from the password and MPESA_CERT_FILE")))
     print(f"# register-c2b would register for MPESA_C2B_SHORTCODE={config.c2b_shortcode}"
           f" (ResponseType {config.c2b_response_type}), each signed (the signature is the"
           " URL's secret: shown masked):")
@@ -376,6 +408,26 @@ def deliver_once(config):
         services.close()
     summary = " ".join(f"{k}={v}" for k, v in sorted(results.items())) or "nothing due"
     print(f"deliver {summary}", flush=True)
+    return 0
+
+
+def resume_initiator(config):
+    """Lift the stop a refused initiator (2001, 8006) put on every initiator call, for the
+    configuration as it is: after the API operator was unlocked on the Daraja portal, when
+    its name and credential were right all along."""
+    made = initiator.from_config(config)
+    if made is None:
+        print("no initiator is configured (MPESA_INITIATOR_NAME): nothing to resume",
+              file=sys.stderr)
+        return 2
+    services = command_services(config)
+    try:
+        lifted = services.ledger.lift_initiator_stop(made.fingerprint)
+    finally:
+        services.close()
+    print("resume-initiator: " + (f"the stop (result code {lifted['result_code']}) is lifted;"
+                                  " initiator calls go again" if lifted else
+                                  "this configuration was not stopped"), flush=True)
     return 0
 
 
@@ -492,11 +544,12 @@ def main(create_app, argv=None):
     parser.add_argument("--version", action="version", version=f"mpesa-wsgi {settings.VERSION}")
     parser.add_argument("command", nargs="?",
                         choices=("serve", "reconcile", "deliver", "migrate", "migrate-ledger",
-                                 "spool", "register-c2b"),
+                                 "spool", "register-c2b", "resume-initiator"),
                         default="serve", help="serve (default), or run one reconciliation"
                         " pass or one webhook delivery pass, or create or upgrade the"
                         " ledger's schema, or show the local spool, or register the"
-                        " Paybill/Till URLs with Daraja, and exit")
+                        " Paybill/Till URLs with Daraja, or lift the stop Daraja's refusal"
+                        " of the initiator put on refunds and code checks, and exit")
     parser.add_argument("--tx", metavar="ID",
                         help="with reconcile: query this one transaction (its id or"
                         " CheckoutRequestID) now")
@@ -547,6 +600,8 @@ def main(create_app, argv=None):
             return show_spools(config.spool_dir)
         if args.command == "deliver":
             return deliver_once(config)
+        if args.command == "resume-initiator":
+            return resume_initiator(config)
         if args.command == "register-c2b":
             return register_c2b(config, "v1" if args.v1 else "v2")
         if args.command == "migrate":

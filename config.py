@@ -422,6 +422,16 @@ SETTINGS = (
     # Who owns a Paybill receipt no payment's reference matches: name:PREFIX,… by the start
     # of its account number (INV… to shop). None: the owner named default.
     ("GATEWAY_C2B_ACCOUNT_PREFIXES", "c2b_account_prefixes", account_prefixes, (), False),
+    # Daraja's initiator APIs (refunds by Reversal, Transaction Status, Account Balance):
+    # the API operator's name (portal: Organisation → Operators). None: those features off.
+    ("MPESA_INITIATOR_NAME", "initiator_name", text, None, False),
+    # The SecurityCredential as the Daraja portal generates it (base64), or leave it
+    # empty and give the password and Safaricom's certificate to have it made at start-up.
+    ("MPESA_SECURITY_CREDENTIAL", "security_credential", text, None, True),
+    ("MPESA_INITIATOR_PASSWORD", "initiator_password", text, None, True),
+    # Safaricom's public-key certificate of the environment (PEM or DER .cer), for the
+    # password above; needs the optional `cryptography` package (the `initiator` extra).
+    ("MPESA_CERT_FILE", "cert_file", text, None, False),
     # Seconds to open a connection to Daraja; nothing is sent before it succeeds.
     ("MPESA_CONNECT_TIMEOUT", "connect_timeout", at_most(positive_float, 60), 5.0, False),
     # Seconds to wait for Daraja's answer; past it a push becomes "unknown".
@@ -679,6 +689,29 @@ def _derive(values):
             problems.append("MPESA_CALLBACK_BASE_URL must be https:// in production")
         if not values["base_url"].startswith("https://"):
             problems.append("MPESA_BASE_URL must be https:// in production")
+    problems.extend(_initiator_problems(values))
     credentials = f"{values['consumer_key']}:{values['consumer_secret']}".encode()
     values["oauth_header"] = "Basic " + base64.b64encode(credentials).decode("ascii")
+    return problems
+
+
+def _initiator_problems(values):
+    """The initiator settings go together: a name and one credential (as the portal made
+    it, or a password and the certificate to make it with), or none of them."""
+    name, credential = values["initiator_name"], values["security_credential"]
+    password, cert = values["initiator_password"], values["cert_file"]
+    if not (name or credential or password or cert):
+        return []
+    problems = []
+    if not name:
+        problems.append("MPESA_INITIATOR_NAME is required with MPESA_SECURITY_CREDENTIAL,"
+                        " MPESA_INITIATOR_PASSWORD or MPESA_CERT_FILE")
+    if credential and (password or cert):
+        problems.append("MPESA_SECURITY_CREDENTIAL and MPESA_INITIATOR_PASSWORD/MPESA_CERT_FILE"
+                        " are two ways to give one credential: set one of them")
+    elif not credential and not (password and cert):
+        problems.append("the initiator needs MPESA_SECURITY_CREDENTIAL, or both"
+                        " MPESA_INITIATOR_PASSWORD and MPESA_CERT_FILE")
+    elif cert and not os.path.isfile(cert):
+        problems.append("MPESA_CERT_FILE is not a readable file")
     return problems

@@ -4,7 +4,8 @@ Owns the HTTP surface and nothing else: `create_app()` (builds the services once
 and wraps them), the request helpers (bounded body reading, strict JSON), the
 literal route table, the plain handler functions, and the small WSGI callable
 that routes, calls, renders errors in one shape and accounts for the request.
-The payment flows live in `mpesa_gateway.payments`; the command line in `cli.py`,
+The payment flows live in `mpesa_gateway.payments`, refunds and code checks in
+`mpesa_gateway.refunds`; the command line in `cli.py`,
 which `main` (the `mpesa-wsgi` command, `python mpesa_wsgi.py …`) hands `create_app` to.
 
 Importing this module needs no environment; building the app does.
@@ -15,7 +16,7 @@ import os
 import time
 
 import config as settings
-from mpesa_gateway import logs, monitoring, payments
+from mpesa_gateway import logs, monitoring, payments, refunds
 from mpesa_gateway.services import build_services
 from mpesa_gateway.wire import (
     STATUS_LINES,
@@ -63,10 +64,22 @@ class Request:
 
     def json(self, limit):
         """The decoded JSON body: 415 unless JSON, 413 past the limit, 400 if malformed."""
-        ctype = self.environ.get("CONTENT_TYPE", "").split(";", 1)[0].strip().lower()
-        if ctype != "application/json":
+        if not self._is_json():
             raise UnsupportedMediaType()
         return decode_json(self.body(limit))
+
+    def optional_json(self, limit):
+        """Like json(), but a POST with no body at all is None."""
+        data = self.body(limit)
+        if not data:
+            return None
+        if not self._is_json():
+            raise UnsupportedMediaType()
+        return decode_json(data)
+
+    def _is_json(self):
+        ctype = self.environ.get("CONTENT_TYPE", "").split(";", 1)[0].strip().lower()
+        return ctype == "application/json"
 
 
 # --- handlers: (req, services, *path params) -> a Reply; errors raised ----------------------
@@ -108,9 +121,7 @@ def get_event(req, s, event_id):
     return payments.read_event(s, req.header("Authorization"), event_id)
 
 
-def redeliver(req, s, event_id, action):
-    if action != "redeliver":
-        raise NotFound()
+def redeliver(req, s, event_id):
     return payments.redeliver_event(s, req.header("Authorization"), event_id)
 
 
@@ -138,6 +149,36 @@ def c2b(req, s, kind, sig):
                                 lambda: req.body(s.config.max_body))
 
 
+def refund_transaction(req, s, ref):
+    return refunds.refund_payment(s, req.header("Authorization"), ref,
+                                  lambda: req.optional_json(s.config.max_body),
+                                  req.header("Idempotency-Key"))
+
+
+def refund_receipt(req, s, number):
+    return refunds.refund_receipt(s, req.header("Authorization"), number,
+                                  lambda: req.optional_json(s.config.max_body),
+                                  req.header("Idempotency-Key"))
+
+
+def verify_receipt(req, s, number):
+    return refunds.verify_receipt(s, req.header("Authorization"), number)
+
+
+def claim_receipt(req, s, number):
+    return refunds.claim_receipt(s, req.header("Authorization"), number,
+                                 lambda: req.json(s.config.max_body))
+
+
+def balance(req, s):
+    return refunds.balance(s, req.header("Authorization"))
+
+
+def result(req, s, kind, request_id, sig):
+    return refunds.receive_result(s, kind, request_id, sig, req.environ,
+                                  lambda: req.body(s.config.max_body))
+
+
 # Literal paths: auditable at a glance. Value: {method: handler}.
 ROUTES = {
     "/health": {"GET": health},
@@ -148,27 +189,38 @@ ROUTES = {
     "/events": {"GET": list_events},
     "/receipts": {"GET": list_receipts},
     "/qr": {"POST": payment_qr},
+    "/balance": {"GET": balance},
 }
 # (prefix, route template for logs, number of path segments after it, {method: handler})
 PREFIX_ROUTES = (
     ("/transactions/", "/transactions/{id}", 1, {"GET": get_transaction}),
+    ("/transactions/", "/transactions/{id}/refund", 2, {"POST": refund_transaction}),
     ("/callback/", "/callback/{tx_id}/{sig}", 2, {"POST": callback}),
     ("/c2b/", "/c2b/{kind}/{sig}", 2, {"POST": c2b}),
     ("/receipts/", "/receipts/{receipt}", 1, {"GET": get_receipt}),
+    ("/receipts/", "/receipts/{receipt}/refund", 2, {"POST": refund_receipt}),
+    ("/receipts/", "/receipts/{receipt}/verify", 2, {"POST": verify_receipt}),
+    ("/receipts/", "/receipts/{receipt}/claim", 2, {"POST": claim_receipt}),
+    ("/results/", "/results/{kind}/{request}/{sig}", 3, {"POST": result}),
     ("/events/", "/events/{id}", 1, {"GET": get_event}),
     ("/events/", "/events/{id}/redeliver", 2, {"POST": redeliver}),
 )
+# Each prefix route with its template's segments after the prefix, split once.
+_PREFIXES = tuple((*route, route[1][len(route[0]):].split("/")) for route in PREFIX_ROUTES)
 
 
 def match(method, path):
-    """(handler, route template, params) or raise 404/405."""
+    """(handler, route template, params) or raise 404/405. A template's `{name}` segments
+    are the params; its other segments must be as written."""
     methods, template, params = ROUTES.get(path), path, ()
     if methods is None:
-        for prefix, prefix_template, count, candidate in PREFIX_ROUTES:
+        for prefix, prefix_template, count, candidate, wanted in _PREFIXES:
             if path.startswith(prefix):
                 parts = tuple(path[len(prefix):].split("/"))
-                if len(parts) == count and all(parts):
-                    methods, template, params = candidate, prefix_template, parts
+                if len(parts) == count and all(parts) and all(
+                        w.startswith("{") or w == p for w, p in zip(wanted, parts)):
+                    methods, template = candidate, prefix_template
+                    params = tuple(p for w, p in zip(wanted, parts) if w.startswith("{"))
                     break
     if methods is None:
         raise NotFound()

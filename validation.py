@@ -370,3 +370,45 @@ def validate_qr(body, max_amount):
     return QrRequest(amount=parse_amount(body["amount"], max_amount),
                      reference=check_text(body["reference"], "reference", REFERENCE_MAX),
                      size=size)
+
+
+# --- refunds, code checks and claims ---------------------------------------------------------
+
+MPESA_CODE = re.compile(r"[A-Z0-9]{6,20}")  # an M-Pesa receipt as Daraja writes it
+CLAIM_REFERENCE_MAX = 64
+
+
+def mpesa_code(value):
+    """A receipt a person typed or pasted ("qkx1a2b3c4 "): upper case, trimmed, or a 400."""
+    code = value.strip().upper() if isinstance(value, str) else ""
+    if not MPESA_CODE.fullmatch(code):
+        raise ValidationError("invalid_receipt", "an M-Pesa receipt is 6 to 20 letters and"
+                              " digits, e.g. QKX1A2B3C4", "receipt")
+    return code
+
+
+def validate_refund(body):
+    """A POST …/refund body: empty, or {"retry": true|false}; returns `retry`."""
+    if body is None:
+        return False
+    if not isinstance(body, dict):
+        raise ValidationError("invalid_body", "the body must be a JSON object")
+    for name in body:
+        if name != "retry":
+            raise ValidationError("unknown_field", "unknown field; accepted: retry", name)
+    retry = body.get("retry", False)
+    if not isinstance(retry, bool):
+        raise ValidationError("invalid_retry", "retry must be true or false", "retry")
+    return retry
+
+
+def validate_claim(body):
+    """A POST /receipts/<receipt>/claim body: {"reference": the merchant's order}."""
+    if not isinstance(body, dict):
+        raise ValidationError("invalid_body", "the body must be a JSON object")
+    for name in body:
+        if name != "reference":
+            raise ValidationError("unknown_field", "unknown field; accepted: reference", name)
+    if "reference" not in body:
+        raise ValidationError("missing_field", "reference is required", "reference")
+    return check_text(body["reference"], "reference", CLAIM_REFERENCE_MAX)

@@ -3,9 +3,12 @@
 Owns what `python mpesa_wsgi.py --demo` sets before the gateway reads its configuration:
 the simulator's public sandbox credentials, a local ledger file, a printed API key, the
 demo's own webhook endpoint and its secret, the Paybill shortcode menu payments go to,
-and the ports (the gateway's, the simulator's on the next one, the receiver's on the one
-after).
+the simulator's initiator (refunds and code checks: its name, its password, and its
+certificate, which the simulator writes where the gateway reads it), and the ports
+(the gateway's, the simulator's on the next one, the receiver's on the one after).
 """
+
+import importlib.util
 
 import config as settings
 from mpesa_devtools import simulator
@@ -15,9 +18,15 @@ C2B_SHORTCODE = "600984"  # the sandbox's C2B test shortcode (174379 cannot regi
 C2B_TEST_MSISDN = "254708374149"  # the sandbox's test number for C2B simulations
 
 
-def demo_environment(environ, port, sim_port, api_key, secret):
+INITIATOR_SETTINGS = ("MPESA_INITIATOR_NAME", "MPESA_SECURITY_CREDENTIAL",
+                      "MPESA_INITIATOR_PASSWORD", "MPESA_CERT_FILE")
+
+
+def demo_environment(environ, port, sim_port, api_key, secret, cert_file):
     """The demo's environment: its defaults, then the caller's variables, then what the
-    demo never lets go (the simulator as Daraja, loopback only)."""
+    demo never lets go (the simulator as Daraja, loopback only). `cert_file`: where the
+    simulator writes its initiator certificate, which the gateway encrypts the initiator's
+    password with (unless the caller set an initiator of their own)."""
     env = {
         "MPESA_CONSUMER_KEY": simulator.DEMO_CONSUMER_KEY,
         "MPESA_CONSUMER_SECRET": simulator.DEMO_CONSUMER_SECRET,
@@ -33,6 +42,11 @@ def demo_environment(environ, port, sim_port, api_key, secret):
         # Menu payments to a Paybill: the demo registers its URLs for this shortcode.
         "MPESA_C2B_SHORTCODE": C2B_SHORTCODE,
     }
+    if not any(environ.get(name) for name in INITIATOR_SETTINGS) and importlib.util.find_spec(
+            "cryptography") is not None:  # (without the extra: no refunds, the rest works)
+        env.update({"MPESA_INITIATOR_NAME": simulator.SANDBOX_INITIATOR_NAME,
+                    "MPESA_INITIATOR_PASSWORD": simulator.SANDBOX_INITIATOR_PASSWORD,
+                    "MPESA_CERT_FILE": str(cert_file)})
     env.update({k: v for k, v in environ.items() if v})
     # The demo never talks to Safaricom and never listens beyond loopback.
     env.update({
@@ -44,6 +58,7 @@ def demo_environment(environ, port, sim_port, api_key, secret):
         # The demo's callbacks come from its own simulator, on loopback: an allowed source,
         # so no source_not_allowed warning for each payment.
         "MPESA_CALLBACK_IPS": "127.0.0.1,::1",
+        "MPESA_SIM_CERT_FILE": str(cert_file),
     })
     return env
 

@@ -18,6 +18,20 @@ def request_headers(environ):
             if k.startswith("HTTP_")}
 
 
+def describe(event_type, data):
+    """One line about an event's data, by its type."""
+    if event_type == "receipt.received":
+        return (f"{data['receipt']} amount={data['amount']} account={data['reference']}"
+                f" matched={data['transaction_id']}")
+    if event_type.startswith("payment.refund"):
+        refund = data["refund"]
+        return (f"{data['transaction_id'] or data['receipt']} refund={refund['status']}"
+                f" reversal={refund['receipt']}")
+    if event_type == "receipt.verified":
+        return f"{data['receipt']} verified={data['verified']['status']}"
+    return f"{data['id']} status={data['status']}"
+
+
 class DemoReceiver:
     """The demo's merchant endpoint: verifies each event and prints it as it arrives."""
 
@@ -29,16 +43,19 @@ class DemoReceiver:
         headers = request_headers(environ)
         try:
             verify(self._secret, headers, body, self._clock())
+        except ValueError:
+            print("webhook refused: signature did not verify", file=self._out, flush=True)
+            start_response("400 Bad Request", [("Content-Length", "0")])
+            return [b""]
+        try:
             event = json.loads(body)
-            data = event["data"]
-            said = (f"{data['receipt']} amount={data['amount']} account={data['reference']}"
-                    f" matched={data['transaction_id']}" if event["type"] == "receipt.received"
-                    else f"{data['id']} status={data['status']}")
+            said = describe(event["type"], event["data"])
             print(f"webhook {event['type']} {said} (signature verified)", file=self._out,
                   flush=True)
             status = "204 No Content"
         except (ValueError, KeyError, TypeError):
-            print("webhook refused: signature did not verify", file=self._out, flush=True)
+            print("webhook refused: signed, but not an event this receiver knows", file=self._out,
+                  flush=True)
             status = "400 Bad Request"
         start_response(status, [("Content-Length", "0")])
         return [b""]

@@ -2,7 +2,8 @@
 
 Owns the caller of a request (an owner's API key, or an operator's admin key, compared
 in constant time), the owner a row belongs to, the idempotency key bound to its owner
-and its request's content, and the HMAC that signs each transaction's callback URL.
+and its request's content, and the HMACs that sign each transaction's callback URL, the
+Paybill/Till URLs and each initiator request's result and timeout URLs.
 """
 
 import hashlib
@@ -108,3 +109,20 @@ class CallbackSigner:
     def verify_c2b(self, kind, sig):
         return hmac.compare_digest(sig.encode(), self.c2b_signature(kind).encode())
 
+
+    # Initiator results (a refund's, a code check's, a balance's): one URL per request and
+    # kind (result, timeout), from a key derived apart, like the Paybill/Till URLs; no
+    # Daraja keyword in them.
+    def result_signature(self, kind, request_id):
+        key = hmac.new(self._secret.encode(), b"mpesa-wsgi initiator results",
+                       hashlib.sha256).digest()
+        return hmac.new(key, f"{kind}/{request_id}".encode(),
+                        hashlib.sha256).hexdigest()[:SIGNATURE_HEX_CHARS]
+
+    def result_url(self, kind, request_id):
+        sig = self.result_signature(kind, request_id)
+        return f"{self._base_url}/results/{kind}/{request_id}/{sig}"
+
+    def verify_result(self, kind, request_id, sig):
+        expected = self.result_signature(kind, request_id)
+        return hmac.compare_digest(sig.encode(), expected.encode())

@@ -1,7 +1,9 @@
 """The Daraja client: the only module that talks to Safaricom.
 
 Owns the one `urllib3.PoolManager` of the app, the OAuth fetch behind the
-token cache, the STK push and STK query calls, and the classification of every
+token cache, the STK push and STK query calls, C2B registration and QR codes, the
+initiator APIs (Reversal, Transaction Status, Account Balance: acknowledged now, their
+results POSTed later), and the classification of every
 answer into an explicit outcome:
 
 - accepted     Daraja took the request (a push: the prompt is queued).
@@ -52,9 +54,15 @@ PUSH_PATH = "/mpesa/stkpush/v1/processrequest"
 QUERY_PATH = "/mpesa/stkpushquery/v1/query"
 C2B_REGISTER_PATHS = {"v1": "/mpesa/c2b/v1/registerurl", "v2": "/mpesa/c2b/v2/registerurl"}
 QR_PATH = "/mpesa/qrcode/v1/generate"
+REVERSAL_PATH = "/mpesa/reversal/v1/request"
+STATUS_PATH = "/mpesa/transactionstatus/v1/query"
+BALANCE_PATH = "/mpesa/accountbalance/v1/query"
+ORGANISATION = "4"  # IdentifierType of a shortcode (1 MSISDN, 2 till)
+REVERSAL_RECEIVER = "11"  # RecieverIdentifierType (sic) a reversal must carry
 MAX_RESPONSE_BYTES = 64 * 1024  # Daraja answers are < 1 KiB; anything larger is not Daraja
 
 ACCEPTED, REJECTED, UNAVAILABLE, UNKNOWN = "accepted", "rejected", "unavailable", "unknown"
+INITIATOR_APIS = ("reversal", "transaction_status", "account_balance")
 
 # "Invalid Access Token": STK's codes, and C2B's (daraja_api.md §6.1).
 INVALID_TOKEN_CODES = frozenset({"404.001.03", "401.002.01", "400.003.01"})
@@ -129,6 +137,14 @@ def call_policies(config):
         "c2b_register": CallPolicy("c2b_register", "POST", connect, read, attempts=2),
         # A QR code is only drawn: no money moves, so a read error may be retried once.
         "qr": CallPolicy("qr", "POST", connect, read, attempts=2, retry_read=True),
+        # A reversal moves money back: like a push, resent only when nothing was sent.
+        "reversal": CallPolicy("reversal", "POST", connect, read, attempts=2),
+        # A status or balance query moves nothing; a second result of one is only a
+        # duplicate the ledger ignores, so a read error may be retried once.
+        "transaction_status": CallPolicy("transaction_status", "POST", connect, read,
+                                         attempts=2, retry_read=True),
+        "account_balance": CallPolicy("account_balance", "POST", connect, read, attempts=2,
+                                      retry_read=True),
     }
 
 
@@ -160,6 +176,14 @@ class PushAccepted:
     merchant_request_id: str | None
     checkout_request_id: str
     customer_message: str | None
+
+
+@dataclass(frozen=True)
+class Acknowledged:
+    """Daraja took an initiator request; its result comes later to the ResultURL."""
+
+    conversation_id: str | None
+    originator_conversation_id: str | None
 
 
 @dataclass(frozen=True)
@@ -231,6 +255,9 @@ class DarajaClient:
         # fetch and the one resend. A row `submitting` for longer was abandoned mid-push.
         self.longest_push_s = 2 * (oauth_s + self.policies["stk_push"].longest_s)
         self.longest_query_s = 2 * (oauth_s + self.policies["stk_query"].longest_s)
+        # An initiator request, likewise: a row `submitting` longer was cut off.
+        self.longest_initiator_s = 2 * (oauth_s + max(
+            self.policies[api].longest_s for api in INITIATOR_APIS))
         # Token waiters wait for the one fetch in flight, never longer than it can take.
         fetch = (self.fetch_token if shared_tokens is None
                  else lambda: shared_tokens.get(self.fetch_token))
@@ -384,6 +411,52 @@ class DarajaClient:
             raise DarajaError("qr", REJECTED, "daraja_rejected", http_status=status,
                               error_code=code, error_message=_text(data.get("ResponseDescription")))
         raise self._classify("qr", status, data)
+
+    # --- the initiator APIs: acknowledged now, the result POSTed later ---------------
+
+    @observed("reversal")
+    def reversal(self, *, initiator, receipt, amount, receiver_party, result_url, timeout_url,
+                 remarks):
+        """Ask Daraja to reverse a payment (money back to the payer)."""
+        return self._initiator_call("reversal", REVERSAL_PATH, {
+            "Initiator": initiator.name, "SecurityCredential": initiator.credential,
+            "CommandID": "TransactionReversal", "TransactionID": receipt,
+            "Amount": str(amount), "ReceiverParty": receiver_party,
+            "RecieverIdentifierType": REVERSAL_RECEIVER, "ResultURL": result_url,
+            "QueueTimeOutURL": timeout_url, "Remarks": remarks})
+
+    @observed("transaction_status")
+    def transaction_status(self, *, initiator, receipt, party_a, result_url, timeout_url):
+        """Ask Daraja what it knows of a receipt at this shortcode."""
+        return self._initiator_call("transaction_status", STATUS_PATH, {
+            "Initiator": initiator.name, "SecurityCredential": initiator.credential,
+            "CommandID": "TransactionStatusQuery", "TransactionID": receipt,
+            "PartyA": party_a, "IdentifierType": ORGANISATION, "ResultURL": result_url,
+            "QueueTimeOutURL": timeout_url, "Remarks": "Code check", "Occasion": ""})
+
+    @observed("account_balance")
+    def account_balance(self, *, initiator, party_a, result_url, timeout_url):
+        """Ask Daraja for the shortcode's account balances."""
+        return self._initiator_call("account_balance", BALANCE_PATH, {
+            "Initiator": initiator.name, "SecurityCredential": initiator.credential,
+            "CommandID": "AccountBalance", "PartyA": party_a, "IdentifierType": ORGANISATION,
+            "Remarks": "Balance", "QueueTimeOutURL": timeout_url, "ResultURL": result_url})
+
+    def _initiator_call(self, api, path, payload):
+        """Acknowledged, or DarajaError with what the caller may assume."""
+        status, data, html = self._authorized_post(api, path, payload)
+        if status == 200 and html:
+            raise _wrong_base_url(api, status)
+        if status == 200 and isinstance(data, dict) and "errorCode" not in data:
+            code = _text(data.get("ResponseCode"), 32)
+            if code is not None and code.strip() == "0":
+                return Acknowledged(_text(data.get("ConversationID"), 64),
+                                    _text(data.get("OriginatorConversationID"), 64))
+            if code:
+                raise DarajaError(api, REJECTED, "daraja_rejected", http_status=status,
+                                  error_code=code,
+                                  error_message=_text(data.get("ResponseDescription")))
+        raise self._classify(api, status, data)
 
     # --- transport -----------------------------------------------------------------
 

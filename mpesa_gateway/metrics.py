@@ -113,7 +113,7 @@ class GatewayMetrics:
     """Every metric the gateway exports; one instance lives on the app."""
 
     def __init__(self, version, transactions_by_status, slots=None, outbox=None,
-                 commit_counts=None, spool=None):
+                 commit_counts=None, spool=None, balances=None):
         p = "mpesa_gateway_"
         self.requests = Counter(p + "http_requests_total", "HTTP requests handled.",
                                 ("route", "method", "status"))
@@ -172,13 +172,24 @@ class GatewayMetrics:
             p + "spool_oldest_seconds",
             "Age of the oldest entry in the local spool (0: none).", (),
             lambda: _one((spool.oldest_age() if spool else None) or 0.0))
+        self.initiator_results = Counter(
+            p + "initiator_results_total",
+            "Initiator results and queue timeouts received (refunds, code checks, balance),"
+            " by kind and outcome.", ("kind", "outcome"))
+        # {(account,): available shillings} of the last Account Balance result ({}: none yet)
+        self.account_balance = Gauge(
+            p + "account_balance_kes",
+            "Available shillings per account at the last Account Balance result (GET /balance"
+            " refreshes it at most every 10 minutes).", ("account",),
+            balances or (lambda: {}))
         self._families = (self.requests, self.request_seconds, self.daraja_calls,
                           self.daraja_seconds, self.token_fetches, self.callbacks,
                           self.c2b_confirmations, self.reconcile, self.reconcile_refusals,
                           self.transactions, self.slots_in_use, self.slots_total, self.busy,
                           self.webhook_deliveries, self.webhook_oldest, self.ledger_commits,
                           self.ledger_batches, self.ledger_failures, self.spool_entries,
-                          self.spool_oldest, self.build)
+                          self.spool_oldest, self.initiator_results, self.account_balance,
+                          self.build)
 
     def daraja_call(self, api, outcome, seconds):
         """The Daraja client's observer: one call finished with `outcome`."""

@@ -127,13 +127,26 @@ def receipts_page(services, authorization, query_string):
 
 @ledger_read
 def read_receipt(services, authorization, number):
-    """GET /receipts/<number>: one receipt, if the caller owns it."""
+    """GET /receipts/<number>: one receipt, if the caller owns it, with its refund, the
+    caller's last check of it and who claimed it; or, for a code the ledger does not hold,
+    what the caller's check of it said."""
     caller = authenticate(authorization, services.config)
-    rows = (services.ledger.receipts_page(receipt=number, limit=1)[0]
+    ledger = services.ledger
+    rows = (ledger.receipts_page(receipt=number, limit=1)[0]
             if validation.RECEIPT_NUMBER.fullmatch(number) else [])
-    if not rows or not caller.sees(rows[0]):  # another owner's receipt does not exist here
+    own = bool(rows) and caller.sees(rows[0])
+    check = (ledger.latest_request("verify", receipt=number, owner=caller.owner)
+             if validation.RECEIPT_NUMBER.fullmatch(number) and not caller.admin else None)
+    if not own and check is None:  # another owner's receipt does not exist here
         raise NotFound("no receipt with that number")
-    return Reply(200, receipt_resource(rows[0]), tx_id=rows[0]["tx_id"])
+    if own:
+        body = receipt_resource(rows[0])
+        body["refund"] = resources.refund_resource(ledger.refund_of(number))
+    else:  # known only by the caller's check: nothing of another owner's is shown
+        body = {"receipt": number, "channel": None}
+    body["verified"] = resources.verified_resource(check)
+    body["claimed_by"] = resources.claim_resource(ledger.receipt_claim(number), caller)
+    return Reply(200, body, tx_id=rows[0]["tx_id"] if own else None)
 
 
 def within_rate(services, caller, what, unavailable):
@@ -445,6 +458,8 @@ def read_transaction(services, authorization, ref):
     body = transaction_resource(row)
     # The Paybill/Till payments matched to it: another M-Pesa transaction each, beside it.
     body["receipts"] = [receipt_resource(r) for r in services.ledger.receipts_of(row["id"])]
+    body["refund"] = resources.refund_resource(
+        services.ledger.refund_of(row["receipt"]) if row["receipt"] else None)
     return Reply(200, body, tx_id=row["id"], phone=row["phone"])
 
 

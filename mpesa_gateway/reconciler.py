@@ -26,7 +26,7 @@ import time
 from collections import Counter
 
 import mpesa_ledger as store
-from mpesa_gateway import daraja, monitoring, settlement
+from mpesa_gateway import daraja, initiator, monitoring, settlement
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,11 @@ class Reconciler:
         # Rows abandoned mid-push by a process that died (this one or another sharing the
         # ledger) become `unknown` without waiting for a restart.
         results["interrupted"] = self._ledger.recover_interrupted(self._client.longest_push_s)
+        # Initiator requests (refunds, code checks) cut off, or whose result never came,
+        # become `unknown`: never re-sent, never left pending.
+        results["requests_unknown"] = self._ledger.settle_stale_requests(
+            interrupted_after_s=self._client.longest_initiator_s,
+            no_result_after_s=initiator.RESULT_WAIT_S)
         started = self._clock()  # rows rescheduled during this pass wait for the next one
         for n in range(MAX_ROWS_PER_PASS):
             if n:

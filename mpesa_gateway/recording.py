@@ -7,7 +7,8 @@ there:
 - `not_accepted`: Daraja did not take a push (refused: nothing reached the customer; or
   unknown: it may have), with the key to free or the answer to pin;
 - `callback`: a signed STK callback, raw, with its source and the time it arrived;
-- `c2b_confirmation`: a Paybill/Till confirmation, raw, likewise.
+- `c2b_confirmation`: a Paybill/Till confirmation, raw, likewise;
+- `initiator_result`: a Result or QueueTimeOut of an initiator request, raw, likewise.
 
 When the ledger cannot take one of these (a PostgreSQL server that is down, a SQLite file
 another process holds locked past the wait), the flow appends it to the spool, which
@@ -23,7 +24,7 @@ import logging
 import threading
 
 import mpesa_ledger as store
-from mpesa_gateway import c2b, settlement
+from mpesa_gateway import c2b, initiator, settlement
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,12 @@ def confirmation(raw, remote_addr, at, shortcodes):
             "remote_addr": remote_addr, "at": at, "shortcodes": sorted(shortcodes)}
 
 
+def initiator_result(request_id, result_kind, raw, remote_addr, at):
+    """A Result (`result_kind` result) or QueueTimeOut (timeout) of request `request_id`."""
+    return {"kind": "initiator_result", "tx_id": request_id, "result_kind": result_kind,
+            "body": _b64(raw), "remote_addr": remote_addr, "at": at}
+
+
 def describe(entry):
     """One line about an entry, for an operator (the caller masks phones and ids)."""
     if not isinstance(entry, dict) or "kind" not in entry or "tx_id" not in entry:
@@ -86,6 +93,10 @@ def describe(entry):
         return f"{head} from={entry['remote_addr']} bytes={len(base64.b64decode(entry['body']))}"
     if entry["kind"] == "not_accepted":
         return f"{head} status={entry['status']} reason={entry['reason']}"
+    if entry["kind"] == "initiator_result":
+        result = initiator.from_raw(base64.b64decode(entry["body"]))
+        return (f"{head} {entry['result_kind']} result_code={result.code if result else None}"
+                f" from={entry['remote_addr']}")
     if entry["kind"] != "callback":
         return f"{head} fields={','.join(sorted(entry))}"
     outcome = settlement.from_raw_callback(base64.b64decode(entry["body"]))
@@ -122,6 +133,14 @@ def apply(ledger, entry):
             c2b.from_raw(raw, entry["shortcodes"]), raw=raw, remote_addr=entry["remote_addr"],
             received_at=entry["at"], once=once)
         log.info("c2b confirmation outcome=%s (from the spool)", outcome)
+    elif kind == "initiator_result":
+        raw = base64.b64decode(entry["body"])
+        outcome, _ = ledger.settle_request(
+            entry["tx_id"], initiator.decide, kind=entry["result_kind"],
+            result=initiator.from_raw(raw), raw=raw, remote_addr=entry["remote_addr"],
+            received_at=entry["at"], once=once)
+        log.info("initiator %s request=%s outcome=%s (from the spool)", entry["result_kind"],
+                 entry["tx_id"], outcome)
     else:
         raise ValueError(f"an entry of an unknown kind ({kind!r}): from a newer version?")
 

@@ -1,12 +1,16 @@
 """The public view of a payment: what merchants see, by HTTP and in webhook events.
 
 Owns the transaction resource of SPEC §2 (phone masked, the internal `submitting`
-state shown as `pending`) and the body of a webhook event built around it, so the
-API and the events can never disagree about what a payment looks like.
+state shown as `pending`), the receipt resource, the views of a refund, a code check
+and the balance, and the body of a webhook event built around them, so the API and the
+events can never disagree about what a payment looks like.
 """
+
+import json
 
 import mpesa_ledger as store
 import validation
+from mpesa_gateway import initiator
 
 
 def transaction_resource(row):
@@ -76,4 +80,82 @@ def event_body(event_type, row, timestamp, previous_status=None):
     data = transaction_resource(row)
     if previous_status is not None:
         data["previous_status"] = previous_status
+    return {"type": event_type, "timestamp": timestamp, "data": data}
+
+
+REFUND_STATUSES = {store.SUBMITTING: "pending", store.PENDING: "pending",
+                   store.UNKNOWN: "unknown", store.SUCCEEDED: "refunded",
+                   store.FAILED: "failed"}
+UNKNOWN_REFUND_NEXT_STEP = (
+    "Daraja has not said whether the reversal happened, and the gateway never sends it"
+    " again by itself. Look for the reversal on the M-Pesa statement (or ask the customer"
+    " for the reversal SMS); to send it again, POST the refund with {\"retry\": true} and a"
+    " new Idempotency-Key: a reversal already done is answered 'already reversed' and"
+    " recorded refunded.")
+
+
+def _details(row):
+    try:
+        return json.loads(row["details"]) if row.get("details") else {}
+    except ValueError:
+        return {}
+
+
+def _words(row):
+    return initiator.words(row["reason"], row["result_desc"])
+
+
+def refund_resource(row):
+    """A refund as its payment (or receipt) shows it: pending, unknown (with what to do),
+    refunded (with the reversal's receipt) or failed (with why)."""
+    if row is None:
+        return None
+    status = REFUND_STATUSES[row["status"]]
+    view = {"id": row["id"], "status": status, "reason": row["reason"],
+            "message": _words(row), "amount": row["amount"], "receipt": row["result_receipt"],
+            "requested_at": row["requested_at"], "completed_at": row["completed_at"],
+            "attempts": row["attempts"]}
+    if status == "unknown":
+        view["next_step"] = UNKNOWN_REFUND_NEXT_STEP
+    return view
+
+
+def verified_resource(row, with_payer=True):
+    """What Transaction Status said of a code: checking, found (amount, time, status at
+    Safaricom; the payer's name only for the caller's own), not_found ("not found for this
+    shortcode"), unknown (no answer) or failed (why)."""
+    if row is None:
+        return None
+    details = _details(row)
+    status = {store.SUBMITTING: "checking", store.PENDING: "checking",
+              store.UNKNOWN: "unknown", store.FAILED: "failed"}.get(row["status"])
+    if status is None:
+        status = "found" if details.get("found") else "not_found"
+    view = {"status": status, "reason": row["reason"], "message": _words(row),
+            "amount": details.get("amount"), "completed_at": details.get("completed_at"),
+            "transaction_status": details.get("transaction_status"),
+            "checked_at": row["updated_at"]}
+    if with_payer:
+        view["payer"] = details.get("debit_party")
+    return view
+
+
+def claim_resource(claim, caller):
+    """Who holds a code (a receipt_claims row): the order's reference only to its owner
+    (and admin keys)."""
+    if claim is None:
+        return None
+    yours = claim["owner"] == caller.owner
+    return {"reference": claim["reference"] if yours or caller.admin else None,
+            "claimed_at": claim["claimed_at"], "yours": yours}
+
+
+def request_event_body(event_type, row, timestamp):
+    """A refund's or a code check's webhook payload: the receipt it concerns, the payment
+    (a refund of an STK payment), and the refund or the check."""
+    data = {"receipt": row["receipt"], "transaction_id": row["tx_id"]}
+    if row["kind"] == "refund":
+        data["refund"] = refund_resource(row)
+    else:
+        data["verified"] = verified_resource(row)
     return {"type": event_type, "timestamp": timestamp, "data": data}

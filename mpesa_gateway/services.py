@@ -5,10 +5,9 @@ and the background workers) and `build_services`, which builds them in order: th
 outbox, the ledger (given the outbox, so a status change and its event are one commit),
 the spool (adopting and replaying what processes that died left in theirs), the metrics,
 the Daraja client and the rate limit (the fleet's, when the ledger is shared by hosts),
-start-up repairs, then, if asked, the spool replayer, reconciler and webhook sender
-threads. The
-raw WSGI app, the command line and the Flask and Falcon versions in bench/ all build
-their services here.
+start-up repairs (and the initiator's credential), then, if asked, the spool replayer,
+reconciler and webhook sender threads. The raw WSGI app, the command line and the Flask
+and Falcon versions in bench/ all build their services here.
 """
 
 import atexit
@@ -23,6 +22,7 @@ from mpesa_gateway import (
     admission,
     daraja,
     fleet,
+    initiator,
     metrics,
     monitoring,
     reconciler,
@@ -58,6 +58,8 @@ class Services:
                                                   admission.REDELIVERY_BURST,
                                                   clock=self.clock.monotonic)
         self.signer = CallbackSigner(config.secret, config.callback_base_url)
+        # Daraja's initiator (refunds, code checks, the balance), or None when not set up.
+        self.initiator = initiator.from_config(config)
         # The shortcodes whose Paybill/Till confirmations are this gateway's: the paybill,
         # and a till's number.
         self.c2b_shortcodes = frozenset({config.shortcode, config.party_b,
@@ -155,7 +157,8 @@ def open_ledger(config, clock, outbox):
                                owner_for=functools.partial(receipt_owner, config),
                                event=outbox.receipt_event)
     return store.open_ledger(config.db_path, clock=clock.wall, events=outbox.event_for,
-                             receipt_rules=rules, pool_size=config.threads + 4,
+                             receipt_rules=rules, request_events=outbox.request_event,
+                             pool_size=config.threads + 4,
                              wait_s=config.db_wait_s)
 
 
@@ -199,8 +202,17 @@ def gateway_metrics(ledger, clock, slots, spool):
             return None
         return 0.0 if oldest is None else max(0.0, clock.wall() - oldest)
 
+    def balances():  # the last Account Balance result's accounts
+        try:
+            row = ledger.latest_request("balance", status=store.SUCCEEDED)
+        except ledger.Error:
+            return {}
+        accounts = json.loads(row["details"] or "{}").get("accounts") or [] if row else []
+        return {(a["name"],): a["available"] for a in accounts if a["available"] is not None}
+
     return metrics.GatewayMetrics(settings.VERSION, by_status, slots, oldest_undelivered_s,
-                                  commit_counts=lambda: ledger.commit_counts, spool=spool)
+                                  commit_counts=lambda: ledger.commit_counts, spool=spool,
+                                  balances=balances)
 
 
 def daraja_client(config, ledger, registry, clock):
@@ -222,8 +234,11 @@ def rate_limiter(config, ledger, clock):
 
 def repair_on_start(config, ledger, client):
     """What a start-up owes the ledger: rows cut off mid-push by a crash become `unknown`
-    (never re-sent), and idempotency keys stored before owner names stay findable."""
+    (never re-sent), initiator requests likewise, and idempotency keys stored before owner
+    names stay findable."""
     ledger.recover_interrupted(client.longest_push_s)
+    ledger.settle_stale_requests(interrupted_after_s=client.longest_initiator_s,
+                                 no_result_after_s=initiator.RESULT_WAIT_S)
     for name, key in config.api_keys:
         ledger.rename_scope(legacy_scope(key), name)
 

@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 EVENT_TYPES = {store.SUCCEEDED: "payment.succeeded", store.FAILED: "payment.failed",
                store.UNKNOWN: "payment.unknown"}
 RECEIPT_RECEIVED = "receipt.received"  # a Paybill/Till payment, matched to a payment or not
+# A refund's end (by payment id, or by receipt for a Paybill/Till one), a code check's answer
+REFUND_EVENTS = {store.SUCCEEDED: "payment.refunded", store.FAILED: "payment.refund_failed"}
+RECEIPT_VERIFIED = "receipt.verified"
 SCHEDULE_S = (5, 30, 120, 600, 3600)  # then every EVERY_S
 EVERY_S = 6 * 3600
 GIVE_UP_AFTER_S = 3 * 24 * 3600
@@ -131,6 +134,26 @@ class Outbox:
                     at=receipt["received_at"], tx_id=receipt["matched_tx_id"]))}
         return store.NewEvent(tx_id=receipt["receipt"], owner=receipt["owner"],
                               type=RECEIPT_RECEIVED, body=wire.dumps(body))
+
+
+    def request_event(self, before, after):
+        """The NewEvent of an initiator request's new status: a refund done or failed, a
+        code check answered; None for the rest, or when its owner has no endpoint. Ordered
+        with the payment's events (a refund of one), else with its receipt's."""
+        del before
+        if after["owner"] not in self._owners:
+            return None
+        if after["kind"] == "refund":
+            event_type = REFUND_EVENTS.get(after["status"])
+        elif after["kind"] == "verify" and after["status"] in (store.SUCCEEDED, store.FAILED):
+            event_type = RECEIPT_VERIFIED
+        else:
+            event_type = None
+        if event_type is None:
+            return None
+        body = resources.request_event_body(event_type, after, after["updated_at"])
+        return store.NewEvent(tx_id=after["tx_id"] or after["receipt"], owner=after["owner"],
+                              type=event_type, body=wire.dumps(body))
 
 
 class _Pass:

@@ -96,6 +96,10 @@ class TooManyRequests(ApiError):
     status, code, message = 429, "rate_limited", "too many requests for this API key"
 
 
+class NotConfigured(ApiError):
+    status, code, message = 501, "not_configured", "this gateway is not configured for that"
+
+
 class UpstreamRejected(ApiError):
     status, code, message = 502, "daraja_rejected", "Daraja refused the request"
 

@@ -18,6 +18,10 @@ The rules that keep money safe live here:
 - a push's outcome and its idempotent answer are one commit;
 - a status change and its webhook event (the `events` hook given when the ledger is
   built) are one commit;
+- an initiator request (a refund, a code check, a balance) is committed `submitting`
+  before Daraja is called, at most one refund of a receipt is under way or done, a
+  result is stored and applied in one commit, and an initiator refused by a result
+  stays stopped (under its configuration's fingerprint) in that commit;
 - reconciliation claims one row at a time with a lease, so two claimers never
   query the same row at once;
 - a write returns only once its COMMIT is durable.
@@ -30,6 +34,7 @@ from dataclasses import dataclass
 from mpesa_ledger.states import (
     IDEMPOTENCY_TTL_S,
     PENDING,
+    REQUEST_ACTIVE,
     SUBMITTING,
     UNKNOWN,
     Begun,
@@ -78,7 +83,8 @@ class Ledger:
     # OAuth token and rate buckets); the gateway then keeps them there, not in memory.
     shared_by_hosts = False
 
-    def __init__(self, *, clock=time.time, events=None, receipt_rules=None):
+    def __init__(self, *, clock=time.time, events=None, receipt_rules=None,
+                 request_events=None):
         if None in (self.Error, self.Permanent, self.dialect):
             raise NotImplementedError(f"{type(self).__name__} must set Error, Permanent and"
                                       " dialect")
@@ -88,6 +94,9 @@ class Ledger:
         self._events = events
         # How a Paybill/Till receipt finds its payment, its owner and its event.
         self._receipt_rules = receipt_rules or ReceiptRules()
+        # request_events(before, after) → a NewEvent or None: an initiator request's event
+        # (a refund's, a code check's), written in the commit that changes it.
+        self._request_events = request_events
 
     # --- hooks: each engine implements these -------------------------------------
 
@@ -707,6 +716,249 @@ class Ledger:
             "INSERT INTO events (id, tx_id, owner, type, body, status, next_attempt_at,"
             " created_at) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?)",
             (new_tx_id(now, "msg_"), new.tx_id, new.owner, new.type, new.body, now, now))
+
+    # --- initiator requests: refunds, code checks, the balance -------------------
+
+    def begin_request(self, new):
+        """In one write transaction, a NewRequest: honour its idempotency key, refuse it
+        while its initiator is stopped, find the request that already answers it, or
+        commit it `submitting`. Returns a Begun: NEW (the row: call Daraja), REPLAY (the
+        key's first answer), IN_FLIGHT (the key's first request is not answered yet),
+        REUSED (the key named another request), EXISTS (the row that answers it: the
+        refund under way or done, the check under way, the recent balance query), STOPPED
+        (the stop's row)."""
+        now = self._clock()
+        stamp, idem = iso_utc(now), new.idempotency
+        with self._write() as conn:
+            self._serialize(conn, ([f"key:{idem.scope}:{idem.key}"] if idem else [])
+                            + [f"initiator:{new.kind}:{new.receipt or ''}"])
+            if idem is not None:
+                found = conn.execute("SELECT * FROM initiator_requests WHERE owner = ? AND"
+                                     " idem_key = ?", (new.owner, idem.key)).fetchone()
+                if found is not None:
+                    found = dict(found)
+                    if found["request_hash"] != idem.request_hash:
+                        return Begun(Start.REUSED, found)
+                    if found["answer_status"] is None:
+                        return Begun(Start.IN_FLIGHT, found)
+                    return Begun(Start.REPLAY, found, found["answer_status"],
+                                 bytes(found["answer_body"]))
+            stop = conn.execute("SELECT * FROM initiator_stops WHERE fingerprint = ?",
+                                (new.fingerprint,)).fetchone()
+            if stop is not None:
+                return Begun(Start.STOPPED, dict(stop))
+            existing = self._answering(conn, new, now)
+            if existing is not None and new.retry and existing["status"] == UNKNOWN:
+                # An operator's explicit retry of a refund whose fate is unknown: the same
+                # request is sent again (Daraja answers R000001 if it was done).
+                return Begun(Start.NEW, dict(conn.execute(
+                    "UPDATE initiator_requests SET status = ?, reason = NULL,"
+                    " attempts = attempts + 1, idem_key = ?, request_hash = ?,"
+                    " answer_status = NULL, answer_body = NULL, fingerprint = ?,"
+                    " updated_at = ? WHERE id = ? RETURNING *",
+                    (SUBMITTING, idem.key if idem else None, idem.request_hash if idem else None,
+                     new.fingerprint, stamp, existing["id"])).fetchone()))
+            if existing is not None:
+                return Begun(Start.EXISTS, existing)
+            row = dict(id=new_tx_id(now, "rq_"), kind=new.kind, owner=new.owner,
+                       receipt=new.receipt, tx_id=new.tx_id, amount=new.amount,
+                       status=SUBMITTING, idem_key=idem.key if idem else None,
+                       request_hash=idem.request_hash if idem else None,
+                       fingerprint=new.fingerprint, requested_at=stamp, updated_at=stamp)
+            return Begun(Start.NEW, dict(conn.execute(
+                f"INSERT INTO initiator_requests ({', '.join(row)}) VALUES"
+                f" ({', '.join(':' + c for c in row)}) RETURNING *", row).fetchone()))
+
+    @staticmethod
+    def _answering(conn, new, now):
+        """The request that already answers `new`, or None: a refund of the receipt that is
+        not a definite failure; a check of the code by the same owner still under way; a
+        balance query made within `min_interval_s`."""
+        if new.kind == "refund":
+            sql, args = ("SELECT * FROM initiator_requests WHERE kind = 'refund' AND receipt = ?"
+                         " AND status <> 'failed'", (new.receipt,))
+        elif new.kind == "verify":
+            sql, args = ("SELECT * FROM initiator_requests WHERE kind = 'verify' AND receipt = ?"
+                         " AND owner = ? AND status IN (?, ?) ORDER BY requested_at DESC"
+                         " LIMIT 1", (new.receipt, new.owner, SUBMITTING, PENDING))
+        else:
+            sql, args = ("SELECT * FROM initiator_requests WHERE kind = ? AND requested_at >= ?"
+                         " ORDER BY requested_at DESC LIMIT 1",
+                         (new.kind, iso_utc(now - new.min_interval_s)))
+        row = conn.execute(sql, args).fetchone()
+        return dict(row) if row is not None else None
+
+    def mark_request(self, request_id, status, *, reason=None, result_code=None,
+                     result_desc=None, conversation_id=None, originator_conversation_id=None,
+                     answer=None, release_key=False):
+        """What Daraja answered a request, in one commit with its event: `pending` (it
+        acknowledged it: its ids), `failed` (it refused it: nothing was done;
+        `release_key` frees the caller's key, as after a refused push), or `unknown` (it
+        may have been taken). `answer`: (status code, body bytes), the answer the caller got,
+        replayed for their key. A row a result reached first keeps its status and learns
+        the ids; one recovery called `unknown`/`interrupted` takes what happened. Returns
+        the row after, or None."""
+        stamp = self._now()
+        with self._write() as conn:
+            before = conn.execute(f"SELECT * FROM initiator_requests WHERE id = ?"
+                                  f"{self.dialect.for_update}", (request_id,)).fetchone()
+            if before is None:
+                return None
+            before = dict(before)
+            takes = before["status"] == SUBMITTING or (
+                before["status"], before["reason"]) == (UNKNOWN, "interrupted")
+            changes = dict(conversation_id=before["conversation_id"] or conversation_id,
+                           originator_conversation_id=before["originator_conversation_id"]
+                           or originator_conversation_id, updated_at=stamp)
+            if takes:
+                changes.update(status=status, reason=reason, result_code=result_code,
+                               result_desc=result_desc,
+                               completed_at=stamp if status == "failed" else None)
+            if release_key:
+                changes.update(idem_key=None, request_hash=None)
+            elif answer is not None:
+                changes.update(answer_status=answer[0], answer_body=answer[1])
+            row = self._update_request(conn, request_id, changes)
+            self._add_request_event(conn, before, row)
+        return row
+
+    @staticmethod
+    def _update_request(conn, request_id, changes):
+        sets = ", ".join(f"{column} = :{column}" for column in changes)
+        return dict(conn.execute(f"UPDATE initiator_requests SET {sets} WHERE id = :request_id"
+                                 " RETURNING *", dict(changes, request_id=request_id)).fetchone())
+
+    def _add_request_event(self, conn, before, after):
+        if after["status"] != before["status"] and self._request_events is not None:
+            new = self._request_events(before, after)
+            if new is not None:
+                self._write_event(conn, new)
+
+    REQUEST_CHANGES = ("status", "reason", "result_code", "result_desc", "result_receipt",
+                       "details", "completed_at")
+
+    def settle_request(self, request_id, decide, *, kind, result, raw, remote_addr,
+                       received_at=None, once=None):
+        """In one commit: a Result or QueueTimeOut body as it came (always), and, for a
+        request still open (submitting, pending or unknown), what `decide(row, kind,
+        result)` makes of it: a dict with `outcome`, changes among REQUEST_CHANGES, and
+        `stop` (the initiator was refused: stopped under the request's fingerprint), with
+        the event of a change. `kind`: result | timeout; `result`: an initiator.Result, or
+        None for a body that is not one. `once`: a spool entry's id.
+        Returns (outcome, row after): the decision's outcome, or duplicate (already
+        settled: nothing changes), malformed, unknown_request (stored as an anomaly, never
+        money) or already_applied."""
+        received = self._now() if received_at is None else iso_utc(received_at)
+        with self._write() as conn:
+            if not self._first_time(conn, once):
+                return "already_applied", None
+            row = conn.execute(f"SELECT * FROM initiator_requests WHERE id = ?"
+                               f"{self.dialect.for_update}", (request_id,)).fetchone()
+            row = dict(row) if row is not None else None
+            if row is None:
+                outcome = "unknown_request"
+            elif result is None:
+                outcome = "malformed"
+            elif row["status"] not in REQUEST_ACTIVE:
+                outcome = "duplicate"
+            else:
+                decision = dict(decide(row, kind, result))
+                outcome, stop = decision.pop("outcome"), decision.pop("stop", False)
+                changes = {c: decision[c] for c in self.REQUEST_CHANGES if c in decision}
+                if changes.get("status") in ("succeeded", "failed"):
+                    changes.setdefault("completed_at", received)
+                before, row = row, self._update_request(
+                    conn, request_id, dict(changes, updated_at=received))
+                if stop:
+                    conn.execute("INSERT INTO initiator_stops (fingerprint, result_code,"
+                                 " request_id, at) VALUES (?, ?, ?, ?) ON CONFLICT"
+                                 " (fingerprint) DO NOTHING",
+                                 (row["fingerprint"], result.code, request_id, self._clock()))
+                self._add_request_event(conn, before, row)
+            conn.execute("INSERT INTO initiator_results (request_id, kind, received_at,"
+                         " remote_addr, outcome, body) VALUES (?, ?, ?, ?, ?, ?)",
+                         (request_id, kind, received, remote_addr, outcome, raw))
+        return outcome, row
+
+    def settle_stale_requests(self, *, interrupted_after_s, no_result_after_s):
+        """Requests whose fate can no longer be learnt by waiting become `unknown` (never
+        re-sent), each with its event: `submitting` past `interrupted_after_s` (cut off
+        before Daraja answered: interrupted), `pending` past `no_result_after_s` (no result
+        came: no_result). Returns how many."""
+        now = self._clock()
+        stale = ((SUBMITTING, "interrupted", interrupted_after_s),
+                 (PENDING, "no_result", no_result_after_s))
+        if not any(self._read("SELECT 1 FROM initiator_requests WHERE status = ? AND"
+                              " updated_at <= ? LIMIT 1", (status, iso_utc(now - age)))
+                   for status, _, age in stale):
+            return 0  # the usual case: no write, so no commit each pass
+        changed = 0
+        with self._write() as conn:
+            for status, reason, age in stale:
+                rows = conn.execute(
+                    f"SELECT * FROM initiator_requests WHERE status = ? AND updated_at <= ?"
+                    f"{self.dialect.for_update}", (status, iso_utc(now - age))).fetchall()
+                for before in sorted((dict(r) for r in rows), key=lambda r: r["id"]):
+                    after = self._update_request(conn, before["id"], dict(
+                        status=UNKNOWN, reason=reason, updated_at=iso_utc(now)))
+                    self._add_request_event(conn, before, after)
+                    changed += 1
+        return changed
+
+    def request(self, request_id):
+        """One initiator request, as a dict, or None."""
+        return self._read_one("SELECT * FROM initiator_requests WHERE id = ?", (request_id,))
+
+    def refund_of(self, receipt):
+        """The refund of a receipt that counts: the one under way or done, else the latest
+        that failed, else None."""
+        return self._read_one(
+            "SELECT * FROM initiator_requests WHERE kind = 'refund' AND receipt = ?"
+            " ORDER BY CASE WHEN status = 'failed' THEN 1 ELSE 0 END, requested_at DESC, id DESC"
+            " LIMIT 1", (receipt,))
+
+    def latest_request(self, kind, *, receipt=None, owner=None, status=None):
+        """The newest request of `kind` (of that receipt, owner, status when given)."""
+        where, args = ["kind = ?"], [kind]
+        for column, value in (("receipt", receipt), ("owner", owner), ("status", status)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        return self._read_one(f"SELECT * FROM initiator_requests WHERE {' AND '.join(where)}"
+                              " ORDER BY requested_at DESC, id DESC LIMIT 1", tuple(args))
+
+    def initiator_stop(self, fingerprint):
+        """The stop of an initiator configuration (a dict), or None while it may call."""
+        return self._read_one("SELECT * FROM initiator_stops WHERE fingerprint = ?",
+                              (fingerprint,))
+
+    def lift_initiator_stop(self, fingerprint):
+        """An operator's word that the initiator may call again (it was unlocked on the
+        portal): the stop removed, returned (or None if there was none)."""
+        with self._write() as conn:
+            row = conn.execute("DELETE FROM initiator_stops WHERE fingerprint = ? RETURNING *",
+                               (fingerprint,)).fetchone()
+        return dict(row) if row is not None else None
+
+    def claim_receipt(self, receipt, owner, reference):
+        """Attach `receipt` to `owner`'s `reference`, once. Returns (outcome, claim row):
+        claimed, unchanged (this very claim was made before) or taken (another claim
+        holds it)."""
+        with self._write() as conn:
+            row = conn.execute("INSERT INTO receipt_claims (receipt, owner, reference,"
+                               " claimed_at) VALUES (?, ?, ?, ?) ON CONFLICT (receipt) DO"
+                               " NOTHING RETURNING *",
+                               (receipt, owner, reference, self._now())).fetchone()
+            if row is not None:
+                return "claimed", dict(row)
+            row = dict(conn.execute("SELECT * FROM receipt_claims WHERE receipt = ?",
+                                    (receipt,)).fetchone())
+        same = (row["owner"], row["reference"]) == (owner, reference)
+        return ("unchanged" if same else "taken"), row
+
+    def receipt_claim(self, receipt):
+        """The claim on a receipt (a dict), or None."""
+        return self._read_one("SELECT * FROM receipt_claims WHERE receipt = ?", (receipt,))
 
     # --- the webhook outbox ---------------------------------------------------
 

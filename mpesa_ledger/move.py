@@ -2,7 +2,8 @@
 
 Owns `python mpesa_wsgi.py migrate-ledger --from <path> --to <url>`: every table the
 gateway keeps (payments, callbacks, idempotency keys, webhook events and their
-attempts, the receipts taken, Paybill/Till confirmations, the spool entries applied)
+attempts, the receipts taken, Paybill/Till confirmations, initiator requests and their results,
+receipt claims, the spool entries applied)
 copied in one target transaction, in each table's written order, into a target that must
 be empty; then
 counts and the sum of amounts verified on both sides.
@@ -28,6 +29,10 @@ TABLES = (
     ("applied_entries", "applied_at, id", ()),
     ("c2b_receipts", "received_at, receipt", ()),
     ("c2b_bodies", "id", ("id",)),
+    ("initiator_requests", "requested_at, id", ()),
+    ("initiator_results", "id", ("id",)),
+    ("initiator_stops", "at, fingerprint", ()),
+    ("receipt_claims", "claimed_at, receipt", ()),
 )
 
 

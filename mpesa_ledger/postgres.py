@@ -183,6 +183,69 @@ CREATE TABLE c2b_bodies (
 );
 CREATE INDEX c2b_bodies_receipt ON c2b_bodies (receipt);
 """),
+    (6, """
+-- Daraja's initiator requests (refunds by Reversal, code checks by Transaction Status,
+-- Account Balance): each row before Daraja is called; its result URL names it
+CREATE TABLE initiator_requests (
+    id            TEXT PRIMARY KEY,   -- rq_…
+    kind          TEXT NOT NULL,      -- refund | verify | balance
+    owner         TEXT NOT NULL,
+    receipt       TEXT,               -- refund: the receipt reversed; verify: the code checked
+    tx_id         TEXT,               -- a refund of an STK payment: the payment
+    amount        INTEGER,            -- a refund: the whole amount reversed
+    status        TEXT NOT NULL,      -- submitting | pending | unknown | succeeded | failed
+    reason        TEXT,
+    result_code   TEXT,
+    result_desc   TEXT,
+    result_receipt TEXT,              -- a refund: the reversal's own M-Pesa receipt
+    details       TEXT,               -- JSON: what the result said (a check, a balance)
+    conversation_id TEXT,
+    originator_conversation_id TEXT,
+    idem_key      TEXT,               -- the caller's Idempotency-Key (NULL once freed)
+    request_hash  TEXT,
+    answer_status INTEGER,            -- the first answer, replayed for that key
+    answer_body   BYTEA,
+    fingerprint   TEXT NOT NULL,      -- the initiator configuration that sent it
+    attempts      INTEGER NOT NULL DEFAULT 1,
+    requested_at  TEXT NOT NULL,
+    updated_at    TEXT NOT NULL,
+    completed_at  TEXT
+);
+CREATE UNIQUE INDEX initiator_requests_key ON initiator_requests (owner, idem_key)
+    WHERE idem_key IS NOT NULL;
+-- at most one refund of a receipt that is not a definite failure
+CREATE UNIQUE INDEX initiator_one_refund ON initiator_requests (receipt)
+    WHERE kind = 'refund' AND status <> 'failed';
+CREATE INDEX initiator_requests_receipt
+    ON initiator_requests (receipt, kind, requested_at);
+CREATE INDEX initiator_requests_status ON initiator_requests (status, requested_at);
+CREATE INDEX initiator_requests_kind ON initiator_requests (kind, requested_at);
+-- every result and queue timeout Daraja POSTed, as it came (phone numbers masked)
+CREATE TABLE initiator_results (
+    id          BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    request_id  TEXT NOT NULL,
+    kind        TEXT NOT NULL,        -- result | timeout
+    received_at TEXT NOT NULL,
+    remote_addr TEXT,
+    outcome     TEXT NOT NULL,
+    body        BYTEA NOT NULL
+);
+CREATE INDEX initiator_results_request ON initiator_results (request_id);
+-- an initiator refused (wrong credential, locked): no call until its configuration changes
+CREATE TABLE initiator_stops (
+    fingerprint TEXT PRIMARY KEY,
+    result_code TEXT NOT NULL,
+    request_id  TEXT NOT NULL,
+    at          DOUBLE PRECISION NOT NULL
+);
+-- a receipt attached to one merchant reference, once: one code pays for one order
+CREATE TABLE receipt_claims (
+    receipt    TEXT PRIMARY KEY,
+    owner      TEXT NOT NULL,
+    reference  TEXT NOT NULL,
+    claimed_at TEXT NOT NULL
+);
+"""),
 )
 # The server's clock: every host reads the same one for token expiry, leases and buckets.
 NOW = "EXTRACT(EPOCH FROM clock_timestamp())::double precision"
@@ -211,14 +274,15 @@ class PostgresLedger(Ledger):
     dialect = Dialect(seq="seq", for_update=" FOR UPDATE", skip_locked=" FOR UPDATE SKIP LOCKED")
     shared_by_hosts = True
 
-    def __init__(self, url, *, clock, events=None, receipt_rules=None, pool_size=8, migrate=True,
-                 wait_s=5.0):
+    def __init__(self, url, *, clock, events=None, receipt_rules=None, request_events=None,
+                 pool_size=8, migrate=True, wait_s=5.0):
         if psycopg is None:
             raise LedgerOpenError(
                 "GATEWAY_DB is a PostgreSQL URL but psycopg is not installed:"
                 " pip install 'mpesa-wsgi[postgres]' (from a clone: pip install -r"
                 " requirements-postgres.txt)")
-        super().__init__(clock=clock, events=events, receipt_rules=receipt_rules)
+        super().__init__(clock=clock, events=events, receipt_rules=receipt_rules,
+                         request_events=request_events)
         self.path = config.masked_url(url)
         self._commits, self._count_lock = 0, threading.Lock()
         self._pool = ConnectionPool(

@@ -22,8 +22,9 @@ log = logging.getLogger(__name__)
 BUSY_TIMEOUT_S = 5.0
 # 1: the first tables; 2: transactions.owner (added by _migrate); 3: receipts and
 # applied_entries (a receipt pays once; a spooled entry is applied once); 4: Paybill/Till
-# confirmations (c2b_receipts, c2b_bodies)
-SCHEMA_VERSION = 4
+# confirmations (c2b_receipts, c2b_bodies); 5: initiator requests, their results and stops,
+# receipt claims
+SCHEMA_VERSION = 5
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS transactions (
@@ -137,6 +138,67 @@ CREATE TABLE IF NOT EXISTS c2b_bodies (
     body        BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS c2b_bodies_receipt ON c2b_bodies (receipt);
+-- Daraja's initiator requests (refunds by Reversal, code checks by Transaction Status,
+-- Account Balance): each row before Daraja is called; its result URL names it
+CREATE TABLE IF NOT EXISTS initiator_requests (
+    id            TEXT PRIMARY KEY,   -- rq_…
+    kind          TEXT NOT NULL,      -- refund | verify | balance
+    owner         TEXT NOT NULL,
+    receipt       TEXT,               -- refund: the receipt reversed; verify: the code checked
+    tx_id         TEXT,               -- a refund of an STK payment: the payment
+    amount        INTEGER,            -- a refund: the whole amount reversed
+    status        TEXT NOT NULL,      -- submitting | pending | unknown | succeeded | failed
+    reason        TEXT,
+    result_code   TEXT,
+    result_desc   TEXT,
+    result_receipt TEXT,              -- a refund: the reversal's own M-Pesa receipt
+    details       TEXT,               -- JSON: what the result said (a check, a balance)
+    conversation_id TEXT,
+    originator_conversation_id TEXT,
+    idem_key      TEXT,               -- the caller's Idempotency-Key (NULL once freed)
+    request_hash  TEXT,
+    answer_status INTEGER,            -- the first answer, replayed for that key
+    answer_body   BLOB,
+    fingerprint   TEXT NOT NULL,      -- the initiator configuration that sent it
+    attempts      INTEGER NOT NULL DEFAULT 1,
+    requested_at  TEXT NOT NULL,
+    updated_at    TEXT NOT NULL,
+    completed_at  TEXT
+);
+CREATE UNIQUE INDEX IF NOT EXISTS initiator_requests_key ON initiator_requests (owner, idem_key)
+    WHERE idem_key IS NOT NULL;
+-- at most one refund of a receipt that is not a definite failure
+CREATE UNIQUE INDEX IF NOT EXISTS initiator_one_refund ON initiator_requests (receipt)
+    WHERE kind = 'refund' AND status <> 'failed';
+CREATE INDEX IF NOT EXISTS initiator_requests_receipt
+    ON initiator_requests (receipt, kind, requested_at);
+CREATE INDEX IF NOT EXISTS initiator_requests_status ON initiator_requests (status, requested_at);
+CREATE INDEX IF NOT EXISTS initiator_requests_kind ON initiator_requests (kind, requested_at);
+-- every result and queue timeout Daraja POSTed, as it came (phone numbers masked)
+CREATE TABLE IF NOT EXISTS initiator_results (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    request_id  TEXT NOT NULL,
+    kind        TEXT NOT NULL,        -- result | timeout
+    received_at TEXT NOT NULL,
+    remote_addr TEXT,
+    outcome     TEXT NOT NULL,
+    body        BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS initiator_results_request ON initiator_results (request_id);
+-- an initiator refused (wrong credential, locked): no call until its configuration changes
+CREATE TABLE IF NOT EXISTS initiator_stops (
+    fingerprint TEXT PRIMARY KEY,
+    result_code TEXT NOT NULL,
+    request_id  TEXT NOT NULL,
+    at          REAL NOT NULL
+);
+-- a receipt attached to one merchant reference, once: one code pays for one order
+CREATE TABLE IF NOT EXISTS receipt_claims (
+    receipt    TEXT PRIMARY KEY,
+    owner      TEXT NOT NULL,
+    reference  TEXT NOT NULL,
+    claimed_at TEXT NOT NULL
+);
 -- the spool entries already applied: a replay cut short by a crash never applies one twice
 CREATE TABLE IF NOT EXISTS applied_entries (
     id         TEXT PRIMARY KEY,
@@ -151,10 +213,11 @@ class SqliteLedger(Ledger):
     dialect = Dialect(seq="rowid", for_update="", skip_locked="")
 
     def __init__(self, path, *, clock=time.time, events=None, receipt_rules=None,
-                 busy_timeout_s=BUSY_TIMEOUT_S, on_connect=None):
+                 request_events=None, busy_timeout_s=BUSY_TIMEOUT_S, on_connect=None):
         """`busy_timeout_s`: how long a write waits for another process's lock on the file
         before it fails (GATEWAY_DB_WAIT_S)."""
-        super().__init__(clock=clock, events=events, receipt_rules=receipt_rules)
+        super().__init__(clock=clock, events=events, receipt_rules=receipt_rules,
+                         request_events=request_events)
         self.path = path
         self._on_connect = on_connect  # test shim: sees each new connection (e.g. an authorizer)
         self._busy_timeout_s = busy_timeout_s

@@ -3,7 +3,8 @@
 Owns what both engines and the gateway agree a ledger row means: the statuses a
 payment passes through (`submitting` is internal, shown to merchants as `pending`),
 how ids and timestamps are made, and the small frozen values the ledger's calls
-take and return (`Idempotency`, `Begun`, `NewEvent`, `PinnedAnswer`).
+take and return (`Idempotency`, `Begun`, `NewEvent`, `PinnedAnswer`, `NewRequest`), and
+the states of an initiator request (`REQUEST_*`).
 """
 
 import calendar
@@ -16,6 +17,11 @@ SUBMITTING = "submitting"  # written, Daraja not answered yet (shown to merchant
 PENDING, SUCCEEDED, FAILED, REJECTED, UNKNOWN = (
     "pending", "succeeded", "failed", "rejected", "unknown")
 FINAL = frozenset({SUCCEEDED, FAILED, REJECTED})  # unknown is not final: a result may still come
+# An initiator request (a refund, a code check, a balance): `submitting` before Daraja is
+# called, `pending` once Daraja acknowledged it, `unknown` when its fate cannot be known
+# (cut off, timed out in Daraja's queue, no result in time: never re-sent by itself),
+# `succeeded` or `failed` by its result.
+REQUEST_ACTIVE = (SUBMITTING, PENDING, UNKNOWN)
 IDEMPOTENCY_TTL_S = 24 * 3600  # keys are kept at least this long (Stripe's window)
 
 
@@ -71,6 +77,9 @@ class Start(str, enum.Enum):
     IN_FLIGHT = "in_flight"  # the key's first request has no pinned answer (yet)
     REUSED = "reused"  # the key was used with a different request
     PHONE_BUSY = "phone_busy"  # the phone may still have a prompt open
+    # (initiator requests)
+    EXISTS = "exists"  # a request that answers this one is under way or recent: no new one
+    STOPPED = "stopped"  # the initiator was refused: no call until its configuration changes
 
 
 @dataclass(frozen=True)
@@ -94,3 +103,21 @@ class PinnedAnswer:
     tx_id: str
     status_code: int
     body: bytes
+
+
+@dataclass(frozen=True)
+class NewRequest:
+    """An initiator request to write before Daraja is called: `kind` refund | verify |
+    balance; `idempotency` (refunds) binds the caller's key to it; `fingerprint`: the
+    initiator configuration sending it; `min_interval_s` (balance): no new one if one was
+    made this recently; `retry`: an operator's explicit retry of an `unknown` refund."""
+
+    kind: str
+    owner: str
+    fingerprint: str
+    receipt: str | None = None
+    tx_id: str | None = None
+    amount: int | None = None
+    idempotency: Idempotency | None = None
+    min_interval_s: float = 0.0
+    retry: bool = False

@@ -21,6 +21,9 @@ KINDS = {
     "/mpesa/c2b/v1/registerurl": "register",
     "/mpesa/c2b/v2/registerurl": "register",
     "/mpesa/qrcode/v1/generate": "qr",
+    "/mpesa/reversal/v1/request": "reversal",
+    "/mpesa/transactionstatus/v1/query": "status",
+    "/mpesa/accountbalance/v1/query": "balance",
 }
 CLOSE = "close"
 

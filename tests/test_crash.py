@@ -1,9 +1,10 @@
 """Crash safety: a real gateway process under load, killed with SIGKILL and restarted.
 
 After every kill: the database passes `PRAGMA integrity_check`; every payment the
-client saw accepted has its row; every callback that got a 2xx is stored. At the
-end: no row was pushed twice, and every row caught mid-push is `unknown` (or was
-settled by its callback later). Skip locally with `--skip-crash`; CI runs it.
+client saw accepted has its row; every callback, confirmation and refund result that got
+a 2xx is stored. At the end: no row was pushed twice, no refund was sent twice, and every
+row caught mid-push is `unknown` (or was settled by its callback later). Skip locally
+with `--skip-crash`; CI runs it.
 
 SOAK_CRASH_CYCLES sets the number of kill-restart cycles (`make soak`: 100). The
 figures (cycles, payments accepted, lost, re-sent) are printed at the end of the run.
@@ -42,10 +43,11 @@ def sim_settings():
                                  lock_subscriber=False)
 
 
-def _request(url, body=None, timeout=2.0):
+def _request(url, body=None, timeout=2.0, method=None, headers=None):
     data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method="POST" if body else "GET", headers={
-        "Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+    req = urllib.request.Request(url, data=data, method=method or ("POST" if body else "GET"),
+                                 headers={"Authorization": f"Bearer {API_KEY}",
+                                          "Content-Type": "application/json", **(headers or {})})
     try:
         with OPENER.open(req, timeout=timeout) as resp:
             return resp.status, json.loads(resp.read())
@@ -105,6 +107,54 @@ class MenuPayments:
         self._thread.join(10)
 
 
+class Refunds:
+    """A thread refunding payments that succeeded, one Idempotency-Key each, asking again
+    with the same key after a kill until the gateway answers: a refund sent twice would be
+    money paid back twice."""
+
+    def __init__(self, base, load):
+        self.base, self.load, self.answered = base, load, {}  # tx → status answered
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self):
+        while not self._stop.wait(0.1):
+            with self.load._lock:
+                candidates = [tx for tx in self.load.accepted if tx not in self.answered][:20]
+            for tx in candidates:
+                status, row = _request(f"{self.base}/transactions/{tx}", timeout=1.0)
+                if status != 200 or row["status"] not in ("succeeded", "failed"):
+                    continue
+                if row["status"] == "failed":
+                    self.answered[tx] = None
+                    continue
+                status, _ = _request(f"{self.base}/transactions/{tx}/refund", method="POST",
+                                     headers={"Idempotency-Key": f"refund-{tx}"})
+                if status in (202, 409):
+                    self.answered[tx] = status
+                break  # one refund at a time, among the pushes
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join(10)
+
+
+def _refunds(db):
+    """(tx → refund rows), and the request ids whose results the ledger stored."""
+    with sqlite3.connect(db) as conn:
+        rows = {}
+        for tx, status in conn.execute("SELECT tx_id, status FROM initiator_requests"
+                                       " WHERE kind = 'refund'"):
+            rows.setdefault(tx, []).append(status)
+        stored = {r for (r,) in conn.execute("SELECT request_id FROM initiator_results")}
+    return rows, stored
+
+
+def _results_acknowledged(sim):
+    return {urlsplit(url).path.split("/")[3] for url, _ in list(sim.initiator_results)}
+
+
 def _rows(db):
     with sqlite3.connect(db) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
@@ -129,6 +179,12 @@ def _acknowledged(sim):
     return {json.loads(body)["TransID"] for _, body in list(sim.c2b_confirmations)}
 
 
+def _callbacks_delivered(sim):
+    """(tx, body) of each STK callback the gateway answered 2xx."""
+    return {(urlsplit(u).path.split("/")[2], b) for u, b in list(sim.delivered)
+            if urlsplit(u).path.startswith("/callback/")}
+
+
 def _all_callbacks_out(sim):
     """Every callback the simulator scheduled was delivered or failed."""
     stats = sim.stats()
@@ -151,6 +207,11 @@ def test_sigkill_at_random_moments_loses_nothing_and_pushes_nothing_twice(sim, t
         validation=signer.c2b_url("validation")).status == 200
     pushed = []
     sim.sim.on_push = lambda payload: pushed.append(urlsplit(payload["CallBackURL"]).path)
+    cert = tmp_path / "simulator-initiator.pem"
+    cert.write_bytes(sim.sim.initiator_certificate_pem())
+    env.update(MPESA_INITIATOR_NAME=simulator.SANDBOX_INITIATOR_NAME,
+               MPESA_INITIATOR_PASSWORD=simulator.SANDBOX_INITIATOR_PASSWORD,
+               MPESA_CERT_FILE=str(cert))
 
     def start():
         proc = subprocess.Popen([sys.executable, "mpesa_wsgi.py"], cwd=ROOT_DIR, env=env,
@@ -161,6 +222,7 @@ def test_sigkill_at_random_moments_loses_nothing_and_pushes_nothing_twice(sim, t
 
     caught = set()  # rows in `submitting` at the moment of a kill
     load, menu = Load(base), MenuPayments(sim.url)
+    refunds = Refunds(base, load)
     rng = random.Random(20261126)
     try:
         for _ in range(CYCLES):
@@ -173,13 +235,17 @@ def test_sigkill_at_random_moments_loses_nothing_and_pushes_nothing_twice(sim, t
             caught |= {tx for tx, (status, _, _) in rows.items() if status == "submitting"}
             missing = set(load.accepted) - set(rows)
             assert not missing, f"accepted payments without a row: {missing}"
-            lost = {(urlsplit(u).path.split("/")[2], b) for u, b in sim.sim.delivered} - stored
+            lost = _callbacks_delivered(sim.sim) - stored
             assert not lost, "a callback answered 2xx is not in the ledger"
             _, kept = _confirmations(db)
             assert not _acknowledged(sim.sim) - kept, "a confirmation answered 2xx is not kept"
+            _, results = _refunds(db)
+            assert not _results_acknowledged(sim.sim) - results, \
+                "a refund's result answered 2xx is not in the ledger"
     finally:
         load.stop()
         menu.stop()
+        refunds.stop()
     # Real time must pass the recovery cutoff: the subprocess runs on the real clock.
     time.sleep(daraja.DarajaClient(config.load_config(env), None).longest_push_s + 1)
     stop_proc = start()  # a clean start recovers interrupted rows before it answers /health
@@ -194,13 +260,27 @@ def test_sigkill_at_random_moments_loses_nothing_and_pushes_nothing_twice(sim, t
     tx_pushed = [path.split("/")[2] for path in pushed]
     resent = len(tx_pushed) - len(set(tx_pushed))
     lost_rows = set(load.accepted) - set(rows)
-    lost_callbacks = {(urlsplit(u).path.split("/")[2], b) for u, b in sim.sim.delivered} - stored
+    lost_callbacks = _callbacks_delivered(sim.sim) - stored
+    refund_rows, results = _refunds(db)
+    reversed_ = [tx_id for api, tx_id in list(sim.sim.initiator_requests) if api == "reversal"]
+    refunds_twice = len(reversed_) - len(set(reversed_))
+    lost_results = _results_acknowledged(sim.sim) - results
+    missing_refunds = {tx for tx, status in refunds.answered.items()
+                       if status == 202 and tx not in refund_rows}
     report_figures(f"crash-restart: cycles={CYCLES} accepted={len(load.accepted)} "
                    f"lost={len(lost_rows) + len(lost_callbacks)} resent={resent} "
                    f"caught_mid_push={len(caught)} pushes={len(tx_pushed)} "
                    f"callbacks_stored={len(stored)} confirmations_kept={len(kept)}"
-                   f" confirmations_lost={len(lost_confirmations)} twice={len(twice)}")
+                   f" confirmations_lost={len(lost_confirmations)} twice={len(twice)}"
+                   f" refunds_answered={sum(1 for v in refunds.answered.values() if v)}"
+                   f" reversals={len(reversed_)} refunds_sent_twice={refunds_twice}"
+                   f" refund_results_lost={len(lost_results)}")
     assert resent == 0, "a payment was pushed twice"
+    assert refunds_twice == 0, "a refund was sent twice"
+    assert not missing_refunds and not lost_results, (missing_refunds, lost_results)
+    assert reversed_, "no refund reached Daraja; the test proved less than it claims"
+    # At most one refund of a payment that is not a definite failure (nothing sent).
+    assert all(sum(s != "failed" for s in statuses) <= 1 for statuses in refund_rows.values())
     assert not lost_rows and not lost_callbacks
     assert not lost_confirmations and not twice, "a confirmation lost, or kept twice"
     assert kept, "no confirmation reached the gateway; the test proved less than it claims"

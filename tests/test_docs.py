@@ -253,8 +253,11 @@ def demo_health(sim, tmp_path):
     from webtest import TestApp
 
     port = free_port()
+    cert = tmp_path / "sim.pem"
+    cert.write_bytes(sim.sim.initiator_certificate_pem())
     env = demo.demo_environment({"GATEWAY_DB": str(tmp_path / "demo.db")}, port,
-                                int(sim.url.rsplit(":", 1)[1]), "demo_" + "k" * 24, "s" * 32)
+                                int(sim.url.rsplit(":", 1)[1]), "demo_" + "k" * 24, "s" * 32,
+                                cert)
     app = mpesa_wsgi.create_app(config.load_config(env))
     try:
         yield TestApp(app).get("/health", status=200).json

@@ -55,7 +55,7 @@ def test_every_configured_key_is_accepted(gateway):
 def test_unknown_path_is_json_404(gateway):
     assert_error_shape(gateway.testapp.get("/nope", status=404), "not_found")
     assert_error_shape(gateway.testapp.get("/transactions/", status=404), "not_found")
-    assert_error_shape(gateway.testapp.get("/transactions/a/b", status=404), "not_found")
+    assert_error_shape(gateway.testapp.get("/transactions/a/b/c", status=404), "not_found")
 
 
 def test_unknown_transaction_is_404(gateway):

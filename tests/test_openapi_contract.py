@@ -30,7 +30,7 @@ CHECKS = [not_a_server_error, *CONFORMANCE]
 # 5xx answers the document promises for Daraja's own refusals (the simulator's scenario
 # phones make them, e.g. 254711005002 = spike arrest): answers, not server errors.
 UPSTREAM_ANSWERS = {(502, "daraja_rejected"), (503, "upstream_unavailable"),
-                    (503, "gateway_busy")}
+                    (503, "gateway_busy"), (503, "initiator_stopped")}
 
 
 def upstream_answer(response):
@@ -47,8 +47,13 @@ def sim_settings():
 
 @pytest.fixture
 def app(sim, tmp_path):
+    cert = tmp_path / "sim.pem"  # the simulator's initiator: refunds and checks really run
+    cert.write_bytes(sim.sim.initiator_certificate_pem())
     env = dict(base_env(sim.url, tmp_path / "contract.db"), GATEWAY_RATE="100000",
-               GATEWAY_BURST="100000", GATEWAY_PHONE_LOCK_S="0")
+               GATEWAY_BURST="100000", GATEWAY_PHONE_LOCK_S="0",
+               MPESA_INITIATOR_NAME=simulator.SANDBOX_INITIATOR_NAME,
+               MPESA_INITIATOR_PASSWORD=simulator.SANDBOX_INITIATOR_PASSWORD,
+               MPESA_CERT_FILE=str(cert))
     gateway = mpesa_wsgi.create_app(config.load_config(env))
     yield gateway
     gateway.services.close()

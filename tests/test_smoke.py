@@ -27,8 +27,9 @@ def clean_env(**extra):
     return env
 
 
-def http(method, url, body=None, key=None):
+def http(method, url, body=None, key=None, extra=None):
     headers = {"Content-Type": "application/json"} if body is not None else {}
+    headers.update(extra or {})
     if key:
         headers["Authorization"] = f"Bearer {key}"
     data = json.dumps(body).encode() if body is not None else None
@@ -104,6 +105,15 @@ def test_demo_takes_a_payment_to_succeeded_and_stops_on_sigterm(tmp_path, comman
         elapsed = time.monotonic() - started
         assert final["receipt"] and elapsed < 5
         assert http("GET", f"{base}/openapi.json")[0] == 200  # its data file shipped too
+        if command == "installed":  # no `initiator` extra there: no refunds, the rest works
+            assert "/refund" not in banner
+        else:  # the banner's refund, against the simulator's initiator
+            assert f"curl -s -X POST {base}/transactions/<id>/refund" in banner
+            status, body = http("POST", f"{base}/transactions/{tx['id']}/refund", key=key,
+                                extra={"Idempotency-Key": f"refund-{tx['id']}"})
+            assert (status, body["refund"]["status"]) == (202, "pending"), body
+            wait_for(lambda: http("GET", f"{base}/transactions/{tx['id']}", key=key)[1][
+                "refund"]["status"] == "refunded", timeout=20, interval=0.2)
         # The demo's receiver verified the signed event and printed it.
         printed = []
         reader = threading.Thread(target=lambda: printed.extend(
@@ -130,6 +140,10 @@ def test_demo_takes_a_payment_to_succeeded_and_stops_on_sigterm(tmp_path, comman
             with sqlite3.connect(f"file:{tmp_path / 'demo.db'}?mode=ro", uri=True) as conn:
                 return conn.execute("SELECT amount, account FROM c2b_receipts").fetchall()
 
+        if command != "installed":  # the refund above, told to the demo's receiver
+            wait_for(lambda: any(line.startswith(f"webhook payment.refunded {tx['id']}")
+                                 and "refund=refunded" in line for line in printed),
+                     timeout=30)
         assert wait_for(menu_receipt, timeout=30, interval=0.2) == [(10, "INV001")]
         # ...and the demo's merchant endpoint is told, verified.
         wait_for(lambda: any(line.startswith("webhook receipt.received ") and

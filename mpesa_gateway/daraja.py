@@ -456,7 +456,11 @@ class DarajaClient:
                 raise DarajaError(api, REJECTED, "daraja_rejected", http_status=status,
                                   error_code=code,
                                   error_message=_text(data.get("ResponseDescription")))
-        raise self._classify(api, status, data)
+        error = self._classify(api, status, data)
+        if api == "reversal" and error.error_code == REFUSED_CODE:
+            # On Reversal it may say "The transaction is being processed": maybe taken.
+            error.outcome, error.reason = UNKNOWN, "upstream_error"
+        raise error
 
     # --- transport -----------------------------------------------------------------
 

@@ -128,10 +128,18 @@ class Result:
     originator_conversation_id: str | None
     conversation_id: str | None
     parameters: dict
+    interim: bool = False  # ResultType 1: "waiting for further messages", not the end
 
     @property
     def ok(self):
         return self.code == "0"
+
+
+# A QueueTimeOut body that is not a Result envelope (its shape is undocumented): still a
+# timeout.
+UNREADABLE_TIMEOUT = Result(code="", description="", transaction_id=None,
+                            originator_conversation_id=None, conversation_id=None,
+                            parameters={})
 
 
 def _text(value, limit=200):
@@ -167,7 +175,7 @@ def from_raw(raw):
         if key and key not in params:
             params[key] = item.get("Value")
     receipt = _text(result.get("TransactionID"), 32)
-    return Result(code=code, description=_text(result.get("ResultDesc")),
+    return Result(code=code, interim=_text(result.get("ResultType"), 8) == "1", description=_text(result.get("ResultDesc")),
                   transaction_id=None if receipt.upper() in PLACEHOLDER_IDS
                   or not _RECEIPT.fullmatch(receipt) else receipt,
                   originator_conversation_id=_text(result.get("OriginatorConversationID"), 64)
@@ -237,6 +245,8 @@ PLAIN = {  # reasons that are not a result code's
     "upstream_unavailable": "Daraja could not be reached; nothing was sent",
     "daraja_rejected": "Daraja refused the request; nothing was done",
     "upstream_unknown": "Daraja's answer was lost: whether it was taken is not known",
+    "retry_not_sent": "the retry did not reach Daraja (or Daraja refused it): whether the"
+                      " first attempt was done is still not known",
 }
 
 WORDS = {**{slug: words for slug, words in REASONS.values()}, **PLAIN}
@@ -256,7 +266,9 @@ def decide(row, kind, result):
     answered 2032 is done too (not found for this shortcode); a refused initiator stops."""
     if kind == "timeout":
         return {"outcome": "timed_out", "status": "unknown", "reason": "queue_timeout",
-                "result_code": result.code, "result_desc": result.description}
+                "result_code": result.code or None, "result_desc": result.description or None}
+    if result.interim:  # more is to come: kept, nothing decided
+        return {"outcome": "interim"}
     changes = {"result_code": result.code, "result_desc": result.description}
     p = result.parameters
     if result.code in STOP_CODES:
@@ -276,6 +288,7 @@ def decide(row, kind, result):
                         "completed_at": eat_time(p.get("FinalisedTime")),
                         "transaction_status": _text(p.get("TransactionStatus"), 32) or None,
                         "debit_party": masked_text(p.get("DebitPartyName")) or None,
+                        "credit_party": masked_text(p.get("CreditPartyName")) or None,
                         "receipt_no": _text(p.get("ReceiptNo"), 32) or None}))
     if row["kind"] == "balance" and result.ok:
         return dict(changes, outcome="balance", status="succeeded", reason=None,

@@ -144,7 +144,8 @@ def read_receipt(services, authorization, number):
         body["refund"] = resources.refund_resource(ledger.refund_of(number))
     else:  # known only by the caller's check: nothing of another owner's is shown
         body = {"receipt": number, "channel": None}
-    body["verified"] = resources.verified_resource(check)
+    # (The payer, masked, only on the caller's own receipt: a check says it of anyone's.)
+    body["verified"] = resources.verified_resource(check, with_payer=own)
     body["claimed_by"] = resources.claim_resource(ledger.receipt_claim(number), caller)
     return Reply(200, body, tx_id=rows[0]["tx_id"] if own else None)
 

@@ -141,6 +141,9 @@ def apply(ledger, entry):
             received_at=entry["at"], once=once)
         log.info("initiator %s request=%s outcome=%s (from the spool)", entry["result_kind"],
                  entry["tx_id"], outcome)
+        if outcome == "initiator_refused":
+            log.error("initiator refused (from the spool): every initiator call is stopped"
+                      " until MPESA_INITIATOR_NAME or its credential changes")
     else:
         raise ValueError(f"an entry of an unknown kind ({kind!r}): from a newer version?")
 

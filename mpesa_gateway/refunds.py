@@ -143,15 +143,19 @@ def _not_acknowledged(services, row, exc, answer):
         _record(services, row, lambda: services.ledger.mark_request(
             row["id"], store.UNKNOWN, reason="upstream_unknown", answer=(status, dumps(body))))
         return status, body
-    # Nothing was done: the key is freed, so the caller may try again with it.
+    # Nothing was done: the key is freed, so the caller may try again with it. A retry of
+    # a request whose fate was unknown stays unknown: the first attempt may have been done.
+    retried = row["attempts"] > 1
     reason = "daraja_rejected" if exc.outcome == daraja.REJECTED else "upstream_unavailable"
     _record(services, row, lambda: services.ledger.mark_request(
-        row["id"], store.FAILED, reason=reason, result_code=exc.error_code,
+        row["id"], store.UNKNOWN if retried else store.FAILED,
+        reason="retry_not_sent" if retried else reason, result_code=exc.error_code,
         result_desc=exc.error_message, release_key=True))
+    what = ("the retry was not sent; whether the first attempt was done is still not known"
+            if retried else "nothing was done")
     if exc.outcome == daraja.REJECTED:
-        raise UpstreamRejected(f"Daraja refused the request ({exc.error_code}); nothing was"
-                               " done")
-    raise ServiceUnavailable(f"Daraja is unavailable ({exc.reason}); nothing was sent",
+        raise UpstreamRejected(f"Daraja refused the request ({exc.error_code}); {what}")
+    raise ServiceUnavailable(f"Daraja is unavailable ({exc.reason}); {what}",
                              headers=retry_after(RETRY_AFTER_UNAVAILABLE_S))
 
 
@@ -222,6 +226,10 @@ def _refund(services, caller, init, key, retry, *, receipt, tx_id, amount, recei
     if begun.kind == store.Start.REUSED:
         raise Unprocessable("this Idempotency-Key was used with a different request",
                             code="idempotency_key_reused")
+    if begun.kind == store.Start.IN_FLIGHT and begun.row["status"] != store.SUBMITTING:
+        # Its first answer was never stored (the process died, the ledger was away): the
+        # request is past sending, so its state now is the answer.
+        return Reply(202, refund_answer(begun.row), REPLAYED, tx_id)
     if begun.kind == store.Start.IN_FLIGHT:
         raise Conflict("a request with this Idempotency-Key is still in progress; retry"
                        " shortly", code="idempotency_key_in_use", headers=retry_after(1))
@@ -288,7 +296,7 @@ def verify_receipt(services, authorization, number):
 
 
 def verify_answer(row):
-    return {"receipt": row["receipt"], "verified": verified_resource(row)}
+    return {"receipt": row["receipt"], "verified": verified_resource(row, with_payer=False)}
 
 
 def claim_receipt(services, authorization, number, load_body):
@@ -308,6 +316,9 @@ def claim_receipt(services, authorization, number, load_body):
     if not held and not said.get("found"):
         raise Conflict(f"receipt {number} is not known to be real: POST"
                        f" /receipts/{number}/verify first", code="receipt_not_verified")
+    if not held and said.get("transaction_status") not in (None, "Completed"):
+        raise Conflict(f"Safaricom says receipt {number} is {said['transaction_status']}, not"
+                       " Completed: it pays for no order", code="receipt_not_verified")
     refund = _read(services, lambda: ledger.refund_of(number))
     if (refund is not None and refund["status"] != store.FAILED) or \
             said.get("transaction_status") == "Reversed":
@@ -396,6 +407,8 @@ def receive_result(services, kind, request_id, sig, environ, load_raw):
     source = safaricom_source(services, environ, f"result request={request_id}")
     raw = initiator.kept_body(load_raw())  # a payer's number is never kept in clear
     result = initiator.from_raw(raw)
+    if result is None and kind == "timeout":  # its shape is undocumented: it is a timeout
+        result = initiator.UNREADABLE_TIMEOUT
     try:
         outcome, _ = services.ledger.settle_request(
             request_id, initiator.decide, kind=kind, result=result, raw=raw, remote_addr=source)

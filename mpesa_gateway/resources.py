@@ -134,7 +134,7 @@ def verified_resource(row, with_payer=True):
     view = {"status": status, "reason": row["reason"], "message": _words(row),
             "amount": details.get("amount"), "completed_at": details.get("completed_at"),
             "transaction_status": details.get("transaction_status"),
-            "checked_at": row["updated_at"]}
+            "paid_to": details.get("credit_party"), "checked_at": row["updated_at"]}
     if with_payer:
         view["payer"] = details.get("debit_party")
     return view
@@ -156,6 +156,6 @@ def request_event_body(event_type, row, timestamp):
     data = {"receipt": row["receipt"], "transaction_id": row["tx_id"]}
     if row["kind"] == "refund":
         data["refund"] = refund_resource(row)
-    else:
-        data["verified"] = verified_resource(row)
+    else:  # (no payer: the code may be anyone's)
+        data["verified"] = verified_resource(row, with_payer=False)
     return {"type": event_type, "timestamp": timestamp, "data": data}

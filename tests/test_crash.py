@@ -131,7 +131,7 @@ class Refunds:
                     continue
                 status, _ = _request(f"{self.base}/transactions/{tx}/refund", method="POST",
                                      headers={"Idempotency-Key": f"refund-{tx}"})
-                if status in (202, 409):
+                if status == 202:  # (409 in progress: asked again, with the same key)
                     self.answered[tx] = status
                 break  # one refund at a time, among the pushes
 
@@ -221,6 +221,7 @@ def test_sigkill_at_random_moments_loses_nothing_and_pushes_nothing_twice(sim, t
         return proc
 
     caught = set()  # rows in `submitting` at the moment of a kill
+    refunds_caught = set()  # refunds in `submitting` (row written, Daraja not answered)
     load, menu = Load(base), MenuPayments(sim.url)
     refunds = Refunds(base, load)
     rng = random.Random(20261126)
@@ -233,6 +234,9 @@ def test_sigkill_at_random_moments_loses_nothing_and_pushes_nothing_twice(sim, t
             proc.stderr.close()
             rows, stored = _rows(db)
             caught |= {tx for tx, (status, _, _) in rows.items() if status == "submitting"}
+            refund_rows, _ = _refunds(db)
+            refunds_caught |= {tx for tx, statuses in refund_rows.items()
+                               if "submitting" in statuses}
             missing = set(load.accepted) - set(rows)
             assert not missing, f"accepted payments without a row: {missing}"
             lost = _callbacks_delivered(sim.sim) - stored
@@ -274,11 +278,16 @@ def test_sigkill_at_random_moments_loses_nothing_and_pushes_nothing_twice(sim, t
                    f" confirmations_lost={len(lost_confirmations)} twice={len(twice)}"
                    f" refunds_answered={sum(1 for v in refunds.answered.values() if v)}"
                    f" reversals={len(reversed_)} refunds_sent_twice={refunds_twice}"
+                   f" refunds_caught_mid_send={len(refunds_caught)}"
                    f" refund_results_lost={len(lost_results)}")
     assert resent == 0, "a payment was pushed twice"
     assert refunds_twice == 0, "a refund was sent twice"
     assert not missing_refunds and not lost_results, (missing_refunds, lost_results)
     assert reversed_, "no refund reached Daraja; the test proved less than it claims"
+    # A refund caught between its row and Daraja's answer is settled or unknown: never
+    # sent again by itself.
+    final_refunds, _ = _refunds(db)
+    assert not [tx for tx, statuses in final_refunds.items() if "submitting" in statuses]
     # At most one refund of a payment that is not a definite failure (nothing sent).
     assert all(sum(s != "failed" for s in statuses) <= 1 for statuses in refund_rows.values())
     assert not lost_rows and not lost_callbacks

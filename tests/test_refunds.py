@@ -15,6 +15,7 @@ import mpesa_ledger as store
 from helpers import (
     API_KEY,
     BOTH_ENGINES,
+    at_once,
     OTHER_KEY,
     PAYBILL,
     ROOT_DIR,
@@ -196,7 +197,7 @@ def test_a_queue_timeout_is_unknown_never_resent_and_an_operator_retry_settles_i
     res = refund(gateway, tx["id"], "t-3", body={"retry": True})
     assert res.json["refund"]["attempts"] == 2
     done = refund_of(gateway, tx["id"], "refunded")
-    assert done["reason"] in (None, "already_reversed")
+    assert done["reason"] is None  # the first never reached the books: this one did it
     assert sim_count(sim, "reversals") == 2
 
 
@@ -432,8 +433,13 @@ def test_a_payer_s_number_in_a_result_is_never_kept_in_clear(gateway, caplog):
     [stored] = gateway.services.ledger._read("SELECT body FROM initiator_results")
     assert b"254712345678" not in bytes(stored["body"])
     shown = gateway.testapp.get("/receipts/QKX0000009", headers=auth()).json["verified"]
-    assert shown == dict(shown, status="found", amount=50, payer="2547******678 - JANE DOE",
+    assert shown == dict(shown, status="found", amount=50,
                          completed_at="2026-12-07T07:15:00Z", transaction_status="Completed")
+    # The payer only on the caller's own receipt: a code the ledger does not hold is not.
+    assert "payer" not in shown
+    [kept] = gateway.services.ledger._read("SELECT details FROM initiator_requests")
+    assert "2547******678 - JANE DOE" in kept["details"] and "254712345678" not in kept[
+        "details"]
     assert "254712345678" not in caplog.text
 
 
@@ -683,3 +689,190 @@ def test_a_retry_of_a_reversal_that_was_done_is_recorded_refunded_not_paid_twice
     assert done["message"] == "the payment was already reversed"
     reversals = [r for api, r in sim.sim.initiator_requests if api == "reversal"]
     assert reversals == [tx["receipt"], tx["receipt"]]  # the retry only: asked, not paid twice
+
+
+# --- more of what can go wrong -----------------------------------------------------------
+
+
+@pytest.fixture
+def second_gateway(gateway_env, tmp_path):
+    """another_gateway(**env changes): the same settings, served on its own socket (its
+    results come to it), e.g. its own ledger, or a Daraja that cannot be reached."""
+    import mpesa_wsgi
+    from helpers import LateApp, serve
+    from webtest import TestApp
+
+    made = []
+
+    def make(**changes):
+        late = LateApp()
+        server, url = serve(late)
+        late.app = mpesa_wsgi.create_app(config.load_config(
+            dict(gateway_env, MPESA_CALLBACK_BASE_URL=url, **changes)))
+        made.append((server, late.app))
+        return TestApp(late.app), late.app.services
+
+    yield make
+    for server, app in made:
+        server.shutdown()
+        app.services.close()
+
+
+def test_a_code_paid_elsewhere_is_found_by_transaction_status_and_may_be_claimed(
+        gateway, sim, second_gateway, tmp_path):
+    """Paid through one gateway (its ledger holds the receipt); checked at another whose
+    ledger does not: Daraja's Transaction Status says it is real, for how much."""
+    tx = paid(gateway, "254712345615", amount=37)
+    other, _ = second_gateway(GATEWAY_DB=str(tmp_path / "elsewhere.db"),
+                              GATEWAY_SPOOL_DIR=str(tmp_path / "elsewhere-spool"))
+    assert other.post(f"/receipts/{tx['receipt']}/verify", headers=auth(),
+                      status=202).json["verified"]["status"] == "checking"
+    found = wait_for(lambda: (v := other.get(f"/receipts/{tx['receipt']}", headers=auth())
+                              .json["verified"])["status"] == "found" and v,
+                     timeout=DEADLINE_S, interval=0.1)
+    assert found["amount"] == 37 and found["transaction_status"] == "Completed"
+    assert "payer" not in found  # not a receipt this gateway holds for the caller
+    assert other.post_json(f"/receipts/{tx['receipt']}/claim", {"reference": "ORDER-7"},
+                           headers=auth(), status=201)
+    assert sim_count(sim, "transaction_status") == 1
+
+
+def test_a_refund_daraja_cannot_take_frees_its_key(gateway, sim, second_gateway):
+    tx = paid(gateway, "254712345616")
+    away, services = second_gateway(MPESA_BASE_URL="http://127.0.0.1:9")  # nothing listens
+    res = away.post(f"/transactions/{tx['id']}/refund", headers=auth(API_KEY, "free-me"),
+                    status=503)
+    assert "nothing was done" in res.json["error"]["message"]
+    failed = gateway.get(tx["id"]).json["refund"]
+    assert (failed["status"], failed["reason"]) == ("failed", "upstream_unavailable")
+    # Nothing was sent: the same key may try again, and now it goes.
+    assert refund(gateway, tx["id"], "free-me").json["refund"]["status"] == "pending"
+    assert refund_of(gateway, tx["id"], "refunded")
+    assert sim_count(sim, "reversals") == 1
+    types = [json.loads(e["body"])["type"] for e in events_of(gateway.services.ledger, tx["id"])]
+    assert types.count("payment.refund_failed") == 1 and types.count("payment.refunded") == 1
+
+
+def test_a_retry_that_cannot_be_sent_leaves_the_refund_unknown_not_failed(
+        gateway, sim, second_gateway):
+    tx = paid(gateway, "254712345617")
+    sim.sim.set_initiator(mode="silent")  # done, but nobody is told
+    refund(gateway, tx["id"], "u-1")
+    gateway.clock.advance(initiator.RESULT_WAIT_S + 1)
+    gateway.services.new_reconciler().run_once()
+    away, _ = second_gateway(MPESA_BASE_URL="http://127.0.0.1:9")
+    res = away.post_json(f"/transactions/{tx['id']}/refund", {"retry": True},
+                         headers=auth(API_KEY, "u-2"), status=503)
+    assert "still not known" in res.json["error"]["message"]
+    still = gateway.get(tx["id"]).json["refund"]
+    assert (still["status"], still["reason"]) == ("unknown", "retry_not_sent")
+    assert refund(gateway, tx["id"], "u-3", status=409).json["error"]["code"] == "refund_exists"
+
+
+def test_a_receipt_daraja_does_not_know_is_not_reversed(gateway, sim):
+    """A Paybill receipt Safaricom told the gateway of, unknown to this Daraja: R000002."""
+    body = json.dumps({"TransactionType": "Pay Bill", "TransID": "RKZ0000099",
+                       "TransTime": "20261207101500", "TransAmount": "40.00",
+                       "BusinessShortCode": PAYBILL, "BillRefNumber": "INV-Z", "MSISDN": "2547 ***** 126",
+                       "FirstName": "A"}).encode()
+    gateway.testapp.post("/" + gateway.services.signer.c2b_url("confirmation").split("/", 3)[3],
+                         body, content_type="application/json", status=200)
+    gateway.testapp.post("/receipts/RKZ0000099/refund", headers=auth(OTHER_KEY, "x"),
+                         status=404)  # another owner's receipt does not exist for them
+    gateway.testapp.post("/receipts/RKZ0000099/refund", headers=auth(API_KEY, "z-1"),
+                         status=202)
+    failed = wait_for(lambda: (r := gateway.testapp.get(
+        "/receipts/RKZ0000099", headers=auth()).json["refund"])["status"] == "failed" and r,
+        timeout=DEADLINE_S, interval=0.1)
+    assert failed["reason"] == "invalid_receipt" and failed["completed_at"]
+    [event] = [json.loads(e["body"]) for e in events_of(gateway.services.ledger, "RKZ0000099")
+               if e["type"] == "payment.refund_failed"]
+    assert event["data"]["receipt"] == "RKZ0000099" and event["data"]["transaction_id"] is None
+    # A definite failure: another refund may be asked (and is refused the same way).
+    assert gateway.testapp.post("/receipts/RKZ0000099/refund", headers=auth(API_KEY, "z-2"),
+                                status=202)
+
+
+def test_a_rush_of_refunds_of_one_payment_sends_one(gateway, sim):
+    tx = paid(gateway, "254712345618")
+    answers = at_once(8, lambda n: gateway.testapp.post(
+        f"/transactions/{tx['id']}/refund", headers=auth(API_KEY, f"rush-{n % 2}"),
+        expect_errors=True))
+    codes = sorted(a.status_int for a in answers.values())
+    assert codes.count(202) >= 1 and set(codes) <= {202, 409}, codes
+    refund_of(gateway, tx["id"], "refunded")
+    assert sim_count(sim, "reversals") == 1
+
+
+@pytest.mark.parametrize("sim_settings", [{"result_delay_s": 0.2}], indirect=True)
+def test_a_locked_initiator_stops_every_call(gateway, sim):
+    """Five wrong credentials elsewhere (the shared sandbox operator): Daraja answers 8006;
+    the gateway stops at once, and says what to do."""
+    api = SimulatorApi(sim.url)
+    for _ in range(5):
+        assert api.call("/mpesa/accountbalance/v1/query", {
+            "Initiator": "testapi", "SecurityCredential": "bm90IGEgY3JlZGVudGlhbA==",
+            "CommandID": "AccountBalance", "PartyA": "174379", "IdentifierType": "4",
+            "Remarks": "ok", "QueueTimeOutURL": "http://127.0.0.1:9/t",
+            "ResultURL": "http://127.0.0.1:9/r"}).status == 200
+    wait_for(lambda: sim.sim.initiator()["locked"], timeout=DEADLINE_S, interval=0.1)
+    gateway.testapp.post("/receipts/QKX1A2B3C5/verify", headers=auth(), status=202)
+    failed = wait_for(lambda: (v := gateway.testapp.get(
+        "/receipts/QKX1A2B3C5", headers=auth()).json["verified"])["status"] == "failed" and v,
+        timeout=DEADLINE_S, interval=0.1)
+    assert failed["reason"] == "initiator_locked" and "unlock" in failed["message"]
+    res = gateway.testapp.post("/receipts/QKX1A2B3C6/verify", headers=auth(), status=503)
+    assert res.json["error"]["code"] == "initiator_stopped" and "8006" in res.json[
+        "error"]["message"]
+
+
+def test_a_timeout_whatever_its_body_is_unknown_and_an_interim_result_decides_nothing(
+        gateway):
+    ledger = gateway.services.ledger
+    first = ledger.begin_request(store.NewRequest(
+        kind="verify", owner="default", fingerprint=gateway.services.initiator.fingerprint,
+        receipt="QKX0000012")).row
+    gateway.testapp.post(result_path(gateway, first["id"], "timeout"), b"<html>gateway"
+                         b" timeout</html>", content_type="text/html", status=200)
+    row = ledger.request(first["id"])
+    assert (row["status"], row["reason"]) == ("unknown", "queue_timeout")
+    second = ledger.begin_request(store.NewRequest(
+        kind="verify", owner="default", fingerprint=gateway.services.initiator.fingerprint,
+        receipt="QKX0000013")).row
+    interim = json.loads(result_body(0, Amount=5))
+    interim["Result"]["ResultType"] = 1
+    gateway.testapp.post(result_path(gateway, second["id"]), json.dumps(interim),
+                         content_type="application/json", status=200)
+    assert ledger.request(second["id"])["status"] == "submitting"
+
+
+def test_a_key_whose_first_answer_was_never_stored_gets_the_refund_as_it_is(gateway, sim):
+    """The process died after the row and before the answer was stored: the same key later
+    gets the refund's state (unknown), not 'in progress' forever."""
+    tx = paid(gateway, "254712345619")
+    begun = gateway.services.ledger.begin_request(store.NewRequest(
+        kind="refund", owner="default", fingerprint=gateway.services.initiator.fingerprint,
+        receipt=tx["receipt"], tx_id=tx["id"], amount=10,
+        idempotency=__import__("mpesa_gateway.refunds", fromlist=["x"]).refund_key(
+            "died", "default", tx["receipt"], False)))
+    assert refund(gateway, tx["id"], "died", status=409).json["error"]["code"] == \
+        "idempotency_key_in_use"  # still being sent, as far as anyone knows
+    gateway.clock.advance(gateway.services.daraja.longest_initiator_s + 1)
+    gateway.services.new_reconciler().run_once()
+    res = refund(gateway, tx["id"], "died")
+    assert res.json["refund"]["status"] == "unknown" and res.json["refund"]["id"] == \
+        begun.row["id"]
+    assert res.headers["Idempotent-Replayed"] == "true"
+    assert sim_count(sim, "reversals") == 0
+
+
+def test_a_code_safaricom_says_was_reversed_pays_for_no_order(gateway):
+    begun = gateway.services.ledger.begin_request(store.NewRequest(
+        kind="verify", owner="default", fingerprint=gateway.services.initiator.fingerprint,
+        receipt="QKX0000014"))
+    gateway.testapp.post(result_path(gateway, begun.row["id"]), result_body(
+        0, Amount=50, TransactionStatus="Reversed"), content_type="application/json")
+    res = gateway.testapp.post_json("/receipts/QKX0000014/claim", {"reference": "ORDER-5"},
+                                    headers=auth(), status=409)
+    assert res.json["error"]["code"] == "receipt_not_verified"
+    assert "Reversed" in res.json["error"]["message"]

@@ -16,7 +16,7 @@ SOAK_EXAMPLES ?= 10000
 SOAK_TESTS := tests/test_crash.py tests/test_properties.py tests/test_ledger_state.py \
 	tests/test_openapi_contract.py
 
-.PHONY: demo test soak bench clean
+.PHONY: demo test soak bench screenshots clean
 
 $(RUN_VENV)/.installed: requirements.txt requirements-initiator.txt
 	$(PYTHON) -m venv $(RUN_VENV)
@@ -48,6 +48,12 @@ soak: $(TEST_VENV)/.installed
 bench: $(BENCH_VENV)/.installed
 	@command -v wrk >/dev/null || { echo "wrk is needed: apt-get install wrk"; exit 1; }
 	$(BENCH_VENV)/bin/python bench/run.py $(BENCH_ARGS)
+
+# PNGs of the console's pages into docs/screenshots/ (not part of `make test`): the
+# simulator and a gateway on loopback, a few demo payments, headless Debian chromium
+# (apt-get install chromium chromium-driver)
+screenshots: $(TEST_VENV)/.installed
+	$(TEST_VENV)/bin/python -m mpesa_devtools.screenshots $(SCREENSHOTS_ARGS)
 
 clean:
 	rm -rf $(RUN_VENV) $(TEST_VENV) $(BENCH_VENV) .pytest_cache mpesa_demo.db*

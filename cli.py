@@ -195,8 +195,10 @@ def run_demo(create_app, environ):
     port = demo.demo_port(environ)  # the simulator takes the next port, the receiver the next
     api_key = environ.get("GATEWAY_API_KEYS") or "demo_" + secrets.token_urlsafe(18)
     folder = tempfile.mkdtemp(prefix="mpesa-demo-")
+    console_key = (None if environ.get("GATEWAY_CONSOLE_KEYS")
+                   else "console_" + secrets.token_urlsafe(18))
     env = demo.demo_environment(environ, port, port + 1, api_key, secrets.token_urlsafe(24),
-                                os.path.join(folder, "simulator-initiator.pem"))
+                                os.path.join(folder, "simulator-initiator.pem"), console_key)
     # First: the simulator writes the certificate the initiator's credential is made with.
     sim = start_simulator(env, port + 1)
     try:
@@ -212,7 +214,8 @@ def run_demo(create_app, environ):
             shown_key = (api_key if "GATEWAY_API_KEYS" not in environ
                          else "<a key from GATEWAY_API_KEYS>")
             register_demo_c2b(app.services, config)
-            serve(app.services, server, demo_banner(config, port, shown_key, receiver))
+            serve(app.services, server, demo_banner(config, port, shown_key, receiver,
+                                                    console_key))
         finally:
             app.services.close()
     finally:
@@ -270,9 +273,14 @@ def start_receiver(secret, receiver_port):
     threading.Thread(target=server.run, name="webhook-receiver", daemon=True).start()
 
 
-def demo_banner(config, port, shown_key, receiver):
-    """What the demo prints once it serves: where each part listens, the key, what to try."""
+def demo_banner(config, port, shown_key, receiver, console_key=None):
+    """What the demo prints once it serves: where each part listens, the keys, what to
+    try."""
     base = f"http://127.0.0.1:{port}"
+    console_line = (f"Console (for people, in a browser): {base}/console, console key:"
+                    f" {console_key}" if console_key else
+                    f"Console: {base}/console, with a key of GATEWAY_CONSOLE_KEYS"
+                    if config.console_keys else "Console: off (GATEWAY_CONSOLE_KEYS)")
     events = (f"Webhook receiver: {receiver} (the demo's merchant endpoint; it verifies and"
               " prints each signed event)" if receiver else
               "Webhook events go to GATEWAY_WEBHOOK_URLS (the demo's receiver is off)")
@@ -281,6 +289,7 @@ def demo_banner(config, port, shown_key, receiver):
         f" http://127.0.0.1:{port + 1}, ledger {settings.masked_url(config.db_path)}",
         events,
         f"API key: {shown_key}",
+        console_line,
         "",
         "Start a payment (any Safaricom-style number succeeds; the scenario phones"
         " 254711001032, 254711009999 and 254711000408 are cancelled, lose their callback"

@@ -195,6 +195,30 @@ def named_keys(raw):
     return pairs
 
 
+_PERSON = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,31}")
+
+
+def console_keys(raw):
+    """`person@owner:KEY,…` → (("person@owner", key), ...): a person's own key to the
+    console, reading one owner's payments (`person@*`: every owner's, like an admin key)."""
+    pairs = []
+    for item in (i.strip() for i in raw.split(",") if i.strip()):
+        who, sep, key = item.partition(":")
+        person, at, owner = who.strip().partition("@")
+        if not sep or not at or not _PERSON.fullmatch(person) or not (
+                owner == "*" or _OWNER.fullmatch(owner)):
+            raise ValueError("items must be person@owner:KEY (person: 1 to 32 letters, digits,"
+                             " . _ -; owner: a key name of GATEWAY_API_KEYS, or *)")
+        pairs.append((f"{person}@{owner}", key.strip()))
+    if any(len(key) < 16 for _, key in pairs):
+        raise ValueError("each key must be at least 16 characters")
+    if len({key for _, key in pairs}) != len(pairs):
+        raise ValueError("must not list the same key twice")
+    if len({who for who, _ in pairs}) != len(pairs):
+        raise ValueError("must not name the same person@owner twice")
+    return tuple(pairs)
+
+
 def endpoint_url(raw):
     """A merchant's absolute http(s) URL, kept exactly as written (path, trailing slash and
     query: frameworks redirect when they differ, and redirects are never followed)."""
@@ -475,6 +499,12 @@ SETTINGS = (
     ("GATEWAY_API_KEYS", "api_keys", named_keys, REQUIRED, True),
     # Operator keys that read every owner's payments (never start one). None: no admins.
     ("GATEWAY_ADMIN_KEYS", "admin_keys", key_list, (), True),
+    # People's keys to the read-only console at /console: person@owner:KEY,… (person@*
+    # reads every owner). None: the console is off. Never a merchant's API key.
+    ("GATEWAY_CONSOLE_KEYS", "console_keys", console_keys, (), True),
+    # Hours a console sign-in lasts.
+    ("GATEWAY_CONSOLE_SESSION_HOURS", "console_session_hours", at_most(positive_float, 720),
+     12.0, False),
     # Where each owner's payment events are POSTed (Standard Webhooks): name:URL,…
     ("GATEWAY_WEBHOOK_URLS", "webhook_urls", owner_urls, (), True),  # may carry a token
     # The signing secret of each owner's endpoint: name:whsec_<base64>,…
@@ -543,7 +573,7 @@ class _ConfigViews:
         view = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name == "api_keys" and value:
+            if f.name in ("api_keys", "console_keys") and value:
                 value = ",".join(f"{name}:{MASK}" for name, _ in value)  # names are not secret
             elif f.name in SECRET_FIELDS:
                 value = MASK if value else value
@@ -678,6 +708,15 @@ def _derive(values):
     admin = set(values["admin_keys"] or ())
     if admin & {key for _, key in values["api_keys"] or ()}:
         problems.append("GATEWAY_ADMIN_KEYS must not repeat a key of GATEWAY_API_KEYS")
+    machine_keys = admin | {key for _, key in values["api_keys"] or ()}
+    if machine_keys & {key for _, key in values["console_keys"] or ()}:
+        problems.append("GATEWAY_CONSOLE_KEYS must not repeat an API or admin key: a"
+                        " person's key is their own, and an API key never goes into a browser")
+    for who, _ in values["console_keys"] or ():
+        owner = who.split("@", 1)[1]
+        if owner != "*" and owner not in key_names:
+            problems.append(f"GATEWAY_CONSOLE_KEYS names {who}, but no key of GATEWAY_API_KEYS"
+                            f" is named {owner}")
     if values["c2b_shortcode"] is None:
         values["c2b_shortcode"] = values["shortcode"]
     if values["party_b"] is None:

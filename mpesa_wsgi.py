@@ -16,7 +16,7 @@ import os
 import time
 
 import config as settings
-from mpesa_gateway import logs, monitoring, payments, refunds
+from mpesa_gateway import console, logs, monitoring, payments, refunds
 from mpesa_gateway.services import build_services
 from mpesa_gateway.wire import (
     STATUS_LINES,
@@ -69,10 +69,10 @@ class Request:
         return decode_json(self.body(limit))
 
     def optional_json(self, limit):
-        """Like json(), but a POST with no body at all is None."""
+        """Like json(), but a POST with no body at all is an empty object."""
         data = self.body(limit)
         if not data:
-            return None
+            return {}
         if not self._is_json():
             raise UnsupportedMediaType()
         return decode_json(data)
@@ -135,6 +135,16 @@ def payment_qr(req, s):
                                lambda: req.json(s.config.max_body))
 
 
+def transactions_csv(req, s):
+    return payments.transactions_csv(s, req.header("Authorization"),
+                                     req.environ.get("QUERY_STRING", ""))
+
+
+def receipts_csv(req, s):
+    return payments.receipts_csv(s, req.header("Authorization"),
+                                 req.environ.get("QUERY_STRING", ""))
+
+
 def list_receipts(req, s):
     return payments.receipts_page(s, req.header("Authorization"),
                                   req.environ.get("QUERY_STRING", ""))
@@ -179,6 +189,15 @@ def result(req, s, kind, request_id, sig):
                                   lambda: req.body(s.config.max_body))
 
 
+def console_sign_in(req, s):
+    return console.sign_in(s, req.environ, req.body)
+
+
+def console_page(page):
+    """A console page's handler: its flow reads the request's cookie and query itself."""
+    return lambda req, s, *params: page(s, req.environ, *params)
+
+
 # Literal paths: auditable at a glance. Value: {method: handler}.
 ROUTES = {
     "/health": {"GET": health},
@@ -190,6 +209,19 @@ ROUTES = {
     "/receipts": {"GET": list_receipts},
     "/qr": {"POST": payment_qr},
     "/balance": {"GET": balance},
+    "/transactions.csv": {"GET": transactions_csv},
+    "/receipts.csv": {"GET": receipts_csv},
+    # The console: pages for people (HTML), read-only, behind a person's sign-in.
+    "/console": {"GET": console_page(console.home)},
+    "/console/sign-in": {"POST": console_sign_in},
+    "/console/sign-out": {"POST": console_page(console.sign_out)},
+    "/console/style.css": {"GET": console_page(console.style)},
+    "/console/payments": {"GET": console_page(console.payments)},
+    "/console/payments.csv": {"GET": console_page(console.payments_csv)},
+    "/console/receipts": {"GET": console_page(console.receipts)},
+    "/console/receipts.csv": {"GET": console_page(console.receipts_csv)},
+    "/console/attention": {"GET": console_page(console.attention)},
+    "/console/summary": {"GET": console_page(console.summary)},
 }
 # (prefix, route template for logs, number of path segments after it, {method: handler})
 PREFIX_ROUTES = (
@@ -204,6 +236,8 @@ PREFIX_ROUTES = (
     ("/results/", "/results/{kind}/{request}/{sig}", 3, {"POST": result}),
     ("/events/", "/events/{id}", 1, {"GET": get_event}),
     ("/events/", "/events/{id}/redeliver", 2, {"POST": redeliver}),
+    ("/console/payments/", "/console/payments/{id}", 1,
+     {"GET": console_page(console.payment)}),
 )
 # Each prefix route with its template's segments after the prefix, split once.
 _PREFIXES = tuple((*route, route[1][len(route[0]):].split("/")) for route in PREFIX_ROUTES)

@@ -227,7 +227,9 @@ def parse_events_query(query_string):
 # --- GET /transactions (operator listing) -------------------------------------
 
 STATUSES = ("pending", "succeeded", "failed", "rejected", "unknown")
-LIST_PARAMS = ("status", "since", "limit", "cursor")
+LIST_PARAMS = ("status", "since", "until", "reference", "receipt", "phone", "limit",
+               "cursor")
+_PHONE_DIGITS = re.compile(r"[0-9]{1,9}")
 LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX = 50, 200
 _ISO_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z")
 _ISO_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
@@ -236,10 +238,14 @@ _TX_ID = re.compile(r"tx_[0-9a-f]{24}")  # ledger.new_tx_id
 
 @dataclass(frozen=True)
 class ListQuery:
-    status: str | None
+    statuses: tuple  # none: every status
     since: str | None  # ISO-8601 UTC, seconds
     limit: int
     after: tuple | None  # (created_at, id) of the last row already seen
+    until: str | None = None  # ISO-8601 UTC, excluded
+    reference: str | None = None  # any case
+    receipt: str | None = None
+    phone: str | None = None  # the phone's last digits
 
 
 def _bad_param(name, message):
@@ -274,34 +280,61 @@ def _since(value, name="since"):
     return text
 
 
-def _page_params(query_string, accepted, statuses):
+def _page_params(query_string, accepted, statuses, repeatable=()):
     """The parameters every paged listing shares: only `accepted` names, each at most
-    once; `status` one of `statuses`; `limit` 1..LIST_LIMIT_MAX. Returns (all, status,
-    limit)."""
+    once (but `repeatable` ones); `status` one of `statuses`; `limit` 1..LIST_LIMIT_MAX.
+    Returns (all: a repeatable one's values joined by commas, status, limit)."""
     params = parse_qs(query_string or "", keep_blank_values=True)
     for name, values in params.items():
         if name not in accepted:
             raise ValidationError("unknown_parameter",
                                   f"unknown parameter; accepted: {', '.join(accepted)}", name)
-        if len(values) != 1:
+        if len(values) != 1 and name not in repeatable:
             raise _bad_param(name, f"{name} may be given once")
-    one = {name: values[0] for name, values in params.items()}
+    one = {name: ",".join(values) for name, values in params.items()}
+    if "status" in repeatable:
+        return one, None, _limit(one)
     status = one.get("status")
     if status is not None and status not in statuses:
         raise _bad_param("status", f"status must be one of {', '.join(statuses)}")
-    limit = LIST_LIMIT_DEFAULT
-    if "limit" in one:
-        if not _DIGITS.fullmatch(one["limit"]) or not 1 <= int(one["limit"]) <= LIST_LIMIT_MAX:
-            raise _bad_param("limit", f"limit must be a whole number from 1 to {LIST_LIMIT_MAX}")
-        limit = int(one["limit"])
-    return one, status, limit
+    return one, status, _limit(one)
 
 
-def parse_list_query(query_string):
-    """Check the operator listing's query parameters; each may appear once."""
-    one, status, limit = _page_params(query_string, LIST_PARAMS, STATUSES)
-    return ListQuery(status=status, since=_since(one["since"]) if "since" in one else None,
-                     limit=limit, after=_decode_cursor(one["cursor"]) if "cursor" in one else None)
+def _limit(one):
+    if "limit" not in one:
+        return LIST_LIMIT_DEFAULT
+    if not _DIGITS.fullmatch(one["limit"]) or not 1 <= int(one["limit"]) <= LIST_LIMIT_MAX:
+        raise _bad_param("limit", f"limit must be a whole number from 1 to {LIST_LIMIT_MAX}")
+    return int(one["limit"])
+
+
+EXPORT_PARAMS = tuple(p for p in LIST_PARAMS if p not in ("limit", "cursor"))
+
+
+def parse_list_query(query_string, accepted=LIST_PARAMS):
+    """Check the payments listing's query parameters: `status` may be repeated (or hold
+    several, comma-separated); the others appear once. An export takes EXPORT_PARAMS:
+    every row of the filter, no page."""
+    one, _, limit = _page_params(query_string, accepted, STATUSES, repeatable=("status",))
+    statuses = tuple(dict.fromkeys(v for v in one.get("status", "").split(",") if v))
+    if "status" in one and (not statuses or not set(statuses) <= set(STATUSES)):
+        raise _bad_param("status", f"status must be one or more of {', '.join(STATUSES)}")
+    reference = one.get("reference")
+    if reference is not None and not 0 < len(reference.strip()) <= 64:
+        raise _bad_param("reference", "reference must be 1 to 64 characters")
+    receipt = one.get("receipt")
+    if receipt is not None and not RECEIPT_NUMBER.fullmatch(receipt.strip().upper()):
+        raise _bad_param("receipt", "receipt must be an M-Pesa receipt number")
+    phone = one.get("phone")
+    if phone is not None and not _PHONE_DIGITS.fullmatch(phone.strip()):
+        raise _bad_param("phone", "phone must be the last 1 to 9 digits of the number")
+    return ListQuery(
+        statuses=statuses, since=_since(one["since"]) if "since" in one else None,
+        limit=limit, after=_decode_cursor(one["cursor"]) if "cursor" in one else None,
+        until=_since(one["until"], "until") if "until" in one else None,
+        reference=reference.strip() if reference is not None else None,
+        receipt=receipt.strip().upper() if receipt is not None else None,
+        phone=phone.strip() if phone is not None else None)
 
 
 # --- the receipts listing ---------------------------------------------------------------------
@@ -321,9 +354,12 @@ class ReceiptQuery:
     after: tuple | None  # (at, receipt) of the last row already seen
 
 
-def parse_receipts_query(query_string):
+RECEIPT_EXPORT_PARAMS = tuple(p for p in RECEIPT_PARAMS if p not in ("limit", "cursor"))
+
+
+def parse_receipts_query(query_string, accepted=RECEIPT_PARAMS):
     """Check GET /receipts's query parameters; each may appear once."""
-    one, _, limit = _page_params(query_string, RECEIPT_PARAMS, ())
+    one, _, limit = _page_params(query_string, accepted, ())
     reference = one.get("reference")
     if reference is not None and not 0 < len(reference.strip()) <= 64:
         raise _bad_param("reference", "reference must be 1 to 64 characters")
@@ -380,7 +416,7 @@ CLAIM_REFERENCE_MAX = 64
 
 def mpesa_code(value):
     """A receipt a person typed or pasted ("qkx1a2b3c4 "): upper case, trimmed, or a 400."""
-    code = value.strip().upper() if isinstance(value, str) else ""
+    code = value.strip().upper() if isinstance(value, str) and value.isascii() else ""
     if not MPESA_CODE.fullmatch(code):
         raise ValidationError("invalid_receipt", "an M-Pesa receipt is 6 to 20 letters and"
                               " digits, e.g. QKX1A2B3C4", "receipt")
@@ -388,9 +424,7 @@ def mpesa_code(value):
 
 
 def validate_refund(body):
-    """A POST …/refund body: empty, or {"retry": true|false}; returns `retry`."""
-    if body is None:
-        return False
+    """A POST …/refund body: empty ({}), or {"retry": true|false}; returns `retry`."""
     if not isinstance(body, dict):
         raise ValidationError("invalid_body", "the body must be a JSON object")
     for name in body:
@@ -411,4 +445,7 @@ def validate_claim(body):
             raise ValidationError("unknown_field", "unknown field; accepted: reference", name)
     if "reference" not in body:
         raise ValidationError("missing_field", "reference is required", "reference")
-    return check_text(body["reference"], "reference", CLAIM_REFERENCE_MAX)
+    reference = body["reference"]
+    if isinstance(reference, str) and reference.strip() != reference:
+        reference = ""  # no leading or trailing spaces: one order, one way to write it
+    return check_text(reference, "reference", CLAIM_REFERENCE_MAX)

@@ -4,7 +4,8 @@ Owns what `python mpesa_wsgi.py --demo` sets before the gateway reads its config
 the simulator's public sandbox credentials, a local ledger file, a printed API key, the
 demo's own webhook endpoint and its secret, the Paybill shortcode menu payments go to,
 the simulator's initiator (refunds and code checks: its name, its password, and its
-certificate, which the simulator writes where the gateway reads it), and the ports
+certificate, which the simulator writes where the gateway reads it), a person's console
+key, and the ports
 (the gateway's, the simulator's on the next one, the receiver's on the one after).
 """
 
@@ -16,17 +17,19 @@ from mpesa_devtools import simulator
 DEMO_WEBHOOK_SECRET = "whsec_" + "ZGVtby13ZWJob29rLXNpZ25pbmctc2VjcmV0LTAxMjM="  # demo only
 C2B_SHORTCODE = "600984"  # the sandbox's C2B test shortcode (174379 cannot register URLs)
 C2B_TEST_MSISDN = "254708374149"  # the sandbox's test number for C2B simulations
+CONSOLE_PERSON = "you"  # the demo's person at /console
 
 
 INITIATOR_SETTINGS = ("MPESA_INITIATOR_NAME", "MPESA_SECURITY_CREDENTIAL",
                       "MPESA_INITIATOR_PASSWORD", "MPESA_CERT_FILE")
 
 
-def demo_environment(environ, port, sim_port, api_key, secret, cert_file):
+def demo_environment(environ, port, sim_port, api_key, secret, cert_file, console_key=None):
     """The demo's environment: its defaults, then the caller's variables, then what the
     demo never lets go (the simulator as Daraja, loopback only). `cert_file`: where the
     simulator writes its initiator certificate, which the gateway encrypts the initiator's
-    password with (unless the caller set an initiator of their own)."""
+    password with (unless the caller set an initiator of their own). `console_key`: the
+    demo's person's key to the console (reads every owner), unless the caller set keys."""
     env = {
         "MPESA_CONSUMER_KEY": simulator.DEMO_CONSUMER_KEY,
         "MPESA_CONSUMER_SECRET": simulator.DEMO_CONSUMER_SECRET,
@@ -42,6 +45,8 @@ def demo_environment(environ, port, sim_port, api_key, secret, cert_file):
         # Menu payments to a Paybill: the demo registers its URLs for this shortcode.
         "MPESA_C2B_SHORTCODE": C2B_SHORTCODE,
     }
+    if console_key:
+        env["GATEWAY_CONSOLE_KEYS"] = f"{CONSOLE_PERSON}@*:{console_key}"
     if not any(environ.get(name) for name in INITIATOR_SETTINGS) and importlib.util.find_spec(
             "cryptography") is not None:  # (without the extra: no refunds, the rest works)
         env.update({"MPESA_INITIATOR_NAME": simulator.SANDBOX_INITIATOR_NAME,

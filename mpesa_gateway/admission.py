@@ -20,17 +20,25 @@ REDELIVERY_BURST = 10
 
 
 class RateLimiter:
-    def __init__(self, rate, burst, clock=time.monotonic):
+    def __init__(self, rate, burst, clock=time.monotonic, max_keys=None):
         self._rate = float(rate)
         self._burst = float(burst)
         self._clock = clock
         self._lock = threading.Lock()
         self._buckets = {}  # key → (tokens, last refill time)
+        # Keyed by something callers choose (a client address): past this many keys, the
+        # buckets that have refilled (as good as new) are forgotten.
+        self._max_keys = max_keys
 
     def acquire(self, key):
         """Take one token for `key`: 0.0 if allowed, else seconds until one is free."""
         now = self._clock()
         with self._lock:
+            if self._max_keys is not None and len(self._buckets) >= self._max_keys:
+                self._buckets = {k: (t, at) for k, (t, at) in self._buckets.items()
+                                 if t + (now - at) * self._rate < self._burst}
+                if len(self._buckets) >= self._max_keys:  # that many callers at once:
+                    self._buckets = {}  # memory stays bounded; the limit starts afresh
             tokens, last = self._buckets.get(key, (self._burst, now))
             tokens = min(self._burst, tokens + (now - last) * self._rate)
             if tokens >= 1.0:

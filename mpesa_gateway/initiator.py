@@ -28,9 +28,11 @@ PLACEHOLDER_IDS = frozenset({"", "XXXXXXXXXX", "0"})
 # (no_result): results come in seconds; Daraja never resends one.
 RESULT_WAIT_S = 3600
 _RECEIPT = re.compile(r"[A-Z0-9]{6,20}")
-# A Kenyan phone number in clear anywhere in a result body (DebitPartyName: "2547… - NAME").
-_PHONE = re.compile(rb"(?<![0-9])(?:\+?254|0)([17][0-9]{5})([0-9]{3})(?![0-9])")
-_PHONE_TEXT = re.compile(r"(?<![0-9])(?:\+?254|0)([17][0-9]{5})([0-9]{3})(?![0-9])")
+# A Kenyan phone number in clear anywhere in a result body (DebitPartyName: "2547… - NAME"),
+# written plainly or with spaces or dashes between its digits.
+_PHONE_TEXT = re.compile(r"(?<![0-9])(?:\+?254|0)[ -]?([17])((?:[ -]?[0-9]){5})"
+                         r"((?:[ -]?[0-9]){3})(?![0-9])")
+_PHONE = re.compile(_PHONE_TEXT.pattern.encode())
 
 # What a result code tells a person (daraja_api.md §7.7): (reason slug, plain words).
 REASONS = {
@@ -184,15 +186,45 @@ def from_raw(raw):
                   parameters=params)
 
 
+def _masked(match):
+    last = re.sub(r"[^0-9]", "", match[3])
+    return f"254{match[1]}******{last}"
+
+
 def kept_body(raw):
     """A result body as the ledger and the spool keep it: every phone number in clear
-    masked (2547******678), the rest as it came."""
-    return _PHONE.sub(lambda m: b"254" + m[1][:1] + b"******" + m[2], raw)
+    masked (2547******678), the rest as it came. A JSON body is masked value by value (a
+    number too) and written again only when something was masked, so it stays JSON; any
+    other body has its phone-shaped runs masked as bytes."""
+    try:
+        body = json.loads(raw.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return _PHONE.sub(lambda m: _masked((None, *(g.decode() for g in m.groups())))
+                          .encode(), raw)
+    masked, changed = _masked_tree(body)
+    return json.dumps(masked, separators=(",", ":")).encode() if changed else raw
+
+
+def _masked_tree(value):
+    """(value with every phone number masked, whether anything changed), at any depth."""
+    if isinstance(value, list):
+        items = [_masked_tree(v) for v in value]
+        return [v for v, _ in items], any(c for _, c in items)
+    if isinstance(value, dict):
+        items = {k: _masked_tree(v) for k, v in value.items()}
+        return {k: v for k, (v, _) in items.items()}, any(c for _, c in items.values())
+    if isinstance(value, int) and not isinstance(value, bool):
+        text = str(value)
+        return (masked_text(text), True) if _PHONE_TEXT.fullmatch(text) else (value, False)
+    if isinstance(value, str):
+        new = _PHONE_TEXT.sub(_masked, value)
+        return new, new != value
+    return value, False
 
 
 def masked_text(value):
     """A party name as it may be shown ("2547******678 - JOHN DOE")."""
-    return _PHONE_TEXT.sub(lambda m: f"254{m[1][0]}******{m[2]}", _text(value))
+    return _PHONE_TEXT.sub(_masked, _text(value))
 
 
 def amount_of(value):
@@ -271,6 +303,11 @@ def decide(row, kind, result):
         return {"outcome": "interim"}
     changes = {"result_code": result.code, "result_desc": result.description}
     p = result.parameters
+    other_attempt = (result.conversation_id and row["conversation_id"]
+                     and result.conversation_id != row["conversation_id"])
+    if other_attempt and not (result.ok or result.code == "R000001"):
+        # An earlier attempt's failure (a retry is out): it says nothing of this one.
+        return {"outcome": "earlier_attempt"}
     if result.code in STOP_CODES:
         return dict(changes, outcome="initiator_refused", status="failed",
                     reason=reason_for(result.code)[0], stop=True)

@@ -22,7 +22,16 @@ import time
 import config as settings
 import mpesa_ledger as store
 import validation
-from mpesa_gateway import c2b, daraja, metrics, recording, resources, settlement, sources
+from mpesa_gateway import (
+    c2b,
+    daraja,
+    exports,
+    metrics,
+    recording,
+    resources,
+    settlement,
+    sources,
+)
 from mpesa_gateway.auth import authenticate, idempotency_for, token_matches
 from mpesa_gateway.resources import receipt_resource, transaction_resource
 from mpesa_gateway.wire import (
@@ -106,10 +115,31 @@ def transactions_page(services, authorization, query_string):
     query = checked(validation.parse_list_query, query_string)
     owner = None if caller.admin else caller.owner
     rows, more = services.ledger.list_page(
-        status=query.status, since=query.since, after=query.after, limit=query.limit,
-        owner=owner, with_unowned=owner == settings.DEFAULT_OWNER)
+        statuses=query.statuses, since=query.since, until=query.until,
+        reference=query.reference, receipt=query.receipt, phone_suffix=query.phone,
+        after=query.after, limit=query.limit, owner=owner,
+        with_unowned=owner == settings.DEFAULT_OWNER)
     cursor = validation.encode_cursor(rows[-1]["created_at"], rows[-1]["id"]) if more else None
     return Reply(200, {"data": [transaction_resource(r) for r in rows], "next_cursor": cursor})
+
+
+@ledger_read
+def transactions_csv(services, authorization, query_string):
+    """GET /transactions.csv: every payment the listing's filters select, as CSV."""
+    caller = authenticate(authorization, services.config)
+    query = checked(validation.parse_list_query, query_string, validation.EXPORT_PARAMS)
+    return exports.attachment("payments.csv", exports.payments_csv(
+        services.ledger, query, None if caller.admin else caller.owner))
+
+
+@ledger_read
+def receipts_csv(services, authorization, query_string):
+    """GET /receipts.csv: every receipt the listing's filters select, as CSV."""
+    caller = authenticate(authorization, services.config)
+    query = checked(validation.parse_receipts_query, query_string,
+                    validation.RECEIPT_EXPORT_PARAMS)
+    return exports.attachment("receipts.csv", exports.receipts_csv(
+        services.ledger, query, None if caller.admin else caller.owner))
 
 
 @ledger_read
@@ -132,6 +162,8 @@ def read_receipt(services, authorization, number):
     what the caller's check of it said."""
     caller = authenticate(authorization, services.config)
     ledger = services.ledger
+    if validation.MPESA_CODE.fullmatch(number.upper()) and number.isascii():
+        number = number.upper()  # as a person types it: receipts are upper case
     rows = (ledger.receipts_page(receipt=number, limit=1)[0]
             if validation.RECEIPT_NUMBER.fullmatch(number) else [])
     own = bool(rows) and caller.sees(rows[0])

@@ -94,6 +94,12 @@ def _begin(services, new):
     services.ledger_watch.answered()
     if begun.kind == store.Start.STOPPED:
         raise _stopped(begun.row)
+    if begun.kind == store.Start.PROVING:
+        raise ServiceUnavailable(
+            "the initiator's first request is at Daraja and no result has yet said its"
+            " credential works: one request at a time until one does (a wrong credential"
+            " sent many times locks the API operator); nothing was sent",
+            code="initiator_unproven", headers=retry_after(5))
     return begun
 
 
@@ -273,6 +279,12 @@ def verify_receipt(services, authorization, number):
     GET /receipts/<receipt>'s `verified` (and a receipt.verified event)."""
     caller = _owner(services, authorization, "check a code")
     number = checked(validation.mpesa_code, number)
+    reversal = _read(services, lambda: services.ledger.reversal_of(number))
+    if reversal is not None:  # the gateway's own refund: money back to a payer, not paid
+        return Reply(200, {"receipt": number, "verified": {
+            "status": "found", "source": "ledger", "amount": reversal["amount"],
+            "completed_at": reversal["completed_at"], "transaction_status": None,
+            "reversal_of": reversal["receipt"] if caller.sees(reversal) else None}})
     held = _read(services, lambda: services.ledger.receipts_page(receipt=number, limit=1)[0])
     if held:  # Safaricom told the gateway itself: real, at this shortcode
         receipt, own = held[0], caller.sees(held[0])
@@ -295,6 +307,15 @@ def verify_receipt(services, authorization, number):
     return Reply(status, body)
 
 
+def paid_here(services, said):
+    """Did a check's answer name one of this gateway's shortcodes as the party paid (its
+    CreditPartyName begins with the shortcode)? True when Daraja named no one."""
+    credit = said.get("credit_party")
+    if not credit:
+        return True
+    return credit.split(" ", 1)[0].strip() in services.c2b_shortcodes
+
+
 def verify_answer(row):
     return {"receipt": row["receipt"], "verified": verified_resource(row, with_payer=False)}
 
@@ -310,9 +331,15 @@ def claim_receipt(services, authorization, number, load_body):
     held = _read(services, lambda: ledger.receipts_page(receipt=number, limit=1)[0])
     if held and not caller.sees(held[0]):
         raise NotFound("no receipt with that number")
+    if _read(services, lambda: ledger.reversal_of(number)) is not None:
+        raise Conflict(f"receipt {number} is a refund's reversal: money back to a payer,"
+                       " not a payment", code="receipt_not_a_payment")
     check = _read(services, lambda: ledger.latest_request(
         "verify", receipt=number, owner=caller.owner, status=store.SUCCEEDED))
     said = json.loads(check["details"] or "{}") if check else {}
+    if not held and said.get("found") and not paid_here(services, said):
+        raise Conflict(f"Safaricom says receipt {number} did not pay this shortcode: it"
+                       " pays for no order here", code="receipt_not_a_payment")
     if not held and not said.get("found"):
         raise Conflict(f"receipt {number} is not known to be real: POST"
                        f" /receipts/{number}/verify first", code="receipt_not_verified")

@@ -120,6 +120,15 @@ def refund_resource(row):
     return view
 
 
+def _paid_to(credit_party):
+    """Who a checked code paid: a shortcode and its name as Daraja gives them; a person (a
+    phone: a reversal, a payout) is not named."""
+    if not credit_party:
+        return None
+    first = credit_party.split(" ", 1)[0]
+    return credit_party if first.isdigit() and len(first) <= 7 else "a person (not a shortcode)"
+
+
 def verified_resource(row, with_payer=True):
     """What Transaction Status said of a code: checking, found (amount, time, status at
     Safaricom; the payer's name only for the caller's own), not_found ("not found for this
@@ -134,7 +143,7 @@ def verified_resource(row, with_payer=True):
     view = {"status": status, "reason": row["reason"], "message": _words(row),
             "amount": details.get("amount"), "completed_at": details.get("completed_at"),
             "transaction_status": details.get("transaction_status"),
-            "paid_to": details.get("credit_party"), "checked_at": row["updated_at"]}
+            "paid_to": _paid_to(details.get("credit_party")), "checked_at": row["updated_at"]}
     if with_payer:
         view["payer"] = details.get("debit_party")
     return view

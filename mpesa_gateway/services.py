@@ -1,7 +1,7 @@
 """The services: everything the flows run over, built once, in named steps.
 
-Owns `Services` (config, ledger, spool, Daraja client, metrics, admission, signer, clock
-and the background workers) and `build_services`, which builds them in order: the webhook
+Owns `Services` (config, ledger, spool, Daraja client, metrics, admission, signer, the
+initiator, console sessions, clock and the background workers) and `build_services`, which builds them in order: the webhook
 outbox, the ledger (given the outbox, so a status change and its event are one commit),
 the spool (adopting and replaying what processes that died left in theirs), the metrics,
 the Daraja client and the rate limit (the fleet's, when the ledger is shared by hosts),
@@ -20,6 +20,7 @@ import config as settings
 import mpesa_ledger as store
 from mpesa_gateway import (
     admission,
+    console,
     daraja,
     fleet,
     initiator,
@@ -27,6 +28,7 @@ from mpesa_gateway import (
     monitoring,
     reconciler,
     recording,
+    sessions,
     webhooks,
 )
 from mpesa_gateway.auth import CallbackSigner, legacy_scope
@@ -60,6 +62,10 @@ class Services:
         self.signer = CallbackSigner(config.secret, config.callback_base_url)
         # Daraja's initiator (refunds, code checks, the balance), or None when not set up.
         self.initiator = initiator.from_config(config)
+        # People's sign-ins to the console, and how often an address may try one.
+        self.sessions = sessions.Sessions(config, ledger)
+        self.sign_ins = admission.RateLimiter(console.SIGN_IN_PER_S, console.SIGN_IN_BURST,
+                                              clock=self.clock.monotonic, max_keys=10_000)
         # The shortcodes whose Paybill/Till confirmations are this gateway's: the paybill,
         # and a till's number.
         self.c2b_shortcodes = frozenset({config.shortcode, config.party_b,

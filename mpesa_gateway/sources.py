@@ -1,4 +1,5 @@
-"""Who is calling: the client address behind trusted proxies, and Safaricom's allow-list.
+"""Who is calling: the client address behind trusted proxies, whether it came over https,
+and Safaricom's allow-list.
 
 Owns the one rule for reading `X-Forwarded-For`: it is believed only when the
 TCP peer is a configured trusted proxy, and then only the hop that proxy added
@@ -31,3 +32,13 @@ def client_address(environ, trusted_proxies):
         if last_hop is not None:
             return str(last_hop)
     return peer
+
+
+def over_https(environ, trusted_proxies):
+    """Did the request come over https: to this server directly, or to a trusted proxy
+    that says so (`X-Forwarded-Proto: https`; the last value, the one it added)?"""
+    if environ.get("wsgi.url_scheme") == "https":
+        return True
+    peer = environ.get("REMOTE_ADDR") or ""
+    forwarded = environ.get("HTTP_X_FORWARDED_PROTO", "").rsplit(",", 1)[-1].strip().lower()
+    return bool(trusted_proxies) and within(peer, trusted_proxies) and forwarded == "https"

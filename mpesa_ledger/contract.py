@@ -443,9 +443,13 @@ class Ledger:
         return row is not None
 
     def list_page(self, *, status=None, since=None, after=None, limit=50, owner=None,
-                  with_unowned=False):
+                  with_unowned=False, statuses=None, until=None, reference=None,
+                  receipt=None, phone_suffix=None):
         """Newest first; `after` = (created_at, id) of the previous page's last row;
         `owner`: only that owner's rows (and, `with_unowned`, rows from before owners).
+        Filters: `status` or `statuses` (public names: pending includes `submitting`),
+        `since`/`until` (ISO-8601 UTC bounds on creation, until excluded), `reference`
+        (any case), `receipt`, `phone_suffix` (the phone's last digits).
 
         Returns (rows, more): the page and whether another page follows.
         """
@@ -453,13 +457,20 @@ class Ledger:
         if owner is not None:
             where.append("(owner = ? OR owner IS NULL)" if with_unowned else "owner = ?")
             args.append(owner)
-        if status is not None:
-            statuses = (PENDING, SUBMITTING) if status == PENDING else (status,)
-            where.append(f"status IN ({','.join('?' * len(statuses))})")
-            args.extend(statuses)
-        if since is not None:
-            where.append("created_at >= ?")
-            args.append(since)
+        wanted = set(statuses or ()) | ({status} if status is not None else set())
+        if wanted:
+            if PENDING in wanted:
+                wanted.add(SUBMITTING)
+            where.append(f"status IN ({','.join('?' * len(wanted))})")
+            args.extend(sorted(wanted))
+        for test, value in (("created_at >= ?", since), ("created_at < ?", until),
+                            ("lower(trim(reference)) = ?",
+                             reference.strip().lower() if reference else None),
+                            ("receipt = ?", receipt),
+                            ("phone LIKE ?", f"%{phone_suffix}" if phone_suffix else None)):
+            if value is not None:
+                where.append(test)
+                args.append(value)
         if after is not None:
             where.append("(created_at < ? OR (created_at = ? AND id < ?))")
             args.extend([after[0], after[0], after[1]])
@@ -470,6 +481,81 @@ class Ledger:
         rows = self._read(sql, (*args, limit + 1))
         return rows[:limit], len(rows) > limit
 
+    def daily_totals(self, since, *, owner=None):
+        """Payments made since `since` (ISO-8601 UTC) by day (UTC) and public status:
+        [{day, status, n, amount}]."""
+        scope = self._owner_scope(owner)
+        rows = self._read(
+            "SELECT substr(created_at, 1, 10) AS day, status, COUNT(*) AS n,"
+            f" COALESCE(SUM(amount), 0) AS amount FROM transactions WHERE created_at >= ?{scope}"
+            " GROUP BY substr(created_at, 1, 10), status ORDER BY day",
+            (since, *([owner] if owner else [])))
+        merged = {}
+        for r in rows:  # `submitting` is shown as pending, as in the API
+            key = (r["day"], PENDING if r["status"] == SUBMITTING else r["status"])
+            n, amount = merged.get(key, (0, 0))
+            merged[key] = (n + int(r["n"]), amount + int(r["amount"]))
+        return [{"day": d, "status": st, "n": n, "amount": a}
+                for (d, st), (n, a) in sorted(merged.items())]
+
+    @staticmethod
+    def _owner_scope(owner):
+        """The SQL that keeps a payments query to `owner`'s rows (the default owner's
+        include rows from before owners)."""
+        if owner is None:
+            return ""
+        return " AND (owner = ? OR owner IS NULL)" if owner == "default" else " AND owner = ?"
+
+    def timeline_of(self, tx_id):
+        """What the ledger holds about one payment besides its row: its callbacks (bodies
+        as stored), its webhook events with their attempts, its refund requests, and the
+        results of those, each list oldest first."""
+        events = self._read("SELECT * FROM events WHERE tx_id = ? ORDER BY created_at, id",
+                            (tx_id,))
+        for event in events:
+            event["attempts_log"] = self._read(
+                "SELECT * FROM event_attempts WHERE event_id = ? ORDER BY id", (event["id"],))
+        requests = self._read("SELECT * FROM initiator_requests WHERE tx_id = ?"
+                              " ORDER BY requested_at, id", (tx_id,))
+        results = self._read(
+            "SELECT r.* FROM initiator_results r JOIN initiator_requests q ON q.id ="
+            " r.request_id WHERE q.tx_id = ? ORDER BY r.id", (tx_id,)) if requests else []
+        return {"callbacks": self._read("SELECT * FROM callbacks WHERE tx_id = ? ORDER BY id",
+                                        (tx_id,)),
+                "events": events, "requests": requests, "results": results}
+
+    def attention(self, *, owner=None, pending_before=None, limit=20):
+        """What needs a person: `unknown` payments and payments still pending that were
+        made before `pending_before` (ISO-8601 UTC), newest first (at most `limit` each,
+        with their counts); webhook events that could not be delivered (dead, or pending
+        after a failed attempt) by owner; Paybill receipts no payment claims, and any with
+        anomalies (a Till payment names no payment: not one of them), with their count."""
+        scope, owner_args = (self._owner_scope(owner), [owner] if owner is not None else [])
+        found = {}
+        for name, test, args in (
+                ("unknown", "status = ?", [UNKNOWN]),
+                ("late", "status IN (?, ?) AND created_at < ?",
+                 [PENDING, SUBMITTING, pending_before or ""])):
+            found[name] = self._read(f"SELECT * FROM transactions WHERE {test}{scope}"
+                                     " ORDER BY created_at DESC LIMIT ?",
+                                     (*args, *owner_args, limit))
+            found[name + "_count"] = self._read_one(
+                f"SELECT COUNT(*) AS n FROM transactions WHERE {test}{scope}",
+                (*args, *owner_args))["n"]
+        plain = " AND owner = ?" if owner is not None else ""  # (these rows always have one)
+        found["webhooks"] = self._read(
+            "SELECT owner, SUM(CASE WHEN status = 'dead' THEN 1 ELSE 0 END) AS dead,"
+            " SUM(CASE WHEN status = 'pending' AND attempts > 0 THEN 1 ELSE 0 END)"
+            f" AS failing FROM events WHERE (status = 'dead' OR (status = 'pending' AND"
+            f" attempts > 0)){plain} GROUP BY owner ORDER BY owner", tuple(owner_args))
+        look = ("((matched_tx_id IS NULL AND channel = 'paybill') OR anomalies <> '')"
+                + plain)
+        found["receipts"] = self._read(f"SELECT * FROM c2b_receipts WHERE {look}"
+                                       " ORDER BY received_at DESC LIMIT ?",
+                                       (*owner_args, limit))
+        found["receipts_count"] = self._read_one(
+            f"SELECT COUNT(*) AS n FROM c2b_receipts WHERE {look}", tuple(owner_args))["n"]
+        return found
 
     def count_by_status(self):
         """Counts by public status: `submitting` is shown as `pending`, as in the API."""
@@ -748,6 +834,10 @@ class Ledger:
             if stop is not None:
                 return Begun(Start.STOPPED, dict(stop))
             existing = self._answering(conn, new, now)
+            if existing is None:
+                proving = self._proving(conn, new.fingerprint, now)
+                if proving is not None:
+                    return Begun(Start.PROVING, proving)
             if existing is not None and new.retry and existing["status"] == UNKNOWN:
                 # An operator's explicit retry of a refund whose fate is unknown: the same
                 # request is sent again (Daraja answers R000001 if it was done).
@@ -768,6 +858,30 @@ class Ledger:
             return Begun(Start.NEW, dict(conn.execute(
                 f"INSERT INTO initiator_requests ({', '.join(row)}) VALUES"
                 f" ({', '.join(':' + c for c in row)}) RETURNING *", row).fetchone()))
+
+    def _proving(self, conn, fingerprint, now):
+        """While no Daraja result has yet said that this initiator configuration's
+        credential works, one request at a time (any kind, any host): a wrong credential
+        then costs one refusal, not a burst that locks the operator. The request in flight
+        (its row), or None."""
+        self._serialize(conn, [f"initiator:{fingerprint}"])
+        proven = conn.execute(
+            "SELECT 1 FROM initiator_requests WHERE fingerprint = ? AND result_code IS NOT"
+            f" NULL AND result_code NOT IN ({','.join('?' * len(self.STOP_CODES))})"
+            " AND status IN ('succeeded', 'failed') LIMIT 1",
+            (fingerprint, *self.STOP_CODES)).fetchone()
+        if proven is not None:
+            return None
+        waiting = conn.execute(
+            "SELECT * FROM initiator_requests WHERE fingerprint = ? AND status IN (?, ?)"
+            " AND requested_at >= ? ORDER BY requested_at LIMIT 1",
+            (fingerprint, SUBMITTING, PENDING, iso_utc(now - self.PROVING_WAIT_S))).fetchone()
+        return dict(waiting) if waiting is not None else None
+
+    # Result codes that refuse the initiator itself (initiator.STOP_CODES: the gateway's
+    # word; the ledger only needs to know they prove nothing).
+    STOP_CODES = ("2001", "8006", "18", "20")
+    PROVING_WAIT_S = 120  # a first request whose result has not come by then no longer holds
 
     @staticmethod
     def _answering(conn, new, now):
@@ -810,6 +924,9 @@ class Ledger:
             changes = dict(conversation_id=before["conversation_id"] or conversation_id,
                            originator_conversation_id=before["originator_conversation_id"]
                            or originator_conversation_id, updated_at=stamp)
+            if takes and conversation_id:  # this attempt's ids: its result names them
+                changes.update(conversation_id=conversation_id,
+                               originator_conversation_id=originator_conversation_id)
             if takes:
                 changes.update(status=status, reason=reason, result_code=result_code,
                                result_desc=result_desc,
@@ -927,6 +1044,12 @@ class Ledger:
         return self._read_one(f"SELECT * FROM initiator_requests WHERE {' AND '.join(where)}"
                               " ORDER BY requested_at DESC, id DESC LIMIT 1", tuple(args))
 
+    def reversal_of(self, receipt):
+        """The refund whose reversal's own receipt is `receipt` (a dict), or None: a code
+        that is money going back, not a payment."""
+        return self._read_one("SELECT * FROM initiator_requests WHERE kind = 'refund' AND"
+                              " result_receipt = ? LIMIT 1", (receipt,))
+
     def initiator_stop(self, fingerprint):
         """The stop of an initiator configuration (a dict), or None while it may call."""
         return self._read_one("SELECT * FROM initiator_stops WHERE fingerprint = ?",
@@ -939,6 +1062,28 @@ class Ledger:
             row = conn.execute("DELETE FROM initiator_stops WHERE fingerprint = ? RETURNING *",
                                (fingerprint,)).fetchone()
         return dict(row) if row is not None else None
+
+    # --- console sessions --------------------------------------------------------------
+
+    def start_session(self, session_id, person, key_hash, lifetime_s):
+        """A person signed in: their session, until `lifetime_s` from now."""
+        now = self._clock()
+        with self._write() as conn:
+            conn.execute("DELETE FROM console_sessions WHERE expires_at < ?", (now - 86400,))
+            conn.execute("INSERT INTO console_sessions (id, person, key_hash, created_at,"
+                         " expires_at) VALUES (?, ?, ?, ?, ?)",
+                         (session_id, person, key_hash, now, now + lifetime_s))
+
+    def session(self, session_id):
+        """A live session (not ended, not expired) as a dict, or None."""
+        return self._read_one("SELECT * FROM console_sessions WHERE id = ? AND ended_at IS NULL"
+                              " AND expires_at > ?", (session_id, self._clock()))
+
+    def end_session(self, session_id):
+        """Sign-out: the session ends, on every host."""
+        with self._write() as conn:
+            conn.execute("UPDATE console_sessions SET ended_at = ? WHERE id = ? AND ended_at"
+                         " IS NULL", (self._clock(), session_id))
 
     def claim_receipt(self, receipt, owner, reference):
         """Attach `receipt` to `owner`'s `reference`, once. Returns (outcome, claim row):

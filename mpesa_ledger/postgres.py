@@ -246,6 +246,18 @@ CREATE TABLE receipt_claims (
     claimed_at TEXT NOT NULL
 );
 """),
+    (7, """
+-- a person's console sign-in: the cookie names it; sign-out ends it for every host
+CREATE TABLE console_sessions (
+    id          TEXT PRIMARY KEY,
+    person      TEXT NOT NULL,        -- person@owner, as GATEWAY_CONSOLE_KEYS names them
+    key_hash    TEXT NOT NULL,        -- which key signed in: a removed key ends its sessions
+    created_at  DOUBLE PRECISION NOT NULL,
+    expires_at  DOUBLE PRECISION NOT NULL,
+    ended_at    DOUBLE PRECISION
+);
+CREATE INDEX console_sessions_expires ON console_sessions (expires_at);
+"""),
 )
 # The server's clock: every host reads the same one for token expiry, leases and buckets.
 NOW = "EXTRACT(EPOCH FROM clock_timestamp())::double precision"

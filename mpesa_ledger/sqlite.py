@@ -23,8 +23,8 @@ BUSY_TIMEOUT_S = 5.0
 # 1: the first tables; 2: transactions.owner (added by _migrate); 3: receipts and
 # applied_entries (a receipt pays once; a spooled entry is applied once); 4: Paybill/Till
 # confirmations (c2b_receipts, c2b_bodies); 5: initiator requests, their results and stops,
-# receipt claims
-SCHEMA_VERSION = 5
+# receipt claims; 6: console sessions
+SCHEMA_VERSION = 6
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS transactions (
@@ -199,6 +199,16 @@ CREATE TABLE IF NOT EXISTS receipt_claims (
     reference  TEXT NOT NULL,
     claimed_at TEXT NOT NULL
 );
+-- a person's console sign-in: the cookie names it; sign-out ends it for every host
+CREATE TABLE IF NOT EXISTS console_sessions (
+    id          TEXT PRIMARY KEY,
+    person      TEXT NOT NULL,        -- person@owner, as GATEWAY_CONSOLE_KEYS names them
+    key_hash    TEXT NOT NULL,        -- which key signed in: a removed key ends its sessions
+    created_at  REAL NOT NULL,
+    expires_at  REAL NOT NULL,
+    ended_at    REAL
+);
+CREATE INDEX IF NOT EXISTS console_sessions_expires ON console_sessions (expires_at);
 -- the spool entries already applied: a replay cut short by a crash never applies one twice
 CREATE TABLE IF NOT EXISTS applied_entries (
     id         TEXT PRIMARY KEY,

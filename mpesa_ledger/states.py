@@ -80,6 +80,7 @@ class Start(str, enum.Enum):
     # (initiator requests)
     EXISTS = "exists"  # a request that answers this one is under way or recent: no new one
     STOPPED = "stopped"  # the initiator was refused: no call until its configuration changes
+    PROVING = "proving"  # the initiator's first request is out: one at a time until a result
 
 
 @dataclass(frozen=True)

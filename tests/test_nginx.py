@@ -232,6 +232,12 @@ def test_no_log_holds_a_callback_signature_after_a_413_or_a_502(stack, tmp_path)
     c2b_path = "/" + CallbackSigner(SECRET, "x").c2b_url("confirmation").split("/", 1)[1]
     c2b_sig = c2b_path.rsplit("/", 1)[1]
     assert request("POST", port, c2b_path, b"{}", {"Content-Type": "application/json"})[0] == 200
+    result_path = "/" + CallbackSigner(SECRET, "x").result_url("result", "rq_1").split("/", 1)[1]
+    result_sig = result_path.rsplit("/", 1)[1]
+    assert request("POST", port, result_path, b"{}", {"Content-Type": "application/json"})[
+        0] == 400  # (not a Daraja result: stored, and said so)
+    # A listing filtered by the whole national number: its query stays out of the log.
+    assert request("GET", port, "/transactions?phone=712345678", headers=AUTH)[0] == 200
     gateway.terminate()  # nginx now answers 502 for the gateway
     gateway.wait(20)
     status, body = request("POST", port, path, b"{}", {"Content-Type": "application/json"})
@@ -247,6 +253,8 @@ def test_no_log_holds_a_callback_signature_after_a_413_or_a_502(stack, tmp_path)
         text = log.read_text(errors="replace")
         assert sig not in text, f"{log.name} holds the signature"
         assert c2b_sig not in text, f"{log.name} holds the Paybill/Till path's signature"
+        assert result_sig not in text, f"{log.name} holds a result path's signature"
+        assert "712345678" not in text, f"{log.name} holds a phone filter"
         assert tx["checkout_request_id"] not in text, f"{log.name} holds a CheckoutRequestID"
     assert '"GET /transactions/{checkout_request_id} HTTP/1.1" 200' in access.read_text()
 

@@ -30,7 +30,8 @@ CHECKS = [not_a_server_error, *CONFORMANCE]
 # 5xx answers the document promises for Daraja's own refusals (the simulator's scenario
 # phones make them, e.g. 254711005002 = spike arrest): answers, not server errors.
 UPSTREAM_ANSWERS = {(502, "daraja_rejected"), (503, "upstream_unavailable"),
-                    (503, "gateway_busy"), (503, "initiator_stopped")}
+                    (503, "gateway_busy"), (503, "initiator_stopped"),
+                    (503, "initiator_unproven")}
 
 
 def upstream_answer(response):

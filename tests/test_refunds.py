@@ -337,9 +337,10 @@ def test_one_code_pays_for_one_order(gateway, sim):
     assert taken.json["error"]["code"] == "receipt_claimed"
     assert gateway.testapp.post_json(path, {"reference": "ORDER-3"}, headers=auth(OTHER_KEY),
                                      status=404)
-    assert gateway.testapp.post_json(path, {"reference": "bad/ref"}, headers=auth(),
-                                     status=400)
-    shown = gateway.testapp.get(f"/receipts/{tx['receipt']}", headers=auth()).json
+    for bad in ("bad/ref", "  ", " ORDER-1"):
+        assert gateway.testapp.post_json(path, {"reference": bad}, headers=auth(),
+                                         status=400)
+    shown = gateway.testapp.get(f"/receipts/{tx['receipt'].lower()}", headers=auth()).json
     assert shown["claimed_by"]["reference"] == "ORDER-1" and shown["claimed_by"]["yours"]
 
 
@@ -876,3 +877,58 @@ def test_a_code_safaricom_says_was_reversed_pays_for_no_order(gateway):
                                     headers=auth(), status=409)
     assert res.json["error"]["code"] == "receipt_not_verified"
     assert "Reversed" in res.json["error"]["message"]
+
+
+def test_one_request_at_a_time_until_a_result_proves_the_credential(gateway, sim):
+    """A wrong credential sent in a burst locks the operator: until a first result says
+    the credential works, the gateway sends one initiator request at a time."""
+    sim.sim.set_initiator(mode="silent")  # the first request's result never comes
+    assert gateway.testapp.post("/receipts/QKX1A2B3C7/verify", headers=auth(), status=202)
+    res = gateway.testapp.post("/receipts/QKX1A2B3C8/verify", headers=auth(), status=503)
+    assert res.json["error"]["code"] == "initiator_unproven" and res.headers["Retry-After"]
+    assert sim_count(sim, "transaction_status") == 1
+
+
+def test_a_refund_s_own_receipt_is_no_payment(gateway, sim):
+    """The reversal SMS shown at a counter as if it were a payment: found, as a reversal,
+    and no order may be claimed with it."""
+    tx = paid(gateway, "254712345620")
+    refund(gateway, tx["id"], "own-1")
+    reversal = refund_of(gateway, tx["id"], "refunded")["receipt"]
+    said = gateway.testapp.post(f"/receipts/{reversal}/verify", headers=auth(),
+                                status=200).json["verified"]
+    assert said["reversal_of"] == tx["receipt"] and said["source"] == "ledger"
+    res = gateway.testapp.post_json(f"/receipts/{reversal}/claim", {"reference": "STEAL"},
+                                    headers=auth(), status=409)
+    assert res.json["error"]["code"] == "receipt_not_a_payment"
+
+
+@pytest.mark.parametrize("body, code", [("null", "invalid_body"), ("[]", "invalid_body"),
+                                        ('"x"', "invalid_body")])
+def test_a_refund_body_that_is_not_an_object_is_refused(gateway, sim, body, code):
+    tx = paid(gateway, "254712345621")
+    res = gateway.testapp.post(f"/transactions/{tx['id']}/refund", body,
+                               headers=auth(API_KEY, "b-1"), content_type="application/json",
+                               status=400)
+    assert res.json["error"]["code"] == code
+    assert sim_count(sim, "reversals") == 0
+
+
+@pytest.mark.parametrize("code", ["QKX1A2B%DF", "QKX1A2B%C3%9F"])  # ß is not an M-Pesa letter
+def test_a_code_with_a_letter_from_another_alphabet_is_a_400(gateway, sim, code):
+    assert gateway.testapp.post(f"/receipts/{code}/verify", headers=auth(), status=400)
+    assert sim_count(sim, "transaction_status") == 0
+
+
+def test_a_phone_sent_as_a_number_is_masked_and_the_result_still_applies(gateway):
+    begun = gateway.services.ledger.begin_request(store.NewRequest(
+        kind="verify", owner="default", fingerprint=gateway.services.initiator.fingerprint,
+        receipt="QKX0000015"))
+    body = json.loads(result_body(0, Amount=5, TransactionStatus="Completed"))
+    body["Result"]["ResultParameters"]["ResultParameter"].append(
+        {"Key": "ReceiverMsisdn", "Value": 254712345678})
+    gateway.testapp.post(result_path(gateway, begun.row["id"]), json.dumps(body),
+                         content_type="application/json", status=200)
+    [stored] = gateway.services.ledger._read("SELECT outcome, body FROM initiator_results")
+    assert stored["outcome"] == "verified" and b"254712345678" not in bytes(stored["body"])
+    assert json.loads(bytes(stored["body"]))  # still JSON

@@ -21,6 +21,14 @@ from helpers import API_KEY, ROOT_DIR, SimulatorApi, base_env, free_port, wait_f
 OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
+class _Stay(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args):
+        return None  # a redirect is an answer to look at (an HTTPError), not followed
+
+
+NO_REDIRECTS = urllib.request.build_opener(urllib.request.ProxyHandler({}), _Stay())
+
+
 def clean_env(**extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MPESA_", "GATEWAY_", "LOG_"))}
     env.update(extra)
@@ -95,6 +103,14 @@ def test_demo_takes_a_payment_to_succeeded_and_stops_on_sigterm(tmp_path, comman
             assert line, "the demo ended before printing its banner"
             banner += line
         key = re.search(r"API key: (\S+)", banner).group(1)
+        console_key = re.search(r"/console, console key: (\S+)", banner).group(1)
+        signed = urllib.request.Request(f"{base}/console/sign-in", method="POST",
+                                        data=f"key={console_key}".encode())
+        with pytest.raises(urllib.error.HTTPError) as answer:  # (a redirect is not followed)
+            NO_REDIRECTS.open(signed, timeout=5)
+        # The demo's person signs in: 303 to the payments page, with the session cookie.
+        assert answer.value.code == 303, answer.value.code
+        assert "mpesa_console=" in answer.value.headers["Set-Cookie"]
         assert f"curl -s -X POST {base}/stkpush" in banner
         assert f"Webhook receiver: http://127.0.0.1:{port + 2}/events" in banner
         started = time.monotonic()

@@ -38,8 +38,10 @@ $(BENCH_VENV)/.installed: requirements.txt requirements-test.txt requirements-po
 demo: $(RUN_VENV)/.installed
 	$(RUN_VENV)/bin/python mpesa_wsgi.py --demo
 
+# Two workers, each taking whole test files (their module fixtures and servers stay in one
+# process); PYTEST_ARGS="-n 0" runs it in one process.
 test: $(TEST_VENV)/.installed
-	$(TEST_VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	$(TEST_VENV)/bin/python -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)
 
 soak: $(TEST_VENV)/.installed
 	SOAK_CRASH_CYCLES=$(SOAK_CRASH_CYCLES) SOAK_EXAMPLES=$(SOAK_EXAMPLES) \

@@ -108,6 +108,21 @@ def validate_push(body, max_amount, default_reference, default_description):
     )
 
 
+# A Kenyan mobile number in clear inside any text (a name, an account number someone typed,
+# a party name), written plainly or with spaces or dashes between its digits.
+PHONE_IN_TEXT = re.compile(r"(?<![0-9])(?:\+?254|0)[ -]?([17])((?:[ -]?[0-9]){5})"
+                           r"((?:[ -]?[0-9]){3})(?![0-9])")
+
+
+def _masked_match(match):
+    return f"254{match[1]}******{re.sub(r'[^0-9]', '', match[3])}"
+
+
+def mask_phones_in(text):
+    """`text` with every phone number in it masked like one (2547******678)."""
+    return PHONE_IN_TEXT.sub(_masked_match, text) if isinstance(text, str) else text
+
+
 def mask_phone(phone):
     """2547******678: enough to tell numbers apart in a log, not enough to call one."""
     if isinstance(phone, str) and _MSISDN.fullmatch(phone):
@@ -211,6 +226,11 @@ EVENT_PARAMS = ("status", "limit", "cursor")
 _EVENT_ID = re.compile(r"msg_[0-9a-f]{24}")
 
 
+def tx_id_ok(value):
+    """Is `value` a gateway payment id (tx_…)?"""
+    return bool(_TX_ID.fullmatch(value))
+
+
 def event_id_ok(value):
     return bool(_EVENT_ID.fullmatch(value))
 
@@ -229,7 +249,9 @@ def parse_events_query(query_string):
 STATUSES = ("pending", "succeeded", "failed", "rejected", "unknown")
 LIST_PARAMS = ("status", "since", "until", "reference", "receipt", "phone", "limit",
                "cursor")
-_PHONE_DIGITS = re.compile(r"[0-9]{1,9}")
+# The digits a masked phone shows (2547******678): a filter by more would tell the hidden
+# ones, digit by digit.
+_PHONE_DIGITS = re.compile(r"[0-9]{1,3}")
 LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX = 50, 200
 _ISO_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z")
 _ISO_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
@@ -245,7 +267,7 @@ class ListQuery:
     until: str | None = None  # ISO-8601 UTC, excluded
     reference: str | None = None  # any case
     receipt: str | None = None
-    phone: str | None = None  # the phone's last digits
+    phone: str | None = None  # the phone's last 1 to 3 digits, or the whole number (254…)
 
 
 def _bad_param(name, message):
@@ -320,21 +342,28 @@ def parse_list_query(query_string, accepted=LIST_PARAMS):
     if "status" in one and (not statuses or not set(statuses) <= set(STATUSES)):
         raise _bad_param("status", f"status must be one or more of {', '.join(STATUSES)}")
     reference = one.get("reference")
-    if reference is not None and not 0 < len(reference.strip()) <= 64:
-        raise _bad_param("reference", "reference must be 1 to 64 characters")
+    if reference is not None and not (0 < len(reference.strip()) <= 64
+                                      and reference.isprintable()):
+        raise _bad_param("reference", "reference must be 1 to 64 printable characters")
     receipt = one.get("receipt")
     if receipt is not None and not RECEIPT_NUMBER.fullmatch(receipt.strip().upper()):
         raise _bad_param("receipt", "receipt must be an M-Pesa receipt number")
     phone = one.get("phone")
-    if phone is not None and not _PHONE_DIGITS.fullmatch(phone.strip()):
-        raise _bad_param("phone", "phone must be the last 1 to 9 digits of the number")
+    if phone is not None:
+        phone = phone.strip()
+        if not _PHONE_DIGITS.fullmatch(phone):
+            try:  # the whole number, in any form a person writes it
+                phone = normalize_phone(phone)
+            except ValidationError:
+                raise _bad_param("phone", "phone must be the last 1 to 3 digits (as the"
+                                 " masked phone shows them) or the whole number") from None
     return ListQuery(
         statuses=statuses, since=_since(one["since"]) if "since" in one else None,
         limit=limit, after=_decode_cursor(one["cursor"]) if "cursor" in one else None,
         until=_since(one["until"], "until") if "until" in one else None,
         reference=reference.strip() if reference is not None else None,
         receipt=receipt.strip().upper() if receipt is not None else None,
-        phone=phone.strip() if phone is not None else None)
+        phone=phone)
 
 
 # --- the receipts listing ---------------------------------------------------------------------
@@ -361,8 +390,9 @@ def parse_receipts_query(query_string, accepted=RECEIPT_PARAMS):
     """Check GET /receipts's query parameters; each may appear once."""
     one, _, limit = _page_params(query_string, accepted, ())
     reference = one.get("reference")
-    if reference is not None and not 0 < len(reference.strip()) <= 64:
-        raise _bad_param("reference", "reference must be 1 to 64 characters")
+    if reference is not None and not (0 < len(reference.strip()) <= 64
+                                      and reference.isprintable()):
+        raise _bad_param("reference", "reference must be 1 to 64 printable characters")
     channel = one.get("channel")
     if channel is not None and channel not in CHANNELS:
         raise _bad_param("channel", f"channel must be one of {', '.join(CHANNELS)}")

@@ -13,7 +13,6 @@ chromium and chromium-driver; never part of `make test`.
 
 import argparse
 import base64
-import importlib.util
 import io
 import json
 import os
@@ -107,14 +106,13 @@ def free_port():
 
 
 def load_browser():
-    """tests/browser.py, the suite's browser helper (headless Debian chromium)."""
-    spec = importlib.util.spec_from_file_location("browser", ROOT / "tests" / "browser.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    reason = module.missing()
+    """The headless Chromium of mpesa_devtools.browser, or exit saying why not."""
+    from mpesa_devtools import browser
+
+    reason = browser.missing()
     if reason:
         raise SystemExit(f"screenshots: {reason}")
-    return module
+    return browser
 
 
 class Stack:

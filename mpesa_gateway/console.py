@@ -9,7 +9,9 @@ last 30 days as a chart with its numbers; and the CSV exports of a filter. Nothi
 changes a payment. Sessions are `sessions`'s; HTML is `pages`'s; the chart `charts`'s.
 """
 
+import ipaddress
 import logging
+import re
 import time
 from datetime import date, timedelta
 from urllib.parse import parse_qs, urlencode
@@ -28,11 +30,10 @@ from mpesa_gateway.pages import (
     table,
 )
 from mpesa_gateway.resources import receipt_resource, refund_resource, transaction_resource
-from mpesa_gateway.wire import Reply
+from mpesa_gateway.wire import ApiError, Reply
 
 log = logging.getLogger(__name__)
 
-SIGN_IN_PER_S, SIGN_IN_BURST = 0.2, 5  # per client address: a key is not guessed this way
 MAX_FORM = 2048
 SUMMARY_DAYS = 30
 STATUS_OPTIONS = [(s, s) for s in validation.STATUSES]
@@ -47,12 +48,16 @@ def _redirect(location, *headers):
     return Reply(303, b"", (("Location", location), ("Cache-Control", "no-store"), *headers))
 
 
+class _LedgerAway(Exception):
+    """The session could not be read: a 503 page, not the sign-in form."""
+
+
 def _signed_in(services, environ):
     try:
         return services.sessions.current(environ)
     except services.ledger.Error as exc:
         services.ledger_watch.failed("console", exc)
-        return None
+        raise _LedgerAway() from None
 
 
 def _unavailable(person):
@@ -67,7 +72,10 @@ def _guarded(page_flow):
     def flow(services, environ, *args):
         if not services.sessions.enabled:
             return _off()
-        person = _signed_in(services, environ)
+        try:
+            person = _signed_in(services, environ)
+        except _LedgerAway:
+            return _unavailable(None)
         if person is None:
             return _redirect("/console")
         try:
@@ -100,8 +108,11 @@ def home(services, environ):
     """GET /console: the sign-in form, or the payments page for a signed-in person."""
     if not services.sessions.enabled:
         return _off()
-    if _signed_in(services, environ) is not None:
-        return _redirect("/console/payments")
+    try:
+        if _signed_in(services, environ) is not None:
+            return _redirect("/console/payments")
+    except _LedgerAway:
+        return _unavailable(None)
     return _reply(_sign_in_page())
 
 
@@ -120,15 +131,21 @@ def sign_in(services, environ, load_body):
     """POST /console/sign-in: a person's key (a form), a few tries a minute per address."""
     if not services.sessions.enabled:
         return _off()
+    if not _same_site(environ):  # a form on another site signing a browser in
+        return _reply(_sign_in_page("Sign in from this page.", 403))
     address = sources.client_address(environ, services.config.trusted_proxies)
-    wait = services.sign_ins.acquire(address)
+    wait = services.sign_ins.acquire(_limit_key(address))
     if wait:
         status, body, headers = _sign_in_page(
             f"Too many tries from this address; wait {int(wait) + 1} seconds.", 429)
         return Reply(status, body, headers + (("Retry-After", str(int(wait) + 1)),))
-    form = parse_qs(load_body(MAX_FORM).decode("utf-8", "replace"), max_num_fields=5)
+    try:
+        form = parse_qs(load_body(MAX_FORM).decode("utf-8", "replace"), max_num_fields=5)
+    except (ValueError, ApiError):
+        return _reply(_sign_in_page("The form could not be read.", 400))
     key = (form.get("key") or [""])[0].strip()
     try:
+        services.sessions.sign_out(environ)  # a sign-in ends the session it replaces
         started = services.sessions.sign_in(key) if key else None
     except services.ledger.Error as exc:
         services.ledger_watch.failed("console", exc)
@@ -141,8 +158,36 @@ def sign_in(services, environ, load_body):
     return _redirect("/console/payments", ("Set-Cookie", services.sessions.cookie(environ, value)))
 
 
+def _same_site(environ):
+    """Does a sign-in or sign-out come from this site's own page? A browser says where a
+    POST came from: Sec-Fetch-Site, else an Origin (pages send no referrer, so a browser
+    may say Origin: null for its own form). A client that says nothing (curl) is let
+    through."""
+    fetch_site = environ.get("HTTP_SEC_FETCH_SITE")
+    if fetch_site is not None:
+        return fetch_site in ("same-origin", "none")
+    origin = environ.get("HTTP_ORIGIN")
+    if origin is None or origin == "null":
+        return True
+    return origin.split("://", 1)[-1] == environ.get("HTTP_HOST", "")
+
+
+def _limit_key(address):
+    """Whose sign-in tries count together: an IPv4 address, or an IPv6 /64 (one client
+    has all of it)."""
+    if ":" in address:
+        try:
+            return str(ipaddress.ip_network(f"{address}/64", strict=False))
+        except ValueError:
+            return address
+    return address
+
+
 def sign_out(services, environ):
-    """POST /console/sign-out: the session ends (on every host) and its cookie goes."""
+    """POST /console/sign-out: the session ends (on every host) and its cookie goes; not
+    from another site's page."""
+    if not _same_site(environ):
+        return _redirect("/console")
     try:
         services.sessions.sign_out(environ)
     except services.ledger.Error as exc:
@@ -163,11 +208,11 @@ def _filters(query_string):
         values = [v.strip() for v in values if v.strip()]
         if values:
             kept[name] = values
-    if "until" in kept and len(kept["until"]) == 1:
-        try:
-            kept["until"] = [(date.fromisoformat(kept["until"][0]) + timedelta(days=1))
-                             .isoformat()]
-        except ValueError:
+    until = kept.get("until", [""])
+    if len(until) == 1 and re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", until[0]):
+        try:  # a date: the whole day is in the range
+            kept["until"] = [(date.fromisoformat(until[0]) + timedelta(days=1)).isoformat()]
+        except (ValueError, OverflowError):
             pass  # the listing's own check says what is wrong with it
     return kept
 
@@ -187,11 +232,16 @@ def _masked_checkout(value):
     return f"{value[:6]}…{value[-3:]}" if value and len(value) > 12 else value
 
 
+def _shown(text):
+    """Text a customer or merchant typed, as a page shows it: any phone number masked."""
+    return validation.mask_phones_in(text)
+
+
 def _payment_row(r):
     view = transaction_resource(r)
     return [link(f"/console/payments/{view['id']}", view["created_at"]),
             h("span", {"class": f"status-{view['status']}"}, view["status"]),
-            f"KES {view['amount']:,}", view["reference"], view["receipt"] or "",
+            f"KES {view['amount']:,}", _shown(view["reference"]), view["receipt"] or "",
             view["phone"]]
 
 
@@ -210,7 +260,7 @@ def payments(services, environ, person):
         owner = _owner_of(person)
         rows, more = services.ledger.list_page(
             statuses=query.statuses, since=query.since, until=query.until,
-            reference=query.reference, receipt=query.receipt, phone_suffix=query.phone,
+            reference=query.reference, receipt=query.receipt, phone=query.phone,
             after=query.after, limit=query.limit, owner=owner,
             with_unowned=owner == "default")
     one = {k: v[0] for k, v in shown.items()}
@@ -222,8 +272,8 @@ def payments(services, environ, person):
              field("until", "To (date)", one.get("until"), kind="date"),
              field("reference", "Reference", one.get("reference")),
              field("receipt", "M-Pesa receipt", one.get("receipt")),
-             field("phone", "Phone ends with", one.get("phone"), inputmode="numeric",
-                   pattern="[0-9]{1,9}"),
+             field("phone", "Phone: last 3 digits, or the whole number", one.get("phone"),
+                   inputmode="tel"),
              h("button", {"type": "submit"}, "Filter"))
     filters_qs = urlencode({k: v for k, v in shown.items() if k != "limit"}, doseq=True)
     nav = []
@@ -259,7 +309,14 @@ def _export(services, environ, person, name, parse, sheet):
     except validation.ValidationError as exc:
         return _reply(document("Export", h("p", {"id": "error", "role": "alert"},
                                            exc.message), person, status=400))
-    return exports.attachment(name, sheet(services.ledger, query, _owner_of(person)))
+    try:
+        owner = _owner_of(person)
+        return exports.attachment(name, lambda: sheet(services.ledger, query, owner),
+                                  services.exports, owner)
+    except ApiError as exc:  # too many rows, or other exports running: said as a page
+        return _reply(document("Export", h("p", {"id": "error", "role": "alert"},
+                                           exc.message), person, status=exc.status,
+                               headers=exc.headers))
 
 
 # --- one payment ----------------------------------------------------------------------
@@ -268,14 +325,15 @@ def _export(services, environ, person, name, parse, sheet):
 @_guarded
 def payment(services, environ, person, ref):
     """GET /console/payments/<id>: the payment and everything that happened to it."""
-    row = services.ledger.get(ref) if 0 < len(ref) <= 64 else None
+    # (Its id only: a CheckoutRequestID ends with the phone's digits, and URLs are logged.)
+    row = services.ledger.get(ref) if validation.tx_id_ok(ref) else None
     if row is None or not person.sees(row):
         return _reply(document("No such payment", h("p", None, "No payment with that id."),
                                person, status=404))
     view = transaction_resource(row)
     facts = [("Status", view["status"]), ("Reason", view["reason"] or "—"),
-             ("Amount", f"KES {view['amount']:,}"), ("Reference", view["reference"]),
-             ("Description", view["description"]), ("Phone", view["phone"]),
+             ("Amount", f"KES {view['amount']:,}"), ("Reference", _shown(view["reference"])),
+             ("Description", _shown(view["description"])), ("Phone", view["phone"]),
              ("M-Pesa receipt", view["receipt"] or "—"),
              ("Result", f"{view['result_code']} {view['result_desc'] or ''}"
               if view["result_code"] is not None else "—"),
@@ -283,8 +341,8 @@ def payment(services, environ, person, ref):
     summary = h("dl", None, [(h("dt", None, k), h("dd", None, v)) for k, v in facts])
     entries = timeline(services.ledger, row)
     content = [summary, h("h2", None, "Timeline"),
-               h("ol", {"id": "timeline"}, [h("li", None, h("time", None, at), " ", text)
-                                            for at, text in entries]),
+               h("ol", {"id": "timeline"}, [h("li", None, h("time", None, at), " ",
+                                              _shown(text)) for at, text in entries]),
                h("p", None, link("/console/payments", "Back to payments"))]
     return _reply(document(f"Payment {row['id']}", content, person))
 
@@ -341,7 +399,7 @@ def timeline(ledger, row):
 def _receipt_row(r):
     view = receipt_resource(r)
     return [view["receipt"], view["channel"], f"KES {view['amount']:,}"
-            if view["amount"] is not None else "—", view["reference"] or "",
+            if view["amount"] is not None else "—", _shown(view["reference"] or ""),
             link(f"/console/payments/{view['transaction_id']}", view["transaction_id"])
             if view["transaction_id"] else "unmatched",
             ", ".join(view["anomalies"]) or "—", view["received_at"]]
@@ -355,14 +413,13 @@ RECEIPT_HEADERS = ("Receipt", "Channel", "Amount", "Account / reference", "Payme
 def receipts(services, environ, person):
     """GET /console/receipts: the Paybill/Till receipts that need a look first, then all."""
     owner = _owner_of(person)
-    found = services.ledger.attention(owner=owner)
-    look = found["receipts"]
+    look, look_count = services.ledger.receipts_to_look_at(owner=owner)
     rows, _ = services.ledger.receipts_page(owner=owner, limit=100)
     look_rows = [[*_receipt_row(dict(r, channel="c2b", reference=r["account"],
                                      at=r["received_at"], tx_id=r["matched_tx_id"]))]
                  for r in look]
     content = [h("p", None, link("/console/receipts.csv", "Export CSV", id="export")),
-               table("receipts-look", f"Need a look ({found['receipts_count']}, the newest"
+               table("receipts-look", f"Need a look ({look_count}, the newest"
                      f" {len(look)} here): Paybill payments no payment claims, or odd",
                      RECEIPT_HEADERS, look_rows, "Every Paybill receipt is matched."),
                table("receipts", "Receipts, newest first", RECEIPT_HEADERS,

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
 import config as settings
+import validation
 
 EAT = timezone(timedelta(hours=3))
 # Results that mean the initiator itself is refused: every call stops until the
@@ -28,10 +29,8 @@ PLACEHOLDER_IDS = frozenset({"", "XXXXXXXXXX", "0"})
 # (no_result): results come in seconds; Daraja never resends one.
 RESULT_WAIT_S = 3600
 _RECEIPT = re.compile(r"[A-Z0-9]{6,20}")
-# A Kenyan phone number in clear anywhere in a result body (DebitPartyName: "2547… - NAME"),
-# written plainly or with spaces or dashes between its digits.
-_PHONE_TEXT = re.compile(r"(?<![0-9])(?:\+?254|0)[ -]?([17])((?:[ -]?[0-9]){5})"
-                         r"((?:[ -]?[0-9]){3})(?![0-9])")
+# A Kenyan phone number in clear anywhere in a result body (DebitPartyName: "2547… - NAME").
+_PHONE_TEXT = validation.PHONE_IN_TEXT
 _PHONE = re.compile(_PHONE_TEXT.pattern.encode())
 
 # What a result code tells a person (daraja_api.md §7.7): (reason slug, plain words).
@@ -187,8 +186,8 @@ def from_raw(raw):
 
 
 def _masked(match):
-    last = re.sub(r"[^0-9]", "", match[3])
-    return f"254{match[1]}******{last}"
+    return validation.mask_phones_in(match[0]) if isinstance(match[0], str) else \
+        f"254{match[1]}******{re.sub(r'[^0-9]', '', match[3])}"
 
 
 def kept_body(raw):

@@ -50,7 +50,7 @@ def h(tag, attrs=None, *children):
 def void(tag, attrs):
     """An element with no content (input, meta, link)."""
     parts = [tag] + [name if value is True else f'{name}="{esc(value)}"'
-                     for name, value in attrs.items() if value not in (None, False)]
+                     for name, value in attrs.items() if value is not None and value is not False]
     return Markup(f"<{' '.join(parts)}>")
 
 

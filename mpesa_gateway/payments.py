@@ -116,7 +116,7 @@ def transactions_page(services, authorization, query_string):
     owner = None if caller.admin else caller.owner
     rows, more = services.ledger.list_page(
         statuses=query.statuses, since=query.since, until=query.until,
-        reference=query.reference, receipt=query.receipt, phone_suffix=query.phone,
+        reference=query.reference, receipt=query.receipt, phone=query.phone,
         after=query.after, limit=query.limit, owner=owner,
         with_unowned=owner == settings.DEFAULT_OWNER)
     cursor = validation.encode_cursor(rows[-1]["created_at"], rows[-1]["id"]) if more else None
@@ -128,8 +128,9 @@ def transactions_csv(services, authorization, query_string):
     """GET /transactions.csv: every payment the listing's filters select, as CSV."""
     caller = authenticate(authorization, services.config)
     query = checked(validation.parse_list_query, query_string, validation.EXPORT_PARAMS)
-    return exports.attachment("payments.csv", exports.payments_csv(
-        services.ledger, query, None if caller.admin else caller.owner))
+    owner = None if caller.admin else caller.owner
+    return exports.attachment("payments.csv", lambda: exports.payments_csv(
+        services.ledger, query, owner), services.exports, owner)
 
 
 @ledger_read
@@ -138,8 +139,9 @@ def receipts_csv(services, authorization, query_string):
     caller = authenticate(authorization, services.config)
     query = checked(validation.parse_receipts_query, query_string,
                     validation.RECEIPT_EXPORT_PARAMS)
-    return exports.attachment("receipts.csv", exports.receipts_csv(
-        services.ledger, query, None if caller.admin else caller.owner))
+    owner = None if caller.admin else caller.owner
+    return exports.attachment("receipts.csv", lambda: exports.receipts_csv(
+        services.ledger, query, owner), services.exports, owner)
 
 
 @ledger_read
@@ -485,7 +487,8 @@ def redeliver_event(services, authorization, event_id):
 @ledger_read
 def read_transaction(services, authorization, ref):
     caller = authenticate(authorization, services.config)
-    row = services.ledger.get(ref) if 0 < len(ref) <= MAX_ID_LENGTH else None
+    row = (services.ledger.get(ref) if 0 < len(ref) <= MAX_ID_LENGTH and ref.isprintable()
+           else None)
     if row is None or not caller.sees(row):  # another owner's payment does not exist here
         raise NotFound("no transaction with that id or CheckoutRequestID")
     body = transaction_resource(row)

@@ -174,7 +174,8 @@ def refund_payment(services, authorization, ref, load_body, idempotency_key):
     caller = _owner(services, authorization, "refund a payment")
     init = _initiator(services)
     retry = checked(validation.validate_refund, load_body())
-    row = _read(services, lambda: services.ledger.get(ref) if 0 < len(ref) <= 64 else None)
+    row = _read(services, lambda: services.ledger.get(ref)
+                if 0 < len(ref) <= 64 and ref.isprintable() else None)
     if row is None or not caller.sees(row):
         raise NotFound("no transaction with that id or CheckoutRequestID")
     if row["status"] != store.SUCCEEDED or not row["receipt"]:

@@ -20,8 +20,8 @@ import config as settings
 import mpesa_ledger as store
 from mpesa_gateway import (
     admission,
-    console,
     daraja,
+    exports,
     fleet,
     initiator,
     metrics,
@@ -62,9 +62,10 @@ class Services:
         self.signer = CallbackSigner(config.secret, config.callback_base_url)
         # Daraja's initiator (refunds, code checks, the balance), or None when not set up.
         self.initiator = initiator.from_config(config)
+        self.exports = exports.Slots()  # CSV exports running at once
         # People's sign-ins to the console, and how often an address may try one.
         self.sessions = sessions.Sessions(config, ledger)
-        self.sign_ins = admission.RateLimiter(console.SIGN_IN_PER_S, console.SIGN_IN_BURST,
+        self.sign_ins = admission.RateLimiter(sessions.SIGN_IN_PER_S, sessions.SIGN_IN_BURST,
                                               clock=self.clock.monotonic, max_keys=10_000)
         # The shortcodes whose Paybill/Till confirmations are this gateway's: the paybill,
         # and a till's number.

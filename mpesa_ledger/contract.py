@@ -444,12 +444,12 @@ class Ledger:
 
     def list_page(self, *, status=None, since=None, after=None, limit=50, owner=None,
                   with_unowned=False, statuses=None, until=None, reference=None,
-                  receipt=None, phone_suffix=None):
+                  receipt=None, phone=None):
         """Newest first; `after` = (created_at, id) of the previous page's last row;
         `owner`: only that owner's rows (and, `with_unowned`, rows from before owners).
         Filters: `status` or `statuses` (public names: pending includes `submitting`),
         `since`/`until` (ISO-8601 UTC bounds on creation, until excluded), `reference`
-        (any case), `receipt`, `phone_suffix` (the phone's last digits).
+        (any case), `receipt`, `phone` (its last 1 to 3 digits, or the whole 254… number).
 
         Returns (rows, more): the page and whether another page follows.
         """
@@ -467,7 +467,9 @@ class Ledger:
                             ("lower(trim(reference)) = ?",
                              reference.strip().lower() if reference else None),
                             ("receipt = ?", receipt),
-                            ("phone LIKE ?", f"%{phone_suffix}" if phone_suffix else None)):
+                            ("phone = ?" if phone and len(phone) == 12 else "phone LIKE ?",
+                             phone if phone and len(phone) == 12
+                             else f"%{phone}" if phone else None)):
             if value is not None:
                 where.append(test)
                 args.append(value)
@@ -528,8 +530,7 @@ class Ledger:
         """What needs a person: `unknown` payments and payments still pending that were
         made before `pending_before` (ISO-8601 UTC), newest first (at most `limit` each,
         with their counts); webhook events that could not be delivered (dead, or pending
-        after a failed attempt) by owner; Paybill receipts no payment claims, and any with
-        anomalies (a Till payment names no payment: not one of them), with their count."""
+        after a failed attempt) by owner; and the receipts to look at, with their count."""
         scope, owner_args = (self._owner_scope(owner), [owner] if owner is not None else [])
         found = {}
         for name, test, args in (
@@ -548,14 +549,20 @@ class Ledger:
             " SUM(CASE WHEN status = 'pending' AND attempts > 0 THEN 1 ELSE 0 END)"
             f" AS failing FROM events WHERE (status = 'dead' OR (status = 'pending' AND"
             f" attempts > 0)){plain} GROUP BY owner ORDER BY owner", tuple(owner_args))
-        look = ("((matched_tx_id IS NULL AND channel = 'paybill') OR anomalies <> '')"
-                + plain)
-        found["receipts"] = self._read(f"SELECT * FROM c2b_receipts WHERE {look}"
-                                       " ORDER BY received_at DESC LIMIT ?",
-                                       (*owner_args, limit))
-        found["receipts_count"] = self._read_one(
-            f"SELECT COUNT(*) AS n FROM c2b_receipts WHERE {look}", tuple(owner_args))["n"]
+        found["receipts"], found["receipts_count"] = self.receipts_to_look_at(
+            owner=owner, limit=limit)
         return found
+
+    def receipts_to_look_at(self, *, owner=None, limit=20):
+        """Paybill receipts no payment claims, and any with anomalies (a Till payment names
+        no payment: not one of them), newest first: (at most `limit` rows, their count)."""
+        plain, args = (" AND owner = ?", [owner]) if owner is not None else ("", [])
+        look = "((matched_tx_id IS NULL AND channel = 'paybill') OR anomalies <> '')" + plain
+        rows = self._read(f"SELECT * FROM c2b_receipts WHERE {look}"
+                          " ORDER BY received_at DESC LIMIT ?", (*args, limit))
+        count = self._read_one(f"SELECT COUNT(*) AS n FROM c2b_receipts WHERE {look}",
+                               tuple(args))["n"]
+        return rows, int(count)
 
     def count_by_status(self):
         """Counts by public status: `submitting` is shown as `pending`, as in the API."""

@@ -177,9 +177,15 @@ _FIGURES = []  # summary lines tests report, printed at the end of the run
 
 
 @pytest.fixture
-def report_figures():
-    """report_figures(line): a line for the "figures" section at the end of the run."""
-    return _FIGURES.append
+def report_figures(request):
+    """report_figures(line): a line for the "figures" section at the end of the run. It
+    travels with the test's report, so it reaches the end of a parallel run too."""
+    return lambda line: request.node.user_properties.append(("figure", line))
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call":
+        _FIGURES.extend(value for name, value in report.user_properties if name == "figure")
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -359,3 +359,118 @@ def test_events_are_untouched_by_reading_the_console(gateway, sim):
     for path in ("/console/payments", f"/console/payments/{tx['id']}", "/console/attention"):
         client.get(path)
     assert events_of(gateway.services.ledger) == before
+
+
+# --- what the review and the outside attack found ------------------------------------------
+
+
+def test_the_phone_filter_takes_what_the_mask_shows_or_the_whole_number(gateway, sim):
+    tx = pay(gateway, "254712345682")
+    client = signed_in(gateway)
+    assert tx["id"] in client.get("/console/payments?phone=682").text
+    assert tx["id"] in client.get("/console/payments?phone=0712+345+682").text
+    assert tx["id"] not in client.get("/console/payments?phone=0712345683").text
+    # More digits than the mask shows would tell the hidden ones, one by one.
+    client.get("/console/payments?phone=5682", status=400)
+    gateway.testapp.get("/transactions?phone=45682", status=400,
+                        headers={"Authorization": f"Bearer {API_KEY}"})
+
+
+@pytest.mark.parametrize("query", ["until=9999-12-31", "until=20261231", "reference=%00",
+                                   "receipt=%00", "since=0000-00-00"])
+def test_odd_filters_are_answered_not_a_500(gateway, query):
+    client = signed_in(gateway)
+    assert client.get(f"/console/payments?{query}", expect_errors=True).status_int in (200, 400)
+    assert client.get(f"/console/payments.csv?{query}",
+                      expect_errors=True).status_int in (200, 400)
+    assert gateway.testapp.get(f"/transactions?{query}", expect_errors=True,
+                               headers={"Authorization": f"Bearer {API_KEY}"}).status_int in (
+        200, 400)
+
+
+def test_a_nul_in_a_path_or_filter_is_no_ledger_outage(gateway):
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    gateway.testapp.get("/transactions/%00", headers=auth, status=404)
+    gateway.testapp.get("/transactions?reference=%00", headers=auth, status=400)
+    assert gateway.services.metrics.ledger_failures.value("read_transaction") == 0
+
+
+def test_sign_in_and_out_come_from_the_console_s_own_pages(gateway):
+    """A form on another site can neither sign a browser in nor sign it out."""
+    for headers in ({"HTTP_SEC_FETCH_SITE": "cross-site"},
+                    {"HTTP_ORIGIN": "https://evil.example", "HTTP_HOST": "127.0.0.1"}):
+        res = TestApp(gateway.app, extra_environ=headers).post(
+            "/console/sign-in", {"key": AMINA}, status=403)
+        assert "Set-Cookie" not in res.headers
+    # The console's own form (pages send no referrer: Chromium says Origin: null).
+    TestApp(gateway.app, extra_environ={"HTTP_SEC_FETCH_SITE": "same-origin",
+                                        "HTTP_ORIGIN": "null"}).post(
+        "/console/sign-in", {"key": AMINA}, status=303)
+    client = signed_in(gateway)
+    cookie = client.cookies["mpesa_console"]
+    evil = TestApp(gateway.app, extra_environ={"HTTP_SEC_FETCH_SITE": "cross-site"})
+    evil.set_cookie("mpesa_console", cookie)
+    res = evil.post("/console/sign-out", status=303)
+    assert "Set-Cookie" not in res.headers
+    client.get("/console/payments", status=200)  # still signed in
+
+
+def test_a_form_with_too_many_fields_is_a_400_page(gateway):
+    body = "&".join(["a=1"] * 6 + ["key=x"])
+    res = TestApp(gateway.app).post("/console/sign-in", body,
+                                    content_type="application/x-www-form-urlencoded",
+                                    status=400)
+    assert 'role="alert"' in res.text
+
+
+def test_signing_in_again_ends_the_session_it_replaces(gateway):
+    client = signed_in(gateway)
+    first = client.cookies["mpesa_console"]
+    client.post("/console/sign-in", {"key": AMINA}, status=303)
+    assert client.cookies["mpesa_console"] != first
+    stale = TestApp(gateway.app)
+    stale.set_cookie("mpesa_console", first)
+    stale.get("/console/payments", status=303)
+
+
+def test_another_site_s_odd_cookie_beside_ours_changes_nothing(gateway):
+    client = signed_in(gateway)
+    cookie = client.cookies["mpesa_console"]
+    page = TestApp(gateway.app, extra_environ={
+        "HTTP_COOKIE": f'prefs=dark mode; x={{"a":1}}; mpesa_console={cookie}; y'}).get(
+        "/console/payments", status=200)
+    assert 'id="who"' in page.text
+
+
+def test_a_payment_page_is_by_its_id_not_by_a_checkout_request_id(gateway, sim):
+    tx = settled(gateway, pay(gateway, "254712345683")["id"])
+    client = signed_in(gateway)
+    client.get(f"/console/payments/{tx['id']}", status=200)
+    client.get(f"/console/payments/{tx['checkout_request_id']}", status=404)
+
+
+def test_a_phone_typed_as_an_account_number_is_masked_on_pages_and_in_csv(gateway, sim):
+    confirm(gateway, "RKX0000004", "0712 345 684")
+    client = signed_in(gateway, OPS)
+    page = client.get("/console/receipts").text
+    assert "2547******684" in page and "345 684" not in page
+    exported = gateway.testapp.get("/receipts.csv", headers={
+        "Authorization": f"Bearer {API_KEY}"}).text
+    assert "2547******684" in exported and "345 684" not in exported
+
+
+def test_a_person_of_one_owner_sees_nothing_of_another_s_anywhere(gateway, sim):
+    theirs = settled(gateway, pay(gateway, "254712345685", key=OTHER_KEY, reference="BOB-1")[
+        "id"], key=OTHER_KEY)
+    confirm(gateway, "RKX0000005", "INV-AMINA")  # default's (no prefix rule)
+    amina = signed_in(gateway)
+    for path in ("/console/payments", "/console/receipts", "/console/attention",
+                 "/console/summary", "/console/payments.csv", "/console/receipts.csv"):
+        text = amina.get(path).text
+        assert "BOB-1" not in text and theirs["id"] not in text, path
+        assert theirs["receipt"] not in text, path
+    bob = signed_in(gateway, BOB)
+    for path in ("/console/receipts", "/console/receipts.csv"):
+        assert "RKX0000005" not in bob.get(path).text, path
+    summary = bob.get("/console/summary").text.split('<table id="today"', 1)[1]
+    assert re.findall(r"<td[^>]*>([^<]*)</td>", summary)[:3] == ["succeeded", "1", "KES 10"]

@@ -176,7 +176,8 @@ def from_raw(raw):
         if key and key not in params:
             params[key] = item.get("Value")
     receipt = _text(result.get("TransactionID"), 32)
-    return Result(code=code, interim=_text(result.get("ResultType"), 8) == "1", description=_text(result.get("ResultDesc")),
+    return Result(code=code, interim=_text(result.get("ResultType"), 8) == "1",
+                  description=_text(result.get("ResultDesc")),
                   transaction_id=None if receipt.upper() in PLACEHOLDER_IDS
                   or not _RECEIPT.fullmatch(receipt) else receipt,
                   originator_conversation_id=_text(result.get("OriginatorConversationID"), 64)

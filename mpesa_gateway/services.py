@@ -1,12 +1,13 @@
 """The services: everything the flows run over, built once, in named steps.
 
 Owns `Services` (config, ledger, spool, Daraja client, metrics, admission, signer, the
-initiator, console sessions, clock and the background workers) and `build_services`, which builds them in order: the webhook
-outbox, the ledger (given the outbox, so a status change and its event are one commit),
-the spool (adopting and replaying what processes that died left in theirs), the metrics,
-the Daraja client and the rate limit (the fleet's, when the ledger is shared by hosts),
-start-up repairs (and the initiator's credential), then, if asked, the spool replayer,
-reconciler and webhook sender threads. The raw WSGI app, the command line and the Flask
+initiator, console sessions, export slots, clock and the background workers) and
+`build_services`, which builds them in order: the webhook outbox, the ledger (given the
+outbox, so a status change and its event are one commit), the spool (adopting and
+replaying what processes that died left in theirs), the metrics, the Daraja client and the
+rate limit (the fleet's, when the ledger is shared by hosts), start-up repairs (and the
+initiator's credential), then, if asked, the spool replayer, reconciler and webhook sender
+threads. The raw WSGI app, the command line and the Flask
 and Falcon versions in bench/ all build their services here.
 """
 

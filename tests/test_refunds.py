@@ -774,7 +774,8 @@ def test_a_receipt_daraja_does_not_know_is_not_reversed(gateway, sim):
     """A Paybill receipt Safaricom told the gateway of, unknown to this Daraja: R000002."""
     body = json.dumps({"TransactionType": "Pay Bill", "TransID": "RKZ0000099",
                        "TransTime": "20261207101500", "TransAmount": "40.00",
-                       "BusinessShortCode": PAYBILL, "BillRefNumber": "INV-Z", "MSISDN": "2547 ***** 126",
+                       "BusinessShortCode": PAYBILL, "BillRefNumber": "INV-Z",
+                       "MSISDN": "2547 ***** 126",
                        "FirstName": "A"}).encode()
     gateway.testapp.post("/" + gateway.services.signer.c2b_url("confirmation").split("/", 3)[3],
                          body, content_type="application/json", status=200)

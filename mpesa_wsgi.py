@@ -198,6 +198,11 @@ def console_page(page):
     return lambda req, s, *params: page(s, req.environ, *params)
 
 
+def console_action(action):
+    """A console action's handler: its flow reads the cookie and the form itself."""
+    return lambda req, s, *params: action(s, req.environ, req.body, *params)
+
+
 # Literal paths: auditable at a glance. Value: {method: handler}.
 ROUTES = {
     "/health": {"GET": health},
@@ -222,6 +227,7 @@ ROUTES = {
     "/console/receipts.csv": {"GET": console_page(console.receipts_csv)},
     "/console/attention": {"GET": console_page(console.attention)},
     "/console/summary": {"GET": console_page(console.summary)},
+    "/console/verify": {"POST": console_action(console.verify)},
 }
 # (prefix, route template for logs, number of path segments after it, {method: handler})
 PREFIX_ROUTES = (
@@ -238,6 +244,12 @@ PREFIX_ROUTES = (
     ("/events/", "/events/{id}/redeliver", 2, {"POST": redeliver}),
     ("/console/payments/", "/console/payments/{id}", 1,
      {"GET": console_page(console.payment)}),
+    ("/console/payments/", "/console/payments/{id}/requery", 2,
+     {"POST": console_action(console.requery)}),
+    ("/console/payments/", "/console/payments/{id}/refund", 2,
+     {"GET": console_page(console.refund_page), "POST": console_action(console.refund)}),
+    ("/console/events/", "/console/events/{id}/redeliver", 2,
+     {"POST": console_action(console.redeliver)}),
 )
 # Each prefix route with its template's segments after the prefix, split once.
 _PREFIXES = tuple((*route, route[1][len(route[0]):].split("/")) for route in PREFIX_ROUTES)

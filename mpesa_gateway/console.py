@@ -1,12 +1,15 @@
-"""The operator console: read-only pages for people, over the services they are given.
+"""The operator console: pages for people, over the services they are given.
 
 Owns what each console page shows and who may see it: the sign-in form (rate-limited per
 client address) and sign-out; payments with filters and cursor pages; one payment's
 timeline (its request, Daraja's answer, callbacks as read — never their bodies —,
 reconciler queries, webhook events and each attempt, receipts matched, refunds); receipts
 (the ones that need a look first); what needs attention, with what to do; today and the
-last 30 days as a chart with its numbers; and the CSV exports of a filter. Nothing here
-changes a payment. Sessions are `sessions`'s; HTML is `pages`'s; the chart `charts`'s.
+last 30 days as a chart with its numbers; the CSV exports of a filter; and the actions of
+a person bound to one owner (ask Daraja again, refund with a confirm step, send an event
+again, check a code), each from a form carrying the session's CSRF token, recorded with
+the person's name and shown in the payment's timeline. Sessions are `sessions`'s; HTML is
+`pages`'s; the chart `charts`'s; refunds and checks `refunds`'s.
 """
 
 import ipaddress
@@ -28,6 +31,7 @@ from mpesa_gateway.pages import (
     link,
     select,
     table,
+    void,
 )
 from mpesa_gateway.resources import receipt_resource, refund_resource, transaction_resource
 from mpesa_gateway.wire import ApiError, Reply
@@ -66,18 +70,27 @@ def _unavailable(person):
         " minute."), person, status=503))
 
 
+def _person_or_answer(services, environ):
+    """(the signed-in Person, None), or (None, the answer for anyone else: the console
+    off, the ledger away, or the sign-in form)."""
+    if not services.sessions.enabled:
+        return None, _off()
+    try:
+        person = _signed_in(services, environ)
+    except _LedgerAway:
+        return None, _unavailable(None)
+    if person is None:
+        return None, _redirect("/console")
+    return person, None
+
+
 def _guarded(page_flow):
     """A page for a signed-in person: anyone else is sent to the sign-in form; a ledger
     that cannot be read is a 503 page, not a traceback."""
     def flow(services, environ, *args):
-        if not services.sessions.enabled:
-            return _off()
-        try:
-            person = _signed_in(services, environ)
-        except _LedgerAway:
-            return _unavailable(None)
-        if person is None:
-            return _redirect("/console")
+        person, early = _person_or_answer(services, environ)
+        if early is not None:
+            return early
         try:
             return page_flow(services, environ, person, *args)
         except services.ledger.Error as exc:
@@ -340,11 +353,40 @@ def payment(services, environ, person, ref):
              ("Owner", row.get("owner") or "default")]
     summary = h("dl", None, [(h("dt", None, k), h("dd", None, v)) for k, v in facts])
     entries = timeline(services.ledger, row)
-    content = [summary, h("h2", None, "Timeline"),
+    content = [summary, _actions(services, person, row), h("h2", None, "Timeline"),
                h("ol", {"id": "timeline"}, [h("li", None, h("time", None, at), " ",
                                               _shown(text)) for at, text in entries]),
                h("p", None, link("/console/payments", "Back to payments"))]
     return _reply(document(f"Payment {row['id']}", content, person))
+
+
+def _actions(services, person, row):
+    """The payment's action forms, for a person bound to its owner."""
+    if not person.can_act:
+        return ""
+    forms = []
+    if row["checkout_request_id"] and row["status"] in (store.PENDING, store.SUBMITTING,
+                                                         store.UNKNOWN):
+        forms.append(h("form", {"id": "requery", "method": "post",
+                                "action": f"/console/payments/{row['id']}/requery"},
+                       _csrf(services, person),
+                       h("button", {"type": "submit"}, "Ask Daraja again now")))
+    if row["status"] == store.SUCCEEDED and row["receipt"]:
+        forms.append(h("p", None, link(f"/console/payments/{row['id']}/refund", "Refund…",
+                                       id="refund-link")))
+    for event in services.ledger.timeline_of(row["id"])["events"]:
+        forms.append(h("form", {"class": "redeliver", "method": "post",
+                                "action": f"/console/events/{event['id']}/redeliver"},
+                       _csrf(services, person),
+                       h("button", {"type": "submit"},
+                         f"Send the {event['type']} event again")))
+    if not forms:
+        return ""
+    return h("section", {"id": "actions"}, h("h2", None, "Actions"), forms)
+
+
+ACTION_WORDS = {"requery": "asked Daraja again", "refund": "asked for a refund",
+                "redeliver": "sent an event again", "verify": "checked the code"}
 
 
 def timeline(ledger, row):
@@ -388,6 +430,10 @@ def timeline(ledger, row):
                             + (f": {refund['message']}" if refund["message"] else "")
                             + (f", reversal receipt {refund['receipt']}" if refund["receipt"]
                                else "") + "."))
+    for action in ledger.actions_of(row["id"]):
+        entries.append((store.iso_utc(action["at"]), f"{action['person']} (console)"
+                        f" {ACTION_WORDS.get(action['action'], action['action'])}:"
+                        f" {action['outcome']}."))
     if row["status"] != store.PENDING and row["status"] != store.SUBMITTING:
         entries.append((row["updated_at"], f"Now {transaction_resource(row)['status']}."))
     return sorted(entries, key=lambda e: e[0])
@@ -418,7 +464,11 @@ def receipts(services, environ, person):
     look_rows = [[*_receipt_row(dict(r, channel="c2b", reference=r["account"],
                                      at=r["received_at"], tx_id=r["matched_tx_id"]))]
                  for r in look]
-    content = [h("p", None, link("/console/receipts.csv", "Export CSV", id="export")),
+    check = (h("form", {"id": "verify", "class": "filters", "method": "post",
+                        "action": "/console/verify"},
+               _csrf(services, person), field("code", "Is this M-Pesa code real?"),
+               h("button", {"type": "submit"}, "Check")) if person.can_act else "")
+    content = [check, h("p", None, link("/console/receipts.csv", "Export CSV", id="export")),
                table("receipts-look", f"Need a look ({look_count}, the newest"
                      f" {len(look)} here): Paybill payments no payment claims, or odd",
                      RECEIPT_HEADERS, look_rows, "Every Paybill receipt is matched."),
@@ -519,3 +569,182 @@ def summary(services, environ, person):
     ]
     return _reply(document("Summary", content, person))
 
+
+
+# --- actions: a person bound to one owner, from the console's own pages --------------------
+
+
+def _form(load_body):
+    try:
+        return parse_qs(load_body(MAX_FORM).decode("utf-8", "replace"), max_num_fields=8)
+    except (ValueError, ApiError):
+        return None
+
+
+def _said(person, title, text, back, status=200):
+    return _reply(document(title, [h("p", {"id": "outcome", "role": "status"}, text),
+                                   h("p", None, link(back, "Back"))], person, status=status))
+
+
+def _acting(action_flow):
+    """An action: a signed-in person bound to an owner (person@* reads only), a POST from
+    this site's page carrying its session's CSRF token; each is recorded with its person."""
+    def flow(services, environ, load_body, *args):
+        person, early = _person_or_answer(services, environ)
+        if early is not None:
+            return early
+        form = _form(load_body)
+        token = (form or {}).get("csrf", [""])[0]
+        if form is None or not _same_site(environ) or not services.sessions.csrf_ok(
+                person, token):
+            log.warning("console action refused person=%s: no valid form token", person.label)
+            return _said(person, "Not done", "This form is stale or came from another page:"
+                         " go back, reload the page and try again.", "/console/payments", 403)
+        if not person.can_act:
+            return _said(person, "Not done", f"{person.name} reads every owner's payments"
+                         " and changes none (a key of person@*).", "/console/payments", 403)
+        try:
+            return action_flow(services, environ, person, form, *args)
+        except services.ledger.Error as exc:
+            services.ledger_watch.failed("console", exc)
+            return _unavailable(person)
+    flow.__name__ = action_flow.__name__
+    flow.__doc__ = action_flow.__doc__
+    return flow
+
+
+def _csrf(services, person):
+    return void("input", {"type": "hidden", "name": "csrf",
+                          "value": services.sessions.csrf_token(person)})
+
+
+def _own_payment(services, person, ref):
+    row = services.ledger.get(ref) if validation.tx_id_ok(ref) else None
+    return row if row is not None and person.sees(row) else None
+
+
+def _done(services, person, subject, action, outcome):
+    """Record and log an action that happened. It already happened: a ledger that cannot
+    record it now is logged loudly, and the person is still told what was done."""
+    log.info("console action person=%s action=%s subject=%s outcome=%s", person.label, action,
+             subject, outcome)
+    try:
+        services.ledger.record_action(person.label, subject, action, outcome)
+    except services.ledger.Error as exc:
+        services.ledger_watch.failed("console", exc)
+        log.error("console action not recorded in the ledger person=%s action=%s subject=%s"
+                  " outcome=%s", person.label, action, subject, outcome)
+
+
+@_acting
+def requery(services, environ, person, form, ref):
+    """POST /console/payments/<id>/requery: ask Daraja now what became of a payment."""
+    row = _own_payment(services, person, ref)
+    if row is None:
+        return _said(person, "No such payment", "No payment with that id.", "/console/payments",
+                     404)
+    if services.requeries.acquire(person.owner):  # Daraja throttles an app's queries
+        return _said(person, "Not yet", "Daraja was asked just now; try again in a few"
+                     " seconds.", f"/console/payments/{row['id']}", 429)
+    result, after = services.new_reconciler().check_now(row["id"])
+    _done(services, person, row["id"], "requery", result)
+    status = transaction_resource(after)["status"] if after else "unknown"
+    return _said(person, "Asked Daraja", f"Daraja's answer: {result.replace('_', ' ')}."
+                 f" The payment is now {status}.", f"/console/payments/{row['id']}")
+
+
+@_guarded
+def refund_page(services, environ, person, ref):
+    """GET /console/payments/<id>/refund: the confirm step, with the amount and receipt."""
+    row = services.ledger.get(ref) if validation.tx_id_ok(ref) else None
+    if row is None or not person.sees(row):
+        return _reply(document("No such payment", h("p", None, "No payment with that id."),
+                               person, status=404))
+    view = transaction_resource(row)
+    if not person.can_act or view["status"] != "succeeded" or not view["receipt"]:
+        why = ("a key of person@* changes nothing" if not person.can_act else
+               f"only a succeeded payment with its receipt can be refunded (this one is"
+               f" {view['status']})")
+        return _reply(document("No refund", h("p", None, f"Not refundable: {why}."), person,
+                               status=409 if person.can_act else 403))
+    content = [h("p", None, f"Send KES {view['amount']:,} back to {view['phone']}, the whole"
+                 f" of payment {view['id']} (M-Pesa receipt {view['receipt']}), by Daraja's"
+                 " Reversal? This cannot be undone."),
+               h("form", {"id": "refund", "method": "post",
+                          "action": f"/console/payments/{view['id']}/refund"},
+                 _csrf(services, person),
+                 h("button", {"type": "submit"},
+                   f"Refund KES {view['amount']:,} to {view['phone']}")),
+               h("p", None, link(f"/console/payments/{view['id']}", "Cancel"))]
+    return _reply(document("Refund this payment?", content, person))
+
+
+@_acting
+def refund(services, environ, person, form, ref):
+    """POST /console/payments/<id>/refund: the refund the confirm step showed (the same
+    session asking twice sends it once: its key is the session's and the payment's)."""
+    from mpesa_gateway import refunds
+    from mpesa_gateway.auth import Caller
+
+    row = _own_payment(services, person, ref)
+    if row is None:
+        return _said(person, "No such payment", "No payment with that id.", "/console/payments",
+                     404)
+    key = f"console:{person.session_id}:{row['id']}"
+    try:
+        reply = refunds.refund_for(services, Caller(person.owner), row["id"], False, key)
+    except ApiError as exc:
+        _done(services, person, row["id"], "refund", exc.code)
+        return _said(person, "Refund not sent", exc.message, f"/console/payments/{row['id']}",
+                     exc.status)
+    said = reply.body["refund"]
+    again = any(name == "Idempotent-Replayed" for name, _ in reply.headers)
+    _done(services, person, row["id"], "refund",
+          said["status"] + (" (the same request again: nothing more sent)" if again else ""))
+    return _said(person, "Refund asked", f"The refund is {said['status']}"
+                 + (f": {said['message']}" if said.get("message") else "")
+                 + ". Its result shows on the payment's page.",
+                 f"/console/payments/{row['id']}")
+
+
+@_acting
+def redeliver(services, environ, person, form, event_id):
+    """POST /console/events/<id>/redeliver: send a webhook event again."""
+    event = services.ledger.event(event_id) if validation.event_id_ok(event_id) else None
+    if event is None or event["owner"] != person.owner:
+        return _said(person, "No such event", "No event with that id.", "/console/payments",
+                     404)
+    back = (f"/console/payments/{event['tx_id']}" if validation.tx_id_ok(event["tx_id"])
+            else "/console/receipts")
+    if services.redeliveries.acquire(person.owner):
+        _done(services, person, event["tx_id"], "redeliver", "rate_limited")
+        return _said(person, "Not yet", "Too many redeliveries just now; try again in a few"
+                     " seconds.", back, 429)
+    services.ledger.redeliver(event_id)
+    _done(services, person, event["tx_id"], "redeliver", event["type"])
+    return _said(person, "Sent again", f"Event {event['type']} goes out again at the"
+                 " sender's next pass.", back)
+
+
+@_acting
+def verify(services, environ, person, form):
+    """POST /console/verify: is this M-Pesa code real? (as POST /receipts/<code>/verify)."""
+    from mpesa_gateway import refunds
+    from mpesa_gateway.auth import Caller
+
+    code = (form.get("code") or [""])[0]
+    try:
+        reply = refunds.verify_for(services, Caller(person.owner), code)
+    except ApiError as exc:
+        if exc.code != "invalid_receipt":  # (a code that is no code concerns nothing)
+            _done(services, person, code.strip().upper(), "verify", exc.code)
+        return _said(person, "Not checked", exc.message, "/console/receipts", exc.status)
+    said = reply.body["verified"]
+    receipt = reply.body["receipt"]
+    # On the payment's timeline when the code is the person's own payment's.
+    _done(services, person, reply.tx_id or receipt, "verify", f"{receipt} {said['status']}")
+    words = {"found": f"Real: KES {said.get('amount')}, {said.get('completed_at') or ''}",
+             "checking": "Asked Daraja; its answer shows on the receipt in a moment (reload"
+                         " the receipts page)",
+             "not_found": "Not found for this shortcode"}.get(said["status"], said["status"])
+    return _said(person, f"Code {receipt}", words, "/console/receipts")

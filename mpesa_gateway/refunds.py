@@ -172,8 +172,15 @@ def refund_payment(services, authorization, ref, load_body, idempotency_key):
     """POST /transactions/<id>/refund: the whole amount of a succeeded STK payment, back to
     its payer, by Reversal."""
     caller = _owner(services, authorization, "refund a payment")
-    init = _initiator(services)
+    _initiator(services)
     retry = checked(validation.validate_refund, load_body())
+    return refund_for(services, caller, ref, retry, idempotency_key)
+
+
+def refund_for(services, caller, ref, retry, idempotency_key):
+    """Refund payment `ref` for `caller` (an owner's Caller: the API's, or a console
+    person's acting for their owner)."""
+    init = _initiator(services)
     row = _read(services, lambda: services.ledger.get(ref)
                 if 0 < len(ref) <= 64 and ref.isprintable() else None)
     if row is None or not caller.sees(row):
@@ -278,7 +285,11 @@ def verify_receipt(services, authorization, number):
     """POST /receipts/<receipt>/verify: is this M-Pesa code real? The ledger answers at once
     for a receipt it holds; otherwise Transaction Status is asked and its answer comes as
     GET /receipts/<receipt>'s `verified` (and a receipt.verified event)."""
-    caller = _owner(services, authorization, "check a code")
+    return verify_for(services, _owner(services, authorization, "check a code"), number)
+
+
+def verify_for(services, caller, number):
+    """Check code `number` for `caller` (an owner's Caller)."""
     number = checked(validation.mpesa_code, number)
     reversal = _read(services, lambda: services.ledger.reversal_of(number))
     if reversal is not None:  # the gateway's own refund: money back to a payer, not paid

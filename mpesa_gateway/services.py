@@ -60,6 +60,10 @@ class Services:
         self.redeliveries = admission.RateLimiter(admission.REDELIVERIES_PER_S,
                                                   admission.REDELIVERY_BURST,
                                                   clock=self.clock.monotonic)
+        # Console "ask Daraja again": a few a second per owner, like redeliveries.
+        self.requeries = admission.RateLimiter(admission.REDELIVERIES_PER_S,
+                                               admission.REDELIVERY_BURST,
+                                               clock=self.clock.monotonic)
         self.signer = CallbackSigner(config.secret, config.callback_base_url)
         # Daraja's initiator (refunds, code checks, the balance), or None when not set up.
         self.initiator = initiator.from_config(config)

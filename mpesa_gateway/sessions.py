@@ -37,6 +37,11 @@ class Person:
     def admin(self):  # reads like an admin key: every owner
         return self.owner is None
 
+    @property
+    def can_act(self):
+        """Only a person bound to one owner acts (person@* reads, like an admin key)."""
+        return self.owner is not None
+
     def sees(self, row):
         return self.owner is None or (row.get("owner") or "default") == self.owner
 
@@ -105,6 +110,16 @@ class Sessions:
                                                      self._mac(session_id).encode()):
             return None
         return session_id
+
+    def csrf_token(self, person):
+        """The token every action form of this session carries: an HMAC of its session id,
+        so a page of another site (or an old session's) cannot post one."""
+        return hmac.new(self._mac_key, b"csrf:" + person.session_id.encode(),
+                        hashlib.sha256).hexdigest()[:32]
+
+    def csrf_ok(self, person, token):
+        return bool(token) and hmac.compare_digest(token.encode(),
+                                                   self.csrf_token(person).encode())
 
     def key_hash(self, key):
         """Which key a session was started with, as the ledger keeps it: an HMAC under the

@@ -1092,6 +1092,18 @@ class Ledger:
             conn.execute("UPDATE console_sessions SET ended_at = ? WHERE id = ? AND ended_at"
                          " IS NULL", (self._clock(), session_id))
 
+    def record_action(self, person, tx_id, action, outcome):
+        """What a person did from the console, for the payment's timeline."""
+        with self._write() as conn:
+            conn.execute("INSERT INTO console_actions (at, person, tx_id, action, outcome)"
+                         " VALUES (?, ?, ?, ?, ?)",
+                         (self._clock(), person, tx_id, action, outcome))
+
+    def actions_of(self, tx_id):
+        """The console actions on a payment (or receipt), oldest first."""
+        return self._read("SELECT * FROM console_actions WHERE tx_id = ? ORDER BY id",
+                          (tx_id,))
+
     def claim_receipt(self, receipt, owner, reference):
         """Attach `receipt` to `owner`'s `reference`, once. Returns (outcome, claim row):
         claimed, unchanged (this very claim was made before) or taken (another claim

@@ -3,7 +3,7 @@
 Owns `python mpesa_wsgi.py migrate-ledger --from <path> --to <url>`: every table the
 gateway keeps (payments, callbacks, idempotency keys, webhook events and their
 attempts, the receipts taken, Paybill/Till confirmations, initiator requests and their results,
-receipt claims, console sessions, the spool entries applied)
+receipt claims, console sessions and actions, the spool entries applied)
 copied in one target transaction, in each table's written order, into a target that must
 be empty; then
 counts and the sum of amounts verified on both sides.
@@ -34,6 +34,7 @@ TABLES = (
     ("initiator_stops", "at, fingerprint", ()),
     ("receipt_claims", "claimed_at, receipt", ()),
     ("console_sessions", "created_at, id", ()),
+    ("console_actions", "id", ("id",)),
 )
 
 

@@ -258,6 +258,18 @@ CREATE TABLE console_sessions (
 );
 CREATE INDEX console_sessions_expires ON console_sessions (expires_at);
 """),
+    (8, """
+-- what a person did from the console (a refund, a query, a redelivery, a code check)
+CREATE TABLE console_actions (
+    id          BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    at          DOUBLE PRECISION NOT NULL,
+    person      TEXT NOT NULL,        -- person@owner
+    tx_id       TEXT,                 -- the payment (or receipt, or event) it concerns
+    action      TEXT NOT NULL,        -- requery | refund | redeliver | verify
+    outcome     TEXT NOT NULL
+);
+CREATE INDEX console_actions_tx ON console_actions (tx_id);
+"""),
 )
 # The server's clock: every host reads the same one for token expiry, leases and buckets.
 NOW = "EXTRACT(EPOCH FROM clock_timestamp())::double precision"

@@ -23,8 +23,8 @@ BUSY_TIMEOUT_S = 5.0
 # 1: the first tables; 2: transactions.owner (added by _migrate); 3: receipts and
 # applied_entries (a receipt pays once; a spooled entry is applied once); 4: Paybill/Till
 # confirmations (c2b_receipts, c2b_bodies); 5: initiator requests, their results and stops,
-# receipt claims; 6: console sessions
-SCHEMA_VERSION = 6
+# receipt claims; 6: console sessions; 7: console actions
+SCHEMA_VERSION = 7
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS transactions (
@@ -209,6 +209,16 @@ CREATE TABLE IF NOT EXISTS console_sessions (
     ended_at    REAL
 );
 CREATE INDEX IF NOT EXISTS console_sessions_expires ON console_sessions (expires_at);
+-- what a person did from the console (a refund, a query, a redelivery, a code check)
+CREATE TABLE IF NOT EXISTS console_actions (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    at          REAL NOT NULL,
+    person      TEXT NOT NULL,        -- person@owner
+    tx_id       TEXT,                 -- the payment (or receipt, or event) it concerns
+    action      TEXT NOT NULL,        -- requery | refund | redeliver | verify
+    outcome     TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS console_actions_tx ON console_actions (tx_id);
 -- the spool entries already applied: a replay cut short by a crash never applies one twice
 CREATE TABLE IF NOT EXISTS applied_entries (
     id         TEXT PRIMARY KEY,

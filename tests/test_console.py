@@ -14,6 +14,7 @@ from webtest import TestApp
 import config
 import mpesa_wsgi
 from helpers import API_KEY, BOTH_ENGINES, OTHER_KEY, PAYBILL, events_of, wait_for
+from mpesa_devtools import simulator
 
 ENGINES = BOTH_ENGINES
 AMINA = "console-amina-0123456789"  # reads default's payments
@@ -25,10 +26,15 @@ XSS = "<script>alert(1)</script>"
 
 
 @pytest.fixture
-def gateway_env(gateway_env, request):
+def gateway_env(gateway_env, sim, tmp_path, request):
+    """Three people; the simulator's initiator (refunds and checks from the console)."""
+    cert = tmp_path / "simulator-cert.pem"
+    cert.write_bytes(sim.sim.initiator_certificate_pem())
     return {**gateway_env, "MPESA_C2B_SHORTCODE": PAYBILL,
             "GATEWAY_CONSOLE_KEYS": f"amina@default:{AMINA},ops@*:{OPS},bob@other:{BOB}",
-            **getattr(request, "param", {})}
+            "MPESA_INITIATOR_NAME": simulator.SANDBOX_INITIATOR_NAME,
+            "MPESA_INITIATOR_PASSWORD": simulator.SANDBOX_INITIATOR_PASSWORD,
+            "MPESA_CERT_FILE": str(cert), **getattr(request, "param", {})}
 
 
 def signed_in(gateway, key=AMINA, **environ):
@@ -474,3 +480,98 @@ def test_a_person_of_one_owner_sees_nothing_of_another_s_anywhere(gateway, sim):
         assert "RKX0000005" not in bob.get(path).text, path
     summary = bob.get("/console/summary").text.split('<table id="today"', 1)[1]
     assert re.findall(r"<td[^>]*>([^<]*)</td>", summary)[:3] == ["succeeded", "1", "KES 10"]
+
+
+# --- actions (part 2): a person bound to one owner, with the session's form token ------------
+
+
+def csrf_of(page):
+    return re.search(r'name="csrf" value="([0-9a-f]{32})"', page.text).group(1)
+
+
+def test_a_refund_from_the_console_has_a_confirm_step_and_is_shown_with_who(gateway, sim):
+    tx = settled(gateway, pay(gateway, "254712345686", amount=25)["id"])
+    client = signed_in(gateway)
+    page = client.get(f"/console/payments/{tx['id']}")
+    assert 'id="refund-link"' in page.text
+    confirm_page = client.get(f"/console/payments/{tx['id']}/refund")
+    assert "Refund KES 25 to 2547******686" in confirm_page.text
+    token = csrf_of(confirm_page)
+    done = client.post(f"/console/payments/{tx['id']}/refund", {"csrf": token}, status=200)
+    assert "The refund is pending" in done.text
+    again = client.post(f"/console/payments/{tx['id']}/refund", {"csrf": token}, status=200)
+    assert "The refund is pending" in again.text  # the same session twice: sent once
+    outcomes = [a["outcome"] for a in gateway.services.ledger.actions_of(tx["id"])]
+    assert outcomes == ["pending", "pending (the same request again: nothing more sent)"]
+    wait_for(lambda: sim.stats()["initiator_results_sent"] >= 1, timeout=DEADLINE_S)
+    assert sim.stats()["reversals"] == 1
+    timeline = client.get(f"/console/payments/{tx['id']}").text
+    assert "amina@default (console) asked for a refund: pending" in timeline
+
+
+def test_an_action_without_the_session_s_token_is_refused(gateway, sim):
+    tx = settled(gateway, pay(gateway, "254712345687")["id"])
+    client = signed_in(gateway)
+    for form in ({}, {"csrf": "0" * 32}):
+        res = client.post(f"/console/payments/{tx['id']}/refund", form, status=403)
+        assert "stale" in res.text
+    # Another session's token is not this one's.
+    other = signed_in(gateway)
+    stale = csrf_of(other.get(f"/console/payments/{tx['id']}/refund"))
+    client.post(f"/console/payments/{tx['id']}/refund", {"csrf": stale}, status=403)
+    assert sim.stats().get("reversals", 0) == 0
+    assert gateway.services.ledger.actions_of(tx["id"]) == []
+
+
+def test_a_person_of_every_owner_reads_and_changes_nothing(gateway, sim):
+    tx = settled(gateway, pay(gateway, "254712345688")["id"])
+    ops = signed_in(gateway, OPS)
+    page = ops.get(f"/console/payments/{tx['id']}").text
+    assert 'id="actions"' not in page and 'name="csrf"' not in page
+    token = gateway.services.sessions.csrf_token(
+        gateway.services.sessions.current({"HTTP_COOKIE": "mpesa_console="
+                                           + ops.cookies["mpesa_console"]}))
+    res = ops.post(f"/console/payments/{tx['id']}/refund", {"csrf": token}, status=403)
+    assert "changes none" in res.text
+    assert sim.stats().get("reversals", 0) == 0
+
+
+@pytest.mark.parametrize("sim_settings", [{"callback_delay_s": 60}], indirect=True)
+def test_ask_daraja_again(gateway, sim, sim_settings):
+    tx = pay(gateway, "254712345689")
+    client = signed_in(gateway)
+    page = client.get(f"/console/payments/{tx['id']}")
+    res = client.post(f"/console/payments/{tx['id']}/requery", {"csrf": csrf_of(page)})
+    assert "answer: " in res.text and "The payment is now" in res.text
+    assert sim.stats()["queries"] >= 1
+    [action] = gateway.services.ledger.actions_of(tx["id"])
+    assert (action["person"], action["action"]) == ("amina@default", "requery")
+
+
+def test_check_a_code_from_the_console(gateway, sim):
+    tx = settled(gateway, pay(gateway, "254712345690")["id"])
+    client = signed_in(gateway)
+    page = client.get("/console/receipts")
+    res = client.post("/console/verify", {"csrf": csrf_of(page), "code": tx["receipt"].lower()})
+    assert "Real: KES 10" in res.text
+    timeline = client.get(f"/console/payments/{tx['id']}").text
+    assert f"amina@default (console) checked the code: {tx['receipt']} found" in timeline
+    bad = client.post("/console/verify", {"csrf": csrf_of(page), "code": "<b>"}, status=400)
+    assert "<b>" not in bad.text
+
+
+@pytest.mark.parametrize("gateway_env", [{
+    "GATEWAY_WEBHOOK_URLS": "default:http://127.0.0.1:9/events",
+    "GATEWAY_WEBHOOK_SECRETS": "default:whsec_" + "A" * 32,
+    "GATEWAY_WEBHOOK_ALLOW_PRIVATE": "on", "GATEWAY_WEBHOOK_SENDER": "off"}], indirect=True)
+def test_send_an_event_again(gateway, sim):
+    tx = settled(gateway, pay(gateway, "254712345691")["id"])
+    [event] = events_of(gateway.services.ledger, tx["id"])
+    client = signed_in(gateway)
+    page = client.get(f"/console/payments/{tx['id']}")
+    assert "Send the payment.succeeded event again" in page.text
+    res = client.post(f"/console/events/{event['id']}/redeliver", {"csrf": csrf_of(page)})
+    assert "goes out again" in res.text
+    bob = signed_in(gateway, BOB)  # another owner's event does not exist for bob
+    bob_token = csrf_of(bob.get("/console/receipts"))
+    bob.post(f"/console/events/{event['id']}/redeliver", {"csrf": bob_token}, status=404)

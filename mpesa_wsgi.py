@@ -16,7 +16,7 @@ import os
 import time
 
 import config as settings
-from mpesa_gateway import console, logs, monitoring, payments, refunds
+from mpesa_gateway import console, links, logs, monitoring, payments, refunds
 from mpesa_gateway.services import build_services
 from mpesa_gateway.wire import (
     STATUS_LINES,
@@ -180,6 +180,23 @@ def claim_receipt(req, s, number):
                                  lambda: req.json(s.config.max_body))
 
 
+def create_link(req, s):
+    return links.create_link(s, req.header("Authorization"),
+                             lambda: req.json(s.config.max_body))
+
+
+def list_links(req, s):
+    return links.list_links(s, req.header("Authorization"))
+
+
+def get_link(req, s, link_id):
+    return links.read_link(s, req.header("Authorization"), link_id)
+
+
+def revoke_link(req, s, link_id):
+    return links.revoke_link(s, req.header("Authorization"), link_id)
+
+
 def balance(req, s):
     return refunds.balance(s, req.header("Authorization"))
 
@@ -216,6 +233,7 @@ ROUTES = {
     "/balance": {"GET": balance},
     "/transactions.csv": {"GET": transactions_csv},
     "/receipts.csv": {"GET": receipts_csv},
+    "/payment_links": {"GET": list_links, "POST": create_link},
     # The console: pages for people (HTML), read-only, behind a person's sign-in.
     "/console": {"GET": console_page(console.home)},
     "/console/sign-in": {"POST": console_sign_in},
@@ -228,6 +246,7 @@ ROUTES = {
     "/console/attention": {"GET": console_page(console.attention)},
     "/console/summary": {"GET": console_page(console.summary)},
     "/console/verify": {"POST": console_action(console.verify)},
+    "/console/links": {"GET": console_page(console.links_page)},
 }
 # (prefix, route template for logs, number of path segments after it, {method: handler})
 PREFIX_ROUTES = (
@@ -240,6 +259,8 @@ PREFIX_ROUTES = (
     ("/receipts/", "/receipts/{receipt}/verify", 2, {"POST": verify_receipt}),
     ("/receipts/", "/receipts/{receipt}/claim", 2, {"POST": claim_receipt}),
     ("/results/", "/results/{kind}/{request}/{sig}", 3, {"POST": result}),
+    ("/payment_links/", "/payment_links/{id}", 1, {"GET": get_link}),
+    ("/payment_links/", "/payment_links/{id}/revoke", 2, {"POST": revoke_link}),
     ("/events/", "/events/{id}", 1, {"GET": get_event}),
     ("/events/", "/events/{id}/redeliver", 2, {"POST": redeliver}),
     ("/console/payments/", "/console/payments/{id}", 1,
@@ -250,6 +271,8 @@ PREFIX_ROUTES = (
      {"GET": console_page(console.refund_page), "POST": console_action(console.refund)}),
     ("/console/events/", "/console/events/{id}/redeliver", 2,
      {"POST": console_action(console.redeliver)}),
+    ("/console/links/", "/console/links/{id}/revoke", 2,
+     {"POST": console_action(console.revoke_link)}),
 )
 # Each prefix route with its template's segments after the prefix, split once.
 _PREFIXES = tuple((*route, route[1][len(route[0]):].split("/")) for route in PREFIX_ROUTES)

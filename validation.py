@@ -479,3 +479,50 @@ def validate_claim(body):
     if isinstance(reference, str) and reference.strip() != reference:
         reference = ""  # no leading or trailing spaces: one order, one way to write it
     return check_text(reference, "reference", CLAIM_REFERENCE_MAX)
+
+
+# --- payment links -------------------------------------------------------------------------
+
+LINK_FIELDS = ("amount", "reference", "description", "expires_in_s", "max_uses")
+LINK_EXPIRY_DEFAULT_S, LINK_EXPIRY_MIN_S, LINK_EXPIRY_MAX_S = 86_400, 300, 30 * 86_400
+LINK_MAX_USES = 1000
+
+
+@dataclass(frozen=True)
+class LinkRequest:
+    amount: int
+    reference: str
+    description: str
+    expires_in_s: int
+    max_uses: int
+
+
+def _whole(body, name, default, low, high, what):
+    value = body.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValidationError(f"invalid_{name}", f"{name} must be {what} from {low} to {high}",
+                              name)
+    return value
+
+
+def validate_link(body, max_amount, default_reference, default_description):
+    """A POST /payment_links body: the amount (required), the reference and description the
+    prompt shows (as a push's), how long it lasts (24 h by default) and how many payments it
+    takes (1: single-use)."""
+    if not isinstance(body, dict):
+        raise ValidationError("invalid_body", "the body must be a JSON object")
+    for name in body:
+        if name not in LINK_FIELDS:
+            raise ValidationError(
+                "unknown_field", f"unknown field; accepted: {', '.join(LINK_FIELDS)}", name)
+    if "amount" not in body:
+        raise ValidationError("missing_field", "amount is required", "amount")
+    return LinkRequest(
+        amount=parse_amount(body["amount"], max_amount),
+        reference=check_text(body.get("reference", default_reference), "reference",
+                             REFERENCE_MAX),
+        description=check_text(body.get("description", default_description), "description",
+                               DESCRIPTION_MAX),
+        expires_in_s=_whole(body, "expires_in_s", LINK_EXPIRY_DEFAULT_S, LINK_EXPIRY_MIN_S,
+                            LINK_EXPIRY_MAX_S, "whole seconds"),
+        max_uses=_whole(body, "max_uses", 1, 1, LINK_MAX_USES, "a whole number"))

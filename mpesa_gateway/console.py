@@ -7,7 +7,7 @@ reconciler queries, webhook events and each attempt, receipts matched, refunds);
 (the ones that need a look first); what needs attention, with what to do; today and the
 last 30 days as a chart with its numbers; the CSV exports of a filter; and the actions of
 a person bound to one owner (ask Daraja again, refund with a confirm step, send an event
-again, check a code), each from a form carrying the session's CSRF token, recorded with
+again, check a code, revoke a payment link; the links are listed too), each from a form carrying the session's CSRF token, recorded with
 the person's name and shown in the payment's timeline. Sessions are `sessions`'s; HTML is
 `pages`'s; the chart `charts`'s; refunds and checks `refunds`'s.
 """
@@ -386,7 +386,8 @@ def _actions(services, person, row):
 
 
 ACTION_WORDS = {"requery": "asked Daraja again", "refund": "asked for a refund",
-                "redeliver": "sent an event again", "verify": "checked the code"}
+                "redeliver": "sent an event again", "verify": "checked the code",
+                "revoke_link": "revoked the payment link"}
 
 
 def timeline(ledger, row):
@@ -748,3 +749,46 @@ def verify(services, environ, person, form):
                          " the receipts page)",
              "not_found": "Not found for this shortcode"}.get(said["status"], said["status"])
     return _said(person, f"Code {receipt}", words, "/console/receipts")
+
+
+# --- payment links ---------------------------------------------------------------------
+
+
+@_guarded
+def links_page(services, environ, person):
+    """GET /console/links: the owner's payment links (everyone's for person@*), with a
+    revoke form for a person bound to the owner."""
+    from mpesa_gateway import links
+
+    now = services.clock.wall()
+    rows = services.ledger.links_page(owner=_owner_of(person), limit=links.LIST_LIMIT)
+    shown = []
+    for row in rows:
+        view = links.link_resource(row, services.config.callback_base_url, now)
+        revoke = (h("form", {"method": "post", "action": f"/console/links/{view['id']}/revoke"},
+                    _csrf(services, person), h("button", {"type": "submit"}, "Revoke"))
+                  if person.can_act and view["status"] == "active" else "")
+        shown.append([view["created_at"], f"KES {view['amount']:,}", _shown(view["reference"]),
+                      view["status"], f"{view['uses']} of {view['max_uses']}",
+                      view["expires_at"], h("code", None, view["url"]), revoke])
+    content = [h("p", None, "Links are made with the API (POST /payment_links, a merchant's"
+                 " key); send one to a customer to pay from."),
+               table("links", "Payment links, newest first",
+                     ("Created", "Amount", "Reference", "Status", "Used", "Expires", "Link",
+                      "Revoke"), shown, "No payment links yet.")]
+    return _reply(document("Payment links", content, person))
+
+
+@_acting
+def revoke_link(services, environ, person, form, link_id):
+    """POST /console/links/<id>/revoke: the link takes no more payments."""
+    from mpesa_gateway import links
+
+    row = (services.ledger.revoke_link(link_id, person.owner) if links.link_ok(link_id)
+           else None)
+    if row is None:
+        return _said(person, "No such link", "No payment link with that id.", "/console/links",
+                     404)
+    _done(services, person, link_id, "revoke_link", "revoked")
+    return _said(person, "Revoked", "The link takes no more payments; those made stand.",
+                 "/console/links")

@@ -18,6 +18,7 @@ HEADERS = (("Content-Type", "text/html; charset=utf-8"),
            ("X-Frame-Options", "DENY"), ("Referrer-Policy", "no-referrer"),
            ("Cache-Control", "no-store"))
 NAV = (("/console/payments", "Payments"), ("/console/receipts", "Receipts"),
+       ("/console/links", "Payment links"),
        ("/console/attention", "Needs attention"), ("/console/summary", "Summary"))
 
 

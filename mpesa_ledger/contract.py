@@ -1104,6 +1104,42 @@ class Ledger:
         return self._read("SELECT * FROM console_actions WHERE tx_id = ? ORDER BY id",
                           (tx_id,))
 
+    # --- payment links ------------------------------------------------------------------
+
+    LINK_COLUMNS = ("id", "owner", "amount", "reference", "description", "max_uses",
+                    "expires_at", "created_at")
+
+    def create_link(self, link_id, *, owner, amount, reference, description, max_uses,
+                    expires_at):
+        """A new payment link (a dict as stored)."""
+        row = dict(id=link_id, owner=owner, amount=amount, reference=reference,
+                   description=description, max_uses=max_uses, expires_at=expires_at,
+                   created_at=self._clock())
+        with self._write() as conn:
+            return dict(conn.execute(
+                f"INSERT INTO payment_links ({', '.join(self.LINK_COLUMNS)}) VALUES"
+                f" ({', '.join(':' + c for c in self.LINK_COLUMNS)}) RETURNING *",
+                row).fetchone())
+
+    def link(self, link_id):
+        """One payment link (a dict), or None."""
+        return self._read_one("SELECT * FROM payment_links WHERE id = ?", (link_id,))
+
+    def links_page(self, *, owner=None, limit=50):
+        """Payment links newest first (only `owner`'s when given)."""
+        where, args = ("WHERE owner = ? ", [owner]) if owner is not None else ("", [])
+        return self._read(f"SELECT * FROM payment_links {where}ORDER BY created_at DESC, id"
+                          " DESC LIMIT ?", (*args, limit))
+
+    def revoke_link(self, link_id, owner):
+        """Revoke `owner`'s link (once; a revoked link stays revoked): the row after, or
+        None when `owner` has no such link."""
+        with self._write() as conn:
+            row = conn.execute("UPDATE payment_links SET revoked_at = COALESCE(revoked_at, ?)"
+                               " WHERE id = ? AND owner = ? RETURNING *",
+                               (self._clock(), link_id, owner)).fetchone()
+        return dict(row) if row is not None else None
+
     def claim_receipt(self, receipt, owner, reference):
         """Attach `receipt` to `owner`'s `reference`, once. Returns (outcome, claim row):
         claimed, unchanged (this very claim was made before) or taken (another claim

@@ -3,7 +3,7 @@
 Owns `python mpesa_wsgi.py migrate-ledger --from <path> --to <url>`: every table the
 gateway keeps (payments, callbacks, idempotency keys, webhook events and their
 attempts, the receipts taken, Paybill/Till confirmations, initiator requests and their results,
-receipt claims, console sessions and actions, the spool entries applied)
+receipt claims, console sessions and actions, payment links, the spool entries applied)
 copied in one target transaction, in each table's written order, into a target that must
 be empty; then
 counts and the sum of amounts verified on both sides.
@@ -35,6 +35,7 @@ TABLES = (
     ("receipt_claims", "claimed_at, receipt", ()),
     ("console_sessions", "created_at, id", ()),
     ("console_actions", "id", ("id",)),
+    ("payment_links", "created_at, id", ()),
 )
 
 

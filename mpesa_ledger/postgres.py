@@ -270,6 +270,23 @@ CREATE TABLE console_actions (
 );
 CREATE INDEX console_actions_tx ON console_actions (tx_id);
 """),
+    (9, """
+-- payment links a merchant sends a customer (/pay/<id>): each a fixed amount, until it
+-- expires, is revoked or is used up
+CREATE TABLE payment_links (
+    id          TEXT PRIMARY KEY,     -- pl_ + 22 random characters: the URL is its only key
+    owner       TEXT NOT NULL,
+    amount      INTEGER NOT NULL,
+    reference   TEXT NOT NULL,
+    description TEXT NOT NULL,
+    max_uses    INTEGER NOT NULL,
+    uses        INTEGER NOT NULL DEFAULT 0,
+    expires_at  DOUBLE PRECISION NOT NULL,
+    revoked_at  DOUBLE PRECISION,
+    created_at  DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX payment_links_owner ON payment_links (owner, created_at);
+"""),
 )
 # The server's clock: every host reads the same one for token expiry, leases and buckets.
 NOW = "EXTRACT(EPOCH FROM clock_timestamp())::double precision"

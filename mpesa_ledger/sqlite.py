@@ -23,8 +23,8 @@ BUSY_TIMEOUT_S = 5.0
 # 1: the first tables; 2: transactions.owner (added by _migrate); 3: receipts and
 # applied_entries (a receipt pays once; a spooled entry is applied once); 4: Paybill/Till
 # confirmations (c2b_receipts, c2b_bodies); 5: initiator requests, their results and stops,
-# receipt claims; 6: console sessions; 7: console actions
-SCHEMA_VERSION = 7
+# receipt claims; 6: console sessions; 7: console actions; 8: payment links
+SCHEMA_VERSION = 8
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS transactions (
@@ -219,6 +219,21 @@ CREATE TABLE IF NOT EXISTS console_actions (
     outcome     TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS console_actions_tx ON console_actions (tx_id);
+-- payment links a merchant sends a customer (/pay/<id>): each a fixed amount, until it
+-- expires, is revoked or is used up
+CREATE TABLE IF NOT EXISTS payment_links (
+    id          TEXT PRIMARY KEY,     -- pl_ + 22 random characters: the URL is its only key
+    owner       TEXT NOT NULL,
+    amount      INTEGER NOT NULL,
+    reference   TEXT NOT NULL,
+    description TEXT NOT NULL,
+    max_uses    INTEGER NOT NULL,
+    uses        INTEGER NOT NULL DEFAULT 0,
+    expires_at  REAL NOT NULL,
+    revoked_at  REAL,
+    created_at  REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS payment_links_owner ON payment_links (owner, created_at);
 -- the spool entries already applied: a replay cut short by a crash never applies one twice
 CREATE TABLE IF NOT EXISTS applied_entries (
     id         TEXT PRIMARY KEY,

@@ -575,3 +575,24 @@ def test_send_an_event_again(gateway, sim):
     bob = signed_in(gateway, BOB)  # another owner's event does not exist for bob
     bob_token = csrf_of(bob.get("/console/receipts"))
     bob.post(f"/console/events/{event['id']}/redeliver", {"csrf": bob_token}, status=404)
+
+
+def test_payment_links_are_listed_and_revoked_from_the_console(gateway):
+    def make(key):
+        return gateway.testapp.post_json("/payment_links", {"amount": 75, "reference": "L-1"},
+                                         headers={"Authorization": f"Bearer {key}"},
+                                         status=201).json
+
+    mine, theirs = make(API_KEY), make(OTHER_KEY)
+    client = signed_in(gateway)
+    page = client.get("/console/links")
+    assert mine["url"] in page.text and theirs["url"] not in page.text
+    res = client.post(f"/console/links/{mine['id']}/revoke", {"csrf": csrf_of(page)})
+    assert "takes no more payments" in res.text
+    assert gateway.services.ledger.link(mine["id"])["revoked_at"] is not None
+    client.post(f"/console/links/{theirs['id']}/revoke", {"csrf": csrf_of(page)}, status=404)
+    client.post(f"/console/links/{theirs['id']}/revoke", {}, status=403)  # no token
+    assert gateway.services.ledger.link(theirs["id"])["revoked_at"] is None
+    ops = signed_in(gateway, OPS)
+    listed = ops.get("/console/links").text
+    assert mine["url"] in listed and theirs["url"] in listed and "Revoke</button>" not in listed

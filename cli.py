@@ -214,8 +214,9 @@ def run_demo(create_app, environ):
             shown_key = (api_key if "GATEWAY_API_KEYS" not in environ
                          else "<a key from GATEWAY_API_KEYS>")
             register_demo_c2b(app.services, config)
+            pay_link = demo_payment_link(app.services, config)
             serve(app.services, server, demo_banner(config, port, shown_key, receiver,
-                                                    console_key))
+                                                    console_key, pay_link))
         finally:
             app.services.close()
     finally:
@@ -273,7 +274,23 @@ def start_receiver(secret, receiver_port):
     threading.Thread(target=server.run, name="webhook-receiver", daemon=True).start()
 
 
-def demo_banner(config, port, shown_key, receiver, console_key=None):
+def demo_payment_link(services, config):
+    """A payment link of the demo's (KES 10, 5 uses, a day), for its banner; None if the
+    ledger would not make one."""
+    from mpesa_gateway import links
+
+    owner = config.api_keys[0][0]
+    try:
+        row = services.ledger.create_link(
+            links.new_link_id(), owner=owner, amount=10, reference="DEMO-LINK",
+            description="Demo payment", max_uses=5,
+            expires_at=services.clock.wall() + 86_400)
+    except services.ledger.Error:
+        return None
+    return f"{config.callback_base_url}/pay/{row['id']}"
+
+
+def demo_banner(config, port, shown_key, receiver, console_key=None, pay_link=None):
     """What the demo prints once it serves: where each part listens, the keys, what to
     try."""
     base = f"http://127.0.0.1:{port}"
@@ -290,6 +307,8 @@ def demo_banner(config, port, shown_key, receiver, console_key=None):
         events,
         f"API key: {shown_key}",
         console_line,
+        *([f"Payment link (a customer's pay page: open it, pay with any number): {pay_link}"]
+          if pay_link else []),
         "",
         "Start a payment (any Safaricom-style number succeeds; the scenario phones"
         " 254711001032, 254711009999 and 254711000408 are cancelled, lose their callback"

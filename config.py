@@ -219,6 +219,22 @@ def console_keys(raw):
     return tuple(pairs)
 
 
+def _display_item(item):
+    name, sep, shown = item.partition(":")
+    if not sep:
+        raise ValueError("items must be name:Display Name")
+    shown = shown.strip()
+    if not 0 < len(shown) <= 40 or not shown.isprintable():
+        raise ValueError("each display name must be 1 to 40 printable characters")
+    return name.strip(), shown
+
+
+def owner_names(raw):
+    """`name:Display Name,…`: what a customer's pay page calls each owner."""
+    return named_values(raw, _display_item,
+                        "names must be 1 to 32 characters of a-z 0-9 _ - (name:Display Name)")
+
+
 def endpoint_url(raw):
     """A merchant's absolute http(s) URL, kept exactly as written (path, trailing slash and
     query: frameworks redirect when they differ, and redirects are never followed)."""
@@ -502,6 +518,9 @@ SETTINGS = (
     # People's keys to the read-only console at /console: person@owner:KEY,… (person@*
     # reads every owner). None: the console is off. Never a merchant's API key.
     ("GATEWAY_CONSOLE_KEYS", "console_keys", console_keys, (), True),
+    # What a customer's pay page (/pay/<link>) calls each owner: name:Mama Mboga Shop,…
+    # None: MPESA_QR_MERCHANT_NAME.
+    ("GATEWAY_OWNER_NAMES", "owner_names", owner_names, (), False),
     # Hours a console sign-in lasts.
     ("GATEWAY_CONSOLE_SESSION_HOURS", "console_session_hours", at_most(positive_float, 720),
      12.0, False),

@@ -16,7 +16,7 @@ import os
 import time
 
 import config as settings
-from mpesa_gateway import console, links, logs, monitoring, payments, refunds
+from mpesa_gateway import console, links, logs, monitoring, payments, paypage, refunds
 from mpesa_gateway.services import build_services
 from mpesa_gateway.wire import (
     STATUS_LINES,
@@ -197,6 +197,22 @@ def revoke_link(req, s, link_id):
     return links.revoke_link(s, req.header("Authorization"), link_id)
 
 
+def pay_page(req, s, link_id):
+    return paypage.pay_page(s, req.environ, link_id)
+
+
+def pay(req, s, link_id):
+    return paypage.pay(s, req.environ, link_id, req.body)
+
+
+def pay_script(req, s):
+    return paypage.live_script(s, req.environ)
+
+
+def pay_status(req, s, link_id, tx_id, sig):
+    return paypage.status_page(s, req.environ, link_id, tx_id, sig)
+
+
 def balance(req, s):
     return refunds.balance(s, req.header("Authorization"))
 
@@ -234,6 +250,7 @@ ROUTES = {
     "/transactions.csv": {"GET": transactions_csv},
     "/receipts.csv": {"GET": receipts_csv},
     "/payment_links": {"GET": list_links, "POST": create_link},
+    "/pay/live.js": {"GET": pay_script},
     # The console: pages for people (HTML), read-only, behind a person's sign-in.
     "/console": {"GET": console_page(console.home)},
     "/console/sign-in": {"POST": console_sign_in},
@@ -261,6 +278,9 @@ PREFIX_ROUTES = (
     ("/results/", "/results/{kind}/{request}/{sig}", 3, {"POST": result}),
     ("/payment_links/", "/payment_links/{id}", 1, {"GET": get_link}),
     ("/payment_links/", "/payment_links/{id}/revoke", 2, {"POST": revoke_link}),
+    # The customer's pay page (HTML): a payment link opened on a phone.
+    ("/pay/", "/pay/{link}", 1, {"GET": pay_page, "POST": pay}),
+    ("/pay/", "/pay/{link}/{tx}/{sig}", 3, {"GET": pay_status}),
     ("/events/", "/events/{id}", 1, {"GET": get_event}),
     ("/events/", "/events/{id}/redeliver", 2, {"POST": redeliver}),
     ("/console/payments/", "/console/payments/{id}", 1,

@@ -53,9 +53,10 @@ def missing():
     return None
 
 
-def start_browser(width=1280, height=900):
+def start_browser(width=1280, height=900, javascript=True):
     """A Chrome WebDriver on headless Chromium, its window `width` x `height`, on a
-    profile of its own in a temporary folder; `quit()` ends it and removes the folder."""
+    profile of its own in a temporary folder (`javascript=False`: pages run none);
+    `quit()` ends it and removes the folder."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -67,6 +68,9 @@ def start_browser(width=1280, height=900):
         options.add_argument(flag)
     options.add_argument(f"--user-data-dir={profile}")
     options.add_argument(f"--window-size={width},{height}")
+    if not javascript:  # as a customer whose phone browser runs none
+        options.add_experimental_option(
+            "prefs", {"profile.managed_default_content_settings.javascript": 2})
     service = Service(CHROMEDRIVER, log_output=subprocess.DEVNULL)
     try:
         driver = webdriver.Chrome(options=options, service=service)

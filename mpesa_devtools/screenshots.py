@@ -5,7 +5,7 @@ Starts the Daraja simulator and the demo's webhook receiver in this process and 
 person's console key; makes a handful of payments through the API as a shop would
 (successes, a failure, a cancellation, one left `unknown`, Paybill receipts); then signs
 in with headless Chromium (selenium, tests/browser.py) and writes each page at 1280 px
-and the payments page at 360 px. Needs the test requirements (selenium) and Debian's
+and the payments page and a customer's pay page at 360 px. Needs the test requirements (selenium) and Debian's
 chromium and chromium-driver; never part of `make test`.
 
     python -m mpesa_devtools.screenshots [--out docs/screenshots]
@@ -55,6 +55,7 @@ SHOTS = (  # (file, path, window width)
     ("console-attention.png", "/console/attention", 1280),
     ("console-summary.png", "/console/summary", 1280),
     ("console-payments-360.png", "/console/payments", 360),
+    ("pay-page-360.png", "{link}", 360),  # the customer's pay page, on a phone
 )
 
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -257,6 +258,9 @@ def main(argv=None):
                 raise SystemExit("screenshots: GET /console does not answer 200")
             ids = stack.pay()
             stack.paybill()
+            _, link = http("POST", stack.url + "/payment_links",
+                           {"amount": 450, "reference": "ORDER-88", "description": "Sukuma"},
+                           {"Authorization": f"Bearer {stack.api_key}"})
             driver = browser.start_browser(1280, 900)
             try:
                 driver.get(stack.url + "/console")
@@ -266,7 +270,8 @@ def main(argv=None):
                 args.out.mkdir(parents=True, exist_ok=True)
                 for name, path, width in SHOTS:
                     png = shoot(browser, driver, stack.url,
-                                path.format(payment=f"/console/payments/{ids[0]}"), width)
+                                path.format(payment=f"/console/payments/{ids[0]}",
+                                            link=f"/pay/{link['id']}"), width)
                     (args.out / name).write_bytes(png)
                     print(f"{args.out / name}: {len(png)} bytes", flush=True)
             finally:

@@ -4,8 +4,8 @@ Owns the API of links (`POST /payment_links`, `GET /payment_links`, `GET /paymen
 <id>`, `POST /payment_links/<id>/revoke`: an owner's key makes, reads and revokes its own;
 admin keys read every owner's and change nothing), a link's id (22 random URL-safe
 characters: its URL is its only key), its public URL (under MPESA_CALLBACK_BASE_URL), and
-its state (active, expired, revoked, used_up). The customer's pay page that a link opens
-is not built yet.
+its state (active, expired, revoked, used_up: `uses` counts its succeeded payments). The
+customer's pay page a link opens is `paypage`'s.
 """
 
 import re
@@ -42,10 +42,13 @@ def state_of(row, now):
 
 
 def link_resource(row, base_url, now):
-    """A link as its owner sees it."""
+    """A link as its owner sees it (`uses`: the row's, which the ledger's reads fill)."""
     return {"id": row["id"], "url": f"{base_url}/pay/{row['id']}", "amount": row["amount"],
             "reference": row["reference"], "description": row["description"],
             "max_uses": row["max_uses"], "uses": row["uses"],
+            # A late success (after a failure was reported) may pay a link past its uses:
+            # said, since it cannot be prevented.
+            "overpaid": row["uses"] > row["max_uses"],
             "status": state_of(row, now), "expires_at": store.iso_utc(row["expires_at"]),
             "revoked_at": store.iso_utc(row["revoked_at"]) if row["revoked_at"] else None,
             "created_at": store.iso_utc(row["created_at"]), "owner": row["owner"]}

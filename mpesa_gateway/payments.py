@@ -32,7 +32,7 @@ from mpesa_gateway import (
     settlement,
     sources,
 )
-from mpesa_gateway.auth import authenticate, idempotency_for, token_matches
+from mpesa_gateway.auth import Caller, authenticate, idempotency_for, token_matches
 from mpesa_gateway.resources import receipt_resource, transaction_resource
 from mpesa_gateway.wire import (
     ApiError,
@@ -233,17 +233,21 @@ def start_payment(services, authorization, load_body, idempotency_key):
     if caller.admin:
         raise Forbidden("admin keys read payments; start one with a merchant key",
                         code="admin_key")
-    if not services.slots.try_acquire():
-        # Refused at once, like 429: nothing sent, no row, no key. The reserve threads stay
-        # free for callbacks, reads and health.
-        services.metrics.busy.inc()
-        raise ServiceUnavailable("every push slot is taken; retry in a second; nothing was"
-                                 " sent", code="gateway_busy",
-                                 headers=retry_after(RETRY_AFTER_GATEWAY_BUSY_S))
+    _take_slot(services)
     try:
         return _start_payment(services, caller, load_body, idempotency_key)
     finally:
         services.slots.release()
+
+
+def _take_slot(services):
+    """A push slot, or 503 gateway_busy at once, like 429: nothing sent, no row, no key.
+    The reserve threads stay free for callbacks, reads and health."""
+    if not services.slots.try_acquire():
+        services.metrics.busy.inc()
+        raise ServiceUnavailable("every push slot is taken; retry in a second; nothing was"
+                                 " sent", code="gateway_busy",
+                                 headers=retry_after(RETRY_AFTER_GATEWAY_BUSY_S))
 
 
 def _start_payment(services, caller, load_body, idempotency_key):
@@ -258,7 +262,19 @@ def _start_payment(services, caller, load_body, idempotency_key):
         raise exc.about(phone=push.phone)
 
 
-def _push(services, caller, push, idempotency_key):
+def push_through_link(services, owner, push, link):
+    """A payment link's push (the pay page's): as a merchant's, for the link's owner, with
+    the link's limits (a LinkLimits) checked in the row's commit; a push slot like any."""
+    _take_slot(services)
+    try:
+        return _push(services, Caller(owner), push, None, link)
+    except ApiError as exc:
+        raise exc.about(phone=push.phone)
+    finally:
+        services.slots.release()
+
+
+def _push(services, caller, push, idempotency_key, link=None):
     cfg = services.config
     idem = idempotency_for(idempotency_key, caller.owner, push)  # never for a 400
     try:
@@ -266,7 +282,7 @@ def _push(services, caller, push, idempotency_key):
         begun = services.ledger.begin_push(
             phone=push.phone, amount=push.amount, reference=push.reference,
             description=push.description, idempotency=idem, phone_lock_s=cfg.phone_lock_s,
-            owner=caller.owner)
+            owner=caller.owner, link=link)
     except services.ledger.Error as exc:
         services.ledger_watch.failed("start_payment", exc)
         raise ledger_unavailable("the ledger cannot be written; nothing was sent") from None
@@ -365,6 +381,11 @@ def answer_without_push(begun, caller, phone):
     if begun.kind == store.Start.REUSED:
         raise Unprocessable("this Idempotency-Key was used with a different request",
                             code="idempotency_key_reused")
+    if begun.kind == store.Start.LINK_USED_UP:
+        raise Conflict("this payment link has been paid (or a payment through it is under"
+                       " way)", code="link_used_up")
+    if begun.kind == store.Start.LINK_PHONE_DONE:
+        raise Conflict("this phone has had its prompts from this link", code="link_phone_done")
     if begun.kind == store.Start.PHONE_BUSY:
         # The lock spans every owner (it protects the customer); the id is named only to
         # the merchant who owns it.

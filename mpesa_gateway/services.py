@@ -27,6 +27,7 @@ from mpesa_gateway import (
     initiator,
     metrics,
     monitoring,
+    paypage,
     reconciler,
     recording,
     sessions,
@@ -68,6 +69,14 @@ class Services:
         # Daraja's initiator (refunds, code checks, the balance), or None when not set up.
         self.initiator = initiator.from_config(config)
         self.exports = exports.Slots()  # CSV exports running at once
+        # The pay page's prompts: a few a second per payment link and per client address.
+        self.pay_per_link = admission.RateLimiter(paypage.PER_LINK_PER_S,
+                                                  paypage.PER_LINK_BURST,
+                                                  clock=self.clock.monotonic, max_keys=10_000)
+        self.pay_per_address = admission.RateLimiter(paypage.PER_ADDRESS_PER_S,
+                                                     paypage.PER_ADDRESS_BURST,
+                                                     clock=self.clock.monotonic,
+                                                     max_keys=10_000)
         # People's sign-ins to the console, and how often an address may try one.
         self.sessions = sessions.Sessions(config, ledger)
         self.sign_ins = admission.RateLimiter(sessions.SIGN_IN_PER_S, sessions.SIGN_IN_BURST,

@@ -167,14 +167,17 @@ class Ledger:
     # --- transactions -------------------------------------------------------
 
     def begin_push(self, *, phone, amount, reference, description, idempotency=None,
-                   phone_lock_s=0.0, owner=None):
-        """In one write transaction: honour the idempotency key, check the phone lock,
-        and commit a new `submitting` row. Returns a Begun."""
+                   phone_lock_s=0.0, owner=None, link=None):
+        """In one write transaction: honour the idempotency key, check the phone lock
+        (and, for a payment link's push, its limits: `link` a LinkLimits), and commit a new
+        `submitting` row. Returns a Begun."""
         now = self._clock()
         with self._write() as conn:
-            # Serialised per key, then per phone (SQLite: BEGIN IMMEDIATE already is).
+            # Serialised per key, then per phone (SQLite: BEGIN IMMEDIATE already is), then
+            # per link.
             self._serialize(conn, ([f"key:{idempotency.scope}:{idempotency.key}"]
-                                   if idempotency is not None else []) + [f"phone:{phone}"])
+                                   if idempotency is not None else []) + [f"phone:{phone}"]
+                            + ([f"link:{link.link_id}"] if link is not None else []))
             if idempotency is not None:
                 found = conn.execute(
                     "SELECT * FROM idempotency_keys WHERE scope = ? AND key = ?",
@@ -195,21 +198,49 @@ class Ledger:
                      UNKNOWN)).fetchone()
                 if busy is not None:
                     return Begun(Start.PHONE_BUSY, dict(busy))
+            if link is not None:
+                refused = self._link_refuses(conn, link, phone)
+                if refused is not None:
+                    return Begun(refused)
             stamp = iso_utc(now)
             row = dict(id=new_tx_id(now), status=SUBMITTING, phone=phone, amount=amount,
                        reference=reference, description=description, created_at=stamp,
-                       updated_at=stamp, owner=owner)
+                       updated_at=stamp, owner=owner,
+                       link_id=link.link_id if link is not None else None)
             row = dict(conn.execute(
                 "INSERT INTO transactions (id, status, phone, amount, reference, description,"
-                " created_at, updated_at, owner) VALUES (:id, :status, :phone, :amount,"
-                " :reference, :description, :created_at, :updated_at, :owner) RETURNING *",
-                row).fetchone())
+                " created_at, updated_at, owner, link_id) VALUES (:id, :status, :phone,"
+                " :amount, :reference, :description, :created_at, :updated_at, :owner,"
+                " :link_id) RETURNING *", row).fetchone())
             if idempotency is not None:
                 conn.execute(
                     "INSERT INTO idempotency_keys (scope, key, request_hash, tx_id, created_at)"
                     " VALUES (?, ?, ?, ?, ?)", (idempotency.scope, idempotency.key,
                                                 idempotency.request_hash, row["id"], now))
         return Begun(Start.NEW, row)
+
+    def _link_refuses(self, conn, link, phone):
+        """Why a payment link takes no more prompts (a Start), or None, read in the push's
+        commit: it was revoked or expired meanwhile; its payments that may take money (under
+        way, unknown or succeeded, and Paybill payments matched to one of its payments)
+        reach its uses; this phone had its prompts (ones Daraja refused do not count)."""
+        open_ = conn.execute("SELECT 1 FROM payment_links WHERE id = ? AND revoked_at IS NULL"
+                             " AND expires_at > ?", (link.link_id, self._clock())).fetchone()
+        if open_ is None:
+            return Start.LINK_USED_UP
+        taken = conn.execute(
+            "SELECT COUNT(*) AS n FROM transactions WHERE link_id = ? AND status IN"
+            " (?, ?, ?, 'succeeded')", (link.link_id, SUBMITTING, PENDING, UNKNOWN)).fetchone()
+        by_menu = conn.execute(
+            "SELECT COUNT(*) AS n FROM c2b_receipts r JOIN transactions t ON t.id ="
+            " r.matched_tx_id WHERE t.link_id = ? AND t.status <> 'succeeded'",
+            (link.link_id,)).fetchone()
+        if taken["n"] + by_menu["n"] >= link.max_uses:
+            return Start.LINK_USED_UP
+        prompts = conn.execute("SELECT COUNT(*) AS n FROM transactions WHERE link_id = ?"
+                               " AND phone = ? AND status <> 'rejected'",
+                               (link.link_id, phone)).fetchone()
+        return Start.LINK_PHONE_DONE if prompts["n"] >= link.prompts_per_phone else None
 
     @staticmethod
     def _existing_key(conn, found, idempotency):
@@ -1116,29 +1147,38 @@ class Ledger:
                    description=description, max_uses=max_uses, expires_at=expires_at,
                    created_at=self._clock())
         with self._write() as conn:
-            return dict(conn.execute(
-                f"INSERT INTO payment_links ({', '.join(self.LINK_COLUMNS)}) VALUES"
-                f" ({', '.join(':' + c for c in self.LINK_COLUMNS)}) RETURNING *",
-                row).fetchone())
+            conn.execute(f"INSERT INTO payment_links ({', '.join(self.LINK_COLUMNS)}) VALUES"
+                         f" ({', '.join(':' + c for c in self.LINK_COLUMNS)})", row)
+        return dict(row, uses=0, revoked_at=None)
+
+    # A link's uses are its succeeded payments (transactions.link_id).
+    # (and the Paybill payments matched to one of its payments that did not succeed: the
+    # pay page offers the menu after a failed prompt).
+    LINK_SELECT = ("SELECT l.id, l.owner, l.amount, l.reference, l.description, l.max_uses,"
+                   " l.expires_at, l.revoked_at, l.created_at, (SELECT COUNT(*) FROM"
+                   " transactions t WHERE t.link_id = l.id AND t.status = 'succeeded')"
+                   " + (SELECT COUNT(*) FROM c2b_receipts r JOIN transactions t ON t.id ="
+                   " r.matched_tx_id WHERE t.link_id = l.id AND t.status <> 'succeeded') AS uses"
+                   " FROM payment_links l")
 
     def link(self, link_id):
-        """One payment link (a dict), or None."""
-        return self._read_one("SELECT * FROM payment_links WHERE id = ?", (link_id,))
+        """One payment link (a dict, `uses` counted), or None."""
+        return self._read_one(f"{self.LINK_SELECT} WHERE l.id = ?", (link_id,))
 
     def links_page(self, *, owner=None, limit=50):
         """Payment links newest first (only `owner`'s when given)."""
-        where, args = ("WHERE owner = ? ", [owner]) if owner is not None else ("", [])
-        return self._read(f"SELECT * FROM payment_links {where}ORDER BY created_at DESC, id"
-                          " DESC LIMIT ?", (*args, limit))
+        where, args = ("WHERE l.owner = ? ", [owner]) if owner is not None else ("", [])
+        return self._read(f"{self.LINK_SELECT} {where}ORDER BY l.created_at DESC, l.id DESC"
+                          " LIMIT ?", (*args, limit))
 
     def revoke_link(self, link_id, owner):
         """Revoke `owner`'s link (once; a revoked link stays revoked): the row after, or
         None when `owner` has no such link."""
         with self._write() as conn:
             row = conn.execute("UPDATE payment_links SET revoked_at = COALESCE(revoked_at, ?)"
-                               " WHERE id = ? AND owner = ? RETURNING *",
+                               " WHERE id = ? AND owner = ? RETURNING id",
                                (self._clock(), link_id, owner)).fetchone()
-        return dict(row) if row is not None else None
+        return self.link(link_id) if row is not None else None
 
     def claim_receipt(self, receipt, owner, reference):
         """Attach `receipt` to `owner`'s `reference`, once. Returns (outcome, claim row):

@@ -287,6 +287,10 @@ CREATE TABLE payment_links (
 );
 CREATE INDEX payment_links_owner ON payment_links (owner, created_at);
 """),
+    (10, """
+ALTER TABLE transactions ADD COLUMN link_id TEXT;
+CREATE INDEX transactions_link ON transactions (link_id, phone);
+"""),
 )
 # The server's clock: every host reads the same one for token expiry, leases and buckets.
 NOW = "EXTRACT(EPOCH FROM clock_timestamp())::double precision"

@@ -23,8 +23,9 @@ BUSY_TIMEOUT_S = 5.0
 # 1: the first tables; 2: transactions.owner (added by _migrate); 3: receipts and
 # applied_entries (a receipt pays once; a spooled entry is applied once); 4: Paybill/Till
 # confirmations (c2b_receipts, c2b_bodies); 5: initiator requests, their results and stops,
-# receipt claims; 6: console sessions; 7: console actions; 8: payment links
-SCHEMA_VERSION = 8
+# receipt claims; 6: console sessions; 7: console actions; 8: payment links; 9: a
+# payment's link (transactions.link_id, added by _migrate)
+SCHEMA_VERSION = 9
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS transactions (
@@ -46,7 +47,8 @@ CREATE TABLE IF NOT EXISTS transactions (
     next_check_at       REAL NOT NULL DEFAULT 0,
     check_attempts      INTEGER NOT NULL DEFAULT 0,
     claimed_until       REAL NOT NULL DEFAULT 0,
-    owner               TEXT  -- the API key name that made it; NULL on rows from before owners
+    owner               TEXT, -- the API key name that made it; NULL on rows from before owners
+    link_id             TEXT  -- the payment link it was made through, if any
 );
 CREATE INDEX IF NOT EXISTS transactions_status ON transactions (status, next_check_at);
 CREATE INDEX IF NOT EXISTS transactions_phone ON transactions (phone, created_at);
@@ -280,6 +282,11 @@ class SqliteLedger(Ledger):
                 conn.execute("ALTER TABLE transactions ADD COLUMN owner TEXT")
             conn.execute("CREATE INDEX IF NOT EXISTS transactions_owner"
                          " ON transactions (owner, created_at, id)")
+            # 9: the payment link a payment was made through
+            if "link_id" not in columns:
+                conn.execute("ALTER TABLE transactions ADD COLUMN link_id TEXT")
+            conn.execute("CREATE INDEX IF NOT EXISTS transactions_link"
+                         " ON transactions (link_id, phone)")
             # 3: receipts already in the ledger are taken (the oldest payment keeps each)
             if conn.execute("PRAGMA user_version").fetchone()[0] < 3:
                 conn.execute("INSERT OR IGNORE INTO receipts (receipt, tx_id, kind, created_at)"

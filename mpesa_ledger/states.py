@@ -77,6 +77,8 @@ class Start(str, enum.Enum):
     IN_FLIGHT = "in_flight"  # the key's first request has no pinned answer (yet)
     REUSED = "reused"  # the key was used with a different request
     PHONE_BUSY = "phone_busy"  # the phone may still have a prompt open
+    LINK_USED_UP = "link_used_up"  # a payment link's uses are taken
+    LINK_PHONE_DONE = "link_phone_done"  # this phone had its prompts from the link
     # (initiator requests)
     EXISTS = "exists"  # a request that answers this one is under way or recent: no new one
     STOPPED = "stopped"  # the initiator was refused: no call until its configuration changes
@@ -122,3 +124,12 @@ class NewRequest:
     idempotency: Idempotency | None = None
     min_interval_s: float = 0.0
     retry: bool = False
+
+
+@dataclass(frozen=True)
+class LinkLimits:
+    """A payment link's push: its id and what it allows (checked in the push's commit)."""
+
+    link_id: str
+    max_uses: int
+    prompts_per_phone: int = 3

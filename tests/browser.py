@@ -24,11 +24,11 @@ def require_browser():
     pytest.skip(reason)
 
 
-def browser_session(width=1280, height=900):
+def browser_session(width=1280, height=900, javascript=True):
     """A fixture's body: `yield from browser_session()` gives a started browser (or skips,
     or fails under CI) and quits it after."""
     require_browser()
-    driver = start_browser(width, height)
+    driver = start_browser(width, height, javascript)
     try:
         yield driver
     finally:

@@ -296,8 +296,9 @@ def test_openapi_document_is_served_and_lists_every_route(gateway):
     doc = gateway.testapp.get("/openapi.json", status=200).json
     assert doc["openapi"].startswith("3.1")
     served = set(mpesa_wsgi.ROUTES) | {template for _, template, *_ in mpesa_wsgi.PREFIX_ROUTES}
-    # The console's pages are for people (HTML), not the API the document describes.
-    assert set(doc["paths"]) == {path for path in served if not path.startswith("/console")}
+    # The console's and the pay page's are for people (HTML), not the API it describes.
+    assert set(doc["paths"]) == {path for path in served
+                                 if not path.startswith(("/console", "/pay/"))}
     assert doc["info"]["version"] == config.VERSION  # one version source, as /health's
     assert gateway.testapp.get("/health").json["version"] == config.VERSION
 

@@ -104,6 +104,10 @@ def test_demo_takes_a_payment_to_succeeded_and_stops_on_sigterm(tmp_path, comman
             banner += line
         key = re.search(r"API key: (\S+)", banner).group(1)
         console_key = re.search(r"/console, console key: (\S+)", banner).group(1)
+        pay_link = re.search(r"Payment link .*: (http://127\.0\.0\.1:\d+/pay/pl_\S+)",
+                             banner).group(1)
+        page = urllib.request.urlopen(pay_link, timeout=5).read().decode()  # the pay page
+        assert "Pay KES 10" in page and "DEMO-LINK" in page
         signed = urllib.request.Request(f"{base}/console/sign-in", method="POST",
                                         data=f"key={console_key}".encode())
         with pytest.raises(urllib.error.HTTPError) as answer:  # (a redirect is not followed)

@@ -195,10 +195,10 @@ def pay(services, environ, link_id, load_body):
     wait = services.pay_per_address.acquire(address) or services.pay_per_link.acquire(
         f"{row['id']} {address}")
     if wait:
-        status, body, headers = pay_page(services, environ, link_id, "Too many tries just"
-                                         f" now; wait {int(wait) + 1} seconds and try again.",
-                                         429)
-        return Reply(status, body, headers + (("Retry-After", str(int(wait) + 1)),))
+        page = pay_page(services, environ, link_id, "Too many tries just now; wait"
+                        f" {int(wait) + 1} seconds and try again.", 429)
+        return Reply(page.status, page.body,
+                     tuple(page.headers) + (("Retry-After", str(int(wait) + 1)),))
     push = validation.PushRequest(phone=phone, amount=row["amount"],
                                   reference=row["reference"], description=row["description"])
     limits = store.LinkLimits(row["id"], row["max_uses"], PROMPTS_PER_PHONE)

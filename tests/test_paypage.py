@@ -158,3 +158,13 @@ def test_a_link_revoked_while_a_customer_presses_pay_sends_nothing(gateway, sim)
                          headers={"Authorization": f"Bearer {API_KEY}"})
     pay(client, link, "254712345799", status=410)
     assert "Pay KES 120" in page.text and sim.stats()["pushes"] == 0
+
+
+def test_presses_past_the_limit_from_one_address_are_told_when_to_retry(gateway, sim):
+    link = make_link(gateway, max_uses=10)
+    client = TestApp(gateway.app, extra_environ={"REMOTE_ADDR": "10.2.2.2"})
+    for n in range(5):
+        pay(client, link, f"25471234581{n}")
+    slow = pay(client, link, "254712345819", status=429)
+    assert int(slow.headers["Retry-After"]) >= 1 and "Too many tries" in slow.text
+    assert sim.stats()["pushes"] == 5

@@ -338,11 +338,9 @@ def _export(services, environ, person, name, parse, sheet):
 @_guarded
 def payment(services, environ, person, ref):
     """GET /console/payments/<id>: the payment and everything that happened to it."""
-    # (Its id only: a CheckoutRequestID ends with the phone's digits, and URLs are logged.)
-    row = services.ledger.get(ref) if validation.tx_id_ok(ref) else None
-    if row is None or not person.sees(row):
-        return _reply(document("No such payment", h("p", None, "No payment with that id."),
-                               person, status=404))
+    row = _own_payment(services, person, ref)
+    if row is None:
+        return _no_payment(person)
     view = transaction_resource(row)
     facts = [("Status", view["status"]), ("Reason", view["reason"] or "—"),
              ("Amount", f"KES {view['amount']:,}"), ("Reference", _shown(view["reference"])),
@@ -620,8 +618,15 @@ def _csrf(services, person):
 
 
 def _own_payment(services, person, ref):
+    """The payment `ref` names, if the person may see it. By its id only: a
+    CheckoutRequestID ends with the phone's digits, and URLs are logged."""
     row = services.ledger.get(ref) if validation.tx_id_ok(ref) else None
     return row if row is not None and person.sees(row) else None
+
+
+def _no_payment(person):
+    return _reply(document("No such payment", h("p", None, "No payment with that id."),
+                           person, status=404))
 
 
 def _done(services, person, subject, action, outcome):
@@ -657,10 +662,9 @@ def requery(services, environ, person, form, ref):
 @_guarded
 def refund_page(services, environ, person, ref):
     """GET /console/payments/<id>/refund: the confirm step, with the amount and receipt."""
-    row = services.ledger.get(ref) if validation.tx_id_ok(ref) else None
-    if row is None or not person.sees(row):
-        return _reply(document("No such payment", h("p", None, "No payment with that id."),
-                               person, status=404))
+    row = _own_payment(services, person, ref)
+    if row is None:
+        return _no_payment(person)
     view = transaction_resource(row)
     if not person.can_act or view["status"] != "succeeded" or not view["receipt"]:
         why = ("a key of person@* changes nothing" if not person.can_act else

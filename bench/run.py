@@ -170,7 +170,7 @@ class Simulator:
 
 class Server:
     def __init__(self, variant, mode, sim_url, threads, workdir, api_key, push_slots=None,
-                 webhook_url=None, db=None):
+                 webhook_url=None, db=None, reconcile=False):
         self.port = free_port()
         self.db = db or os.path.join(workdir, f"{variant}-{self.port}.db")
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MPESA_", "GATEWAY_"))}
@@ -181,7 +181,8 @@ class Server:
             "MPESA_BASE_URL": sim_url, "MPESA_CALLBACK_BASE_URL": f"http://127.0.0.1:{self.port}",
             "GATEWAY_PORT": str(self.port), "GATEWAY_THREADS": str(threads), "GATEWAY_DB": self.db,
             "GATEWAY_API_KEYS": api_key, "GATEWAY_SECRET": secrets.token_hex(16),
-            "GATEWAY_RATE": "1000000", "GATEWAY_BURST": "1000000", "GATEWAY_RECONCILE": "off",
+            "GATEWAY_RATE": "1000000", "GATEWAY_BURST": "1000000",
+            "GATEWAY_RECONCILE": "on" if reconcile else "off",
             "MPESA_CALLBACK_IP_POLICY": "off", "LOG_LEVEL": "INFO",
         })
         if push_slots is not None:
@@ -216,6 +217,16 @@ class Server:
         found = dict(re.findall(r'daraja_call_duration_seconds_(sum|count)\{api="stk_push"\}'
                                 r" ([0-9.e+]+)", self.metrics()))
         return float(found["sum"]) / float(found["count"]) if found.get("count") else None
+
+    def ledger_steps(self):
+        """{step: {"statements", "round_trips", "steps"}} from the gateway's metrics (a
+        ledger with a server counts them; SQLite: {})."""
+        found = {}
+        for kind, step, value in re.findall(
+                r'mpesa_gateway_ledger_(statements|round_trips|steps)_total\{step="([a-z_]+)"\}'
+                r" ([0-9.e+]+)", self.metrics()):
+            found.setdefault(step, {})[kind] = float(value)
+        return found
 
     def ledger_counts(self):
         """(ledger writes made durable, COMMITs that did it), from the gateway's metrics."""
@@ -328,8 +339,10 @@ def run_ledgers(spec, variant, mode, sim, workdir, duration, warmup, api_key, cl
     db = cluster.new_database() if variant.startswith("postgresql") else None
     count = LEDGER_VARIANTS[variant]
     share = dict(spec, connections=spec["connections"] // count)
+    # The reconciler runs (its passes find nothing due: callbacks come within a second), so
+    # a claim's cost is counted too.
     servers = [Server("raw", mode, sim.url, spec["threads"], workdir, api_key,
-                      spec["push_slots"], db=db) for _ in range(count)]
+                      spec["push_slots"], db=db, reconcile=True) for _ in range(count)]
     try:
         def drive(seconds):
             out = [None] * count
@@ -343,6 +356,8 @@ def run_ledgers(spec, variant, mode, sim, workdir, duration, warmup, api_key, cl
 
         if warmup:
             drive(warmup)
+        steps0 = [s.ledger_steps() for s in servers]
+        pushes0 = sum(s.pushes_202() for s in servers)
         cpu0 = sum(s.cpu_s() for s in servers)
         db_cpu0 = cluster.cpu_s() if db else 0.0
         t0 = time.monotonic()
@@ -352,7 +367,9 @@ def run_ledgers(spec, variant, mode, sim, workdir, duration, warmup, api_key, cl
         db_cpu = (cluster.cpu_s() - db_cpu0) if db else 0.0
         requests = sum(r.get("accepted", r["requests"]) for r in runs)  # 202s: payments
         time.sleep(1.5)  # the last callbacks land
+        steps = step_deltas(steps0, [s.ledger_steps() for s in servers])
         return dict(
+            **round_trips_per(steps, sum(s.pushes_202() for s in servers) - pushes0),
             rps=requests / elapsed, requests=requests,
             p50_ms=max(r["p50_ms"] or 0 for r in runs),
             p99_ms=max(r["p99_ms"] or 0 for r in runs),
@@ -367,12 +384,48 @@ def run_ledgers(spec, variant, mode, sim, workdir, duration, warmup, api_key, cl
             s.stop()
 
 
+# A payment's own ledger steps (push, Daraja's answer, callback) and the pool's checks.
+PAYMENT_STEPS = ("begin_push", "mark_accepted", "mark_not_accepted", "settle_callback",
+                 "pool_check")
+
+
+def step_deltas(before, after):
+    """{step: {kind: increase}} summed over the servers."""
+    total = {}
+    for b, a in zip(before, after):
+        for step, kinds in a.items():
+            for kind, value in kinds.items():
+                grown = value - b.get(step, {}).get(kind, 0.0)
+                total.setdefault(step, {}).setdefault(kind, 0.0)
+                total[step][kind] += grown
+    return total
+
+
+def round_trips_per(steps, payments):
+    """Round trips (and statements) per payment, per callback and per reconcile claim,
+    from the ledger's own counts (None where it counts none: SQLite)."""
+    def per(step):
+        s = steps.get(step, {})
+        return s["round_trips"] / s["steps"] if s.get("steps") else None
+
+    if not steps or not payments:
+        return dict(trips_per_payment=None, statements_per_payment=None,
+                    trips_per_callback=None, trips_per_claim=None)
+    return dict(
+        trips_per_payment=sum(steps.get(s, {}).get("round_trips", 0) for s in PAYMENT_STEPS)
+        / payments,
+        statements_per_payment=sum(steps.get(s, {}).get("statements", 0)
+                                   for s in PAYMENT_STEPS) / payments,
+        trips_per_callback=per("settle_callback"), trips_per_claim=per("claim_next"))
+
+
 def ledgers_markdown(rows):
     lines = ["**ledgers** (the raw gateway's payments end to end, 16 clients, simulator 0 ms;"
              " two processes: 8 clients each)", "",
              "| ledger | processes | payments/s | × SQLite | p99 ms | errors |"
              " gateway CPU ms/payment | PostgreSQL CPU ms/payment | gateway CPU | PostgreSQL CPU"
-             " | succeeded |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             " | succeeded | round trips/payment (statements) | per callback | per claim |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     base = rows.get("sqlite", {}).get("rps")
     for variant, r in rows.items():
         lines.append(
@@ -380,7 +433,9 @@ def ledgers_markdown(rows):
             f" {fmt(r['rps'] / base if base else None, 2)} | {fmt(r['p99_ms'], 2)} |"
             f" {fmt(r['errors'], 0)} | {fmt(r['cpu_ms_per_payment'], 2)} |"
             f" {fmt(r['db_cpu_ms_per_payment'], 2)} | {fmt(r['server_cpu_util'] * 100, 0)}% |"
-            f" {fmt(r['db_cpu_util'] * 100, 0)}% | {fmt(r['succeeded'], 0)} |")
+            f" {fmt(r['db_cpu_util'] * 100, 0)}% | {fmt(r['succeeded'], 0)} |"
+            f" {fmt(r.get('trips_per_payment'), 1)} ({fmt(r.get('statements_per_payment'), 1)})"
+            f" | {fmt(r.get('trips_per_callback'), 1)} | {fmt(r.get('trips_per_claim'), 1)} |")
     return lines + [""]
 
 

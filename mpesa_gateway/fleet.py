@@ -10,7 +10,8 @@ is PostgreSQL (on SQLite each process keeps its own, as before):
   the token in its own `TokenCache`, so a push does not read the database for it.
 - `SharedRateLimiter`: the per-owner token bucket, one `INSERT … ON CONFLICT DO UPDATE …
   RETURNING` per push on the server's clock, so two hosts together allow the configured
-  rate, not twice it.
+  rate, not twice it. A push takes its token inside begin_push's round trip (`bucket`);
+  other limited calls (a QR code) take one with `acquire`.
 """
 
 import time
@@ -63,5 +64,11 @@ class SharedRateLimiter:
     def __init__(self, ledger, rate, burst):
         self._ledger, self._rate, self._burst = ledger, float(rate), float(burst)
 
+    in_ledger = True  # a push's token is taken by begin_push, in its own round trip
+
     def acquire(self, key):
         return self._ledger.take_rate_token(key, self._rate, self._burst)
+
+    def bucket(self, key):
+        """begin_push's `rate` argument for `key`."""
+        return key, self._rate, self._burst

@@ -113,7 +113,7 @@ class GatewayMetrics:
     """Every metric the gateway exports; one instance lives on the app."""
 
     def __init__(self, version, transactions_by_status, slots=None, outbox=None,
-                 commit_counts=None, spool=None, balances=None):
+                 commit_counts=None, spool=None, balances=None, round_trips=None):
         p = "mpesa_gateway_"
         self.requests = Counter(p + "http_requests_total", "HTTP requests handled.",
                                 ("route", "method", "status"))
@@ -160,6 +160,20 @@ class GatewayMetrics:
             p + "ledger_batches_total",
             "Ledger COMMITs (fsyncs) that made them so: fewer than writes when concurrent"
             " writes share one (group commit).", (), lambda: {(): counts()[1]})
+        trips = round_trips or dict
+        self.ledger_statements = CounterReading(
+            p + "ledger_statements_total",
+            "Statements sent to the ledger's server (PostgreSQL), by ledger step.", ("step",),
+            lambda: {(step,): n for step, (n, _, _) in trips().items()})
+        self.ledger_round_trips = CounterReading(
+            p + "ledger_round_trips_total",
+            "Network round trips to the ledger's server (PostgreSQL: a pipelined step's"
+            " statements share one), by ledger step.", ("step",),
+            lambda: {(step,): n for step, (_, n, _) in trips().items()})
+        self.ledger_steps = CounterReading(
+            p + "ledger_steps_total",
+            "Ledger steps taken (calls) on a ledger with a server (PostgreSQL), by step.",
+            ("step",), lambda: {(step,): n for step, (_, _, n) in trips().items()})
         self.ledger_failures = Counter(
             p + "ledger_failures_total",
             "Ledger calls that failed (the ledger away: a PostgreSQL server down, a SQLite"
@@ -187,7 +201,8 @@ class GatewayMetrics:
                           self.c2b_confirmations, self.reconcile, self.reconcile_refusals,
                           self.transactions, self.slots_in_use, self.slots_total, self.busy,
                           self.webhook_deliveries, self.webhook_oldest, self.ledger_commits,
-                          self.ledger_batches, self.ledger_failures, self.spool_entries,
+                          self.ledger_batches, self.ledger_statements,
+                          self.ledger_round_trips, self.ledger_steps, self.ledger_failures, self.spool_entries,
                           self.spool_oldest, self.initiator_results, self.account_balance,
                           self.build)
 

@@ -252,12 +252,17 @@ def _take_slot(services):
 
 def _start_payment(services, caller, load_body, idempotency_key):
     cfg = services.config
-    # Before idempotency, as Stripe does.
-    within_rate(services, caller, "payments", "the ledger cannot be reached; nothing was sent")
     push = checked(validation.validate_push, load_body(), cfg.max_amount,
                    cfg.default_reference, cfg.default_description)
+    # A valid push takes a token before its key is looked at, as Stripe does. The fleet's
+    # bucket (in the PostgreSQL ledger) is taken by begin_push, in its round trip.
+    in_ledger = getattr(services.limiter, "in_ledger", False)
+    if not in_ledger:
+        within_rate(services, caller, "payments",
+                    "the ledger cannot be reached; nothing was sent")
     try:
-        return _push(services, caller, push, idempotency_key)
+        return _push(services, caller, push, idempotency_key,
+                     rate=services.limiter.bucket(caller.owner) if in_ledger else None)
     except ApiError as exc:
         raise exc.about(phone=push.phone)
 
@@ -274,7 +279,7 @@ def push_through_link(services, owner, push, link):
         services.slots.release()
 
 
-def _push(services, caller, push, idempotency_key, link=None):
+def _push(services, caller, push, idempotency_key, link=None, rate=None):
     cfg = services.config
     idem = idempotency_for(idempotency_key, caller.owner, push)  # never for a 400
     try:
@@ -282,11 +287,15 @@ def _push(services, caller, push, idempotency_key, link=None):
         begun = services.ledger.begin_push(
             phone=push.phone, amount=push.amount, reference=push.reference,
             description=push.description, idempotency=idem, phone_lock_s=cfg.phone_lock_s,
-            owner=caller.owner, link=link)
+            owner=caller.owner, link=link, rate=rate)
     except services.ledger.Error as exc:
         services.ledger_watch.failed("start_payment", exc)
         raise ledger_unavailable("the ledger cannot be written; nothing was sent") from None
     services.ledger_watch.answered()
+    if begun.kind == store.Start.RATE_LIMITED:
+        raise TooManyRequests(
+            f"at most {cfg.rate:g} payments per second per API key name",
+            headers=retry_after(begun.wait_s))
     if begun.kind != store.Start.NEW:
         return answer_without_push(begun, caller, push.phone)
     row = begun.row

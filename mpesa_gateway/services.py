@@ -233,7 +233,7 @@ def gateway_metrics(ledger, clock, slots, spool):
 
     return metrics.GatewayMetrics(settings.VERSION, by_status, slots, oldest_undelivered_s,
                                   commit_counts=lambda: ledger.commit_counts, spool=spool,
-                                  balances=balances)
+                                  balances=balances, round_trips=lambda: ledger.round_trips)
 
 
 def daraja_client(config, ledger, registry, clock):

@@ -172,6 +172,8 @@ def apply(ledger, tx_id, outcome, *, callback=None, release_claim=None, once=Non
 
     name, row = ledger.settle(tx_id, rules if outcome is not None else None,
                               receipt=outcome.receipt if outcome is not None else None,
+                              checkout_request_id=(outcome.checkout_request_id
+                                                   if outcome is not None else None),
                               callback=callback, release_claim=release_claim, once=once)
     if decisions and decisions[-1].anomaly is not None:
         log.error("anomaly tx=%s reason=%s result_code=%s source=%s", tx_id,

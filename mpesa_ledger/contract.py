@@ -100,9 +100,13 @@ class Ledger:
 
     # --- hooks: each engine implements these -------------------------------------
 
-    def _write(self):
+    def _write(self, step=None, prelude=None):
         """hook: a context manager giving a connection inside one write transaction; the
-        transaction is durable when the block ends (or raises the failure)."""
+        transaction is durable when the block ends (or raises the failure). Each
+        statement's result can be read inside the block or after it: a step that reads
+        only after the block costs one network round trip on an engine that pipelines
+        (PostgreSQL). `step` names the write for the engine's round-trip counts;
+        `prelude(conn)`, if given, runs first in the same round trip (`_rate_step`)."""
         raise NotImplementedError
 
     def _read(self, sql, args=()):
@@ -125,6 +129,12 @@ class Ledger:
     def commit_counts(self):
         """hook: (writes made durable, COMMITs that did it), for /metrics."""
         raise NotImplementedError
+
+    @property
+    def round_trips(self):
+        """{step: (statements, network round trips, calls)} an engine with a server counts,
+        for /metrics and the bench; {} for one without (SQLite)."""
+        return {}
 
     def close(self):
         """hook: end every connection."""
@@ -155,6 +165,12 @@ class Ledger:
         """Take one token of `key`'s bucket: 0.0 if allowed, else seconds until one is."""
         raise NotImplementedError
 
+    def _rate_step(self, key, rate, burst):
+        """A push's token taken within begin_push's write: (prelude for `_write`, SQL the
+        new row's INSERT must also satisfy, wait(): read after the write, 0.0 if allowed
+        or seconds until a token is free)."""
+        raise NotImplementedError
+
     # --- shared helpers ------------------------------------------------------------
 
     def _read_one(self, sql, args=()):
@@ -166,57 +182,118 @@ class Ledger:
 
     # --- transactions -------------------------------------------------------
 
+    # A prompt may be open on the phone: pending, or unknown without a CheckoutRequestID
+    # (its push was cut off or timed out after it may have been sent). Arguments: phone,
+    # since, then the three states.
+    PHONE_BUSY = ("SELECT * FROM transactions WHERE phone = ? AND created_at >= ?"
+                  " AND (status IN (?, ?) OR (status = ? AND checkout_request_id IS NULL))")
+    KEY_FOUND = "SELECT * FROM idempotency_keys WHERE scope = ? AND key = ?"
+
     def begin_push(self, *, phone, amount, reference, description, idempotency=None,
-                   phone_lock_s=0.0, owner=None, link=None):
+                   phone_lock_s=0.0, owner=None, link=None, rate=None):
         """In one write transaction: honour the idempotency key, check the phone lock
         (and, for a payment link's push, its limits: `link` a LinkLimits), and commit a new
-        `submitting` row. Returns a Begun."""
+        `submitting` row. `rate`: (key, rate, burst) of the fleet's token bucket
+        (engines `shared_by_hosts`), taken in the same round trip. Returns a Begun.
+
+        One round trip on PostgreSQL: every statement goes out at once and nothing is read
+        until the write ends, so the new row's INSERT carries the conditions (no fresh key,
+        no busy phone, a token) and the reads after it say why, when it inserted nothing.
+        Serialised per key, then per phone (SQLite: BEGIN IMMEDIATE already is); in its
+        transaction the INSERT and the reads see the same key and phone."""
+        if link is not None:
+            return self._begin_link_push(phone=phone, amount=amount, reference=reference,
+                                         description=description, phone_lock_s=phone_lock_s,
+                                         owner=owner, link=link)
         now = self._clock()
-        with self._write() as conn:
-            # Serialised per key, then per phone (SQLite: BEGIN IMMEDIATE already is), then
-            # per link.
-            self._serialize(conn, ([f"key:{idempotency.scope}:{idempotency.key}"]
-                                   if idempotency is not None else []) + [f"phone:{phone}"]
-                            + ([f"link:{link.link_id}"] if link is not None else []))
-            if idempotency is not None:
-                found = conn.execute(
-                    "SELECT * FROM idempotency_keys WHERE scope = ? AND key = ?",
-                    (idempotency.scope, idempotency.key)).fetchone()
-                if found is not None and found["created_at"] > now - IDEMPOTENCY_TTL_S:
-                    return self._existing_key(conn, found, idempotency)
-                if found is not None:  # expired: the key may start a new payment
-                    conn.execute("DELETE FROM idempotency_keys WHERE scope = ? AND key = ?",
-                                 (idempotency.scope, idempotency.key))
+        prelude, gate, wait = self._rate_step(*rate) if rate is not None else (None, None, None)
+        stamp = iso_utc(now)
+        row = dict(id=new_tx_id(now), status=SUBMITTING, phone=phone, amount=amount,
+                   reference=reference, description=description, created_at=stamp,
+                   updated_at=stamp, owner=owner, link_id=None)
+        busy_args = (phone, iso_utc(now - phone_lock_s), SUBMITTING, PENDING, UNKNOWN)
+        conditions, args = [], []
+        if idempotency is not None:
+            conditions.append("NOT EXISTS (SELECT 1 FROM idempotency_keys WHERE scope = ?"
+                              " AND key = ?)")
+            args += [idempotency.scope, idempotency.key]
+        if phone_lock_s > 0:
+            conditions.append(f"NOT EXISTS ({self.PHONE_BUSY})")
+            args += busy_args
+        found = busy = None
+        for _ in range(3):  # again only if what blocked the INSERT was gone when read
+            where = " AND ".join(conditions + ([gate] if gate is not None else []))
+            with self._write(step="begin_push", prelude=prelude) as conn:
+                self._serialize(conn, ([f"key:{idempotency.scope}:{idempotency.key}"]
+                                       if idempotency is not None else []) + [f"phone:{phone}"])
+                if idempotency is not None:  # an expired key may start a new payment
+                    conn.execute("DELETE FROM idempotency_keys WHERE scope = ? AND key = ?"
+                                 " AND created_at <= ?", (idempotency.scope, idempotency.key,
+                                                          now - IDEMPOTENCY_TTL_S))
+                inserted = conn.execute(
+                    "INSERT INTO transactions (id, status, phone, amount, reference,"
+                    " description, created_at, updated_at, owner, link_id) SELECT ?, ?, ?, ?,"
+                    f" ?, ?, ?, ?, ?, ?{' WHERE ' + where if where else ''} RETURNING *",
+                    (*row.values(), *args))
+                if idempotency is not None:
+                    conn.execute(
+                        "INSERT INTO idempotency_keys (scope, key, request_hash, tx_id,"
+                        " created_at) SELECT ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM"
+                        " transactions WHERE id = ?)",
+                        (idempotency.scope, idempotency.key, idempotency.request_hash,
+                         row["id"], now, row["id"]))
+                    found = conn.execute(
+                        "SELECT k.request_hash AS key_request_hash, k.status_code AS"
+                        " key_status_code, k.body AS key_body, t.* FROM idempotency_keys k"
+                        " JOIN transactions t ON t.id = k.tx_id WHERE k.scope = ? AND k.key = ?"
+                        " AND k.tx_id <> ?", (idempotency.scope, idempotency.key, row["id"]))
+                if phone_lock_s > 0:
+                    busy = conn.execute(f"{self.PHONE_BUSY} AND id <> ? ORDER BY created_at"
+                                        " DESC LIMIT 1", (*busy_args, row["id"]))
+            new = inserted.fetchone()
+            if wait is not None:
+                waited = wait()
+                if waited:
+                    return Begun(Start.RATE_LIMITED, wait_s=waited)
+                # The token is this push's: a second pass neither takes nor asks for one.
+                prelude = gate = wait = None
+            if new is not None:
+                return Begun(Start.NEW, dict(new))
+            key = found.fetchone() if found is not None else None
+            if key is not None:
+                return self._existing_key(dict(key), idempotency)
+            blocker = busy.fetchone() if busy is not None else None
+            if blocker is not None:
+                return Begun(Start.PHONE_BUSY, dict(blocker))
+        raise self.Error("begin_push found its way blocked three times by rows that were"
+                         " gone when read")
+
+    def _begin_link_push(self, *, phone, amount, reference, description, phone_lock_s, owner,
+                         link):
+        """begin_push for a payment link's push (the pay page's): its limits are counted
+        from rows read in the transaction, so this step reads as it goes (a round trip
+        each) and is serialised per link too."""
+        now = self._clock()
+        with self._write(step="begin_link_push") as conn:
+            self._serialize(conn, [f"phone:{phone}", f"link:{link.link_id}"])
             if phone_lock_s > 0:
-                # A prompt may be open: pending, or unknown without a CheckoutRequestID (its
-                # push was cut off or timed out after it may have been sent).
-                busy = conn.execute(
-                    "SELECT * FROM transactions WHERE phone = ? AND created_at >= ?"
-                    " AND (status IN (?, ?) OR (status = ? AND checkout_request_id IS NULL))"
-                    " ORDER BY created_at DESC LIMIT 1",
-                    (phone, iso_utc(now - phone_lock_s), SUBMITTING, PENDING,
-                     UNKNOWN)).fetchone()
+                busy = conn.execute(f"{self.PHONE_BUSY} ORDER BY created_at DESC LIMIT 1",
+                                    (phone, iso_utc(now - phone_lock_s), SUBMITTING, PENDING,
+                                     UNKNOWN)).fetchone()
                 if busy is not None:
                     return Begun(Start.PHONE_BUSY, dict(busy))
-            if link is not None:
-                refused = self._link_refuses(conn, link, phone)
-                if refused is not None:
-                    return Begun(refused)
+            refused = self._link_refuses(conn, link, phone)
+            if refused is not None:
+                return Begun(refused)
             stamp = iso_utc(now)
             row = dict(id=new_tx_id(now), status=SUBMITTING, phone=phone, amount=amount,
                        reference=reference, description=description, created_at=stamp,
-                       updated_at=stamp, owner=owner,
-                       link_id=link.link_id if link is not None else None)
+                       updated_at=stamp, owner=owner, link_id=link.link_id)
             row = dict(conn.execute(
                 "INSERT INTO transactions (id, status, phone, amount, reference, description,"
                 " created_at, updated_at, owner, link_id) VALUES (:id, :status, :phone,"
                 " :amount, :reference, :description, :created_at, :updated_at, :owner,"
                 " :link_id) RETURNING *", row).fetchone())
-            if idempotency is not None:
-                conn.execute(
-                    "INSERT INTO idempotency_keys (scope, key, request_hash, tx_id, created_at)"
-                    " VALUES (?, ?, ?, ?, ?)", (idempotency.scope, idempotency.key,
-                                                idempotency.request_hash, row["id"], now))
         return Begun(Start.NEW, row)
 
     def _link_refuses(self, conn, link, phone):
@@ -243,14 +320,15 @@ class Ledger:
         return Start.LINK_PHONE_DONE if prompts["n"] >= link.prompts_per_phone else None
 
     @staticmethod
-    def _existing_key(conn, found, idempotency):
-        if found["request_hash"] != idempotency.request_hash:
+    def _existing_key(found, idempotency):
+        """What a fresh key says about a retry: `found` its payment's row with the key's
+        request hash and stored answer (key_… columns)."""
+        key = {name: found.pop(f"key_{name}") for name in ("request_hash", "status_code", "body")}
+        if key["request_hash"] != idempotency.request_hash:
             return Begun(Start.REUSED)
-        row = conn.execute("SELECT * FROM transactions WHERE id = ?",
-                           (found["tx_id"],)).fetchone()
-        if found["status_code"] is not None:
-            return Begun(Start.REPLAY, dict(row), found["status_code"], found["body"])
-        return Begun(Start.IN_FLIGHT, dict(row))
+        if key["status_code"] is not None:
+            return Begun(Start.REPLAY, found, key["status_code"], key["body"])
+        return Begun(Start.IN_FLIGHT, found)
 
     def rename_scope(self, old, new):
         """Move idempotency keys stored under `old` (an API key's hash, before owner names)
@@ -285,27 +363,31 @@ class Ledger:
         meanwhile called `unknown`/`interrupted`: the row learns its ids and is named for
         what happened (`ledger_unavailable`), so the reconciler can query it."""
         stamp = iso_utc(self._clock() if at is None else at)
-        with self._write() as conn:
-            if not self._first_time(conn, once):
+        with self._write(step="mark_accepted") as conn:
+            if not self._first_time(conn, once):  # (a spooled answer's: read as it goes)
                 return self._row(conn, tx_id)
-            row = conn.execute(
+            accepted = conn.execute(
                 "UPDATE transactions SET status = ?,"
                 " checkout_request_id = COALESCE(checkout_request_id, ?),"
                 " merchant_request_id = COALESCE(merchant_request_id, ?), updated_at = ?"
                 " WHERE id = ? AND status = ? RETURNING *",
                 (PENDING, checkout_request_id, merchant_request_id, stamp, tx_id,
-                 SUBMITTING)).fetchone()
-            if row is not None:
-                self._pin(conn, pin)
-            else:  # a result beat the push's answer: keep it, learn the ids
-                row = conn.execute(
-                    "UPDATE transactions SET checkout_request_id = COALESCE(checkout_request_id,"
-                    " ?), merchant_request_id = COALESCE(merchant_request_id, ?),"
-                    " reason = CASE WHEN status = ? AND reason = 'interrupted'"
-                    " AND checkout_request_id IS NULL THEN 'ledger_unavailable' ELSE reason END,"
-                    " updated_at = ? WHERE id = ? RETURNING *",
-                    (checkout_request_id, merchant_request_id, UNKNOWN, self._now(),
-                     tx_id)).fetchone()
+                 SUBMITTING))
+            # Pinned only if the row went from submitting to pending just now: it is
+            # pending with these ids (nothing else makes a row pending).
+            self._pin(conn, pin, only_if="EXISTS (SELECT 1 FROM transactions WHERE id = ? AND"
+                      " status = ? AND checkout_request_id = ?)",
+                      only_if_args=(tx_id, PENDING, checkout_request_id))
+            # A result beat the push's answer: keep it, learn the ids.
+            late = conn.execute(
+                "UPDATE transactions SET checkout_request_id = COALESCE(checkout_request_id,"
+                " ?), merchant_request_id = COALESCE(merchant_request_id, ?),"
+                " reason = CASE WHEN status = ? AND reason = 'interrupted'"
+                " AND checkout_request_id IS NULL THEN 'ledger_unavailable' ELSE reason END,"
+                " updated_at = ? WHERE id = ? AND status <> ? RETURNING *",
+                (checkout_request_id, merchant_request_id, UNKNOWN, self._now(), tx_id,
+                 PENDING))
+        row = accepted.fetchone() or late.fetchone()
         return dict(row) if row is not None else None
 
     @staticmethod
@@ -324,12 +406,15 @@ class Ledger:
                  pin.tx_id))
 
     @staticmethod
-    def _pin(conn, pin):
+    def _pin(conn, pin, only_if=None, only_if_args=()):
+        """Store a PinnedAnswer (if any) for its key, in this commit; `only_if`: SQL that
+        must hold too (with its arguments)."""
         if pin is not None:
             conn.execute(
                 "UPDATE idempotency_keys SET status_code = ?, body = ? WHERE scope = ? AND"
-                " key = ? AND tx_id = ?", (pin.status_code, pin.body, pin.idempotency.scope,
-                                           pin.idempotency.key, pin.tx_id))
+                " key = ? AND tx_id = ?" + (f" AND {only_if}" if only_if else ""),
+                (pin.status_code, pin.body, pin.idempotency.scope, pin.idempotency.key,
+                 pin.tx_id, *only_if_args))
 
     def mark_not_accepted(self, tx_id, status, reason, result_code=None, result_desc=None, *,
                           at=None, release=None, pin=None, once=None):
@@ -424,27 +509,28 @@ class Ledger:
         """
         now = self._clock()
         due_by = now if due_by is None else min(due_by, now)
-        with self._write() as conn:
-            row = conn.execute(
-                "SELECT id FROM transactions WHERE checkout_request_id IS NOT NULL"
+        with self._write(step="claim_next") as conn:
+            claimed = conn.execute(
+                "UPDATE transactions SET claimed_until = ? WHERE id = (SELECT id FROM"
+                " transactions WHERE checkout_request_id IS NOT NULL"
                 " AND next_check_at <= ? AND claimed_until <= ?"
                 " AND ((status = ? AND created_at <= ?) OR (status = ? AND created_at >= ?))"
-                f" ORDER BY next_check_at, created_at LIMIT 1{self.dialect.skip_locked}",
-                (due_by, now, PENDING, iso_utc(now - older_than_s), UNKNOWN,
-                 iso_utc(now - unknown_window_s))).fetchone()
-            if row is not None:
-                row = conn.execute("UPDATE transactions SET claimed_until = ? WHERE id = ?"
-                                   " RETURNING *", (now + lease_s, row["id"])).fetchone()
+                f" ORDER BY next_check_at, created_at LIMIT 1{self.dialect.skip_locked})"
+                " RETURNING *",
+                (now + lease_s, due_by, now, PENDING, iso_utc(now - older_than_s), UNKNOWN,
+                 iso_utc(now - unknown_window_s)))
+        row = claimed.fetchone()
         return dict(row) if row is not None else None
 
     def claim(self, tx_id, lease_s):
         """Lease one row now, whatever its schedule; None if another claimer holds it (or it
         does not exist). The row's `claimed_until` is the lease: pass it back to release."""
         now = self._clock()
-        with self._write() as conn:
-            row = conn.execute("UPDATE transactions SET claimed_until = ? WHERE id = ?"
-                               " AND claimed_until <= ? RETURNING *",
-                               (now + lease_s, tx_id, now)).fetchone()
+        with self._write(step="claim") as conn:
+            claimed = conn.execute("UPDATE transactions SET claimed_until = ? WHERE id = ?"
+                                   " AND claimed_until <= ? RETURNING *",
+                                   (now + lease_s, tx_id, now))
+        row = claimed.fetchone()
         return dict(row) if row is not None else None
 
     def reschedule(self, tx_id, next_check_at, lease):
@@ -608,8 +694,8 @@ class Ledger:
     SETTLE_COLUMNS = ("status", "reason", "result_code", "result_desc", "receipt",
                       "checkout_request_id", "merchant_request_id")
 
-    def settle(self, tx_id, rules, *, receipt=None, callback=None, release_claim=None,
-               once=None):
+    def settle(self, tx_id, rules, *, receipt=None, checkout_request_id=None, callback=None,
+               release_claim=None, once=None):
         """In one write transaction: read the row and which payment already holds `receipt`
         (the outcome's M-Pesa receipt, if any), let `rules(row, holder)` decide (a Decision
         from settlement; None: the callback is malformed), apply its changes (a receipt it
@@ -617,69 +703,139 @@ class Ledger:
         body, remote_addr and received_at) if given, end the lease `release_claim` if the
         row is still held under it, and write the webhook event of a status change, all in one
         commit. `once`: a spool entry's id; if it was applied already, nothing is done.
+        `checkout_request_id`: the outcome's, so the row after can be known before it is
+        written (another row holding it means the row does not learn it).
+
+        Two round trips on PostgreSQL: the reads (the row locked FOR UPDATE), then every
+        write with COMMIT. The event is made from the row as the changes will leave it,
+        which the lock makes certain; the changes and the event are written only while
+        the receipt is this payment's, so a receipt another host took meanwhile leaves
+        the row alone and stores the callback as an anomaly.
 
         Returns (outcome, row after): outcome is the decision's, or malformed,
         unknown_transaction or already_applied; row is None for an unknown transaction.
         """
-        with self._write() as conn:
-            row = conn.execute(f"SELECT * FROM transactions WHERE id = ?{self.dialect.for_update}",
-                               (tx_id,)).fetchone()
-            if not self._first_time(conn, once):
-                return "already_applied", (dict(row) if row is not None else None)
+        with self._write(step="settle_callback" if callback is not None else "settle") as conn:
+            if not self._first_time(conn, once):  # (a spooled callback's: read as it goes)
+                row = self._row(conn, tx_id)
+                return "already_applied", row
+            found = conn.execute(
+                f"SELECT * FROM transactions WHERE id = ?{self.dialect.for_update}", (tx_id,))
+            holder = self._holder_of(conn, receipt)
+            cid_taken = conn.execute(
+                "SELECT 1 FROM transactions WHERE checkout_request_id = ? AND id <> ?",
+                (checkout_request_id, tx_id)) if checkout_request_id is not None else None
+            row = found.fetchone()  # one round trip for the reads
+            holder = self._holder(holder)
+            cid_taken = cid_taken is not None and cid_taken.fetchone() is not None
+            decision = changed = held = None
             if row is None:
                 outcome = "unknown_transaction"
             elif rules is None:
                 outcome = "malformed"
             else:
                 row = before = dict(row)
-                decision = rules(row, self._receipt_holder(conn, receipt))
-                if decision.changes and decision.changes.get("receipt") is not None \
-                        and not self._take_receipt(conn, decision.changes["receipt"], tx_id):
-                    # Taken by another payment since it was read (PostgreSQL, two hosts):
-                    # decide again knowing who holds it.
-                    decision = rules(row, self._receipt_holder(conn, receipt))
+                decision = rules(row, holder)
                 outcome = decision.outcome
                 if decision.changes:
-                    row = dict(self._update(conn, tx_id, decision.changes))
+                    taking = decision.changes.get("receipt")
+                    if taking is not None:
+                        held = self._take_receipt(conn, taking, tx_id)
+                    stamp = self._now()
+                    row = self._predicted(before, decision.changes, stamp, cid_taken)
+                    changed = self._update(conn, tx_id, decision.changes, only_if=held,
+                                           stamp=stamp)
                     if row["status"] != before["status"]:
-                        self._add_event(conn, before, row, outcome)
+                        self._add_event(conn, before, row, outcome, only_if=held)
             if callback is not None:
                 received = getattr(callback, "received_at", None)
                 conn.execute(
                     "INSERT INTO callbacks (tx_id, received_at, remote_addr, outcome, body)"
-                    " VALUES (?, ?, ?, ?, ?)",
+                    f" VALUES (?, ?, ?, {self._unless_taken(held)}, ?)",
                     (tx_id, self._now() if received is None else iso_utc(received),
-                     callback.remote_addr, outcome, callback.body))
+                     callback.remote_addr, *self._unless_taken_args(held, outcome),
+                     callback.body))
             if release_claim is not None and row is not None:
                 conn.execute("UPDATE transactions SET claimed_until = 0 WHERE id = ?"
                              " AND claimed_until = ?", (tx_id, release_claim))
+        if changed is not None:
+            after = changed.fetchone()
+            if after is None:  # another payment took the receipt between the two trips
+                holder_now = self._read_one("SELECT tx_id FROM receipts WHERE receipt = ?"
+                                            " AND kind = 'stk'", (receipt,))
+                outcome = rules(before, holder_now and holder_now["tx_id"]).outcome
+                return outcome, before
+            if dict(after) != row:
+                log.error("ledger settle tx=%s: the row written differs from the one its"
+                          " event was made from", tx_id)
+            row = dict(after)
         return outcome, (dict(row) if row is not None else None)
 
     @staticmethod
-    def _receipt_holder(conn, receipt):
-        """The payment that holds `receipt` (None: nobody, no receipt, or only a Paybill
-        confirmation of it, which the payment's own result takes over)."""
+    def _predicted(before, changes, stamp, cid_taken):
+        """The row `_update(changes, stamp=stamp)` will leave, known before it runs (the
+        row is locked): `cid_taken`, another row holds the outcome's CheckoutRequestID."""
+        after = dict(before)
+        for column, value in changes.items():
+            if column == "receipt":
+                after[column] = value if value is not None else before[column]
+            elif column == "checkout_request_id":
+                after[column] = before[column] if before[column] is not None else (
+                    None if cid_taken else value)
+            elif column == "merchant_request_id":
+                after[column] = before[column] if before[column] is not None else value
+            else:
+                after[column] = value
+        after["updated_at"] = stamp
+        return after
+
+    # The receipt is this payment's (after _take_receipt): arguments receipt, tx_id.
+    HELD = "EXISTS (SELECT 1 FROM receipts WHERE receipt = ? AND tx_id = ? AND kind = 'stk')"
+
+    def _unless_taken(self, held):
+        """A callback's stored outcome: the decision's, or `anomaly` if the receipt turned
+        out to be another payment's."""
+        return f"CASE WHEN {self.HELD} THEN ? ELSE 'anomaly' END" if held else "?"
+
+    @staticmethod
+    def _unless_taken_args(held, outcome):
+        return (*held, outcome) if held else (outcome,)
+
+    @staticmethod
+    def _holder_of(conn, receipt):
+        """The read of which payment holds `receipt` (None: no receipt): `_holder` of it
+        is that payment's id (None: nobody, or only a Paybill confirmation of it, which
+        the payment's own result takes over)."""
         if receipt is None:
             return None
-        row = conn.execute("SELECT tx_id FROM receipts WHERE receipt = ? AND kind = 'stk'",
-                           (receipt,)).fetchone()
+        return conn.execute("SELECT tx_id FROM receipts WHERE receipt = ? AND kind = 'stk'",
+                            (receipt,))
+
+    @staticmethod
+    def _holder(read):
+        row = read.fetchone() if read is not None else None
         return row["tx_id"] if row is not None else None
 
     def _take_receipt(self, conn, receipt, tx_id):
-        """Take `receipt` for `tx_id` (True), or find it taken by another payment (False).
-        A Paybill confirmation of this very payment that came first gives it up: the
-        receipt is the payment's (stk), never a second one."""
+        """Take `receipt` for `tx_id` unless another payment holds it; a Paybill
+        confirmation of this very payment that came first gives it up: the receipt is the
+        payment's (stk), never a second one. Nothing is read: returns the arguments of
+        HELD, the condition the writes that follow carry (another host may have taken the
+        receipt since it was read)."""
+        held = (receipt, tx_id)
         conn.execute("INSERT INTO receipts (receipt, tx_id, kind, created_at) VALUES"
                      " (?, ?, 'stk', ?) ON CONFLICT (receipt) DO NOTHING",
                      (receipt, tx_id, self._clock()))
-        if conn.execute("UPDATE receipts SET tx_id = ?, kind = 'stk' WHERE receipt = ?"
-                        " AND kind = 'c2b' RETURNING receipt", (tx_id, receipt)).fetchone():
-            conn.execute("DELETE FROM c2b_receipts WHERE receipt = ?", (receipt,))
-            # Its receipt.received, if not sent yet, would announce this money twice.
-            conn.execute("DELETE FROM events WHERE tx_id = ? AND type = 'receipt.received'"
-                         " AND status = 'pending' AND attempts = 0 AND claimed_until <= ?",
-                         (receipt, self._clock()))
-        return self._receipt_holder(conn, receipt) == tx_id
+        conn.execute("UPDATE receipts SET tx_id = ?, kind = 'stk' WHERE receipt = ?"
+                     " AND kind = 'c2b'", (tx_id, receipt))
+        # A Paybill receipt exists only while its number is kind c2b: once taken over, its
+        # row goes, and its receipt.received, if not sent yet, would announce this money twice.
+        conn.execute(f"DELETE FROM c2b_receipts WHERE receipt = ? AND {self.HELD}",
+                     (receipt, *held))
+        conn.execute("DELETE FROM events WHERE tx_id = ? AND type = 'receipt.received'"
+                     f" AND status = 'pending' AND attempts = 0 AND claimed_until <= ?"
+                     f" AND {self.HELD}", (receipt, self._clock(), *held))
+        return held
 
     # --- Paybill and Till confirmations (C2B) ---------------------------------
 
@@ -805,8 +961,11 @@ class Ledger:
                             " ON CONFLICT (id) DO NOTHING RETURNING id",
                             (once, self._clock())).fetchone() is not None
 
-    def _update(self, conn, tx_id, changes):
-        sets, args = [], {"id": tx_id, "updated_at": self._now()}
+    def _update(self, conn, tx_id, changes, only_if=None, stamp=None):
+        """UPDATE the row with settle's `changes`, dated `stamp` (default now), RETURNING
+        it for the caller to read; `only_if`: the HELD arguments (receipt, tx_id) the
+        change also needs."""
+        sets, args = [], {"id": tx_id, "updated_at": stamp or self._now()}
         for column, value in changes.items():
             if column not in self.SETTLE_COLUMNS:
                 raise ValueError(f"settle cannot change {column}")
@@ -824,22 +983,30 @@ class Ledger:
             else:
                 sets.append(f"{column} = :{column}")
         sets.append("updated_at = :updated_at")
+        held = ""
+        if only_if:
+            args["held_receipt"] = only_if[0]
+            held = (" AND EXISTS (SELECT 1 FROM receipts WHERE receipt = :held_receipt AND"
+                    " tx_id = :id AND kind = 'stk')")
         return conn.execute(f"UPDATE transactions SET {', '.join(sets)} WHERE id = :id"
-                            " RETURNING *", args).fetchone()
+                            f"{held} RETURNING *", args)
 
-    def _add_event(self, conn, before, after, outcome):
-        """The webhook event of a status change (the `events` hook's), in this commit."""
+    def _add_event(self, conn, before, after, outcome, only_if=None):
+        """The webhook event of a status change (the `events` hook's), in this commit;
+        `only_if`: the HELD arguments it also needs."""
         new = self._events(before, after, outcome) if self._events is not None else None
         if new is not None:
-            self._write_event(conn, new)
+            self._write_event(conn, new, only_if)
 
-    def _write_event(self, conn, new):
-        """A NewEvent into the outbox, in this commit."""
+    def _write_event(self, conn, new, only_if=None):
+        """A NewEvent into the outbox, in this commit (`only_if`: HELD's arguments)."""
         now = self._clock()
         conn.execute(
             "INSERT INTO events (id, tx_id, owner, type, body, status, next_attempt_at,"
-            " created_at) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?)",
-            (new_tx_id(now, "msg_"), new.tx_id, new.owner, new.type, new.body, now, now))
+            " created_at) SELECT ?, ?, ?, ?, ?, 'pending', ?, ?"
+            + (f" WHERE {self.HELD}" if only_if else ""),
+            (new_tx_id(now, "msg_"), new.tx_id, new.owner, new.type, new.body, now, now,
+             *(only_if or ())))
 
     # --- initiator requests: refunds, code checks, the balance -------------------
 

@@ -13,13 +13,22 @@ and the engine's own means for the promises `contract.Ledger` states once in SQL
   sender's claims pass over locked rows (`FOR UPDATE SKIP LOCKED`) and take per-row
   leases;
 - the outbox's written order is an identity column;
-- a connection that broke (the server restarted) is checked and replaced when taken
-  from the pool, so the gateway recovers by itself.
+- every write is one pipeline (psycopg's pipeline mode): its statements, BEGIN and
+  COMMIT go out together and the server answers them in one network round trip, unless
+  the contract reads a result before the write ends (each such read is one more);
+- a connection is checked (an empty query) only when it comes out of the pool after
+  sitting idle for IDLE_CHECK_S, and every idle one is checked after a call fails on a
+  broken connection (the server restarted): not at every checkout, which cost a round
+  trip per ledger call, and the gateway still recovers by itself;
+- the statements and round trips each ledger step costs are counted (`round_trips`,
+  for /metrics and the bench).
 """
 
 import logging
 import re
 import threading
+import time
+import weakref
 from contextlib import contextmanager
 from functools import lru_cache
 
@@ -36,6 +45,9 @@ except ImportError:  # an optional install: only needed when GATEWAY_DB is a pos
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 5
+# A connection idle this long is checked when taken from the pool; a busier one is used as
+# it is (a failure on it has every idle connection checked, see `_broken`).
+IDLE_CHECK_S = 10.0
 MIGRATE_LOCK = "mpesa-gateway:migrate"
 
 # Each step runs once, in order, in one transaction; `schema_migrations` records it.
@@ -303,14 +315,88 @@ def _sql(text):
     return re.sub(r"(?<![:\w]):([a-z_]+)", r"%(\1)s", text)
 
 
-class _Tx:
-    """A connection inside one transaction, speaking the ledger's SQL."""
+class RoundTrips:
+    """Calls, statements sent to the server and network round trips (waits for its
+    answer), per ledger step, since the ledger opened. A pipelined write is one round trip
+    however many statements it sends, plus one for each result read before it ends."""
 
-    def __init__(self, conn):
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._counts = {}  # step → [calls, statements, round trips]
+
+    def add(self, step, statements, round_trips):
+        with self._lock:
+            counts = self._counts.setdefault(step, [0, 0, 0])
+            counts[0] += 1
+            counts[1] += statements
+            counts[2] += round_trips
+
+    def snapshot(self):
+        """{step: (statements, round trips, calls)}."""
+        with self._lock:
+            return {step: (n, trips, calls) for step, (calls, n, trips) in self._counts.items()}
+
+
+class _Result:
+    """A statement's result inside a pipelined write: reading it before the write ends
+    waits for the server (one round trip for everything sent so far); after, it is free."""
+
+    __slots__ = ("_cur", "_tx")
+
+    def __init__(self, cur, tx):
+        self._cur, self._tx = cur, tx
+
+    def fetchone(self):
+        self._tx.reading()
+        return self._cur.fetchone()
+
+    def fetchall(self):
+        self._tx.reading()
+        return self._cur.fetchall()
+
+    def __iter__(self):
+        return iter(self.fetchall())
+
+    @property
+    def rowcount(self):
+        self._tx.reading()
+        return self._cur.rowcount
+
+
+class _Tx:
+    """A connection inside one transaction, speaking the ledger's SQL and counting what it
+    sends: `pipelined`, statements wait in the pipeline until a result is read or the
+    write ends; else each statement is its own round trip."""
+
+    def __init__(self, conn, pipelined):
         self.conn = conn
+        self.pipelined = pipelined
+        self.statements = 0
+        self.round_trips = 0
+        self._unanswered = False  # statements sent whose answers were not waited for
 
     def execute(self, sql, args=()):
-        return self.conn.execute(_sql(sql), args)
+        self.statements += 1
+        cur = self.conn.execute(_sql(sql), args)
+        if not self.pipelined:
+            self.round_trips += 1
+            return cur
+        self._unanswered = True
+        return _Result(cur, self)
+
+    def reading(self):
+        if self._unanswered and self.conn._pipeline is not None:
+            self.round_trips += 1  # psycopg flushes and waits for every answer so far
+            self._unanswered = False
+
+    def ended(self):
+        """The write's end: a pipeline's sync is one round trip (COMMIT's answer always
+        needs one); without a pipeline, BEGIN and COMMIT were sent apart, one each."""
+        if self.pipelined:
+            self.round_trips += 1
+        else:
+            self.statements += 2
+            self.round_trips += 2
 
 
 class PostgresLedger(Ledger):
@@ -330,6 +416,8 @@ class PostgresLedger(Ledger):
                          request_events=request_events)
         self.path = config.masked_url(url)
         self._commits, self._count_lock = 0, threading.Lock()
+        self._trips = RoundTrips()
+        self._idle_since = weakref.WeakKeyDictionary()  # connection → when it went back
         self._pool = ConnectionPool(
             # wait_s: a request waits this long for a connection, then 503 ledger_unavailable
             url, min_size=1, max_size=pool_size, timeout=wait_s, open=False,
@@ -339,7 +427,8 @@ class PostgresLedger(Ledger):
                     "connect_timeout": CONNECT_TIMEOUT_S, "application_name": "mpesa-gateway",
                     "keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 3,
                     "keepalives_count": 3, "tcp_user_timeout": 15000},
-            check=ConnectionPool.check_connection, name="ledger")
+            configure=self._returned, check=self._check_if_idle, reset=self._returned,
+            name="ledger")
         try:
             self._pool.open(wait=True, timeout=wait_s + CONNECT_TIMEOUT_S)
             if migrate:
@@ -417,25 +506,88 @@ class PostgresLedger(Ledger):
 
     def _apply_migrations(self):
         """Apply the steps not applied yet, under the migration lock."""
-        with self._write() as tx:
+        with self._plain_write() as tx:
             tx.execute("SELECT pg_advisory_xact_lock(hashtextextended(?, 0))", (MIGRATE_LOCK,))
             tx.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY"
                        " KEY, applied_at DOUBLE PRECISION NOT NULL)")
             done = {r["version"] for r in tx.execute("SELECT version FROM schema_migrations")}
             for version, script in MIGRATIONS:
                 if version not in done:
+                    tx.statements += 1
+                    tx.round_trips += 1
                     tx.conn.execute(script)
                     tx.execute("INSERT INTO schema_migrations (version, applied_at)"
                                " VALUES (?, ?)", (version, self._clock()))
                     log.info("ledger migrated to version=%d", version)
         return MIGRATIONS[-1][0]
 
+    def _returned(self, conn):
+        """The pool's configure and reset hooks: the connection is new, or went back to
+        the pool, now."""
+        self._idle_since[conn] = time.monotonic()
+
+    def _check_if_idle(self, conn):
+        """The pool's check, run when a connection is taken: only one idle for
+        IDLE_CHECK_S (a server may have restarted meanwhile) is asked an empty query."""
+        if time.monotonic() - self._idle_since.get(conn, 0.0) >= IDLE_CHECK_S:
+            self._trips.add("pool_check", 1, 1)
+            ConnectionPool.check_connection(conn)
+
+    def _broken(self, conn, exc):
+        """A call failed: if its connection broke (the server restarted or went away),
+        every idle connection is checked now, so the next calls get working ones."""
+        if conn.broken or isinstance(exc, psycopg.OperationalError):
+            try:
+                self._pool.check()
+            except Exception:  # the call's own failure is what is raised
+                log.debug("ledger pool check failed", exc_info=True)
+
     @contextmanager
-    def _write(self):
-        with self._pool.connection() as conn, conn.transaction():
-            yield _Tx(conn)
+    def _write(self, step="other", prelude=None):
+        """One pipelined write transaction (see the module docstring). BEGIN and COMMIT
+        are statements in the pipeline (psycopg's `transaction()` would sync the pipeline
+        on the way in and out); `prelude(tx)` runs first, in the same pipeline, outside
+        this transaction (the fleet's rate bucket)."""
+        with self._pool.connection() as conn:
+            tx = _Tx(conn, pipelined=True)
+            try:
+                with conn.pipeline():
+                    if prelude is not None:
+                        prelude(tx)
+                    tx.execute("BEGIN")
+                    yield tx
+                    tx.execute("COMMIT")
+            except BaseException as exc:
+                self._end_failed(conn)
+                self._broken(conn, exc)
+                raise
+            finally:
+                tx.ended()
+                self._trips.add(step, tx.statements, tx.round_trips)
         with self._count_lock:
             self._commits += 1
+
+    @staticmethod
+    def _end_failed(conn):
+        """After a failed write, the transaction it left open (a statement failed before
+        COMMIT, or the block raised) is rolled back before the pool takes the connection."""
+        if not conn.closed and conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            try:
+                conn.rollback()
+            except psycopg.Error:
+                log.debug("ledger rollback after a failed write failed", exc_info=True)
+
+    @contextmanager
+    def _plain_write(self):
+        """A write transaction without a pipeline: for migration scripts (several
+        statements in one string, which a pipeline's extended protocol refuses)."""
+        with self._pool.connection() as conn, conn.transaction():
+            tx = _Tx(conn, pipelined=False)
+            try:
+                yield tx
+            finally:
+                tx.ended()
+                self._trips.add("migrate", tx.statements, tx.round_trips)
 
     @property
     def commit_counts(self):
@@ -444,9 +596,20 @@ class PostgresLedger(Ledger):
         with self._count_lock:
             return self._commits, self._commits
 
-    def _read(self, sql, args=()):
+    @property
+    def round_trips(self):
+        return self._trips.snapshot()
+
+    def _read(self, sql, args=(), step="read"):
         with self._pool.connection() as conn:
-            return conn.execute(_sql(sql), args).fetchall()
+            try:
+                rows = conn.execute(_sql(sql), args).fetchall()
+            except Exception as exc:
+                self._broken(conn, exc)
+                raise
+            finally:
+                self._trips.add(step, 1, 1)
+            return rows
 
     def _serialize(self, conn, names):
         for name in names:
@@ -500,18 +663,50 @@ class PostgresLedger(Ledger):
             tx.execute("UPDATE fleet_token SET token = NULL, expires_at = 0 WHERE token = ?",
                        (token,))
 
+    RATE_GRANTED = "current_setting('mpesa.rate_granted', true) = 'true'"
+
+    @staticmethod
+    def _bucket(key, rate, burst):
+        """Refill `key`'s bucket by the server's clock and take a token if there is one:
+        the statement and its arguments (RETURNING granted, tokens)."""
+        refilled = f"LEAST(?, b.tokens + ({NOW} - b.updated_at) * ?)"
+        sql = ("INSERT INTO rate_buckets AS b (key, tokens, updated_at, granted)"
+               f" VALUES (?, ? - 1, {NOW}, TRUE) ON CONFLICT (key) DO UPDATE SET"
+               f" granted = {refilled} >= 1,"
+               f" tokens = {refilled} - CASE WHEN {refilled} >= 1 THEN 1 ELSE 0 END,"
+               f" updated_at = {NOW} RETURNING granted, tokens")
+        return sql, (key, burst, *(burst, rate) * 3)
+
     def take_rate_token(self, key, rate, burst):
-        """One statement per push: refill `key`'s bucket by the server's clock and take a
-        token. 0.0 if allowed, else seconds until one is free. Not a durability promise,
-        so its commit does not wait for the disk (synchronous_commit off for it alone)."""
-        with self._write() as tx:
+        """One write per call (a QR code's): take a token of `key`'s bucket. 0.0 if
+        allowed, else seconds until one is free. Not a durability promise, so its commit
+        does not wait for the disk (synchronous_commit off for it alone)."""
+        with self._write(step="rate") as tx:
             tx.execute("SET LOCAL synchronous_commit TO off")
-            refilled = f"LEAST(?, b.tokens + ({NOW} - b.updated_at) * ?)"
-            row = tx.execute(
-                "INSERT INTO rate_buckets AS b (key, tokens, updated_at, granted)"
-                f" VALUES (?, ? - 1, {NOW}, TRUE) ON CONFLICT (key) DO UPDATE SET"
-                f" granted = {refilled} >= 1,"
-                f" tokens = {refilled} - CASE WHEN {refilled} >= 1 THEN 1 ELSE 0 END,"
-                f" updated_at = {NOW} RETURNING granted, tokens",
-                (key, burst, *(burst, rate) * 3)).fetchone()
+            taken = tx.execute(*self._bucket(key, rate, burst))
+        row = taken.fetchone()
         return 0.0 if row["granted"] else (1.0 - row["tokens"]) / rate
+
+    def _rate_step(self, key, rate, burst):
+        """A push's token, taken in the push's own round trip: the bucket's statement runs
+        in a transaction of its own ahead of the push's, in the same pipeline (so its row
+        lock ends at once, and its commit does not wait for the disk), and leaves its
+        answer in a session setting that the push's INSERT reads (RATE_GRANTED). Returns
+        (prelude, the INSERT's condition, wait(): 0.0 or seconds until a token is free)."""
+        taken = []
+
+        def prelude(tx):
+            sql, args = self._bucket(key, rate, burst)
+            tx.execute("BEGIN")
+            tx.execute("SET LOCAL synchronous_commit TO off")
+            taken.append(tx.execute(
+                f"WITH b AS ({sql}) SELECT granted, tokens, set_config('mpesa.rate_granted',"
+                " CASE WHEN granted THEN 'true' ELSE 'false' END, false) AS said FROM b",
+                args))
+            tx.execute("COMMIT")
+
+        def wait():
+            row = taken[0].fetchone()
+            return 0.0 if row["granted"] else (1.0 - row["tokens"]) / rate
+
+        return prelude, self.RATE_GRANTED, wait

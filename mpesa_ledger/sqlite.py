@@ -13,6 +13,7 @@ import logging
 import sqlite3
 import threading
 import time
+from contextlib import contextmanager
 
 from mpesa_ledger import group_commit
 from mpesa_ledger.contract import Dialect, Ledger
@@ -244,6 +245,39 @@ CREATE TABLE IF NOT EXISTS applied_entries (
 """
 
 
+class _Rows:
+    """A statement's rows, read at once (so a write's results can be read after it ends,
+    as the contract does for PostgreSQL's pipelined writes)."""
+
+    __slots__ = ("_rows", "rowcount")
+
+    def __init__(self, cur):
+        self._rows = cur.fetchall() if cur.description is not None else []
+        self.rowcount = cur.rowcount
+
+    def fetchone(self):
+        return self._rows.pop(0) if self._rows else None
+
+    def fetchall(self):
+        rows, self._rows = self._rows, []
+        return rows
+
+    def __iter__(self):
+        return iter(self.fetchall())
+
+
+class _Eager:
+    """The write's connection, each statement's rows read as it runs."""
+
+    __slots__ = ("_conn",)
+
+    def __init__(self, conn):
+        self._conn = conn
+
+    def execute(self, sql, args=()):
+        return _Rows(self._conn.execute(sql, args))
+
+
 class SqliteLedger(Ledger):
     Error = sqlite3.Error
     Permanent = (sqlite3.IntegrityError, sqlite3.DataError)
@@ -340,10 +374,15 @@ class SqliteLedger(Ledger):
                     raise
                 time.sleep(0.02)
 
-    def _write(self):
+    @contextmanager
+    def _write(self, step=None, prelude=None):
         """One write, in the group commit's current transaction (taken with BEGIN
-        IMMEDIATE: no mid-way SQLITE_BUSY); returns once it is durable."""
-        return self._group.write()
+        IMMEDIATE: no mid-way SQLITE_BUSY); returns once it is durable. (`step` names it
+        for engines that count round trips; there are none to count here.)"""
+        if prelude is not None:
+            raise NotImplementedError("the SQLite ledger keeps no shared rate buckets")
+        with self._group.write() as conn:
+            yield _Eager(conn)
 
     def _writer_conn(self):
         """The one connection the group commit writes with."""

@@ -77,6 +77,7 @@ class Start(str, enum.Enum):
     IN_FLIGHT = "in_flight"  # the key's first request has no pinned answer (yet)
     REUSED = "reused"  # the key was used with a different request
     PHONE_BUSY = "phone_busy"  # the phone may still have a prompt open
+    RATE_LIMITED = "rate_limited"  # the fleet's token bucket had no token (Begun.wait_s)
     LINK_USED_UP = "link_used_up"  # a payment link's uses are taken
     LINK_PHONE_DONE = "link_phone_done"  # this phone had its prompts from the link
     # (initiator requests)
@@ -94,6 +95,7 @@ class Begun:
     row: dict | None = None
     status_code: int | None = None
     body: bytes | None = None
+    wait_s: float | None = None  # RATE_LIMITED: seconds until the bucket has a token
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,204 @@
+"""What each ledger step costs on PostgreSQL, counted by the engine (statements sent and
+network round trips), asserted exactly: a change that adds a round trip to a payment's
+path fails here. One step, one round trip (a pipeline); settling a callback is two (its
+reads, then its writes with COMMIT). A throwaway cluster on 127.0.0.1."""
+
+import json
+
+import pytest
+from webtest import TestApp
+
+import config
+import mpesa_ledger as store
+import mpesa_wsgi
+from helpers import API_KEY, at_once, base_env, callback_path
+from mpesa_gateway import settlement
+from mpesa_ledger import postgres
+
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+@pytest.fixture
+def ledger(pg_url):
+    lg = store.open_ledger(pg_url, pool_size=4)
+    yield lg
+    lg.close()
+
+
+def cost(ledger, call):
+    """(what `call()` returned, {step: (statements, round trips)} it added)."""
+    before = ledger.round_trips
+    result = call()
+    after = ledger.round_trips
+    return result, {step: (n - before.get(step, (0, 0, 0))[0],
+                           t - before.get(step, (0, 0, 0))[1])
+                    for step, (n, t, _) in after.items() if (n, t, _) != before.get(step)}
+
+
+def trips(spent):
+    return sum(t for _, t in spent.values())
+
+
+def success(row, receipt="RCP0000001"):
+    return settlement.Outcome(status=store.SUCCEEDED, reason=None, result_code="0",
+                              result_desc="ok", checkout_request_id=row["checkout_request_id"],
+                              merchant_request_id="m", receipt=receipt, amount=row["amount"])
+
+
+def begin(ledger, phone="254712000001", key="k1", rate=None):
+    return ledger.begin_push(phone=phone, amount=10, reference="R", description="D",
+                             idempotency=store.Idempotency("shop", key, "h"), phone_lock_s=60,
+                             owner="shop", rate=rate)
+
+
+def test_begin_push_is_one_round_trip_whatever_it_decides(ledger):
+    begun, spent = cost(ledger, lambda: begin(ledger))
+    assert begun.kind == store.Start.NEW
+    # BEGIN, two advisory locks, the expired key's DELETE, the INSERT, the key's INSERT,
+    # the two reads that say why when nothing is inserted, COMMIT: one trip.
+    assert spent == {"begin_push": (9, 1)}
+    again, spent = cost(ledger, lambda: begin(ledger))  # the same key: in flight
+    assert again.kind == store.Start.IN_FLIGHT and again.row["id"] == begun.row["id"]
+    assert spent == {"begin_push": (9, 1)}
+    busy, spent = cost(ledger, lambda: begin(ledger, key="k2"))  # another key, same phone
+    assert busy.kind == store.Start.PHONE_BUSY and busy.row["id"] == begun.row["id"]
+    assert spent == {"begin_push": (9, 1)}
+
+
+def test_the_fleets_rate_bucket_rides_in_the_same_round_trip(ledger):
+    first, spent = cost(ledger, lambda: begin(ledger, rate=("shop", 0.01, 1)))
+    assert first.kind == store.Start.NEW
+    # + the bucket's own transaction ahead (BEGIN, SET LOCAL, the bucket, COMMIT)
+    assert spent == {"begin_push": (13, 1)}
+    refused, spent = cost(ledger, lambda: begin(ledger, phone="254712000009", key="k9",
+                                                rate=("shop", 0.01, 1)))
+    assert refused.kind == store.Start.RATE_LIMITED and 90 < refused.wait_s <= 100
+    assert spent == {"begin_push": (13, 1)}
+    assert ledger.count_by_status() == {"pending": 1}  # the refused push wrote no row
+
+
+def test_a_stale_grant_on_a_pooled_connection_lets_nothing_through(pg_url):
+    """The grant lives in a session setting: a push without a token must not pass on a
+    connection where an earlier push was granted."""
+    lg = store.open_ledger(pg_url, pool_size=1)  # one connection: every push shares it
+    try:
+        assert begin(lg, phone="254712000011", key="a", rate=("o", 0.01, 1)).kind == "new"
+        assert begin(lg, phone="254712000012", key="b", rate=("o", 0.01, 1)).kind == (
+            store.Start.RATE_LIMITED)
+        assert lg.count_by_status() == {"pending": 1}
+    finally:
+        lg.close()
+
+
+def test_recording_dara_jas_answer_with_its_pinned_reply_is_one_round_trip(ledger):
+    row = begin(ledger).row
+    pin = store.PinnedAnswer(store.Idempotency("shop", "k1", "h"), row["id"], 202, b"{}")
+    accepted, spent = cost(ledger, lambda: ledger.mark_accepted(row["id"], "ws_CO_1", "m",
+                                                                pin=pin))
+    assert accepted["status"] == store.PENDING and accepted["checkout_request_id"] == "ws_CO_1"
+    assert spent == {"mark_accepted": (5, 1)}  # BEGIN, UPDATE, pin, late UPDATE, COMMIT
+    replay = begin(ledger)
+    assert (replay.kind, replay.status_code, replay.body) == (store.Start.REPLAY, 202, b"{}")
+
+
+def test_settling_a_callback_is_two_round_trips_with_its_event(pg_url):
+    events = []
+
+    def on_change(before, after, outcome):
+        events.append((before["status"], after["status"], after["receipt"]))
+        return store.NewEvent(after["id"], "shop", "payment.succeeded", b"{}")
+
+    lg = store.open_ledger(pg_url, pool_size=4, events=on_change)
+    try:
+        row = begin(lg).row
+        lg.mark_accepted(row["id"], "ws_CO_1", "m")
+        row = lg.get(row["id"])
+        record = settlement.CallbackRecord(b'{"Body": {}}', "127.0.0.1")
+        (name, after), spent = cost(lg, lambda: settlement.apply(lg, row["id"], success(row),
+                                                                 callback=record))
+        assert (name, after["status"], after["receipt"]) == ("applied", "succeeded",
+                                                             "RCP0000001")
+        assert events == [("pending", "succeeded", "RCP0000001")]
+        assert spent["settle_callback"][1] == 2 and trips(spent) == 2
+        # the same callback again: a duplicate, stored, no event, still two
+        (name, _), spent = cost(lg, lambda: settlement.apply(lg, row["id"], success(row),
+                                                             callback=record))
+        assert name == "duplicate" and trips(spent) == 2 and len(events) == 1
+        stored = lg._read("SELECT outcome FROM callbacks WHERE tx_id = ? ORDER BY id",
+                          (row["id"],))
+        assert [c["outcome"] for c in stored] == ["applied", "duplicate"]
+    finally:
+        lg.close()
+
+
+def test_a_receipt_taken_between_the_two_round_trips_leaves_the_row_alone(ledger):
+    """Two payments settling with one receipt at once (two hosts): one gets it; the
+    other's callback is stored as an anomaly and its row is not changed."""
+    rows = []
+    for n in range(2):
+        row = begin(ledger, phone=f"25471200002{n}", key=f"r{n}").row
+        rows.append(ledger.mark_accepted(row["id"], f"ws_CO_r{n}", "m"))
+    record = settlement.CallbackRecord(b"{}", "127.0.0.1")
+    results = at_once(2, lambda n: settlement.apply(ledger, rows[n]["id"],
+                                                    success(rows[n], "RCPSAME001"),
+                                                    callback=record))
+    names = sorted(name for name, _ in results.values())
+    assert names == ["anomaly", "applied"]
+    statuses = sorted(ledger.get(r["id"])["status"] for r in rows)
+    assert statuses == ["pending", "succeeded"]
+    stored = ledger._read("SELECT outcome FROM callbacks ORDER BY id")
+    assert sorted(c["outcome"] for c in stored) == ["anomaly", "applied"]
+
+
+def test_a_reconcile_claim_is_one_statement_and_one_round_trip(ledger):
+    row = begin(ledger).row
+    ledger.mark_accepted(row["id"], "ws_CO_1", "m")
+    claimed, spent = cost(ledger, lambda: ledger.claim_next(older_than_s=0, lease_s=60,
+                                                            unknown_window_s=0))
+    assert claimed["id"] == row["id"]
+    assert spent == {"claim_next": (3, 1)}  # BEGIN, UPDATE … (SELECT … SKIP LOCKED), COMMIT
+    nothing, spent = cost(ledger, lambda: ledger.claim_next(older_than_s=0, lease_s=60,
+                                                            unknown_window_s=0))
+    assert nothing is None and spent == {"claim_next": (3, 1)}
+
+
+def test_a_busy_pool_checks_no_connection_and_an_idle_one_is_checked(ledger, monkeypatch):
+    _, spent = cost(ledger, lambda: [ledger.get("tx_none") for _ in range(20)])
+    assert spent == {"read": (20, 20)}  # no empty query ahead of each
+    monkeypatch.setattr(postgres, "IDLE_CHECK_S", 0.0)  # every connection counts as idle
+    _, spent = cost(ledger, lambda: ledger.get("tx_none"))
+    assert spent == {"pool_check": (1, 1), "read": (1, 1)}
+
+
+def test_a_whole_payment_through_the_gateway_is_four_round_trips(sim, pg_url):
+    """POST /stkpush, Daraja's answer, the callback: begin (1), the answer (1), the
+    callback (2), read from /metrics as an operator would. (The simulator's own callbacks
+    go nowhere here: the test brings the one it measures.)"""
+    app = mpesa_wsgi.create_app(config.load_config(dict(
+        base_env(sim.url, pg_url), GATEWAY_PHONE_LOCK_S="60")))
+    t = TestApp(app)
+    try:
+        t.post_json("/stkpush", {"phone": "0712000031", "amount": 10}, headers=AUTH,
+                    status=202)  # the token, the connections: warm
+        ledger = app.services.ledger
+        before = ledger.round_trips
+        tx = t.post_json("/stkpush", {"phone": "0712000032", "amount": 10}, headers=AUTH,
+                         status=202).json
+        success = {"Body": {"stkCallback": {
+            "MerchantRequestID": "m", "CheckoutRequestID": tx["checkout_request_id"],
+            "ResultCode": 0, "ResultDesc": "ok", "CallbackMetadata": {"Item": [
+                {"Name": "Amount", "Value": 10},
+                {"Name": "MpesaReceiptNumber", "Value": "UKQ7777778"}]}}}}
+        t.post(callback_path(app.services, tx["id"]), json.dumps(success),
+               content_type="application/json", status=200)
+        after = ledger.round_trips
+        assert ledger.get(tx["id"])["status"] == "succeeded"
+        spent = {step: after[step][1] - before.get(step, (0, 0, 0))[1] for step in after
+                 if after[step] != before.get(step)}
+        assert spent == {"begin_push": 1, "mark_accepted": 1, "settle_callback": 2}
+        metrics = t.get("/metrics").text
+        assert 'mpesa_gateway_ledger_round_trips_total{step="begin_push"} 2' in metrics
+        assert 'mpesa_gateway_ledger_statements_total{step="begin_push"} 18' in metrics
+        assert 'mpesa_gateway_ledger_steps_total{step="begin_push"} 2' in metrics
+    finally:
+        app.services.close()

@@ -366,28 +366,23 @@ class Ledger:
         with self._write(step="mark_accepted") as conn:
             if not self._first_time(conn, once):  # (a spooled answer's: read as it goes)
                 return self._row(conn, tx_id)
+            # From submitting, the row becomes pending; a result that beat the push's
+            # answer is kept, and the row learns the ids. (SET reads the row as it was.)
             accepted = conn.execute(
-                "UPDATE transactions SET status = ?,"
+                "UPDATE transactions SET status = CASE WHEN status = ? THEN ? ELSE status END,"
                 " checkout_request_id = COALESCE(checkout_request_id, ?),"
-                " merchant_request_id = COALESCE(merchant_request_id, ?), updated_at = ?"
-                " WHERE id = ? AND status = ? RETURNING *",
-                (PENDING, checkout_request_id, merchant_request_id, stamp, tx_id,
-                 SUBMITTING))
+                " merchant_request_id = COALESCE(merchant_request_id, ?),"
+                " reason = CASE WHEN status = ? AND reason = 'interrupted'"
+                " AND checkout_request_id IS NULL THEN 'ledger_unavailable' ELSE reason END,"
+                " updated_at = CASE WHEN status = ? THEN ? ELSE ? END WHERE id = ? RETURNING *",
+                (SUBMITTING, PENDING, checkout_request_id, merchant_request_id, UNKNOWN,
+                 SUBMITTING, stamp, self._now(), tx_id))
             # Pinned only if the row went from submitting to pending just now: it is
             # pending with these ids (nothing else makes a row pending).
             self._pin(conn, pin, only_if="EXISTS (SELECT 1 FROM transactions WHERE id = ? AND"
                       " status = ? AND checkout_request_id = ?)",
                       only_if_args=(tx_id, PENDING, checkout_request_id))
-            # A result beat the push's answer: keep it, learn the ids.
-            late = conn.execute(
-                "UPDATE transactions SET checkout_request_id = COALESCE(checkout_request_id,"
-                " ?), merchant_request_id = COALESCE(merchant_request_id, ?),"
-                " reason = CASE WHEN status = ? AND reason = 'interrupted'"
-                " AND checkout_request_id IS NULL THEN 'ledger_unavailable' ELSE reason END,"
-                " updated_at = ? WHERE id = ? AND status <> ? RETURNING *",
-                (checkout_request_id, merchant_request_id, UNKNOWN, self._now(), tx_id,
-                 PENDING))
-        row = accepted.fetchone() or late.fetchone()
+        row = accepted.fetchone()
         return dict(row) if row is not None else None
 
     @staticmethod
@@ -719,22 +714,26 @@ class Ledger:
             if not self._first_time(conn, once):  # (a spooled callback's: read as it goes)
                 row = self._row(conn, tx_id)
                 return "already_applied", row
+            # One statement reads all it needs: the row (locked), which payment holds the
+            # receipt (only a Paybill confirmation of it: nobody, as its result takes it
+            # over), and whether another row holds the CheckoutRequestID.
             found = conn.execute(
-                f"SELECT * FROM transactions WHERE id = ?{self.dialect.for_update}", (tx_id,))
-            holder = self._holder_of(conn, receipt)
-            cid_taken = conn.execute(
-                "SELECT 1 FROM transactions WHERE checkout_request_id = ? AND id <> ?",
-                (checkout_request_id, tx_id)) if checkout_request_id is not None else None
-            row = found.fetchone()  # one round trip for the reads
-            holder = self._holder(holder)
-            cid_taken = cid_taken is not None and cid_taken.fetchone() is not None
+                "SELECT t.*, (SELECT r.tx_id FROM receipts r WHERE r.receipt = ? AND"
+                " r.kind = 'stk') AS settle_holder, EXISTS (SELECT 1 FROM transactions o"
+                " WHERE o.checkout_request_id = ? AND o.id <> t.id) AS settle_cid_taken"
+                f" FROM transactions t WHERE t.id = ?{self.dialect.for_update}",
+                (receipt, checkout_request_id, tx_id)).fetchone()  # one round trip
+            row = holder = cid_taken = None
+            if found is not None:
+                row = dict(found)
+                holder, cid_taken = row.pop("settle_holder"), bool(row.pop("settle_cid_taken"))
             decision = changed = held = None
             if row is None:
                 outcome = "unknown_transaction"
             elif rules is None:
                 outcome = "malformed"
             else:
-                row = before = dict(row)
+                before = row
                 decision = rules(row, holder)
                 outcome = decision.outcome
                 if decision.changes:
@@ -800,21 +799,6 @@ class Ledger:
     @staticmethod
     def _unless_taken_args(held, outcome):
         return (*held, outcome) if held else (outcome,)
-
-    @staticmethod
-    def _holder_of(conn, receipt):
-        """The read of which payment holds `receipt` (None: no receipt): `_holder` of it
-        is that payment's id (None: nobody, or only a Paybill confirmation of it, which
-        the payment's own result takes over)."""
-        if receipt is None:
-            return None
-        return conn.execute("SELECT tx_id FROM receipts WHERE receipt = ? AND kind = 'stk'",
-                            (receipt,))
-
-    @staticmethod
-    def _holder(read):
-        row = read.fetchone() if read is not None else None
-        return row["tx_id"] if row is not None else None
 
     def _take_receipt(self, conn, receipt, tx_id):
         """Take `receipt` for `tx_id` unless another payment holds it; a Paybill

@@ -96,7 +96,7 @@ def test_recording_dara_jas_answer_with_its_pinned_reply_is_one_round_trip(ledge
     accepted, spent = cost(ledger, lambda: ledger.mark_accepted(row["id"], "ws_CO_1", "m",
                                                                 pin=pin))
     assert accepted["status"] == store.PENDING and accepted["checkout_request_id"] == "ws_CO_1"
-    assert spent == {"mark_accepted": (5, 1)}  # BEGIN, UPDATE, pin, late UPDATE, COMMIT
+    assert spent == {"mark_accepted": (4, 1)}  # BEGIN, UPDATE, the pin, COMMIT
     replay = begin(ledger)
     assert (replay.kind, replay.status_code, replay.body) == (store.Start.REPLAY, 202, b"{}")
 

@@ -198,10 +198,12 @@ def configure(level="INFO", fmt="text", secret_values=(), stream=None):
     _ours = _Lines(handler, redact, fmt == "json")
     root.setLevel(level)
     logging.getLogger("urllib3").setLevel(logging.WARNING)  # its DEBUG lines carry URLs
-    # psycopg's pool warns at every failed reconnect while a PostgreSQL server is down;
-    # the gateway says it once (monitoring.LedgerWatch) and counts the failures.
+    # psycopg's pool warns at every failed reconnect while a PostgreSQL server is down,
+    # and psycopg at every pipeline it cannot end on a lost connection; the gateway says
+    # it once (monitoring.LedgerWatch) and counts the failures.
     if level != "DEBUG":
         logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
+        logging.getLogger("psycopg").setLevel(logging.ERROR)
     # The logging module's process-wide switches (logging._srcfile, logThreads,
     # logProcesses, logMultiprocessing) stay as they are: other code in this process
     # formats with them (gunicorn's own lines carry %(process)d, which would fail on the

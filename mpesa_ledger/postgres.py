@@ -26,6 +26,8 @@ and the engine's own means for the promises `contract.Ledger` states once in SQL
 
 import logging
 import re
+import select
+import sys
 import threading
 import time
 import weakref
@@ -527,11 +529,24 @@ class PostgresLedger(Ledger):
         self._idle_since[conn] = time.monotonic()
 
     def _check_if_idle(self, conn):
-        """The pool's check, run when a connection is taken: only one idle for
-        IDLE_CHECK_S (a server may have restarted meanwhile) is asked an empty query."""
-        if time.monotonic() - self._idle_since.get(conn, 0.0) >= IDLE_CHECK_S:
+        """The pool's check, run when a connection is taken: one idle for IDLE_CHECK_S (a
+        server may have restarted meanwhile), or one the server wrote to or closed while
+        it sat in the pool, is asked an empty query; a broken one is replaced."""
+        if (time.monotonic() - self._idle_since.get(conn, 0.0) >= IDLE_CHECK_S
+                or self._spoken_to(conn)):
             self._trips.add("pool_check", 1, 1)
             ConnectionPool.check_connection(conn)
+
+    @staticmethod
+    def _spoken_to(conn):
+        """An idle connection has nothing to read unless the server said something: its
+        goodbye when it shut down or restarted (or a closed socket). Found with a
+        zero-timeout poll of the socket, not a round trip."""
+        try:
+            readable, _, _ = select.select([conn.pgconn.socket], [], [], 0)
+        except (OSError, ValueError, psycopg.OperationalError):
+            return True
+        return bool(readable)
 
     def _broken(self, conn, exc):
         """A call failed: if its connection broke (the server restarted or went away),
@@ -543,11 +558,13 @@ class PostgresLedger(Ledger):
                 log.debug("ledger pool check failed", exc_info=True)
 
     @contextmanager
-    def _write(self, step="other", prelude=None):
+    def _write(self, step=None, prelude=None):
         """One pipelined write transaction (see the module docstring). BEGIN and COMMIT
         are statements in the pipeline (psycopg's `transaction()` would sync the pipeline
         on the way in and out); `prelude(tx)` runs first, in the same pipeline, outside
-        this transaction (the fleet's rate bucket)."""
+        this transaction (the fleet's rate bucket). `step`: the counts' name for it,
+        by default the contract method that writes."""
+        step = step or sys._getframe(2).f_code.co_name  # the caller of `with self._write()`
         with self._pool.connection() as conn:
             tx = _Tx(conn, pipelined=True)
             try:

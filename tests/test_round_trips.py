@@ -202,3 +202,25 @@ def test_a_whole_payment_through_the_gateway_is_four_round_trips(sim, pg_url):
         assert 'mpesa_gateway_ledger_steps_total{step="begin_push"} 2' in metrics
     finally:
         app.services.close()
+
+
+def test_a_connection_the_server_said_goodbye_on_is_replaced_when_taken(pg_cluster, pg_url):
+    """A server restart while the pool's connections are fresh (used within the idle
+    check's 10 s): the first call after it still works, because a connection the server
+    closed is readable and is checked when taken, with no round trip for the others."""
+    lg = store.open_ledger(pg_url, pool_size=2)
+    try:
+        assert lg.get("tx_none") is None  # a fresh, just-used connection in the pool
+        pg_cluster.stop()
+        pg_cluster.start()
+        _, spent = cost(lg, lambda: lg.get("tx_none"))
+        assert spent["read"] == (1, 1) and spent["pool_check"][1] >= 1
+        _, spent = cost(lg, lambda: lg.get("tx_none"))
+        assert spent == {"read": (1, 1)}  # a healthy connection is not checked again
+    finally:
+        lg.close()
+
+
+def test_every_write_is_counted_under_the_step_that_makes_it(ledger):
+    _, spent = cost(ledger, lambda: ledger.prune_idempotency())
+    assert spent == {"prune_idempotency": (4, 1)}

@@ -759,11 +759,10 @@ class Ledger:
                              " AND claimed_until = ?", (tx_id, release_claim))
         if changed is not None:
             after = changed.fetchone()
-            if after is None:  # another payment took the receipt between the two trips
-                holder_now = self._read_one("SELECT tx_id FROM receipts WHERE receipt = ?"
-                                            " AND kind = 'stk'", (receipt,))
-                outcome = rules(before, holder_now and holder_now["tx_id"]).outcome
-                return outcome, before
+            if after is None:
+                # Another payment took the receipt between the two trips (the callback is
+                # stored as an anomaly): decided again as what it is, receipt_reused.
+                return rules(before, self.ANOTHER_PAYMENT).outcome, before
             if dict(after) != row:
                 log.error("ledger settle tx=%s: the row written differs from the one its"
                           " event was made from", tx_id)
@@ -787,6 +786,8 @@ class Ledger:
                 after[column] = value
         after["updated_at"] = stamp
         return after
+
+    ANOTHER_PAYMENT = "another payment"  # a receipt's holder, when not this payment
 
     # The receipt is this payment's (after _take_receipt): arguments receipt, tx_id.
     HELD = "EXISTS (SELECT 1 FROM receipts WHERE receipt = ? AND tx_id = ? AND kind = 'stk')"

@@ -409,6 +409,10 @@ class PostgresLedger(Ledger):
 
     def __init__(self, url, *, clock, events=None, receipt_rules=None, request_events=None,
                  pool_size=8, migrate=True, wait_s=5.0):
+        if psycopg is not None and not psycopg.Pipeline.is_supported():
+            raise LedgerOpenError(
+                "the PostgreSQL ledger needs psycopg's pipeline mode (libpq 14 or newer):"
+                " install psycopg[binary] (requirements-postgres.txt) or a newer libpq")
         if psycopg is None:
             raise LedgerOpenError(
                 "GATEWAY_DB is a PostgreSQL URL but psycopg is not installed:"
@@ -543,15 +547,20 @@ class PostgresLedger(Ledger):
         goodbye when it shut down or restarted (or a closed socket). Found with a
         zero-timeout poll of the socket, not a round trip."""
         try:
-            readable, _, _ = select.select([conn.pgconn.socket], [], [], 0)
+            fd = conn.pgconn.socket
+            if hasattr(select, "poll"):  # any descriptor number (select() stops at 1024)
+                poller = select.poll()
+                poller.register(fd, select.POLLIN)
+                return bool(poller.poll(0))
+            return bool(select.select([fd], [], [], 0)[0])  # Windows
         except (OSError, ValueError, psycopg.OperationalError):
             return True
-        return bool(readable)
 
     def _broken(self, conn, exc):
         """A call failed: if its connection broke (the server restarted or went away),
-        every idle connection is checked now, so the next calls get working ones."""
-        if conn.broken or isinstance(exc, psycopg.OperationalError):
+        every idle connection is checked now, so the next calls get working ones. (A
+        statement timeout or a deadlock leaves the connection whole: nothing to check.)"""
+        if conn.broken or conn.closed:
             try:
                 self._pool.check()
             except Exception:  # the call's own failure is what is raised

@@ -249,17 +249,21 @@ class _Rows:
     """A statement's rows, read at once (so a write's results can be read after it ends,
     as the contract does for PostgreSQL's pipelined writes)."""
 
-    __slots__ = ("_rows", "rowcount")
+    __slots__ = ("_rows", "_next", "rowcount")
 
     def __init__(self, cur):
         self._rows = cur.fetchall() if cur.description is not None else []
+        self._next = 0
         self.rowcount = cur.rowcount
 
     def fetchone(self):
-        return self._rows.pop(0) if self._rows else None
+        if self._next >= len(self._rows):
+            return None
+        self._next += 1
+        return self._rows[self._next - 1]
 
     def fetchall(self):
-        rows, self._rows = self._rows, []
+        rows, self._next = self._rows[self._next:], len(self._rows)
         return rows
 
     def __iter__(self):

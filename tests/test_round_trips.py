@@ -224,3 +224,44 @@ def test_a_connection_the_server_said_goodbye_on_is_replaced_when_taken(pg_clust
 def test_every_write_is_counted_under_the_step_that_makes_it(ledger):
     _, spent = cost(ledger, lambda: ledger.prune_idempotency())
     assert spent == {"prune_idempotency": (4, 1)}
+
+
+def waits_in_trace(text):
+    """The waits for the server in a libpq protocol trace: a Sync, a Flush not right after
+    a Sync (psycopg ends a pipeline with both), or a simple-protocol Query."""
+    waits, previous = 0, None
+    for line in text.splitlines():
+        parts = line.split("\t")
+        if len(parts) < 4 or parts[1] != "F":
+            continue
+        kind = parts[3]
+        if kind in ("Sync", "Query") or (kind == "Flush" and previous != "Sync"):
+            waits += 1
+        previous = kind
+    return waits
+
+
+def test_the_count_is_what_goes_over_the_wire(pg_url, tmp_path):
+    """The engine's counter against libpq's own trace of the connection: a sync psycopg
+    made behind the counter's back (a `transaction()` inside a pipeline, say) fails here."""
+    lg = store.open_ledger(pg_url, pool_size=1)  # one connection: every step traced
+    trace = tmp_path / "libpq.trace"
+    try:
+        with open(trace, "w") as out:
+            with lg._pool.connection() as conn:
+                conn.pgconn.trace(out.fileno())
+            before = lg.round_trips
+            row = begin(lg, rate=("shop", 100.0, 100)).row
+            pin = store.PinnedAnswer(store.Idempotency("shop", "k1", "h"), row["id"], 202, b"{}")
+            lg.mark_accepted(row["id"], "ws_CO_1", "m", pin=pin)
+            settlement.apply(lg, row["id"], success(lg.get(row["id"])),
+                             callback=settlement.CallbackRecord(b"{}", "127.0.0.1"))
+            lg.claim_next(older_than_s=0, lease_s=60, unknown_window_s=0)
+            after = lg.round_trips
+            with lg._pool.connection() as conn:
+                conn.pgconn.untrace()
+        counted = sum(t - before.get(step, (0, 0, 0))[1] for step, (_, t, _) in after.items())
+        assert counted == 6  # begin 1, answer 1, read 1, callback 2, claim 1
+        assert waits_in_trace(trace.read_text()) == counted
+    finally:
+        lg.close()

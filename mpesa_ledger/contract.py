@@ -809,10 +809,9 @@ class Ledger:
         receipt since it was read)."""
         held = (receipt, tx_id)
         conn.execute("INSERT INTO receipts (receipt, tx_id, kind, created_at) VALUES"
-                     " (?, ?, 'stk', ?) ON CONFLICT (receipt) DO NOTHING",
+                     " (?, ?, 'stk', ?) ON CONFLICT (receipt) DO UPDATE SET tx_id ="
+                     " excluded.tx_id, kind = 'stk' WHERE receipts.kind = 'c2b'",
                      (receipt, tx_id, self._clock()))
-        conn.execute("UPDATE receipts SET tx_id = ?, kind = 'stk' WHERE receipt = ?"
-                     " AND kind = 'c2b'", (tx_id, receipt))
         # A Paybill receipt exists only while its number is kind c2b: once taken over, its
         # row goes, and its receipt.received, if not sent yet, would announce this money twice.
         conn.execute(f"DELETE FROM c2b_receipts WHERE receipt = ? AND {self.HELD}",

@@ -638,8 +638,12 @@ class PostgresLedger(Ledger):
             return rows
 
     def _serialize(self, conn, names):
-        for name in names:
-            conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(?, 0))", (name,))
+        """Every name's advisory lock in one statement, before the statements that follow
+        it in the write (the key's, then the phone's, then the link's, in the order given:
+        a select list is evaluated in order, the same for every writer)."""
+        if names:
+            conn.execute("SELECT " + ", ".join(
+                ["pg_advisory_xact_lock(hashtextextended(?, 0))"] * len(names)), tuple(names))
 
     def writable(self):
         try:

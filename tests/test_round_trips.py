@@ -164,6 +164,11 @@ def test_a_reconcile_claim_is_one_statement_and_one_round_trip(ledger):
     assert nothing is None and spent == {"claim_next": (3, 1)}
 
 
+def test_the_webhook_senders_claim_is_one_statement_and_one_round_trip(ledger):
+    nothing, spent = cost(ledger, lambda: ledger.claim_event(60))
+    assert nothing is None and spent == {"claim_event": (3, 1)}
+
+
 def test_a_busy_pool_checks_no_connection_and_an_idle_one_is_checked(ledger, monkeypatch):
     _, spent = cost(ledger, lambda: [ledger.get("tx_none") for _ in range(20)])
     assert spent == {"read": (20, 20)}  # no empty query ahead of each

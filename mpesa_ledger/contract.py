@@ -379,8 +379,8 @@ class Ledger:
                  SUBMITTING, stamp, self._now(), tx_id))
             # Pinned only if the row went from submitting to pending just now: it is
             # pending with these ids (nothing else makes a row pending).
-            self._pin(conn, pin, only_if="EXISTS (SELECT 1 FROM transactions WHERE id = ? AND"
-                      " status = ? AND checkout_request_id = ?)",
+            self._pin(conn, pin, only_if="status_code IS NULL AND EXISTS (SELECT 1 FROM"
+                      " transactions WHERE id = ? AND status = ? AND checkout_request_id = ?)",
                       only_if_args=(tx_id, PENDING, checkout_request_id))
         row = accepted.fetchone()
         return dict(row) if row is not None else None

@@ -17,9 +17,10 @@ and the engine's own means for the promises `contract.Ledger` states once in SQL
   COMMIT go out together and the server answers them in one network round trip, unless
   the contract reads a result before the write ends (each such read is one more);
 - a connection is checked (an empty query) only when it comes out of the pool after
-  sitting idle for IDLE_CHECK_S, and every idle one is checked after a call fails on a
-  broken connection (the server restarted): not at every checkout, which cost a round
-  trip per ledger call, and the gateway still recovers by itself;
+  sitting idle for IDLE_CHECK_S or with something to read (the server's goodbye when it
+  shut down: a zero-timeout poll of its socket), and every idle one once a check or a
+  call fails on a broken connection: not at every checkout, which cost a round trip per
+  ledger call, and the gateway still recovers by itself;
 - the statements and round trips each ledger step costs are counted (`round_trips`,
   for /metrics and the bench).
 """
@@ -539,7 +540,14 @@ class PostgresLedger(Ledger):
         if (time.monotonic() - self._idle_since.get(conn, 0.0) >= IDLE_CHECK_S
                 or self._spoken_to(conn)):
             self._trips.add("pool_check", 1, 1)
-            ConnectionPool.check_connection(conn)
+            try:
+                ConnectionPool.check_connection(conn)
+            except Exception:
+                # The server went away: its other idle connections are as dead as this one.
+                # Checked (and replaced) now, so this request gets a new one at once, not
+                # after the pool has backed off through each of them.
+                self._pool.check()
+                raise
 
     @staticmethod
     def _spoken_to(conn):

@@ -152,6 +152,35 @@ def test_a_receipt_taken_between_the_two_round_trips_leaves_the_row_alone(ledger
     assert sorted(c["outcome"] for c in stored) == ["anomaly", "applied"]
 
 
+def test_a_receipt_another_host_takes_during_the_decision_is_receipt_reused(ledger, pg_url):
+    """Deterministically between settle's two round trips: while its rules decide,
+    another host's payment takes the receipt. The row is left alone, the callback is
+    stored as an anomaly, and no event is written."""
+    other_host = store.open_ledger(pg_url, pool_size=1)
+    try:
+        rows = []
+        for n in range(2):
+            row = begin(ledger, phone=f"25471200004{n}", key=f"t{n}").row
+            rows.append(ledger.mark_accepted(row["id"], f"ws_CO_t{n}", "m"))
+        outcome = success(rows[0], "RCPTAKEN01")
+
+        def rules(row, holder):
+            if row["id"] == rows[0]["id"]:  # the other host settles first, meanwhile
+                settlement.apply(other_host, rows[1]["id"], success(rows[1], "RCPTAKEN01"))
+            return settlement.decide(row, outcome, holder)
+
+        name, after = ledger.settle(rows[0]["id"], rules, receipt="RCPTAKEN01",
+                                    checkout_request_id="ws_CO_t0",
+                                    callback=settlement.CallbackRecord(b"{}", "127.0.0.1"))
+        assert name == "anomaly" and after["status"] == store.PENDING
+        assert ledger.get(rows[0]["id"])["status"] == store.PENDING
+        assert ledger.get(rows[1]["id"])["receipt"] == "RCPTAKEN01"
+        stored = ledger._read("SELECT outcome FROM callbacks WHERE tx_id = ?", (rows[0]["id"],))
+        assert [c["outcome"] for c in stored] == ["anomaly"]
+    finally:
+        other_host.close()
+
+
 def test_a_reconcile_claim_is_one_statement_and_one_round_trip(ledger):
     row = begin(ledger).row
     ledger.mark_accepted(row["id"], "ws_CO_1", "m")
@@ -225,6 +254,21 @@ def test_a_connection_the_server_said_goodbye_on_is_replaced_when_taken(pg_clust
         assert spent["read"] == (1, 1) and spent["pool_check"][1] >= 1
         _, spent = cost(lg, lambda: lg.get("tx_none"))
         assert spent == {"read": (1, 1)}  # a healthy connection is not checked again
+    finally:
+        lg.close()
+
+
+def test_a_restart_with_a_full_pool_of_fresh_connections_costs_no_call(pg_cluster, pg_url):
+    """Every pooled connection dies with the server: the first that is taken and found
+    dead has the others checked at once, so the call gets a new connection rather than
+    waiting out the pool's back-off through each dead one (5 s: a 503)."""
+    lg = store.open_ledger(pg_url, pool_size=8, wait_s=5.0)
+    try:
+        at_once(8, lambda n: lg._read("SELECT pg_sleep(0.2)"))  # eight connections, just used
+        assert lg._pool.get_stats()["pool_size"] == 8
+        pg_cluster.stop()
+        pg_cluster.start()
+        assert [lg.get("tx_none") for _ in range(3)] == [None, None, None]
     finally:
         lg.close()
 

@@ -425,6 +425,7 @@ class PostgresLedger(Ledger):
         self._commits, self._count_lock = 0, threading.Lock()
         self._trips = RoundTrips()
         self._idle_since = weakref.WeakKeyDictionary()  # connection → when it went back
+        self._checking = threading.Lock()  # held while a thread checks the idle connections
         self._pool = ConnectionPool(
             # wait_s: a request waits this long for a connection, then 503 ledger_unavailable
             url, min_size=1, max_size=pool_size, timeout=wait_s, open=False,
@@ -566,13 +567,20 @@ class PostgresLedger(Ledger):
 
     def _broken(self, conn, exc):
         """A call failed: if its connection broke (the server restarted or went away),
-        every idle connection is checked now, so the next calls get working ones. (A
-        statement timeout or a deadlock leaves the connection whole: nothing to check.)"""
-        if conn.broken or conn.closed:
-            try:
-                self._pool.check()
-            except Exception:  # the call's own failure is what is raised
-                log.debug("ledger pool check failed", exc_info=True)
+        every idle connection is checked, so the next calls get working ones: on a thread
+        of its own, one at a time, as a host that vanished makes each check wait for the
+        keepalives. (A statement timeout or a deadlock leaves the connection whole.)"""
+        if (conn.broken or conn.closed) and self._checking.acquire(blocking=False):
+            threading.Thread(target=self._check_idle, name="ledger-pool-check",
+                             daemon=True).start()
+
+    def _check_idle(self):
+        try:
+            self._pool.check()
+        except Exception:  # the failed call has said what failed
+            log.debug("ledger pool check failed", exc_info=True)
+        finally:
+            self._checking.release()
 
     @contextmanager
     def _write(self, step=None, prelude=None):

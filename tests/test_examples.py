@@ -86,7 +86,21 @@ def http(method, url, body=None, headers=None):
 def reserve_port():
     """A socket bound to a free loopback port, not listening: while it is open the port
     is given to no other socket (Linux also skips bound ports when it picks the local end
-    of an outgoing connection). Closed just before the server meant for it starts."""
+    of an outgoing connection). Closed just before the server meant for it starts; the
+    port is below the kernel's range for the local ends of outgoing connections, so none
+    of those (the other test worker's PostgreSQL reconnects, say) takes it meanwhile."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            first_ephemeral = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        first_ephemeral = 0
+    for _ in range(200 if first_ephemeral > 20000 else 0):
+        sock = socket.socket()
+        try:
+            sock.bind(("127.0.0.1", random.randrange(10000, first_ephemeral)))
+            return sock
+        except OSError:
+            sock.close()
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     return sock

@@ -15,13 +15,12 @@ from helpers import (
     API_KEY,
     OTHER_KEY,
     SECRET,
-    GatewayHandle,
     Harness,
-    LateApp,
     OffsetClock,
     Outage,
     base_env,
     serve,
+    served_gateway,
 )
 from mpesa_devtools import simulator
 
@@ -140,14 +139,8 @@ def gateway_env(sim, tmp_path, engine, request):
 @pytest.fixture
 def gateway(gateway_env):
     """The gateway app (WebTest) and the same app on a real socket, for callbacks."""
-    late = LateApp()
-    server, url = serve(late)
-    env = dict(gateway_env, MPESA_CALLBACK_BASE_URL=url)
-    clock = OffsetClock()
-    late.app = mpesa_wsgi.create_app(config.load_config(env), clock=clock)
-    yield GatewayHandle(late.app, url, server, clock)
-    server.shutdown()
-    late.app.services.close()
+    with served_gateway(gateway_env, clock=OffsetClock()) as handle:
+        yield handle
 
 
 @pytest.fixture

@@ -176,6 +176,39 @@ class LateApp:
         return self.app(environ, start_response)
 
 
+@contextlib.contextmanager
+def served_simulator(**settings):
+    """The Daraja simulator (SimSettings from `settings`) on a loopback socket: (its app,
+    its URL); stopped at the end."""
+    sim_app = simulator.Simulator(simulator.SimSettings(**settings))
+    server, url = serve(sim_app, threads=16)
+    try:
+        yield sim_app, url
+    finally:
+        server.shutdown()
+        sim_app.stop()
+
+
+@contextlib.contextmanager
+def served_gateway(env, clock=None):
+    """The gateway with settings `env` on a real loopback socket, so the simulator's
+    callbacks and results reach it (MPESA_CALLBACK_BASE_URL is its URL), as a
+    GatewayHandle; stopped and its services closed at the end. `clock`: the app's (its
+    own real one when None; the handle then gets an OffsetClock of its own)."""
+    import config
+    import mpesa_wsgi
+
+    late = LateApp()
+    server, url = serve(late)
+    late.app = mpesa_wsgi.create_app(config.load_config(dict(env, MPESA_CALLBACK_BASE_URL=url)),
+                                     clock=clock)
+    try:
+        yield GatewayHandle(late.app, url, server, clock or OffsetClock())
+    finally:
+        server.shutdown()
+        late.app.services.close()
+
+
 class GatewayHandle:
     def __init__(self, app, url, server, clock):
         self.app, self.url, self.server, self.clock = app, url, server, clock

@@ -6,9 +6,7 @@ without Chromium locally; fails without it under CI (tests/browser.py)."""
 import pytest
 from browser import browser_session, element, require_browser, wait
 
-import config
-import mpesa_wsgi
-from helpers import GatewayHandle, LateApp, OffsetClock, base_env, serve
+from helpers import base_env, served_gateway, served_simulator
 from mpesa_devtools import simulator
 
 KEY = "console-wanjiru-0123456789"  # wanjiru@default: acts for the default owner
@@ -19,31 +17,19 @@ DEADLINE_S = 60
 def stack(tmp_path_factory):
     require_browser()
     folder = tmp_path_factory.mktemp("actions")
-    sim_app = simulator.Simulator(simulator.SimSettings(callback_delay_s=0.3,
-                                                        result_delay_s=0.2))
-    sim_server, sim_url = serve(sim_app, threads=16)
-    cert = folder / "simulator-cert.pem"
-    cert.write_bytes(sim_app.initiator_certificate_pem())
-    late = LateApp()
-    server, url = serve(late)
-    env = dict(base_env(sim_url, folder / "ledger.db", callback_base=url,
-                        spool_dir=folder / "spool"),
-               MPESA_READ_TIMEOUT="10", GATEWAY_CONSOLE_KEYS=f"wanjiru@default:{KEY}",
-               MPESA_INITIATOR_NAME=simulator.SANDBOX_INITIATOR_NAME,
-               MPESA_INITIATOR_PASSWORD=simulator.SANDBOX_INITIATOR_PASSWORD,
-               MPESA_CERT_FILE=str(cert))
-    late.app = mpesa_wsgi.create_app(config.load_config(env))
-    handle = GatewayHandle(late.app, url, server, OffsetClock())
-    try:
-        paid = [handle.wait_status(handle.push({"phone": phone, "amount": 30}).json["id"],
-                                   "succeeded", timeout=DEADLINE_S)
-                for phone in ("254712345701", "254712345702")]
-        yield handle, sim_app, paid
-    finally:
-        server.shutdown()
-        late.app.services.close()
-        sim_server.shutdown()
-        sim_app.stop()
+    with served_simulator(callback_delay_s=0.3, result_delay_s=0.2) as (sim_app, sim_url):
+        cert = folder / "simulator-cert.pem"
+        cert.write_bytes(sim_app.initiator_certificate_pem())
+        env = dict(base_env(sim_url, folder / "ledger.db", spool_dir=folder / "spool"),
+                   MPESA_READ_TIMEOUT="10", GATEWAY_CONSOLE_KEYS=f"wanjiru@default:{KEY}",
+                   MPESA_INITIATOR_NAME=simulator.SANDBOX_INITIATOR_NAME,
+                   MPESA_INITIATOR_PASSWORD=simulator.SANDBOX_INITIATOR_PASSWORD,
+                   MPESA_CERT_FILE=str(cert))
+        with served_gateway(env) as handle:
+            paid = [handle.wait_status(handle.push({"phone": phone, "amount": 30}).json["id"],
+                                       "succeeded", timeout=DEADLINE_S)
+                    for phone in ("254712345701", "254712345702")]
+            yield handle, sim_app, paid
 
 
 @pytest.fixture(scope="module")

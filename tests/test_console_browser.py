@@ -20,17 +20,7 @@ import urllib.request
 import pytest
 from browser import browser_session, cookie_header, element, require_browser, wait
 
-import config
-import mpesa_wsgi
-from helpers import (
-    OTHER_KEY,
-    PAYBILL,
-    GatewayHandle,
-    LateApp,
-    OffsetClock,
-    base_env,
-    serve,
-)
+from helpers import OTHER_KEY, PAYBILL, OffsetClock, base_env, served_gateway, served_simulator
 from mpesa_devtools import simulator
 
 DEADLINE_S = 30  # anything that waits: CI is a loaded 2-core box
@@ -122,49 +112,42 @@ def confirmation(receipt, account):
 def console(tmp_path_factory):
     require_browser()  # (the module is the browser's: no gateway without one)
     folder = tmp_path_factory.mktemp("console")
-    sim_app = simulator.Simulator(simulator.SimSettings(callback_delay_s=0.3,
-                                                        slow_answer_s=1.0))
-    sim_server, sim_url = serve(sim_app, threads=16)
-    late = LateApp()
-    server, url = serve(late)
-    env = dict(base_env(sim_url, folder / "ledger.db", callback_base=url,
-                        spool_dir=folder / "spool"),
-               # the simulator answers at once: a slow box is not a lost answer
-               MPESA_READ_TIMEOUT="10",
-               MPESA_C2B_SHORTCODE=PAYBILL,
-               GATEWAY_CONSOLE_KEYS=f"amina@*:{ALL_KEY},otieno@other:{OTIENO_KEY}",
-               # events are written (the timeline shows them), never sent: no sender
-               GATEWAY_WEBHOOK_URLS="default:http://127.0.0.1:9/events",
-               GATEWAY_WEBHOOK_SECRETS="default:whsec_" + "A" * 32,
-               GATEWAY_WEBHOOK_ALLOW_PRIVATE="on", GATEWAY_WEBHOOK_SENDER="off")
-    clock = OffsetClock()
-    late.app = mpesa_wsgi.create_app(config.load_config(env), clock=clock)
-    handle = GatewayHandle(late.app, url, server, clock)
-    try:
-        stack = Console(handle, sim_app)
-        for name, (phone, reference, amount, _) in PAYMENTS.items():
-            if name == "unknown":
-                sim_app.set_weather(push="internal")  # processed, but the answer is a 500
-            res = handle.push({"phone": phone, "amount": amount, "reference": reference})
-            sim_app.set_weather(push="ok")
-            stack.tx[name] = res.json
-        for name, (*_, status) in PAYMENTS.items():
-            stack.tx[name] = handle.wait_status(stack.tx[name]["id"], status,
-                                                timeout=DEADLINE_S)
-        other = handle.testapp.post_json(
-            "/stkpush", {"phone": "254712345604", "amount": 40, "reference": OTHER_REFERENCE},
-            headers={"Authorization": f"Bearer {OTHER_KEY}"}, status=202).json
-        assert other["status"] == "pending", other
-        c2b = "/" + late.app.services.signer.c2b_url("confirmation").split("/", 3)[3]
-        res = handle.testapp.post(c2b, confirmation(XSS_RECEIPT, XSS),
-                                  content_type="application/json")
-        assert res.json["ResultCode"] == 0, res.json
-        yield stack
-    finally:
-        server.shutdown()
-        late.app.services.close()
-        sim_server.shutdown()
-        sim_app.stop()
+    with served_simulator(callback_delay_s=0.3, slow_answer_s=1.0) as (sim_app, sim_url):
+        env = dict(base_env(sim_url, folder / "ledger.db", spool_dir=folder / "spool"),
+                   # the simulator answers at once: a slow box is not a lost answer
+                   MPESA_READ_TIMEOUT="10",
+                   MPESA_C2B_SHORTCODE=PAYBILL,
+                   GATEWAY_CONSOLE_KEYS=f"amina@*:{ALL_KEY},otieno@other:{OTIENO_KEY}",
+                   # events are written (the timeline shows them), never sent: no sender
+                   GATEWAY_WEBHOOK_URLS="default:http://127.0.0.1:9/events",
+                   GATEWAY_WEBHOOK_SECRETS="default:whsec_" + "A" * 32,
+                   GATEWAY_WEBHOOK_ALLOW_PRIVATE="on", GATEWAY_WEBHOOK_SENDER="off")
+        with served_gateway(env, clock=OffsetClock()) as handle:
+            yield _filled(Console(handle, sim_app))
+
+
+def _filled(stack):
+    """The console's payments, a payment of another owner, and a Paybill receipt whose
+    payer's name is a script."""
+    handle, sim_app = stack.handle, stack.sim
+    for name, (phone, reference, amount, _) in PAYMENTS.items():
+        if name == "unknown":
+            sim_app.set_weather(push="internal")  # processed, but the answer is a 500
+        res = handle.push({"phone": phone, "amount": amount, "reference": reference})
+        sim_app.set_weather(push="ok")
+        stack.tx[name] = res.json
+    for name, (*_, status) in PAYMENTS.items():
+        stack.tx[name] = handle.wait_status(stack.tx[name]["id"], status,
+                                            timeout=DEADLINE_S)
+    other = handle.testapp.post_json(
+        "/stkpush", {"phone": "254712345604", "amount": 40, "reference": OTHER_REFERENCE},
+        headers={"Authorization": f"Bearer {OTHER_KEY}"}, status=202).json
+    assert other["status"] == "pending", other
+    c2b = "/" + handle.services.signer.c2b_url("confirmation").split("/", 3)[3]
+    res = handle.testapp.post(c2b, confirmation(XSS_RECEIPT, XSS),
+                              content_type="application/json")
+    assert res.json["ResultCode"] == 0, res.json
+    return stack
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,7 @@ without it under CI (tests/browser.py)."""
 import pytest
 from browser import browser_session, element, require_browser, wait
 
-import config
-import mpesa_wsgi
-from helpers import API_KEY, GatewayHandle, LateApp, OffsetClock, base_env, serve
-from mpesa_devtools import simulator
+from helpers import API_KEY, base_env, served_gateway, served_simulator
 
 DEADLINE_S = 60
 
@@ -19,22 +16,11 @@ DEADLINE_S = 60
 def stack(tmp_path_factory):
     require_browser()
     folder = tmp_path_factory.mktemp("pay")
-    sim_app = simulator.Simulator(simulator.SimSettings(callback_delay_s=0.3))
-    sim_server, sim_url = serve(sim_app, threads=16)
-    late = LateApp()
-    server, url = serve(late)
-    env = dict(base_env(sim_url, folder / "ledger.db", callback_base=url,
-                        spool_dir=folder / "spool"),
-               MPESA_READ_TIMEOUT="10", GATEWAY_OWNER_NAMES="default:Mama Mboga Shop")
-    late.app = mpesa_wsgi.create_app(config.load_config(env))
-    handle = GatewayHandle(late.app, url, server, OffsetClock())
-    try:
-        yield handle, sim_app
-    finally:
-        server.shutdown()
-        late.app.services.close()
-        sim_server.shutdown()
-        sim_app.stop()
+    with served_simulator(callback_delay_s=0.3) as (sim_app, sim_url):
+        env = dict(base_env(sim_url, folder / "ledger.db", spool_dir=folder / "spool"),
+                   MPESA_READ_TIMEOUT="10", GATEWAY_OWNER_NAMES="default:Mama Mboga Shop")
+        with served_gateway(env) as handle:
+            yield handle, sim_app
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ the gateway's real socket, both engines. A request is committed before Daraja is
 a refund is never sent twice, a result is stored before it is acknowledged, a refused
 initiator stops every call, and nothing an owner may not see is shown."""
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -15,11 +16,11 @@ import mpesa_ledger as store
 from helpers import (
     API_KEY,
     BOTH_ENGINES,
-    at_once,
     OTHER_KEY,
     PAYBILL,
     ROOT_DIR,
     SimulatorApi,
+    at_once,
     events_of,
     wait_for,
 )
@@ -699,24 +700,16 @@ def test_a_retry_of_a_reversal_that_was_done_is_recorded_refunded_not_paid_twice
 def second_gateway(gateway_env, tmp_path):
     """another_gateway(**env changes): the same settings, served on its own socket (its
     results come to it), e.g. its own ledger, or a Daraja that cannot be reached."""
-    import mpesa_wsgi
-    from helpers import LateApp, serve
     from webtest import TestApp
 
-    made = []
+    from helpers import served_gateway
 
-    def make(**changes):
-        late = LateApp()
-        server, url = serve(late)
-        late.app = mpesa_wsgi.create_app(config.load_config(
-            dict(gateway_env, MPESA_CALLBACK_BASE_URL=url, **changes)))
-        made.append((server, late.app))
-        return TestApp(late.app), late.app.services
+    with contextlib.ExitStack() as made:
+        def make(**changes):
+            handle = made.enter_context(served_gateway(dict(gateway_env, **changes)))
+            return TestApp(handle.app), handle.services
 
-    yield make
-    for server, app in made:
-        server.shutdown()
-        app.services.close()
+        yield make
 
 
 def test_a_code_paid_elsewhere_is_found_by_transaction_status_and_may_be_claimed(

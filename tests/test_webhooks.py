@@ -4,6 +4,7 @@ least once with backoff, never to a private address unless allowed. Receivers ar
 WSGI servers on 127.0.0.1."""
 
 import base64
+import contextlib
 import dataclasses
 import json
 import threading
@@ -14,18 +15,16 @@ from standardwebhooks import Webhook
 from webtest import TestApp
 
 import cli
-import config
-import mpesa_wsgi
 from helpers import (
     API_KEY,
     BOTH_ENGINES,
     FakeClock,
-    LateApp,
     OffsetClock,
     events_of,
     free_port,
     new_row,
     serve,
+    served_gateway,
     wait_for,
 )
 from mpesa_devtools.receiver import request_headers
@@ -71,24 +70,17 @@ def receiver():
 @pytest.fixture
 def hooked(gateway_env, receiver):
     """The gateway with a webhook endpoint for `default`; the sender run by hand."""
-    made = []
+    with contextlib.ExitStack() as made:
+        def make(clock=None, **env):
+            # served: the simulator's callbacks reach the app there
+            handle = made.enter_context(served_gateway(
+                {**gateway_env, "GATEWAY_WEBHOOK_URLS": f"default:{receiver.url}/events",
+                 "GATEWAY_WEBHOOK_SECRETS": f"default:{SECRET}",
+                 "GATEWAY_WEBHOOK_ALLOW_PRIVATE": "on", "GATEWAY_WEBHOOK_SENDER": "off",
+                 **env}, clock=clock))
+            return handle.app, handle.services.config
 
-    def make(clock=None, **env):
-        late = LateApp()
-        server, url = serve(late)  # the simulator's callbacks reach the app here
-        settings = {**gateway_env, "MPESA_CALLBACK_BASE_URL": url,
-                    "GATEWAY_WEBHOOK_URLS": f"default:{receiver.url}/events",
-                    "GATEWAY_WEBHOOK_SECRETS": f"default:{SECRET}",
-                    "GATEWAY_WEBHOOK_ALLOW_PRIVATE": "on", "GATEWAY_WEBHOOK_SENDER": "off", **env}
-        cfg = config.load_config(settings)
-        late.app = mpesa_wsgi.create_app(cfg, clock=clock)
-        made.append((late.app, server))
-        return late.app, cfg
-
-    yield make
-    for app, server in made:
-        server.shutdown()
-        app.services.close()
+        yield make
 
 
 def verified(receiver):

@@ -187,7 +187,25 @@ class Ledger:
     # since, then the three states.
     PHONE_BUSY = ("SELECT * FROM transactions WHERE phone = ? AND created_at >= ?"
                   " AND (status IN (?, ?) OR (status = ? AND checkout_request_id IS NULL))")
-    KEY_FOUND = "SELECT * FROM idempotency_keys WHERE scope = ? AND key = ?"
+    NEW_ROW = ("id", "status", "phone", "amount", "reference", "description", "created_at",
+               "updated_at", "owner", "link_id")
+
+    @staticmethod
+    def _busy_args(phone, now, phone_lock_s):
+        """PHONE_BUSY's arguments: a prompt on `phone` within `phone_lock_s` of `now`."""
+        return phone, iso_utc(now - phone_lock_s), SUBMITTING, PENDING, UNKNOWN
+
+    def _insert_row(self, conn, tx_id, now, push, link_id=None, where="", args=()):
+        """INSERT a new `submitting` row `tx_id` (`push`: its phone, amount, reference,
+        description and owner) if `where` (SQL with `args`) holds; its result, RETURNING
+        the row."""
+        stamp = iso_utc(now)
+        row = dict(push, id=tx_id, status=SUBMITTING, created_at=stamp, updated_at=stamp,
+                   link_id=link_id)
+        return conn.execute(
+            f"INSERT INTO transactions ({', '.join(self.NEW_ROW)}) SELECT"
+            f" {', '.join('?' * len(self.NEW_ROW))}{' WHERE ' + where if where else ''}"
+            " RETURNING *", (*(row[c] for c in self.NEW_ROW), *args))
 
     def begin_push(self, *, phone, amount, reference, description, idempotency=None,
                    phone_lock_s=0.0, owner=None, link=None, rate=None):
@@ -207,11 +225,10 @@ class Ledger:
                                          owner=owner, link=link)
         now = self._clock()
         prelude, gate, wait = self._rate_step(*rate) if rate is not None else (None, None, None)
-        stamp = iso_utc(now)
-        row = dict(id=new_tx_id(now), status=SUBMITTING, phone=phone, amount=amount,
-                   reference=reference, description=description, created_at=stamp,
-                   updated_at=stamp, owner=owner, link_id=None)
-        busy_args = (phone, iso_utc(now - phone_lock_s), SUBMITTING, PENDING, UNKNOWN)
+        tx_id = new_tx_id(now)
+        push = dict(phone=phone, amount=amount, reference=reference, description=description,
+                    owner=owner)
+        busy_args = self._busy_args(phone, now, phone_lock_s)
         conditions, args = [], []
         if idempotency is not None:
             conditions.append("NOT EXISTS (SELECT 1 FROM idempotency_keys WHERE scope = ?"
@@ -230,26 +247,22 @@ class Ledger:
                     conn.execute("DELETE FROM idempotency_keys WHERE scope = ? AND key = ?"
                                  " AND created_at <= ?", (idempotency.scope, idempotency.key,
                                                           now - IDEMPOTENCY_TTL_S))
-                inserted = conn.execute(
-                    "INSERT INTO transactions (id, status, phone, amount, reference,"
-                    " description, created_at, updated_at, owner, link_id) SELECT ?, ?, ?, ?,"
-                    f" ?, ?, ?, ?, ?, ?{' WHERE ' + where if where else ''} RETURNING *",
-                    (*row.values(), *args))
+                inserted = self._insert_row(conn, tx_id, now, push, where=where, args=args)
                 if idempotency is not None:
                     conn.execute(
                         "INSERT INTO idempotency_keys (scope, key, request_hash, tx_id,"
                         " created_at) SELECT ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM"
                         " transactions WHERE id = ?)",
                         (idempotency.scope, idempotency.key, idempotency.request_hash,
-                         row["id"], now, row["id"]))
+                         tx_id, now, tx_id))
                     found = conn.execute(
                         "SELECT k.request_hash AS key_request_hash, k.status_code AS"
                         " key_status_code, k.body AS key_body, t.* FROM idempotency_keys k"
                         " JOIN transactions t ON t.id = k.tx_id WHERE k.scope = ? AND k.key = ?"
-                        " AND k.tx_id <> ?", (idempotency.scope, idempotency.key, row["id"]))
+                        " AND k.tx_id <> ?", (idempotency.scope, idempotency.key, tx_id))
                 if phone_lock_s > 0:
                     busy = conn.execute(f"{self.PHONE_BUSY} AND id <> ? ORDER BY created_at"
-                                        " DESC LIMIT 1", (*busy_args, row["id"]))
+                                        " DESC LIMIT 1", (*busy_args, tx_id))
             new = inserted.fetchone()
             if wait is not None:
                 waited = wait()
@@ -278,22 +291,15 @@ class Ledger:
             self._serialize(conn, [f"phone:{phone}", f"link:{link.link_id}"])
             if phone_lock_s > 0:
                 busy = conn.execute(f"{self.PHONE_BUSY} ORDER BY created_at DESC LIMIT 1",
-                                    (phone, iso_utc(now - phone_lock_s), SUBMITTING, PENDING,
-                                     UNKNOWN)).fetchone()
+                                    self._busy_args(phone, now, phone_lock_s)).fetchone()
                 if busy is not None:
                     return Begun(Start.PHONE_BUSY, dict(busy))
             refused = self._link_refuses(conn, link, phone)
             if refused is not None:
                 return Begun(refused)
-            stamp = iso_utc(now)
-            row = dict(id=new_tx_id(now), status=SUBMITTING, phone=phone, amount=amount,
-                       reference=reference, description=description, created_at=stamp,
-                       updated_at=stamp, owner=owner, link_id=link.link_id)
-            row = dict(conn.execute(
-                "INSERT INTO transactions (id, status, phone, amount, reference, description,"
-                " created_at, updated_at, owner, link_id) VALUES (:id, :status, :phone,"
-                " :amount, :reference, :description, :created_at, :updated_at, :owner,"
-                " :link_id) RETURNING *", row).fetchone())
+            row = dict(self._insert_row(conn, new_tx_id(now), now, dict(
+                phone=phone, amount=amount, reference=reference, description=description,
+                owner=owner), link_id=link.link_id).fetchone())
         return Begun(Start.NEW, row)
 
     def _link_refuses(self, conn, link, phone):
@@ -740,20 +746,21 @@ class Ledger:
                     taking = decision.changes.get("receipt")
                     if taking is not None:
                         held = self._take_receipt(conn, taking, tx_id)
-                    stamp = self._now()
-                    row = self._predicted(before, decision.changes, stamp, cid_taken)
-                    changed = self._update(conn, tx_id, decision.changes, only_if=held,
-                                           stamp=stamp)
+                    row = self._predicted(before, decision.changes, self._now(), cid_taken)
+                    changed = self._update(conn, tx_id, before, row, held)
                     if row["status"] != before["status"]:
                         self._add_event(conn, before, row, outcome, only_if=held)
             if callback is not None:
+                # Stored with the decision's outcome, or `anomaly` if the receipt turned out
+                # to be another payment's.
                 received = getattr(callback, "received_at", None)
                 conn.execute(
                     "INSERT INTO callbacks (tx_id, received_at, remote_addr, outcome, body)"
-                    f" VALUES (?, ?, ?, {self._unless_taken(held)}, ?)",
+                    " VALUES (?, ?, ?, "
+                    + (f"CASE WHEN {self.HELD} THEN ? ELSE 'anomaly' END" if held else "?")
+                    + ", ?)",
                     (tx_id, self._now() if received is None else iso_utc(received),
-                     callback.remote_addr, *self._unless_taken_args(held, outcome),
-                     callback.body))
+                     callback.remote_addr, *(held or ()), outcome, callback.body))
             if release_claim is not None and row is not None:
                 conn.execute("UPDATE transactions SET claimed_until = 0 WHERE id = ?"
                              " AND claimed_until = ?", (tx_id, release_claim))
@@ -769,12 +776,14 @@ class Ledger:
             row = dict(after)
         return outcome, (dict(row) if row is not None else None)
 
-    @staticmethod
-    def _predicted(before, changes, stamp, cid_taken):
-        """The row `_update(changes, stamp=stamp)` will leave, known before it runs (the
-        row is locked): `cid_taken`, another row holds the outcome's CheckoutRequestID."""
+    def _predicted(self, before, changes, stamp, cid_taken):
+        """The row settle's `changes` leave, dated `stamp`, known before it is written (the
+        row is locked): a receipt, a MerchantRequestID or a CheckoutRequestID is kept once
+        set, the last learnt only if no other row holds it (`cid_taken`)."""
         after = dict(before)
         for column, value in changes.items():
+            if column not in self.SETTLE_COLUMNS:
+                raise ValueError(f"settle cannot change {column}")
             if column == "receipt":
                 after[column] = value if value is not None else before[column]
             elif column == "checkout_request_id":
@@ -791,15 +800,6 @@ class Ledger:
 
     # The receipt is this payment's (after _take_receipt): arguments receipt, tx_id.
     HELD = "EXISTS (SELECT 1 FROM receipts WHERE receipt = ? AND tx_id = ? AND kind = 'stk')"
-
-    def _unless_taken(self, held):
-        """A callback's stored outcome: the decision's, or `anomaly` if the receipt turned
-        out to be another payment's."""
-        return f"CASE WHEN {self.HELD} THEN ? ELSE 'anomaly' END" if held else "?"
-
-    @staticmethod
-    def _unless_taken_args(held, outcome):
-        return (*held, outcome) if held else (outcome,)
 
     def _take_receipt(self, conn, receipt, tx_id):
         """Take `receipt` for `tx_id` unless another payment holds it; a Paybill
@@ -945,35 +945,26 @@ class Ledger:
                             " ON CONFLICT (id) DO NOTHING RETURNING id",
                             (once, self._clock())).fetchone() is not None
 
-    def _update(self, conn, tx_id, changes, only_if=None, stamp=None):
-        """UPDATE the row with settle's `changes`, dated `stamp` (default now), RETURNING
-        it for the caller to read; `only_if`: the HELD arguments (receipt, tx_id) the
-        change also needs."""
-        sets, args = [], {"id": tx_id, "updated_at": stamp or self._now()}
-        for column, value in changes.items():
-            if column not in self.SETTLE_COLUMNS:
-                raise ValueError(f"settle cannot change {column}")
-            args[column] = value
-            if column == "receipt":
-                sets.append("receipt = COALESCE(:receipt, receipt)")
-            elif column == "checkout_request_id":
-                # Learn it only if unset and no other row holds it (it is UNIQUE).
-                sets.append("checkout_request_id = COALESCE(checkout_request_id, (SELECT"
-                            " :checkout_request_id WHERE NOT EXISTS (SELECT 1 FROM transactions"
-                            " WHERE checkout_request_id = :checkout_request_id)))")
-            elif column == "merchant_request_id":
-                sets.append("merchant_request_id = COALESCE(merchant_request_id,"
-                            " :merchant_request_id)")
+    def _update(self, conn, tx_id, before, after, held=None):
+        """Write `after`, the row `_predicted` made (the lock makes it certain), over
+        `before`: its changed columns and updated_at, RETURNING it for the caller to read.
+        A CheckoutRequestID is learnt only while no other row holds it (it is UNIQUE);
+        `held`: HELD's arguments (receipt, tx_id), which the change also needs."""
+        sets, args = [], []
+        for column in self.SETTLE_COLUMNS:
+            if after[column] == before[column]:
+                continue
+            if column == "checkout_request_id":
+                sets.append("checkout_request_id = (SELECT ? WHERE NOT EXISTS (SELECT 1 FROM"
+                            " transactions WHERE checkout_request_id = ?))")
+                args += [after[column]] * 2
             else:
-                sets.append(f"{column} = :{column}")
-        sets.append("updated_at = :updated_at")
-        held = ""
-        if only_if:
-            args["held_receipt"] = only_if[0]
-            held = (" AND EXISTS (SELECT 1 FROM receipts WHERE receipt = :held_receipt AND"
-                    " tx_id = :id AND kind = 'stk')")
-        return conn.execute(f"UPDATE transactions SET {', '.join(sets)} WHERE id = :id"
-                            f"{held} RETURNING *", args)
+                sets.append(f"{column} = ?")
+                args.append(after[column])
+        sets.append("updated_at = ?")
+        return conn.execute(f"UPDATE transactions SET {', '.join(sets)} WHERE id = ?"
+                            + (f" AND {self.HELD}" if held else "") + " RETURNING *",
+                            (*args, after["updated_at"], tx_id, *(held or ())))
 
     def _add_event(self, conn, before, after, outcome, only_if=None):
         """The webhook event of a status change (the `events` hook's), in this commit;
